@@ -1,0 +1,100 @@
+//! Where every artifact of one run lives: `<prefix>/<namespace>/<name>/g<generation>/...`.
+//!
+//! Keys are `/`-separated and relative to the store's root; the local directory store and the S3
+//! store both use them unchanged.
+
+/// The artifact keys of one run (one MergeJob generation).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ArtifactLayout {
+    root: String,
+}
+
+impl ArtifactLayout {
+    /// Layout of generation `generation` of MergeJob `namespace/name` under `prefix`.
+    pub fn new(prefix: &str, namespace: &str, name: &str, generation: i64) -> Self {
+        let prefix = prefix.trim_matches('/');
+        let root = if prefix.is_empty() {
+            format!("{namespace}/{name}/g{generation}")
+        } else {
+            format!("{prefix}/{namespace}/{name}/g{generation}")
+        };
+        ArtifactLayout { root }
+    }
+
+    /// The run's root key.
+    pub fn root(&self) -> &str {
+        &self.root
+    }
+
+    fn key(&self, rest: &str) -> String {
+        format!("{}/{rest}", self.root)
+    }
+
+    /// The pretrained weights every shard starts from (`theta_pre`).
+    pub fn base(&self) -> String {
+        self.key("base/model.safetensors")
+    }
+
+    /// Shard `shard`'s data vector and head.
+    pub fn shard_vector(&self, shard: &str) -> String {
+        self.key(&format!("shards/{shard}/vector.safetensors"))
+    }
+
+    /// Shard `shard`'s training metrics (JSON).
+    pub fn shard_metrics(&self, shard: &str) -> String {
+        self.key(&format!("shards/{shard}/metrics.json"))
+    }
+
+    /// The full-training baseline model.
+    pub fn full_training(&self) -> String {
+        self.key("baselines/full-training/model.safetensors")
+    }
+
+    /// A merged model before restoration.
+    pub fn merged(&self, candidate: &str) -> String {
+        self.key(&format!("merged/{candidate}/model.safetensors"))
+    }
+
+    /// Batch-norm statistics that shard `shard` computed for `candidate`.
+    pub fn restore_stats(&self, candidate: &str, shard: &str) -> String {
+        self.key(&format!("restore/{candidate}/{shard}/bn-stats.safetensors"))
+    }
+
+    /// The model after `candidate`'s restoration epoch on shard `shard`.
+    pub fn restore_step(&self, candidate: &str, shard: &str) -> String {
+        self.key(&format!("restore/{candidate}/{shard}/model.safetensors"))
+    }
+
+    /// A merged model after restoration: what is evaluated and shipped.
+    pub fn restored(&self, candidate: &str) -> String {
+        self.key(&format!("restored/{candidate}/model.safetensors"))
+    }
+
+    /// Evaluation results (JSON).
+    pub fn eval_metrics(&self) -> String {
+        self.key("eval/metrics.json")
+    }
+
+    /// Evaluation report (Markdown).
+    pub fn eval_report(&self) -> String {
+        self.key("eval/report.md")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_nest_under_prefix_namespace_name_and_generation() {
+        let l = ArtifactLayout::new("/runs/", "default", "retina", 3);
+        assert_eq!(l.base(), "runs/default/retina/g3/base/model.safetensors");
+        assert_eq!(l.shard_vector("a"), "runs/default/retina/g3/shards/a/vector.safetensors");
+        assert_eq!(l.restored("data-vector"), "runs/default/retina/g3/restored/data-vector/model.safetensors");
+    }
+
+    #[test]
+    fn an_empty_prefix_adds_no_leading_slash() {
+        assert_eq!(ArtifactLayout::new("", "ns", "mj", 1).root(), "ns/mj/g1");
+    }
+}

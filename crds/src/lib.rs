@@ -1,0 +1,15 @@
+//! The `MergeJob` API: spec and status types, pure validation, the stage plan and the artifact
+//! layout. Nothing in this crate does I/O, so the local pipeline, the trainer subcommands and the
+//! Kubernetes operator all share one definition of what a MergeJob means.
+
+pub mod layout;
+pub mod plan;
+pub mod spec;
+pub mod status;
+pub mod validate;
+
+pub use layout::ArtifactLayout;
+pub use plan::{Candidate, CandidateKind, Stage, StagePlan};
+pub use spec::*;
+pub use status::MergeJobStatus;
+pub use validate::{validate, SpecError};

@@ -1,0 +1,348 @@
+//! The stage plan: which stages a MergeJob has, in which order, and what each reads and writes.
+//!
+//! A stage is done when everything it writes exists; it is ready when everything it reads exists
+//! and it is not done. Both the local pipeline and the operator drive a run with [`StagePlan::ready`],
+//! so a run interrupted anywhere resumes where it stopped without redoing finished stages.
+
+use std::collections::BTreeSet;
+
+use crate::layout::ArtifactLayout;
+use crate::spec::{Baseline, MergeJobSpec, MergeMethod, RestoreMode};
+
+/// A model evaluated at the end of a run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Candidate {
+    /// Stable id, used in artifact keys and reports (e.g. `data-vector`, `shard-a`).
+    pub id: String,
+    /// How the candidate is produced.
+    pub kind: CandidateKind,
+}
+
+/// How a candidate model is produced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CandidateKind {
+    /// Merged from the shard vectors with this method, then restored.
+    Merged(MergeMethod),
+    /// The pretrained weights with the averaged heads, restored: what restoration alone gives.
+    PretrainedRestored,
+    /// One shard's own fine-tuned model.
+    ShardModel(String),
+    /// A model trained on every shard's data at once.
+    FullTraining,
+}
+
+impl CandidateKind {
+    /// Whether this candidate goes through the merge and restore stages.
+    pub fn is_merged(&self) -> bool {
+        matches!(self, CandidateKind::Merged(_) | CandidateKind::PretrainedRestored)
+    }
+}
+
+/// One unit of work.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Stage {
+    /// Materialise the pretrained weights once.
+    Init,
+    /// Fine-tune on one shard and write its data vector.
+    Finetune { shard: String },
+    /// Copy an externally computed vector into the run (asynchronous participation).
+    Collect { shard: String },
+    /// Train one model on all shards' data (benchmark baseline).
+    FullTraining,
+    /// Merge vectors into one candidate model.
+    Merge { candidate: String },
+    /// One shard's part of a candidate's restoration.
+    Restore { candidate: String, shard: String },
+    /// Combine the shards' restoration parts into the restored model.
+    RestoreCombine { candidate: String },
+    /// Evaluate every candidate on the held-out set.
+    Evaluate,
+}
+
+impl Stage {
+    /// Short, stable name for logs and child-object names.
+    pub fn name(&self) -> String {
+        match self {
+            Stage::Init => "init".into(),
+            Stage::Finetune { shard } => format!("finetune-{shard}"),
+            Stage::Collect { shard } => format!("collect-{shard}"),
+            Stage::FullTraining => "full-training".into(),
+            Stage::Merge { candidate } => format!("merge-{candidate}"),
+            Stage::Restore { candidate, shard } => format!("restore-{candidate}-{shard}"),
+            Stage::RestoreCombine { candidate } => format!("restore-{candidate}"),
+            Stage::Evaluate => "evaluate".into(),
+        }
+    }
+}
+
+/// A stage with the artifact keys it reads and writes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlannedStage {
+    /// The stage.
+    pub stage: Stage,
+    /// Keys that must exist before it runs.
+    pub reads: Vec<String>,
+    /// Keys it produces; all present means done.
+    pub writes: Vec<String>,
+}
+
+/// Every stage of one run, in a valid execution order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StagePlan {
+    /// Stages in topological order.
+    pub stages: Vec<PlannedStage>,
+    /// Models evaluated at the end, the primary merged model first.
+    pub candidates: Vec<Candidate>,
+}
+
+/// The candidates a spec asks for: the primary merge first, then baselines, without duplicates.
+pub fn candidates(spec: &MergeJobSpec) -> Vec<Candidate> {
+    let mut out = vec![Candidate { id: spec.merge.method.as_str().into(), kind: CandidateKind::Merged(spec.merge.method) }];
+    let mut push = |c: Candidate| {
+        if !out.iter().any(|o| o.id == c.id) {
+            out.push(c);
+        }
+    };
+    let mut baselines = spec.merge.baselines.clone();
+    baselines.sort();
+    baselines.dedup();
+    for b in baselines {
+        let merged = |m: MergeMethod| Candidate { id: m.as_str().into(), kind: CandidateKind::Merged(m) };
+        match b {
+            Baseline::ParamsMean => push(merged(MergeMethod::ParamsMean)),
+            Baseline::RandomVector => push(merged(MergeMethod::RandomVector)),
+            Baseline::Ties => push(merged(MergeMethod::Ties)),
+            Baseline::Dare => push(merged(MergeMethod::Dare)),
+            Baseline::PretrainedRestored => {
+                push(Candidate { id: "pretrained-restored".into(), kind: CandidateKind::PretrainedRestored })
+            }
+            Baseline::FullTraining => push(Candidate { id: "full-training".into(), kind: CandidateKind::FullTraining }),
+            Baseline::ShardModels => {
+                for s in &spec.shards {
+                    push(Candidate { id: format!("shard-{}", s.name), kind: CandidateKind::ShardModel(s.name.clone()) })
+                }
+            }
+        }
+    }
+    out
+}
+
+impl StagePlan {
+    /// Builds the plan of `spec` with keys from `layout`.
+    pub fn new(spec: &MergeJobSpec, layout: &ArtifactLayout) -> Self {
+        let candidates = candidates(spec);
+        let mut stages = vec![PlannedStage { stage: Stage::Init, reads: vec![], writes: vec![layout.base()] }];
+        for s in &spec.shards {
+            let stage = if s.vector.is_some() {
+                PlannedStage { stage: Stage::Collect { shard: s.name.clone() }, reads: vec![], writes: vec![layout.shard_vector(&s.name)] }
+            } else {
+                PlannedStage {
+                    stage: Stage::Finetune { shard: s.name.clone() },
+                    reads: vec![layout.base()],
+                    writes: vec![layout.shard_vector(&s.name), layout.shard_metrics(&s.name)],
+                }
+            };
+            stages.push(stage);
+        }
+        let vectors: Vec<String> = spec.shards.iter().map(|s| layout.shard_vector(&s.name)).collect();
+        // Restoration needs the shard's images, so shards known only by their vector sit it out.
+        let restoring_shards: Vec<&str> = spec.shards.iter().filter(|s| s.data.is_some()).map(|s| s.name.as_str()).collect();
+        let mut eval_reads = Vec::new();
+        for c in &candidates {
+            match &c.kind {
+                CandidateKind::FullTraining => {
+                    stages.push(PlannedStage { stage: Stage::FullTraining, reads: vec![layout.base()], writes: vec![layout.full_training()] });
+                    eval_reads.push(layout.full_training());
+                }
+                CandidateKind::ShardModel(shard) => eval_reads.push(layout.shard_vector(shard)),
+                CandidateKind::Merged(_) | CandidateKind::PretrainedRestored => {
+                    let mut reads = vec![layout.base()];
+                    reads.extend(vectors.iter().cloned());
+                    stages.push(PlannedStage { stage: Stage::Merge { candidate: c.id.clone() }, reads, writes: vec![layout.merged(&c.id)] });
+                    stages.extend(restore_stages(spec.restore.mode, &c.id, &restoring_shards, layout));
+                    eval_reads.push(layout.restored(&c.id));
+                }
+            }
+        }
+        eval_reads.extend(vectors);
+        eval_reads.push(layout.base());
+        stages.push(PlannedStage { stage: Stage::Evaluate, reads: eval_reads, writes: vec![layout.eval_metrics(), layout.eval_report()] });
+        StagePlan { stages, candidates }
+    }
+
+    /// Stages whose inputs all exist and whose outputs do not, in plan order.
+    pub fn ready(&self, exists: &BTreeSet<String>) -> Vec<&PlannedStage> {
+        self.stages
+            .iter()
+            .filter(|p| !p.writes.iter().all(|w| exists.contains(w)) && p.reads.iter().all(|r| exists.contains(r)))
+            .collect()
+    }
+
+    /// Whether every stage's outputs exist.
+    pub fn is_complete(&self, exists: &BTreeSet<String>) -> bool {
+        self.stages.iter().all(|p| p.writes.iter().all(|w| exists.contains(w)))
+    }
+
+    /// Every key the plan reads or writes (what an observer needs to check for existence).
+    pub fn keys(&self) -> BTreeSet<String> {
+        self.stages.iter().flat_map(|p| p.reads.iter().chain(&p.writes).cloned()).collect()
+    }
+}
+
+fn restore_stages(mode: RestoreMode, candidate: &str, shards: &[&str], layout: &ArtifactLayout) -> Vec<PlannedStage> {
+    let merged = layout.merged(candidate);
+    let combine = |reads: Vec<String>| PlannedStage {
+        stage: Stage::RestoreCombine { candidate: candidate.into() },
+        reads,
+        writes: vec![layout.restored(candidate)],
+    };
+    match mode {
+        RestoreMode::None => vec![combine(vec![merged])],
+        RestoreMode::BnRecalibrate => {
+            let mut stages: Vec<PlannedStage> = shards
+                .iter()
+                .map(|s| PlannedStage {
+                    stage: Stage::Restore { candidate: candidate.into(), shard: (*s).into() },
+                    reads: vec![merged.clone()],
+                    writes: vec![layout.restore_stats(candidate, s)],
+                })
+                .collect();
+            let mut reads = vec![merged.clone()];
+            reads.extend(shards.iter().map(|s| layout.restore_stats(candidate, s)));
+            stages.push(combine(reads));
+            stages
+        }
+        RestoreMode::FinetuneEpoch => {
+            // Shard after shard: each epoch starts from the previous shard's result.
+            let mut previous = merged;
+            let mut stages = Vec::new();
+            for s in shards {
+                let out = layout.restore_step(candidate, s);
+                stages.push(PlannedStage {
+                    stage: Stage::Restore { candidate: candidate.into(), shard: (*s).into() },
+                    reads: vec![previous.clone()],
+                    writes: vec![out.clone()],
+                });
+                previous = out;
+            }
+            stages.push(combine(vec![previous]));
+            stages
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::*;
+
+    fn spec(shards: &[(&str, bool)], mode: RestoreMode, baselines: Vec<Baseline>) -> MergeJobSpec {
+        MergeJobSpec {
+            model: ModelSpec { architecture: Architecture::Resnet18, weights: WeightsSource::Random, weights_path: None, classes: vec![], image_size: 32, seed: 1 },
+            shards: shards
+                .iter()
+                .map(|(n, external)| ShardSpec {
+                    name: (*n).into(),
+                    data: (!external).then(|| DataSource { path: format!("data/{n}") }),
+                    vector: external.then(|| format!("incoming/{n}.safetensors")),
+                })
+                .collect(),
+            training: TrainingSpec::default(),
+            merge: MergeSpec { baselines, ..MergeSpec::default() },
+            restore: RestoreSpec { mode, learning_rate: None },
+            evaluation: EvaluationSpec { data: DataSource { path: "test".into() } },
+            storage: StorageSpec::default(),
+        }
+    }
+
+    fn layout() -> ArtifactLayout {
+        ArtifactLayout::new("runs", "local", "t", 1)
+    }
+
+    fn run_to_completion(plan: &StagePlan) -> Vec<Stage> {
+        let mut done = BTreeSet::new();
+        let mut order = Vec::new();
+        while let Some(p) = plan.ready(&done).first().cloned() {
+            order.push(p.stage.clone());
+            done.extend(p.writes.iter().cloned());
+        }
+        assert!(plan.is_complete(&done), "plan stalled after {order:?}");
+        order
+    }
+
+    #[test]
+    fn a_fresh_run_starts_with_init_only() {
+        let plan = StagePlan::new(&spec(&[("a", false), ("b", false)], RestoreMode::BnRecalibrate, vec![]), &layout());
+        let ready: Vec<_> = plan.ready(&BTreeSet::new()).into_iter().map(|p| p.stage.clone()).collect();
+        assert_eq!(ready, vec![Stage::Init]);
+    }
+
+    #[test]
+    fn after_init_every_shard_can_train_in_parallel() {
+        let l = layout();
+        let plan = StagePlan::new(&spec(&[("a", false), ("b", false)], RestoreMode::BnRecalibrate, vec![]), &l);
+        let done = BTreeSet::from([l.base()]);
+        let ready: Vec<_> = plan.ready(&done).into_iter().map(|p| p.stage.clone()).collect();
+        assert_eq!(ready, vec![Stage::Finetune { shard: "a".into() }, Stage::Finetune { shard: "b".into() }]);
+    }
+
+    #[test]
+    fn merge_waits_for_every_vector_including_external_ones() {
+        let l = layout();
+        let plan = StagePlan::new(&spec(&[("a", false), ("ext", true)], RestoreMode::BnRecalibrate, vec![]), &l);
+        let done = BTreeSet::from([l.base(), l.shard_vector("a"), l.shard_metrics("a")]);
+        let ready: Vec<_> = plan.ready(&done).into_iter().map(|p| p.stage.clone()).collect();
+        assert_eq!(ready, vec![Stage::Collect { shard: "ext".into() }]);
+    }
+
+    #[test]
+    fn bn_recalibration_runs_on_shards_with_data_then_combines() {
+        let order = run_to_completion(&StagePlan::new(&spec(&[("a", false), ("ext", true)], RestoreMode::BnRecalibrate, vec![]), &layout()));
+        let c = "data-vector".to_string();
+        assert_eq!(
+            order,
+            vec![
+                Stage::Init,
+                Stage::Finetune { shard: "a".into() },
+                Stage::Collect { shard: "ext".into() },
+                Stage::Merge { candidate: c.clone() },
+                Stage::Restore { candidate: c.clone(), shard: "a".into() },
+                Stage::RestoreCombine { candidate: c },
+                Stage::Evaluate,
+            ]
+        );
+    }
+
+    #[test]
+    fn finetune_epoch_restoration_chains_shard_after_shard() {
+        let l = layout();
+        let plan = StagePlan::new(&spec(&[("a", false), ("b", false)], RestoreMode::FinetuneEpoch, vec![]), &l);
+        let step_b = plan.stages.iter().find(|p| p.stage == Stage::Restore { candidate: "data-vector".into(), shard: "b".into() }).unwrap();
+        assert_eq!(step_b.reads, vec![l.restore_step("data-vector", "a")]);
+    }
+
+    #[test]
+    fn baselines_become_candidates_once_and_primary_comes_first() {
+        let mut s = spec(&[("a", false), ("b", false)], RestoreMode::None, vec![Baseline::ShardModels, Baseline::ParamsMean, Baseline::ParamsMean]);
+        s.merge.method = MergeMethod::ParamsMean;
+        let ids: Vec<_> = candidates(&s).into_iter().map(|c| c.id).collect();
+        assert_eq!(ids, vec!["params-mean", "shard-a", "shard-b"]);
+    }
+
+    #[test]
+    fn a_finished_run_has_nothing_ready() {
+        let plan = StagePlan::new(&spec(&[("a", false)], RestoreMode::None, vec![Baseline::FullTraining, Baseline::PretrainedRestored]), &layout());
+        let all: BTreeSet<String> = plan.keys();
+        assert!(plan.ready(&all).is_empty());
+        assert!(plan.is_complete(&all));
+    }
+
+    #[test]
+    fn every_stage_of_a_full_plan_eventually_runs() {
+        let plan = StagePlan::new(
+            &spec(&[("a", false), ("b", false), ("c", true)], RestoreMode::FinetuneEpoch, vec![Baseline::FullTraining, Baseline::RandomVector, Baseline::ShardModels]),
+            &layout(),
+        );
+        assert_eq!(run_to_completion(&plan).len(), plan.stages.len());
+    }
+}

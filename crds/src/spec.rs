@@ -1,0 +1,437 @@
+//! `MergeJob` spec types. Every field's doc comment becomes `kubectl explain` text.
+
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::status::MergeJobStatus;
+
+/// A MergeJob merges the data vectors of several hospitals (shards) into one classifier.
+///
+/// Each shard fine-tunes the same pretrained model on its own images and shares only its data
+/// vector (fine-tuned minus pretrained weights). The vectors are added, scaled by lambda, onto the
+/// pretrained weights, the classification heads are averaged, batch-norm state is restored with a
+/// short pass over each shard, and the result is evaluated on a held-out set.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "medmerge.io",
+    version = "v1alpha1",
+    kind = "MergeJob",
+    namespaced,
+    shortname = "mj",
+    status = "MergeJobStatus",
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Shards","type":"string","jsonPath":".status.shardsReady"}"#,
+    printcolumn = r#"{"name":"Accuracy","type":"number","jsonPath":".status.results.accuracy"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct MergeJobSpec {
+    /// The pretrained classifier every shard starts from.
+    pub model: ModelSpec,
+    /// The hospitals taking part. Each fine-tunes on its own data, or supplies a pre-computed
+    /// vector. Names must be unique DNS labels.
+    #[schemars(length(min = 1))]
+    pub shards: Vec<ShardSpec>,
+    /// How each shard fine-tunes.
+    #[serde(default)]
+    pub training: TrainingSpec,
+    /// How vectors and heads are combined, and which baselines are computed beside the merge.
+    #[serde(default)]
+    pub merge: MergeSpec,
+    /// How batch-norm state of merged models is restored before evaluation.
+    #[serde(default)]
+    pub restore: RestoreSpec,
+    /// The coordinator's held-out evaluation set.
+    pub evaluation: EvaluationSpec,
+    /// Where artifacts (base weights, vectors, models, reports) are written.
+    #[serde(default)]
+    pub storage: StorageSpec,
+}
+
+/// The model architecture and the weights every shard starts from.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelSpec {
+    /// Network architecture.
+    #[serde(default)]
+    pub architecture: Architecture,
+    /// Where the pretrained weights come from.
+    #[serde(default)]
+    pub weights: WeightsSource,
+    /// Path of a `.safetensors` or `.pth` file with torchvision-style (or, for
+    /// efficientnet-lite0, efficientnet_pytorch-style) tensor names. Required when `weights` is
+    /// `file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights_path: Option<String>,
+    /// Class names in label order. Empty: taken from the first shard's class folders.
+    #[serde(default)]
+    pub classes: Vec<String>,
+    /// Square input resolution in pixels.
+    #[serde(default = "default_image_size")]
+    #[schemars(range(min = 16, max = 1024))]
+    pub image_size: u32,
+    /// Seed for random initialisation of new layers (heads, or everything when weights=random).
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+}
+
+/// Supported classifier architectures.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash, Default, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Architecture {
+    /// EfficientNet-Lite0 (ReLU6, no squeeze-excitation); ImageNet weights ship with medmerge.
+    #[default]
+    EfficientnetLite0,
+    /// ResNet-18 (torchvision layout).
+    Resnet18,
+    /// ResNet-34 (torchvision layout).
+    Resnet34,
+    /// ResNet-50 (torchvision layout), the paper's model.
+    Resnet50,
+}
+
+impl Architecture {
+    /// The kebab-case name used in YAML, CLI flags and artifact metadata.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Architecture::EfficientnetLite0 => "efficientnet-lite0",
+            Architecture::Resnet18 => "resnet18",
+            Architecture::Resnet34 => "resnet34",
+            Architecture::Resnet50 => "resnet50",
+        }
+    }
+
+    /// Parses the kebab-case name.
+    pub fn parse(name: &str) -> Option<Self> {
+        [Self::EfficientnetLite0, Self::Resnet18, Self::Resnet34, Self::Resnet50]
+            .into_iter()
+            .find(|a| a.as_str() == name)
+    }
+}
+
+/// Where pretrained weights come from.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum WeightsSource {
+    /// The ImageNet weights that ship with medmerge (efficientnet-lite0 only).
+    #[default]
+    Imagenet,
+    /// Seeded random initialisation (tests, or architectures without shipped weights).
+    Random,
+    /// Import from `weightsPath`.
+    File,
+}
+
+/// One hospital.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ShardSpec {
+    /// Unique name, a DNS label (lower-case letters, digits, '-'; at most 40 characters).
+    #[schemars(length(min = 1, max = 40), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    pub name: String,
+    /// The shard's training images. Omit only when `vector` is given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<DataSource>,
+    /// Location of a data vector the hospital computed on its own premises with
+    /// `medmerge-trainer finetune`. When set, the shard is not trained here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vector: Option<String>,
+}
+
+/// A labelled image set.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DataSource {
+    /// An ImageFolder directory (`<class>/<image>`) or a CSV manifest (`path,label`, paths
+    /// relative to the manifest's directory).
+    pub path: String,
+}
+
+/// Fine-tuning settings shared by every shard.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", default)]
+pub struct TrainingSpec {
+    /// Passes over the shard's data.
+    #[schemars(range(min = 1, max = 10000))]
+    pub epochs: u32,
+    /// Images per optimisation step.
+    #[schemars(range(min = 1, max = 4096))]
+    pub batch_size: u32,
+    /// Optimiser.
+    pub optimizer: Optimizer,
+    /// Peak learning rate.
+    pub learning_rate: f64,
+    /// Weight decay (decoupled for adamW).
+    pub weight_decay: f64,
+    /// Learning-rate schedule over the whole run.
+    pub schedule: Schedule,
+    /// Seed for shuffling, augmentation and head initialisation.
+    pub seed: u64,
+    /// Weight the cross-entropy by inverse class frequency of the shard.
+    pub class_weighting: bool,
+    /// Fraction of each shard held out to pick the best epoch (0 keeps the last epoch).
+    #[schemars(range(min = 0.0, max = 0.5))]
+    pub validation_fraction: f64,
+    /// Random augmentation applied to training images.
+    pub augment: AugmentSpec,
+}
+
+impl Default for TrainingSpec {
+    fn default() -> Self {
+        TrainingSpec {
+            epochs: 3,
+            batch_size: 32,
+            optimizer: Optimizer::Adam,
+            learning_rate: 1e-4,
+            weight_decay: 0.0,
+            schedule: Schedule::Constant,
+            seed: 3315,
+            class_weighting: true,
+            validation_fraction: 0.0,
+            augment: AugmentSpec::default(),
+        }
+    }
+}
+
+/// Optimisers.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum Optimizer {
+    /// Adam (the paper).
+    #[default]
+    Adam,
+    /// AdamW, decoupled weight decay.
+    AdamW,
+    /// SGD with Nesterov momentum 0.9.
+    Sgd,
+}
+
+/// Learning-rate schedules.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum Schedule {
+    /// The same rate throughout.
+    #[default]
+    Constant,
+    /// Cosine decay to zero over all steps.
+    Cosine,
+}
+
+/// Random augmentation.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", default)]
+pub struct AugmentSpec {
+    /// Random horizontal and vertical flips.
+    pub flip: bool,
+    /// Maximum rotation in degrees (0 disables).
+    pub rotation_degrees: f32,
+    /// Maximum relative brightness/contrast/saturation change (0 disables).
+    pub color_jitter: f32,
+    /// Smallest crop side as a fraction of the image for random scale crops (1 disables).
+    pub min_scale: f32,
+}
+
+impl Default for AugmentSpec {
+    fn default() -> Self {
+        AugmentSpec { flip: true, rotation_degrees: 0.0, color_jitter: 0.0, min_scale: 1.0 }
+    }
+}
+
+/// Merge settings.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", default)]
+pub struct MergeSpec {
+    /// How the data vectors are combined into the merged model.
+    pub method: MergeMethod,
+    /// Scale applied to the summed vectors (dataVector, ties, dare, randomVector).
+    #[schemars(range(min = 0.0, max = 4.0))]
+    pub lambda: f64,
+    /// How the shards' classification heads are combined.
+    pub heads: HeadStrategy,
+    /// Fraction of each vector's largest-magnitude entries kept by TIES.
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub ties_density: f64,
+    /// Probability that DARE drops an entry of each vector.
+    #[schemars(range(min = 0.0, max = 0.99))]
+    pub dare_drop_rate: f64,
+    /// Seed for randomVector and DARE.
+    pub seed: u64,
+    /// Models computed and evaluated beside the merged one, for comparison.
+    pub baselines: Vec<Baseline>,
+}
+
+impl Default for MergeSpec {
+    fn default() -> Self {
+        MergeSpec {
+            method: MergeMethod::DataVector,
+            lambda: 0.5,
+            heads: HeadStrategy::Mean,
+            ties_density: 0.2,
+            dare_drop_rate: 0.9,
+            seed: 3315,
+            baselines: vec![Baseline::ParamsMean, Baseline::ShardModels],
+        }
+    }
+}
+
+/// Ways to combine vectors.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum MergeMethod {
+    /// pretrained + lambda * sum of vectors (the paper).
+    #[default]
+    DataVector,
+    /// Mean of the fine-tuned weights (model soup); lambda is not used.
+    ParamsMean,
+    /// A random direction with the per-tensor norm of the data-vector sum (a control).
+    RandomVector,
+    /// TIES-merging: trim, elect sign, disjoint mean, times lambda.
+    Ties,
+    /// DARE: drop entries at random, rescale, sum, times lambda.
+    Dare,
+}
+
+impl MergeMethod {
+    /// kebab-case name used in artifact keys and reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MergeMethod::DataVector => "data-vector",
+            MergeMethod::ParamsMean => "params-mean",
+            MergeMethod::RandomVector => "random-vector",
+            MergeMethod::Ties => "ties",
+            MergeMethod::Dare => "dare",
+        }
+    }
+
+    /// Parses the kebab-case name.
+    pub fn parse(name: &str) -> Option<Self> {
+        [Self::DataVector, Self::ParamsMean, Self::RandomVector, Self::Ties, Self::Dare]
+            .into_iter()
+            .find(|m| m.as_str() == name)
+    }
+}
+
+/// How heads are combined.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum HeadStrategy {
+    /// Plain mean of the shard heads (the paper).
+    #[default]
+    Mean,
+    /// Mean weighted by each shard's number of training images.
+    SampleWeighted,
+}
+
+/// Comparison models.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum Baseline {
+    /// Parameter mean of the fine-tuned models, restored like the merged model.
+    ParamsMean,
+    /// Random vector with the data-vector's per-tensor norms, restored like the merged model.
+    RandomVector,
+    /// TIES-merging, restored like the merged model.
+    Ties,
+    /// DARE, restored like the merged model.
+    Dare,
+    /// Each shard's own fine-tuned model, alone.
+    ShardModels,
+    /// The pretrained model with the same restoration and averaged heads but no vectors: what the
+    /// restoration alone achieves.
+    PretrainedRestored,
+    /// One model trained on all shards together (needs every shard's data in one place; for
+    /// benchmarks, not for production).
+    FullTraining,
+}
+
+/// Restoration settings.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", default)]
+pub struct RestoreSpec {
+    /// How batch-norm state is restored.
+    pub mode: RestoreMode,
+    /// Learning rate of the finetuneEpoch mode (defaults to training.learningRate).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub learning_rate: Option<f64>,
+}
+
+impl Default for RestoreSpec {
+    fn default() -> Self {
+        RestoreSpec { mode: RestoreMode::BnRecalibrate, learning_rate: None }
+    }
+}
+
+/// Restoration modes.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum RestoreMode {
+    /// Each shard computes batch-norm statistics of the merged model on its own data; only
+    /// counts, sums and sums of squares leave the shard; they are combined exactly.
+    #[default]
+    BnRecalibrate,
+    /// One training epoch on each shard in turn (the paper's restoration).
+    FinetuneEpoch,
+    /// No restoration.
+    None,
+}
+
+impl RestoreMode {
+    /// kebab-case name used in artifact keys and reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RestoreMode::BnRecalibrate => "bn-recalibrate",
+            RestoreMode::FinetuneEpoch => "finetune-epoch",
+            RestoreMode::None => "none",
+        }
+    }
+
+    /// Parses the kebab-case name.
+    pub fn parse(name: &str) -> Option<Self> {
+        [Self::BnRecalibrate, Self::FinetuneEpoch, Self::None].into_iter().find(|m| m.as_str() == name)
+    }
+}
+
+/// The held-out evaluation.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EvaluationSpec {
+    /// The coordinator's held-out test images.
+    pub data: DataSource,
+}
+
+/// Artifact storage.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StorageSpec {
+    /// Local directory (the embedded default for one-machine runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local: Option<LocalStorage>,
+    /// Key prefix under which every run's artifacts live.
+    #[serde(default = "default_prefix")]
+    pub prefix: String,
+}
+
+impl Default for StorageSpec {
+    fn default() -> Self {
+        StorageSpec { local: Some(LocalStorage { path: "medmerge-artifacts".into() }), prefix: default_prefix() }
+    }
+}
+
+/// A local artifact directory.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LocalStorage {
+    /// Directory path; relative paths are relative to the MergeJob file.
+    pub path: String,
+}
+
+fn default_image_size() -> u32 {
+    128
+}
+fn default_seed() -> u64 {
+    3315
+}
+fn default_prefix() -> String {
+    "runs".into()
+}

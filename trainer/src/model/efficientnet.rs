@@ -1,0 +1,110 @@
+//! EfficientNet-Lite0 with efficientnet_pytorch tensor names (`_conv_stem`, `_blocks.N...`,
+//! `_fc`), so the shipped ImageNet checkpoint loads name for name.
+
+use std::sync::Arc;
+
+use tch::{nn, Tensor};
+
+use super::bn::Bn;
+
+const BN_EPS: f64 = 1e-3;
+
+/// (expand ratio, kernel, stride, in, out, repeats) of each stage.
+const LITE0_STAGES: [(i64, i64, i64, i64, i64, usize); 7] =
+    [(1, 3, 1, 32, 16, 1), (6, 3, 2, 16, 24, 2), (6, 5, 2, 24, 40, 2), (6, 3, 2, 40, 80, 3), (6, 5, 1, 80, 112, 3), (6, 5, 2, 112, 192, 4), (6, 3, 1, 192, 320, 1)];
+
+/// A convolution with TensorFlow "SAME" padding, as the checkpoint was trained with.
+#[derive(Debug)]
+struct SameConv {
+    conv: nn::Conv2D,
+    kernel: i64,
+    stride: i64,
+}
+
+impl SameConv {
+    fn new(p: nn::Path, c_in: i64, c_out: i64, kernel: i64, stride: i64, groups: i64) -> Self {
+        let cfg = nn::ConvConfig { stride, groups, bias: false, padding: 0, ..Default::default() };
+        SameConv { conv: nn::conv2d(p, c_in, c_out, kernel, cfg), kernel, stride }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let pad = |size: i64| {
+            let out = (size + self.stride - 1) / self.stride;
+            ((out - 1) * self.stride + self.kernel - size).max(0)
+        };
+        let (ph, pw) = (pad(x.size()[2]), pad(x.size()[3]));
+        if ph == 0 && pw == 0 {
+            return x.apply(&self.conv);
+        }
+        x.constant_pad_nd([pw / 2, pw - pw / 2, ph / 2, ph - ph / 2]).apply(&self.conv)
+    }
+}
+
+#[derive(Debug)]
+struct MbConv {
+    expand: Option<(SameConv, Arc<Bn>)>,
+    depthwise: SameConv,
+    bn1: Arc<Bn>,
+    project: SameConv,
+    bn2: Arc<Bn>,
+    residual: bool,
+}
+
+/// EfficientNet-Lite0.
+#[derive(Debug)]
+pub struct EfficientNetLite {
+    stem: SameConv,
+    bn0: Arc<Bn>,
+    blocks: Vec<MbConv>,
+    head_conv: SameConv,
+    bn1: Arc<Bn>,
+    fc: nn::Linear,
+}
+
+impl EfficientNetLite {
+    /// Builds Lite0 under `p` with a `classes`-way head; registers its batch norms in `bns`.
+    pub fn lite0(p: &nn::Path, classes: i64, bns: &mut Vec<Arc<Bn>>) -> Self {
+        let mut bn = |path: nn::Path, c: i64| {
+            let b = Arc::new(Bn::new(path, c, BN_EPS));
+            bns.push(b.clone());
+            b
+        };
+        let stem = SameConv::new(p / "_conv_stem", 3, 32, 3, 2, 1);
+        let bn0 = bn(p / "_bn0", 32);
+        let mut blocks = Vec::new();
+        for (expand, k, stride, c_in, c_out, repeats) in LITE0_STAGES {
+            for r in 0..repeats {
+                let (c_in, stride) = if r == 0 { (c_in, stride) } else { (c_out, 1) };
+                let bp = p / "_blocks" / blocks.len();
+                let mid = c_in * expand;
+                let expand_layer = (expand != 1).then(|| (SameConv::new(&bp / "_expand_conv", c_in, mid, 1, 1, 1), bn(&bp / "_bn0", mid)));
+                let depthwise = SameConv::new(&bp / "_depthwise_conv", mid, mid, k, stride, mid);
+                let bn1 = bn(&bp / "_bn1", mid);
+                let project = SameConv::new(&bp / "_project_conv", mid, c_out, 1, 1, 1);
+                let bn2 = bn(&bp / "_bn2", c_out);
+                blocks.push(MbConv { expand: expand_layer, depthwise, bn1, project, bn2, residual: stride == 1 && c_in == c_out });
+            }
+        }
+        let head_conv = SameConv::new(p / "_conv_head", 320, 1280, 1, 1, 1);
+        let bn1 = bn(p / "_bn1", 1280);
+        let fc = nn::linear(p / "_fc", 1280, classes, Default::default());
+        EfficientNetLite { stem, bn0, blocks, head_conv, bn1, fc }
+    }
+
+    /// Logits for a batch of normalised images.
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        let mut x = self.bn0.forward_t(&self.stem.forward(x), train).relu6();
+        for b in &self.blocks {
+            let input = &x;
+            let mut h = match &b.expand {
+                Some((conv, bn)) => bn.forward_t(&conv.forward(input), train).relu6(),
+                None => input.shallow_clone(),
+            };
+            h = b.bn1.forward_t(&b.depthwise.forward(&h), train).relu6();
+            h = b.bn2.forward_t(&b.project.forward(&h), train);
+            x = if b.residual { h + input } else { h };
+        }
+        let x = self.bn1.forward_t(&self.head_conv.forward(&x), train).relu6();
+        x.adaptive_avg_pool2d([1, 1]).flatten(1, -1).dropout(0.2, train).apply(&self.fc)
+    }
+}

@@ -1,0 +1,210 @@
+//! Classifier networks with stable, checkpoint-compatible tensor names, and their weights on disk.
+
+mod bn;
+mod efficientnet;
+mod resnet;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use medmerge_crds::Architecture;
+use safetensors::tensor::Dtype;
+use tch::{nn, Device, Kind, Tensor};
+
+pub use bn::{Bn, Moments};
+
+use crate::checkpoint::{ArtifactKind, ArtifactMeta, MetaError};
+use crate::st::{f32_to_bytes, MappedFile, StError, StreamWriter, TensorMeta};
+
+/// Errors building, loading or saving networks.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// A weights file lacks a tensor the network needs.
+    #[error("{path}: missing tensor {name:?} needed by {arch}")]
+    MissingTensor { path: PathBuf, name: String, arch: &'static str },
+    /// A weights file has a tensor of the wrong shape.
+    #[error("{path}: tensor {name:?} has shape {found:?}, {arch} needs {expected:?}")]
+    Shape { path: PathBuf, name: String, found: Vec<i64>, expected: Vec<i64>, arch: &'static str },
+    /// The weights file does not exist.
+    #[error("weights file {path} does not exist{hint}")]
+    NoWeights { path: PathBuf, hint: &'static str },
+    /// A libtorch error while loading a `.pth` file.
+    #[error("cannot load {path} as a PyTorch zip checkpoint (legacy pickles must be converted to safetensors first): {source}")]
+    Pth { path: PathBuf, #[source] source: tch::TchError },
+    /// A libtorch operation failed.
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+    /// safetensors I/O failed.
+    #[error(transparent)]
+    St(#[from] StError),
+    /// Artifact metadata is wrong.
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+}
+
+#[derive(Debug)]
+enum Body {
+    EfficientNetLite(efficientnet::EfficientNetLite),
+    ResNet(resnet::ResNet),
+}
+
+/// A classifier: its variables, its forward pass and its batch-norm layers.
+pub struct Network {
+    /// All trainable weights and batch-norm buffers.
+    pub vs: nn::VarStore,
+    /// Architecture.
+    pub arch: Architecture,
+    /// Class names in label order.
+    pub classes: Vec<String>,
+    /// Input resolution.
+    pub image_size: u32,
+    body: Body,
+    bns: Vec<Arc<Bn>>,
+}
+
+impl Network {
+    /// A freshly initialised network (seeded), on `device`.
+    pub fn new(arch: Architecture, classes: &[String], image_size: u32, device: Device, seed: u64) -> Self {
+        tch::manual_seed(seed as i64);
+        let vs = nn::VarStore::new(device);
+        let root = vs.root();
+        let n = classes.len() as i64;
+        let mut bns = Vec::new();
+        let body = match arch {
+            Architecture::EfficientnetLite0 => Body::EfficientNetLite(efficientnet::EfficientNetLite::lite0(&root, n, &mut bns)),
+            Architecture::Resnet18 => Body::ResNet(resnet::ResNet::new(&root, [2, 2, 2, 2], false, n, &mut bns)),
+            Architecture::Resnet34 => Body::ResNet(resnet::ResNet::new(&root, [3, 4, 6, 3], false, n, &mut bns)),
+            Architecture::Resnet50 => Body::ResNet(resnet::ResNet::new(&root, [3, 4, 6, 3], true, n, &mut bns)),
+        };
+        Network { vs, arch, classes: classes.to_vec(), image_size, body, bns }
+    }
+
+    /// Loads a complete model file written by [`Network::save`].
+    pub fn load(path: &Path, device: Device) -> Result<Self, ModelError> {
+        let file = MappedFile::open(path)?;
+        let meta = ArtifactMeta::from_map(path, file.metadata(), ArtifactKind::Model)?;
+        let mut net = Network::new(meta.arch, &meta.classes, meta.image_size, device, 0);
+        net.copy_from(&file, |_| true)?;
+        Ok(net)
+    }
+
+    /// Logits for a batch of normalised images `[N, 3, H, W]`.
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        match &self.body {
+            Body::EfficientNetLite(m) => m.forward_t(x, train),
+            Body::ResNet(m) => m.forward_t(x, train),
+        }
+    }
+
+    /// The batch-norm layers, in forward order.
+    pub fn bns(&self) -> &[Arc<Bn>] {
+        &self.bns
+    }
+
+    /// Name prefix of the classification head, which is new per task and never part of a vector.
+    pub fn head_prefix(&self) -> &'static str {
+        head_prefix(self.arch)
+    }
+
+    /// Variables sorted by name.
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut v: Vec<_> = self.vs.variables().into_iter().collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// Copies every variable for which `wanted(name)` holds from `file`, checking names and shapes.
+    pub fn copy_from(&mut self, file: &MappedFile, wanted: impl Fn(&str) -> bool) -> Result<(), ModelError> {
+        let arch = self.arch.as_str();
+        for (name, mut var) in self.named_tensors() {
+            if !wanted(&name) {
+                continue;
+            }
+            let meta = file.meta(&name).ok_or_else(|| ModelError::MissingTensor { path: file.path().into(), name: name.clone(), arch })?;
+            let found: Vec<i64> = meta.shape.iter().map(|&d| d as i64).collect();
+            if found != var.size() {
+                return Err(ModelError::Shape { path: file.path().into(), name, found, expected: var.size(), arch });
+            }
+            let src = Tensor::from_slice(&file.f32(&name)?).view(found.as_slice());
+            tch::no_grad(|| var.f_copy_(&src))?;
+        }
+        Ok(())
+    }
+
+    /// Writes all variables (F32) with `meta`, atomically.
+    pub fn save(&self, path: &Path, meta: &ArtifactMeta) -> Result<(), ModelError> {
+        let tensors = self.named_tensors();
+        write_tensors(path, &tensors, &meta.to_map())
+    }
+
+    /// Imports pretrained weights for every tensor outside the head from a `.safetensors` or
+    /// PyTorch zip `.pth` file. Extra tensors in the file (old head, `num_batches_tracked`) are
+    /// ignored; missing or mis-shaped ones are refused by name.
+    pub fn import_pretrained(&mut self, path: &Path) -> Result<(), ModelError> {
+        if !path.exists() {
+            return Err(ModelError::NoWeights { path: path.into(), hint: "" });
+        }
+        let head = self.head_prefix();
+        let is_backbone = |n: &str| !n.starts_with(head);
+        if path.extension().is_some_and(|e| e == "safetensors") {
+            let file = MappedFile::open(path)?;
+            return self.copy_from(&file, is_backbone);
+        }
+        let loaded: BTreeMap<String, Tensor> =
+            Tensor::loadz_multi(path).map_err(|source| ModelError::Pth { path: path.into(), source })?.into_iter().collect();
+        let arch = self.arch.as_str();
+        for (name, mut var) in self.named_tensors() {
+            if !is_backbone(&name) {
+                continue;
+            }
+            let src = loaded.get(&name).ok_or_else(|| ModelError::MissingTensor { path: path.into(), name: name.clone(), arch })?;
+            if src.size() != var.size() {
+                return Err(ModelError::Shape { path: path.into(), name, found: src.size(), expected: var.size(), arch });
+            }
+            tch::no_grad(|| var.f_copy_(&src.to_kind(Kind::Float)))?;
+        }
+        Ok(())
+    }
+}
+
+/// Head name prefix per architecture.
+pub fn head_prefix(arch: Architecture) -> &'static str {
+    match arch {
+        Architecture::EfficientnetLite0 => "_fc.",
+        Architecture::Resnet18 | Architecture::Resnet34 | Architecture::Resnet50 => "fc.",
+    }
+}
+
+/// Writes named tensors (converted to F32 on the CPU) to a safetensors file, atomically.
+pub fn write_tensors(path: &Path, tensors: &[(String, Tensor)], metadata: &BTreeMap<String, String>) -> Result<(), ModelError> {
+    let metas = tensors
+        .iter()
+        .map(|(n, t)| TensorMeta { name: n.clone(), dtype: Dtype::F32, shape: t.size().iter().map(|&d| d as usize).collect() })
+        .collect();
+    let mut w = StreamWriter::create(path, metas, metadata)?;
+    for (n, t) in tensors {
+        w.write(n, &f32_to_bytes(&tensor_to_vec(t)?))?;
+    }
+    Ok(w.finish()?)
+}
+
+/// A tensor's values as a flat f32 vector.
+pub fn tensor_to_vec(t: &Tensor) -> Result<Vec<f32>, tch::TchError> {
+    let flat = t.f_to_device(Device::Cpu)?.f_to_kind(Kind::Float)?.f_contiguous()?.f_view([-1])?;
+    Vec::<f32>::try_from(&flat)
+}
+
+/// Where the ImageNet EfficientNet-Lite0 weights are installed by `scripts/setup-torch.sh`.
+pub fn builtin_weights_path() -> PathBuf {
+    if let Ok(p) = std::env::var("MEDMERGE_WEIGHTS") {
+        return PathBuf::from(p);
+    }
+    let cache = std::env::var("MEDMERGE_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| ".".into())).join(".cache/medmerge"));
+    cache.join("weights/efficientnet-lite0-imagenet.safetensors")
+}
+
+/// The hint printed when the built-in weights are missing.
+pub const BUILTIN_WEIGHTS_HINT: &str = " (run scripts/setup-torch.sh, or set MEDMERGE_WEIGHTS)";

@@ -1,0 +1,97 @@
+//! ResNet-18/34/50 with torchvision tensor names, so torchvision checkpoints import directly.
+
+use std::sync::Arc;
+
+use tch::{nn, Tensor};
+
+use super::bn::Bn;
+
+const BN_EPS: f64 = 1e-5;
+
+fn conv(p: nn::Path, c_in: i64, c_out: i64, k: i64, stride: i64) -> nn::Conv2D {
+    nn::conv2d(p, c_in, c_out, k, nn::ConvConfig { stride, padding: k / 2, bias: false, ..Default::default() })
+}
+
+#[derive(Debug)]
+struct Block {
+    convs: Vec<(nn::Conv2D, Arc<Bn>)>,
+    downsample: Option<(nn::Conv2D, Arc<Bn>)>,
+}
+
+impl Block {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        let mut h = x.shallow_clone();
+        let last = self.convs.len() - 1;
+        for (i, (c, bn)) in self.convs.iter().enumerate() {
+            h = bn.forward_t(&h.apply(c), train);
+            if i != last {
+                h = h.relu();
+            }
+        }
+        let shortcut = match &self.downsample {
+            Some((c, bn)) => bn.forward_t(&x.apply(c), train),
+            None => x.shallow_clone(),
+        };
+        (h + shortcut).relu()
+    }
+}
+
+/// A torchvision-layout ResNet.
+#[derive(Debug)]
+pub struct ResNet {
+    conv1: nn::Conv2D,
+    bn1: Arc<Bn>,
+    layers: Vec<Block>,
+    fc: nn::Linear,
+}
+
+impl ResNet {
+    /// Builds a ResNet with `blocks` per stage, bottleneck blocks when `bottleneck`.
+    pub fn new(p: &nn::Path, blocks: [usize; 4], bottleneck: bool, classes: i64, bns: &mut Vec<Arc<Bn>>) -> Self {
+        let mut bn = |path: nn::Path, c: i64| {
+            let b = Arc::new(Bn::new(path, c, BN_EPS));
+            bns.push(b.clone());
+            b
+        };
+        let expansion = if bottleneck { 4 } else { 1 };
+        let conv1 = nn::conv2d(p / "conv1", 3, 64, 7, nn::ConvConfig { stride: 2, padding: 3, bias: false, ..Default::default() });
+        let bn1 = bn(p / "bn1", 64);
+        let mut layers = Vec::new();
+        let mut c_in = 64;
+        for (stage, &n) in blocks.iter().enumerate() {
+            let width = 64 << stage;
+            for i in 0..n {
+                let stride = if i == 0 && stage > 0 { 2 } else { 1 };
+                let bp = p / format!("layer{}", stage + 1) / i;
+                let c_out = width * expansion;
+                let convs = if bottleneck {
+                    vec![
+                        (conv(&bp / "conv1", c_in, width, 1, 1), bn(&bp / "bn1", width)),
+                        (conv(&bp / "conv2", width, width, 3, stride), bn(&bp / "bn2", width)),
+                        (conv(&bp / "conv3", width, c_out, 1, 1), bn(&bp / "bn3", c_out)),
+                    ]
+                } else {
+                    vec![
+                        (conv(&bp / "conv1", c_in, width, 3, stride), bn(&bp / "bn1", width)),
+                        (conv(&bp / "conv2", width, width, 3, 1), bn(&bp / "bn2", width)),
+                    ]
+                };
+                let downsample = (stride != 1 || c_in != c_out)
+                    .then(|| (conv(&bp / "downsample" / 0, c_in, c_out, 1, stride), bn(&bp / "downsample" / 1, c_out)));
+                layers.push(Block { convs, downsample });
+                c_in = c_out;
+            }
+        }
+        let fc = nn::linear(p / "fc", c_in, classes, Default::default());
+        ResNet { conv1, bn1, layers, fc }
+    }
+
+    /// Logits for a batch of normalised images.
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        let mut x = self.bn1.forward_t(&x.apply(&self.conv1), train).relu().max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false);
+        for b in &self.layers {
+            x = b.forward_t(&x, train);
+        }
+        x.adaptive_avg_pool2d([1, 1]).flatten(1, -1).apply(&self.fc)
+    }
+}

@@ -1,0 +1,282 @@
+//! safetensors files: memory-mapped reading one tensor at a time, and a streaming writer that
+//! publishes atomically (temporary file, fsync, rename), so a reader never sees half a file.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::{Dtype, SafeTensors};
+
+/// Errors reading or writing safetensors files.
+#[derive(Debug, thiserror::Error)]
+pub enum StError {
+    /// The file could not be opened or read.
+    #[error("cannot read {path}: {source}")]
+    Open { path: PathBuf, #[source] source: std::io::Error },
+    /// The header is not valid safetensors.
+    #[error("{path} is not a valid safetensors file: {message}")]
+    Format { path: PathBuf, message: String },
+    /// A tensor that should be there is not.
+    #[error("{path} has no tensor {name:?}")]
+    Missing { path: PathBuf, name: String },
+    /// A tensor has a dtype medmerge cannot use there.
+    #[error("{path}: tensor {name:?} has dtype {dtype}, expected F32")]
+    Dtype { path: PathBuf, name: String, dtype: String },
+    /// Writing failed.
+    #[error("cannot write {path}: {source}")]
+    Write { path: PathBuf, #[source] source: std::io::Error },
+    /// The writer was fed something other than what its header promised.
+    #[error("writing {path}: {message}")]
+    Protocol { path: PathBuf, message: String },
+}
+
+/// Name, dtype and shape of one stored tensor.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorMeta {
+    /// Tensor name, e.g. `layer1.0.conv1.weight`.
+    pub name: String,
+    /// safetensors dtype.
+    pub dtype: Dtype,
+    /// Shape.
+    pub shape: Vec<usize>,
+}
+
+impl TensorMeta {
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+    fn nbytes(&self) -> usize {
+        self.numel() * self.dtype.bitsize() / 8
+    }
+}
+
+/// A memory-mapped safetensors file. Tensors are read on demand, so opening is cheap and
+/// memory use is the size of the tensors being worked on, not the file.
+pub struct MappedFile {
+    path: PathBuf,
+    map: memmap2::Mmap,
+    data_start: usize,
+    tensors: BTreeMap<String, (TensorMeta, (usize, usize))>,
+    metadata: BTreeMap<String, String>,
+}
+
+impl MappedFile {
+    /// Opens and parses the header of `path`.
+    pub fn open(path: &Path) -> Result<Self, StError> {
+        let file = File::open(path).map_err(|source| StError::Open { path: path.into(), source })?;
+        // SAFETY: artifacts are published by rename and never modified in place afterwards.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| StError::Open { path: path.into(), source })?;
+        let (header_len, meta) = SafeTensors::read_metadata(&map).map_err(|e| StError::Format { path: path.into(), message: e.to_string() })?;
+        let tensors = meta
+            .tensors()
+            .into_iter()
+            .map(|(name, info)| (name.clone(), (TensorMeta { name, dtype: info.dtype, shape: info.shape.clone() }, info.data_offsets)))
+            .collect();
+        let metadata = meta.metadata().clone().unwrap_or_default().into_iter().collect();
+        Ok(MappedFile { path: path.into(), map, data_start: 8 + header_len, tensors, metadata })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The `__metadata__` string map.
+    pub fn metadata(&self) -> &BTreeMap<String, String> {
+        &self.metadata
+    }
+
+    /// Every tensor's description, sorted by name.
+    pub fn tensors(&self) -> impl Iterator<Item = &TensorMeta> {
+        self.tensors.values().map(|(m, _)| m)
+    }
+
+    /// One tensor's description.
+    pub fn meta(&self, name: &str) -> Option<&TensorMeta> {
+        self.tensors.get(name).map(|(m, _)| m)
+    }
+
+    /// Raw little-endian bytes of a tensor.
+    pub fn bytes(&self, name: &str) -> Result<&[u8], StError> {
+        let (_, (start, end)) = self.tensors.get(name).ok_or_else(|| StError::Missing { path: self.path.clone(), name: name.into() })?;
+        Ok(&self.map[self.data_start + start..self.data_start + end])
+    }
+
+    /// A tensor as f32 values (F32 only: medmerge stores every float tensor in F32).
+    pub fn f32(&self, name: &str) -> Result<Vec<f32>, StError> {
+        let meta = self.meta(name).ok_or_else(|| StError::Missing { path: self.path.clone(), name: name.into() })?;
+        if meta.dtype != Dtype::F32 {
+            return Err(StError::Dtype { path: self.path.clone(), name: name.into(), dtype: format!("{:?}", meta.dtype) });
+        }
+        Ok(bytes_to_f32(self.bytes(name)?))
+    }
+
+    /// A tensor as f64 values (F64 only; used for batch-norm moments).
+    pub fn f64(&self, name: &str) -> Result<Vec<f64>, StError> {
+        let meta = self.meta(name).ok_or_else(|| StError::Missing { path: self.path.clone(), name: name.into() })?;
+        if meta.dtype != Dtype::F64 {
+            return Err(StError::Dtype { path: self.path.clone(), name: name.into(), dtype: format!("{:?}", meta.dtype) });
+        }
+        Ok(self.bytes(name)?.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("chunk of 8"))).collect())
+    }
+}
+
+/// Little-endian bytes to f32 values.
+pub fn bytes_to_f32(bytes: &[u8]) -> Vec<f32> {
+    bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("chunk of 4"))).collect()
+}
+
+/// f32 values to little-endian bytes.
+pub fn f32_to_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// Writes a safetensors file tensor by tensor, in the order given up front, into a temporary
+/// file next to `path`; [`StreamWriter::finish`] publishes it by rename. Dropping an unfinished
+/// writer removes the temporary file, so a failed stage leaves nothing a later stage would read.
+pub struct StreamWriter {
+    path: PathBuf,
+    tmp: PathBuf,
+    out: Option<BufWriter<File>>,
+    pending: std::collections::VecDeque<TensorMeta>,
+}
+
+impl StreamWriter {
+    /// Starts a file holding `tensors` (written in this order) and `metadata`.
+    pub fn create(path: &Path, tensors: Vec<TensorMeta>, metadata: &BTreeMap<String, String>) -> Result<Self, StError> {
+        let werr = |source| StError::Write { path: path.into(), source };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(werr)?;
+        }
+        let tmp = temp_path(path);
+        let mut header = serde_json::Map::new();
+        if !metadata.is_empty() {
+            header.insert("__metadata__".into(), serde_json::to_value(metadata).expect("string map serialises"));
+        }
+        let mut offset = 0usize;
+        for t in &tensors {
+            let n = t.nbytes();
+            header.insert(
+                t.name.clone(),
+                serde_json::json!({"dtype": dtype_name(t.dtype), "shape": t.shape, "data_offsets": [offset, offset + n]}),
+            );
+            offset += n;
+        }
+        let mut header = serde_json::to_vec(&serde_json::Value::Object(header)).expect("json serialises");
+        while header.len() % 8 != 0 {
+            header.push(b' ');
+        }
+        let file = File::create(&tmp).map_err(werr)?;
+        let mut out = BufWriter::with_capacity(1 << 20, file);
+        out.write_all(&(header.len() as u64).to_le_bytes()).map_err(werr)?;
+        out.write_all(&header).map_err(werr)?;
+        Ok(StreamWriter { path: path.into(), tmp, out: Some(out), pending: tensors.into() })
+    }
+
+    /// Writes the next tensor's bytes; `name` must be the next one promised.
+    pub fn write(&mut self, name: &str, bytes: &[u8]) -> Result<(), StError> {
+        let next = self.pending.pop_front().ok_or_else(|| StError::Protocol { path: self.path.clone(), message: format!("unexpected extra tensor {name:?}") })?;
+        if next.name != name || next.nbytes() != bytes.len() {
+            return Err(StError::Protocol {
+                path: self.path.clone(),
+                message: format!("expected {:?} ({} bytes), got {name:?} ({} bytes)", next.name, next.nbytes(), bytes.len()),
+            });
+        }
+        let out = self.out.as_mut().expect("writer open until finish");
+        out.write_all(bytes).map_err(|source| StError::Write { path: self.path.clone(), source })
+    }
+
+    /// Flushes, syncs and atomically renames the file into place.
+    pub fn finish(mut self) -> Result<(), StError> {
+        if let Some(t) = self.pending.front() {
+            return Err(StError::Protocol { path: self.path.clone(), message: format!("tensor {:?} was never written", t.name) });
+        }
+        let werr = |source| StError::Write { path: self.path.clone(), source };
+        let out = self.out.take().expect("writer open until finish");
+        let file = out.into_inner().map_err(|e| werr(e.into_error()))?;
+        file.sync_all().map_err(werr)?;
+        std::fs::rename(&self.tmp, &self.path).map_err(werr)
+    }
+}
+
+impl Drop for StreamWriter {
+    fn drop(&mut self) {
+        if self.out.is_some() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// A sibling temporary path, unique per process, that readers never look for.
+pub fn temp_path(path: &Path) -> PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+}
+
+/// Writes `bytes` to `path` atomically (temporary file + fsync + rename).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = temp_path(path);
+    let result = (|| {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn dtype_name(d: Dtype) -> String {
+    // safetensors' serde names (F32, I64, ...) are the Debug names.
+    format!("{d:?}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_streamed_file_reads_back_with_its_metadata() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.safetensors");
+        let metas = vec![
+            TensorMeta { name: "b".into(), dtype: Dtype::F32, shape: vec![2] },
+            TensorMeta { name: "a".into(), dtype: Dtype::F32, shape: vec![1, 3] },
+        ];
+        let md = BTreeMap::from([("kind".to_string(), "model".to_string())]);
+        let mut w = StreamWriter::create(&path, metas, &md).unwrap();
+        w.write("b", &f32_to_bytes(&[1.0, 2.0])).unwrap();
+        w.write("a", &f32_to_bytes(&[3.0, 4.0, 5.0])).unwrap();
+        w.finish().unwrap();
+        let f = MappedFile::open(&path).unwrap();
+        assert_eq!(f.f32("a").unwrap(), vec![3.0, 4.0, 5.0]);
+        assert_eq!(f.f32("b").unwrap(), vec![1.0, 2.0]);
+        assert_eq!(f.metadata()["kind"], "model");
+    }
+
+    #[test]
+    fn an_unfinished_writer_leaves_no_file_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.safetensors");
+        let mut w = StreamWriter::create(&path, vec![TensorMeta { name: "a".into(), dtype: Dtype::F32, shape: vec![2] }], &BTreeMap::new()).unwrap();
+        assert!(w.write("wrong", &f32_to_bytes(&[1.0, 2.0])).is_err());
+        drop(w);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_truncated_file_is_refused_with_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.safetensors");
+        std::fs::write(&path, b"\x10\x00\x00\x00\x00\x00\x00\x00{").unwrap();
+        let e = MappedFile::open(&path).err().unwrap().to_string();
+        assert!(e.contains("bad.safetensors"), "{e}");
+    }
+}

@@ -2,5 +2,13 @@
 //! the in-process pipeline that runs a whole MergeJob on one machine.
 
 pub mod checkpoint;
+pub mod data;
+pub mod evaluate;
+pub mod merge;
+pub mod metrics;
 pub mod model;
+pub mod restore;
+pub mod split;
 pub mod st;
+pub mod synth;
+pub mod train;

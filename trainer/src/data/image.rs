@@ -1,0 +1,144 @@
+//! Decoding, seeded augmentation and ImageNet normalisation of one image.
+
+use std::path::Path;
+
+use image::imageops::{self, FilterType};
+use image::RgbImage;
+use medmerge_crds::AugmentSpec;
+use rand::rngs::StdRng;
+use rand::Rng;
+
+use super::DataError;
+
+const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+const STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+/// Augmentation to apply while decoding, with the seed of this particular draw.
+#[derive(Clone, Debug)]
+pub struct Augment {
+    /// What to randomise.
+    pub spec: AugmentSpec,
+    /// Seed for this image in this epoch.
+    pub seed: u64,
+}
+
+/// Decodes `path`, optionally augments it, resizes it to `size`x`size` and returns normalised
+/// CHW f32 values.
+pub fn decode_image(path: &Path, size: u32, augment: Option<&Augment>) -> Result<Vec<f32>, DataError> {
+    let img = image::open(path).map_err(|source| DataError::Decode { path: path.into(), source })?.to_rgb8();
+    let img = match augment {
+        None => imageops::resize(&img, size, size, FilterType::Triangle),
+        Some(a) => augmented(img, size, a),
+    };
+    Ok(normalise(&img))
+}
+
+fn augmented(img: RgbImage, size: u32, a: &Augment) -> RgbImage {
+    use rand::SeedableRng;
+    let mut rng = StdRng::seed_from_u64(a.seed);
+    let s = &a.spec;
+    let mut img = if s.min_scale < 1.0 {
+        let (w, h) = img.dimensions();
+        let scale = rng.random_range(s.min_scale..=1.0);
+        let (cw, ch) = (((w as f32) * scale).max(1.0) as u32, ((h as f32) * scale).max(1.0) as u32);
+        let (x, y) = (rng.random_range(0..=w - cw), rng.random_range(0..=h - ch));
+        imageops::resize(&imageops::crop_imm(&img, x, y, cw, ch).to_image(), size, size, FilterType::Triangle)
+    } else {
+        imageops::resize(&img, size, size, FilterType::Triangle)
+    };
+    if s.flip {
+        if rng.random_bool(0.5) {
+            imageops::flip_horizontal_in_place(&mut img);
+        }
+        if rng.random_bool(0.5) {
+            imageops::flip_vertical_in_place(&mut img);
+        }
+    }
+    if s.rotation_degrees > 0.0 {
+        img = rotate(&img, rng.random_range(-s.rotation_degrees..=s.rotation_degrees).to_radians());
+    }
+    if s.color_jitter > 0.0 {
+        let j = s.color_jitter;
+        let (b, c, sat) = (rng.random_range(1.0 - j..=1.0 + j), rng.random_range(1.0 - j..=1.0 + j), rng.random_range(1.0 - j..=1.0 + j));
+        jitter(&mut img, b, c, sat);
+    }
+    img
+}
+
+/// Rotation about the centre, nearest neighbour, black outside (like a fundus border).
+fn rotate(img: &RgbImage, angle: f32) -> RgbImage {
+    let (w, h) = img.dimensions();
+    let (cx, cy) = (w as f32 / 2.0, h as f32 / 2.0);
+    let (sin, cos) = angle.sin_cos();
+    RgbImage::from_fn(w, h, |x, y| {
+        let (dx, dy) = (x as f32 + 0.5 - cx, y as f32 + 0.5 - cy);
+        let (sx, sy) = (cos * dx + sin * dy + cx, -sin * dx + cos * dy + cy);
+        if sx >= 0.0 && sy >= 0.0 && (sx as u32) < w && (sy as u32) < h {
+            *img.get_pixel(sx as u32, sy as u32)
+        } else {
+            image::Rgb([0, 0, 0])
+        }
+    })
+}
+
+fn jitter(img: &mut RgbImage, brightness: f32, contrast: f32, saturation: f32) {
+    let n = (img.width() * img.height()) as f32;
+    let mean_grey = img.pixels().map(|p| 0.299 * p[0] as f32 + 0.587 * p[1] as f32 + 0.114 * p[2] as f32).sum::<f32>() / n;
+    for p in img.pixels_mut() {
+        let grey = 0.299 * p[0] as f32 + 0.587 * p[1] as f32 + 0.114 * p[2] as f32;
+        for c in 0..3 {
+            let v = p[c] as f32 * brightness;
+            let v = (v - mean_grey) * contrast + mean_grey;
+            let v = (v - grey) * saturation + grey;
+            p[c] = v.clamp(0.0, 255.0) as u8;
+        }
+    }
+}
+
+fn normalise(img: &RgbImage) -> Vec<f32> {
+    let (w, h) = img.dimensions();
+    let plane = (w * h) as usize;
+    let mut out = vec![0f32; 3 * plane];
+    for (i, p) in img.pixels().enumerate() {
+        for c in 0..3 {
+            out[c * plane + i] = (p[c] as f32 / 255.0 - MEAN[c]) / STD[c];
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_corrupt_image_is_named_in_the_error() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("broken.jpg");
+        std::fs::write(&p, b"\xff\xd8\xff not really a jpeg").unwrap();
+        let e = decode_image(&p, 8, None).unwrap_err().to_string();
+        assert!(e.contains("broken.jpg"), "{e}");
+    }
+
+    #[test]
+    fn decoding_normalises_with_imagenet_statistics() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("white.png");
+        RgbImage::from_pixel(4, 4, image::Rgb([255, 255, 255])).save(&p).unwrap();
+        let v = decode_image(&p, 2, None).unwrap();
+        assert_eq!(v.len(), 3 * 2 * 2);
+        assert!((v[0] - (1.0 - 0.485) / 0.229).abs() < 1e-5);
+        assert!((v[11] - (1.0 - 0.406) / 0.225).abs() < 1e-5);
+    }
+
+    #[test]
+    fn augmentation_is_reproducible_from_its_seed() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("grad.png");
+        RgbImage::from_fn(16, 16, |x, y| image::Rgb([(x * 16) as u8, (y * 16) as u8, 7])).save(&p).unwrap();
+        let spec = AugmentSpec { flip: true, rotation_degrees: 20.0, color_jitter: 0.3, min_scale: 0.6 };
+        let a = |seed| decode_image(&p, 8, Some(&Augment { spec: spec.clone(), seed })).unwrap();
+        assert_eq!(a(1), a(1));
+        assert_ne!(a(1), a(2));
+    }
+}

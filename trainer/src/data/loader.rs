@@ -1,0 +1,84 @@
+//! Batches decoded in parallel (rayon) on a producer thread, a few batches ahead of training.
+
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{bounded, Receiver};
+use rayon::prelude::*;
+use tch::{Device, Tensor};
+
+use super::{decode_image, Augment, DataError, Dataset};
+use medmerge_crds::AugmentSpec;
+
+/// A decoded batch.
+pub struct Batch {
+    /// `[N, 3, size, size]` normalised images.
+    pub images: Tensor,
+    /// `[N]` class indices (i64).
+    pub labels: Tensor,
+    /// Indices into the dataset's samples.
+    pub indices: Vec<usize>,
+}
+
+/// Iterator over batches of a dataset in a given order, decoded ahead of time.
+pub struct BatchLoader {
+    rx: Receiver<Result<(Vec<f32>, Vec<i64>, Vec<usize>), DataError>>,
+    worker: Option<JoinHandle<()>>,
+    size: i64,
+    device: Device,
+}
+
+const PREFETCH: usize = 3;
+
+impl BatchLoader {
+    /// Starts decoding `order` (indices into `data.samples`) in batches of `batch_size`.
+    /// With `augment`, each image gets its own seed derived from `seed` and its index.
+    pub fn new(data: &Dataset, order: Vec<usize>, batch_size: usize, size: u32, augment: Option<AugmentSpec>, seed: u64, device: Device) -> Self {
+        let (tx, rx) = bounded(PREFETCH);
+        let samples = data.samples.clone();
+        let worker = std::thread::spawn(move || {
+            for chunk in order.chunks(batch_size.max(1)) {
+                let decoded: Result<Vec<Vec<f32>>, DataError> = chunk
+                    .par_iter()
+                    .map(|&i| {
+                        let aug = augment.as_ref().map(|spec| Augment { spec: spec.clone(), seed: seed.wrapping_mul(1_000_003).wrapping_add(i as u64) });
+                        decode_image(&samples[i].path, size, aug.as_ref())
+                    })
+                    .collect();
+                let msg = decoded.map(|imgs| (imgs.concat(), chunk.iter().map(|&i| samples[i].label as i64).collect(), chunk.to_vec()));
+                let failed = msg.is_err();
+                if tx.send(msg).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        BatchLoader { rx, worker: Some(worker), size: size as i64, device }
+    }
+}
+
+impl Iterator for BatchLoader {
+    type Item = Result<Batch, DataError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let msg = self.rx.recv().ok()?;
+        Some(msg.map(|(pixels, labels, indices)| {
+            let n = labels.len() as i64;
+            Batch {
+                images: Tensor::from_slice(&pixels).view([n, 3, self.size, self.size]).to_device(self.device),
+                labels: Tensor::from_slice(&labels).to_device(self.device),
+                indices,
+            }
+        }))
+    }
+}
+
+impl Drop for BatchLoader {
+    fn drop(&mut self) {
+        // Drain so the producer sees a closed channel and exits, then join it.
+        while self.rx.try_recv().is_ok() {}
+        let rx = std::mem::replace(&mut self.rx, bounded(0).1);
+        drop(rx);
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+    }
+}

@@ -1,0 +1,203 @@
+//! Labelled image sets: ImageFolder directories and CSV manifests, decoding and batching.
+
+mod image;
+mod loader;
+
+use std::path::{Path, PathBuf};
+
+pub use self::image::{decode_image, Augment};
+pub use loader::{Batch, BatchLoader};
+
+/// Errors finding or reading images.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    /// The data location is missing or unreadable.
+    #[error("cannot read data at {path}: {source}")]
+    Read { path: PathBuf, #[source] source: std::io::Error },
+    /// No images were found.
+    #[error("no images (.jpg, .jpeg, .png) found in {path}")]
+    Empty { path: PathBuf },
+    /// A class folder or manifest label is not one of the model's classes.
+    #[error("{path}: class {class:?} is not one of the model's classes {known:?}")]
+    UnknownClass { path: PathBuf, class: String, known: Vec<String> },
+    /// A manifest row is malformed.
+    #[error("{path}, line {line}: {message}")]
+    Manifest { path: PathBuf, line: usize, message: String },
+    /// An image cannot be decoded.
+    #[error("cannot decode image {path}: {source}")]
+    Decode { path: PathBuf, #[source] source: ::image::ImageError },
+}
+
+/// One labelled image.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sample {
+    /// Image file.
+    pub path: PathBuf,
+    /// Class index.
+    pub label: usize,
+}
+
+/// A labelled image set.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Dataset {
+    /// Where it was read from (for messages).
+    pub source: PathBuf,
+    /// Class names in label order.
+    pub classes: Vec<String>,
+    /// The images.
+    pub samples: Vec<Sample>,
+}
+
+fn is_image(p: &Path) -> bool {
+    p.extension().and_then(|e| e.to_str()).is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "jpg" | "jpeg" | "png"))
+}
+
+fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
+    let err = |source| DataError::Read { path: dir.into(), source };
+    let mut v = std::fs::read_dir(dir).map_err(err)?.map(|e| e.map(|e| e.path())).collect::<Result<Vec<_>, _>>().map_err(err)?;
+    v.sort();
+    Ok(v)
+}
+
+impl Dataset {
+    /// Reads an ImageFolder directory or a `path,label` CSV manifest. With `classes` given, every
+    /// class found must be one of them (label order is theirs); otherwise the classes are the
+    /// sorted folder names (or sorted manifest labels).
+    pub fn open(path: &Path, classes: Option<&[String]>) -> Result<Self, DataError> {
+        let ds = if path.is_dir() { Self::image_folder(path, classes)? } else { Self::manifest(path, classes)? };
+        if ds.samples.is_empty() {
+            return Err(DataError::Empty { path: path.into() });
+        }
+        Ok(ds)
+    }
+
+    fn image_folder(dir: &Path, classes: Option<&[String]>) -> Result<Self, DataError> {
+        let folders: Vec<PathBuf> = sorted_entries(dir)?.into_iter().filter(|p| p.is_dir()).collect();
+        let names: Vec<String> = folders.iter().map(|f| f.file_name().unwrap_or_default().to_string_lossy().into_owned()).collect();
+        let classes: Vec<String> = classes.map(<[String]>::to_vec).unwrap_or_else(|| names.clone());
+        let mut samples = Vec::new();
+        for (folder, name) in folders.iter().zip(&names) {
+            let label = classes
+                .iter()
+                .position(|c| c == name)
+                .ok_or_else(|| DataError::UnknownClass { path: folder.clone(), class: name.clone(), known: classes.clone() })?;
+            samples.extend(sorted_entries(folder)?.into_iter().filter(|p| is_image(p)).map(|path| Sample { path, label }));
+        }
+        Ok(Dataset { source: dir.into(), classes, samples })
+    }
+
+    fn manifest(file: &Path, classes: Option<&[String]>) -> Result<Self, DataError> {
+        let text = std::fs::read_to_string(file).map_err(|source| DataError::Read { path: file.into(), source })?;
+        let base = file.parent().unwrap_or(Path::new("."));
+        let mut rows = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || (i == 0 && line.eq_ignore_ascii_case("path,label")) {
+                continue;
+            }
+            let (p, label) = line
+                .rsplit_once(',')
+                .ok_or_else(|| DataError::Manifest { path: file.into(), line: i + 1, message: format!("expected `path,label`, got {line:?}") })?;
+            let p = PathBuf::from(p.trim());
+            rows.push((if p.is_absolute() { p } else { base.join(p) }, label.trim().to_string()));
+        }
+        let classes: Vec<String> = match classes {
+            Some(c) => c.to_vec(),
+            None => {
+                let mut c: Vec<String> = rows.iter().map(|r| r.1.clone()).collect();
+                c.sort();
+                c.dedup();
+                c
+            }
+        };
+        let samples = rows
+            .into_iter()
+            .map(|(path, class)| match classes.iter().position(|c| *c == class) {
+                Some(label) => Ok(Sample { path, label }),
+                None => Err(DataError::UnknownClass { path: file.into(), class, known: classes.clone() }),
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Dataset { source: file.into(), classes, samples })
+    }
+
+    /// Images per class.
+    pub fn class_counts(&self) -> Vec<u64> {
+        let mut c = vec![0u64; self.classes.len()];
+        for s in &self.samples {
+            c[s.label] += 1;
+        }
+        c
+    }
+
+    /// A subset with the same classes.
+    pub fn subset(&self, indices: &[usize]) -> Dataset {
+        Dataset { source: self.source.clone(), classes: self.classes.clone(), samples: indices.iter().map(|&i| self.samples[i].clone()).collect() }
+    }
+
+    /// Writes the set as a `path,label` manifest with absolute paths.
+    pub fn write_manifest(&self, path: &Path) -> std::io::Result<()> {
+        let mut out = String::from("path,label\n");
+        for s in &self.samples {
+            let p = std::fs::canonicalize(&s.path).unwrap_or_else(|_| s.path.clone());
+            out.push_str(&format!("{},{}\n", p.display(), self.classes[s.label]));
+        }
+        crate::st::write_atomic(path, out.as_bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn touch(p: &Path) {
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, b"x").unwrap();
+    }
+
+    #[test]
+    fn image_folders_become_sorted_classes() {
+        let d = tempfile::tempdir().unwrap();
+        touch(&d.path().join("normal/1.png"));
+        touch(&d.path().join("glaucoma/2.jpg"));
+        touch(&d.path().join("glaucoma/notes.txt"));
+        let ds = Dataset::open(d.path(), None).unwrap();
+        assert_eq!(ds.classes, vec!["glaucoma", "normal"]);
+        assert_eq!(ds.class_counts(), vec![1, 1]);
+    }
+
+    #[test]
+    fn an_unknown_class_folder_is_named() {
+        let d = tempfile::tempdir().unwrap();
+        touch(&d.path().join("tumour/1.png"));
+        let e = Dataset::open(d.path(), Some(&["normal".to_string(), "glaucoma".to_string()])).unwrap_err().to_string();
+        assert!(e.contains("tumour") && e.contains("not one of the model's classes"), "{e}");
+    }
+
+    #[test]
+    fn an_empty_shard_is_refused_with_its_path() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("normal")).unwrap();
+        let e = Dataset::open(d.path(), None).unwrap_err().to_string();
+        assert!(e.contains("no images") && e.contains(&d.path().display().to_string()), "{e}");
+    }
+
+    #[test]
+    fn manifests_resolve_paths_next_to_themselves() {
+        let d = tempfile::tempdir().unwrap();
+        let m = d.path().join("m.csv");
+        std::fs::write(&m, "path,label\nimgs/a.png,b\n/abs/c.png,a\n").unwrap();
+        let ds = Dataset::open(&m, None).unwrap();
+        assert_eq!(ds.classes, vec!["a", "b"]);
+        assert_eq!(ds.samples[0], Sample { path: d.path().join("imgs/a.png"), label: 1 });
+        assert_eq!(ds.samples[1].path, PathBuf::from("/abs/c.png"));
+    }
+
+    #[test]
+    fn a_malformed_manifest_line_is_named() {
+        let d = tempfile::tempdir().unwrap();
+        let m = d.path().join("m.csv");
+        std::fs::write(&m, "path,label\nno-comma-here\n").unwrap();
+        let e = Dataset::open(&m, None).unwrap_err().to_string();
+        assert!(e.contains("m.csv, line 2"), "{e}");
+    }
+}

@@ -1,0 +1,28 @@
+//! Running a network over a labelled set and scoring it.
+
+use tch::{Device, Kind};
+
+use crate::data::{BatchLoader, Dataset};
+use crate::metrics::{classification_metrics, Metrics};
+use crate::model::{tensor_to_vec, Network};
+use crate::train::TrainError;
+
+/// Class probabilities for every image of `data`, in order.
+pub fn predict(net: &Network, data: &Dataset, batch_size: usize, device: Device) -> Result<Vec<Vec<f32>>, TrainError> {
+    let order: Vec<usize> = (0..data.samples.len()).collect();
+    let k = net.classes.len();
+    let mut out = Vec::with_capacity(data.samples.len());
+    for b in BatchLoader::new(data, order, batch_size, net.image_size, None, 0, device) {
+        let b = b?;
+        let probs = tch::no_grad(|| net.forward_t(&b.images, false).softmax(-1, Kind::Float));
+        out.extend(tensor_to_vec(&probs)?.chunks(k).map(<[f32]>::to_vec));
+    }
+    Ok(out)
+}
+
+/// Metrics of `net` on `data`.
+pub fn evaluate(net: &Network, data: &Dataset, batch_size: usize, device: Device) -> Result<Metrics, TrainError> {
+    let probs = predict(net, data, batch_size, device)?;
+    let labels: Vec<usize> = data.samples.iter().map(|s| s.label).collect();
+    Ok(classification_metrics(&probs, &labels, net.classes.len()))
+}

@@ -1,0 +1,177 @@
+//! Classification metrics from predicted probabilities: pure functions, checked against
+//! hand-computed values.
+
+use serde::{Deserialize, Serialize};
+
+/// Metrics of one model on one labelled set.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Metrics {
+    /// Fraction of images whose top class is the label.
+    pub accuracy: f64,
+    /// Mean per-class recall.
+    pub balanced_accuracy: f64,
+    /// Mean per-class F1.
+    pub macro_f1: f64,
+    /// Mean one-vs-rest AUROC over classes that have both positives and negatives.
+    pub macro_auroc: Option<f64>,
+    /// Per-class recall (sensitivity).
+    pub recall: Vec<f64>,
+    /// Per-class specificity.
+    pub specificity: Vec<f64>,
+    /// Per-class F1.
+    pub f1: Vec<f64>,
+    /// Per-class one-vs-rest AUROC (None when a class has no positives or no negatives).
+    pub auroc: Vec<Option<f64>>,
+    /// `confusion[true][predicted]` counts.
+    pub confusion: Vec<Vec<u64>>,
+    /// Images evaluated.
+    pub n: usize,
+}
+
+fn ratio(a: u64, b: u64) -> f64 {
+    if b == 0 {
+        0.0
+    } else {
+        a as f64 / b as f64
+    }
+}
+
+/// Index of the largest value (first on ties).
+pub fn argmax(p: &[f32]) -> usize {
+    p.iter().enumerate().fold(0, |best, (i, v)| if *v > p[best] { i } else { best })
+}
+
+/// Computes every metric from per-image class probabilities and true labels.
+pub fn classification_metrics(probs: &[Vec<f32>], labels: &[usize], classes: usize) -> Metrics {
+    let mut confusion = vec![vec![0u64; classes]; classes];
+    for (p, &y) in probs.iter().zip(labels) {
+        confusion[y][argmax(p)] += 1;
+    }
+    let n = labels.len() as u64;
+    let mut recall = Vec::new();
+    let mut specificity = Vec::new();
+    let mut f1 = Vec::new();
+    let mut auroc = Vec::new();
+    for c in 0..classes {
+        let tp = confusion[c][c];
+        let actual: u64 = confusion[c].iter().sum();
+        let predicted: u64 = confusion.iter().map(|row| row[c]).sum();
+        let fp = predicted - tp;
+        let fn_ = actual - tp;
+        let tn = n - tp - fp - fn_;
+        recall.push(ratio(tp, actual));
+        specificity.push(ratio(tn, tn + fp));
+        f1.push(ratio(2 * tp, 2 * tp + fp + fn_));
+        let scores: Vec<f32> = probs.iter().map(|p| p[c]).collect();
+        let positive: Vec<bool> = labels.iter().map(|&y| y == c).collect();
+        auroc.push(binary_auroc(&scores, &positive));
+    }
+    let correct: u64 = (0..classes).map(|c| confusion[c][c]).sum();
+    let present: Vec<usize> = (0..classes).filter(|&c| confusion[c].iter().sum::<u64>() > 0).collect();
+    let mean_over = |v: &[f64], idx: &[usize]| if idx.is_empty() { 0.0 } else { idx.iter().map(|&i| v[i]).sum::<f64>() / idx.len() as f64 };
+    let defined: Vec<f64> = auroc.iter().flatten().copied().collect();
+    Metrics {
+        accuracy: ratio(correct, n),
+        balanced_accuracy: mean_over(&recall, &present),
+        macro_f1: mean_over(&f1, &(0..classes).collect::<Vec<_>>()),
+        macro_auroc: (!defined.is_empty()).then(|| defined.iter().sum::<f64>() / defined.len() as f64),
+        recall,
+        specificity,
+        f1,
+        auroc,
+        confusion,
+        n: labels.len(),
+    }
+}
+
+/// Area under the ROC curve by the rank statistic (ties count one half). None without both
+/// positives and negatives.
+pub fn binary_auroc(scores: &[f32], positive: &[bool]) -> Option<f64> {
+    let mut idx: Vec<usize> = (0..scores.len()).collect();
+    idx.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
+    // Average ranks over tied scores.
+    let mut ranks = vec![0f64; scores.len()];
+    let mut i = 0;
+    while i < idx.len() {
+        let mut j = i;
+        while j + 1 < idx.len() && scores[idx[j + 1]] == scores[idx[i]] {
+            j += 1;
+        }
+        let avg = (i + j) as f64 / 2.0 + 1.0;
+        for k in i..=j {
+            ranks[idx[k]] = avg;
+        }
+        i = j + 1;
+    }
+    let n_pos = positive.iter().filter(|&&p| p).count() as f64;
+    let n_neg = positive.len() as f64 - n_pos;
+    if n_pos == 0.0 || n_neg == 0.0 {
+        return None;
+    }
+    let rank_sum: f64 = ranks.iter().zip(positive).filter(|(_, &p)| p).map(|(r, _)| r).sum();
+    Some((rank_sum - n_pos * (n_pos + 1.0) / 2.0) / (n_pos * n_neg))
+}
+
+/// Cosine similarity of two vectors (0 when either is zero).
+pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let (mut dot, mut na, mut nb) = (0f64, 0f64, 0f64);
+    for (x, y) in a.iter().zip(b) {
+        dot += (*x as f64) * (*y as f64);
+        na += (*x as f64).powi(2);
+        nb += (*y as f64).powi(2);
+    }
+    if na == 0.0 || nb == 0.0 {
+        0.0
+    } else {
+        dot / (na.sqrt() * nb.sqrt())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn close(a: f64, b: f64) -> bool {
+        (a - b).abs() < 1e-9
+    }
+
+    #[test]
+    fn metrics_match_a_hand_computed_three_class_example() {
+        // labels:    0 0 0 1 1 2
+        // predicted: 0 0 1 1 2 2
+        let probs = vec![
+            vec![0.8, 0.1, 0.1],
+            vec![0.6, 0.3, 0.1],
+            vec![0.3, 0.5, 0.2],
+            vec![0.1, 0.7, 0.2],
+            vec![0.2, 0.3, 0.5],
+            vec![0.1, 0.1, 0.8],
+        ];
+        let labels = vec![0, 0, 0, 1, 1, 2];
+        let m = classification_metrics(&probs, &labels, 3);
+        assert_eq!(m.confusion, vec![vec![2, 1, 0], vec![0, 1, 1], vec![0, 0, 1]]);
+        assert!(close(m.accuracy, 4.0 / 6.0));
+        // recalls 2/3, 1/2, 1 -> balanced 13/18
+        assert!(close(m.balanced_accuracy, (2.0 / 3.0 + 0.5 + 1.0) / 3.0));
+        // class 0: tp2 fp0 fn1 -> f1 4/5; class 1: tp1 fp1 fn1 -> 1/2; class 2: tp1 fp1 fn0 -> 2/3
+        assert!(close(m.macro_f1, (0.8 + 0.5 + 2.0 / 3.0) / 3.0));
+        // class 1 specificity: negatives are 4 (three 0s, one 2); one predicted 1 -> 3/4
+        assert!(close(m.specificity[1], 0.75));
+        // class 0 AUROC: positives scores .8 .6 .3, negatives .1 .2 .1 -> every pair ordered -> 1
+        assert_eq!(m.auroc[0], Some(1.0));
+    }
+
+    #[test]
+    fn auroc_counts_ties_as_half() {
+        assert_eq!(binary_auroc(&[0.5, 0.5], &[true, false]), Some(0.5));
+        assert_eq!(binary_auroc(&[0.1, 0.9, 0.4], &[true, false, false]), Some(0.0));
+        assert_eq!(binary_auroc(&[0.2, 0.3], &[true, true]), None);
+    }
+
+    #[test]
+    fn cosine_of_parallel_and_orthogonal_vectors() {
+        assert!(close(cosine(&[1.0, 2.0], &[2.0, 4.0]), 1.0));
+        assert!(close(cosine(&[1.0, 0.0], &[0.0, 3.0]), 0.0));
+        assert_eq!(cosine(&[0.0, 0.0], &[1.0, 1.0]), 0.0);
+    }
+}

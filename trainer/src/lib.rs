@@ -7,6 +7,8 @@ pub mod evaluate;
 pub mod merge;
 pub mod metrics;
 pub mod model;
+pub mod pipeline;
+pub mod report;
 pub mod restore;
 pub mod split;
 pub mod st;

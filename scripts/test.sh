@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The test command: every test of the workspace, after the one-time setup.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+cargo build --workspace --bins
+cargo test --workspace --no-fail-fast -- --test-threads="${TEST_THREADS:-2}"

@@ -1,0 +1,484 @@
+//! `medmerge-trainer`: every deep-learning stage of medmerge as a subcommand, plus `pipeline`,
+//! which runs a whole MergeJob in process.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use medmerge_crds::{Architecture, AugmentSpec, HeadStrategy, MergeMethod, ModelSpec, Optimizer, RestoreMode, Schedule, TrainingSpec, WeightsSource};
+use medmerge_trainer::checkpoint::{ArtifactKind, ArtifactMeta};
+use medmerge_trainer::data::Dataset;
+use medmerge_trainer::evaluate::{evaluate, predict};
+use medmerge_trainer::merge::{merge_files, write_vector, MergeOptions, ShardVector};
+use medmerge_trainer::metrics::argmax;
+use medmerge_trainer::model::Network;
+use medmerge_trainer::pipeline::{init_base, Job, Runner};
+use medmerge_trainer::report::{CandidateResult, EvalReport};
+use medmerge_trainer::restore::{apply_moments, collect_moments, combine_moments, load_moments, save_moments};
+use medmerge_trainer::st::{write_atomic, MappedFile};
+use medmerge_trainer::{split, synth, train};
+use tch::Device;
+
+/// Fine-tune, merge, restore and evaluate image classifiers from data vectors.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Compute device: auto (CUDA when available), cpu, cuda.
+    #[arg(long, global = true, env = "MEDMERGE_DEVICE", default_value = "auto")]
+    device: String,
+    /// CPU threads for libtorch (default: all cores).
+    #[arg(long, global = true, env = "MEDMERGE_THREADS")]
+    threads: Option<i32>,
+    /// Log format.
+    #[arg(long, global = true, env = "MEDMERGE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a whole MergeJob (YAML) in process against its local artifact directory.
+    Pipeline {
+        /// MergeJob YAML file.
+        job: PathBuf,
+    },
+    /// Write the base model (pretrained weights plus a new seeded head).
+    Init(InitArgs),
+    /// Fine-tune the base on one shard's images and write the shard's data vector.
+    Finetune(FinetuneArgs),
+    /// Merge data vectors onto the base.
+    Merge(MergeArgs),
+    /// Compute a model's batch-norm moments on one shard (only aggregates leave the shard).
+    BnStats {
+        /// Model to restore.
+        #[arg(long)]
+        model: PathBuf,
+        /// The shard's images (ImageFolder or manifest).
+        #[arg(long)]
+        data: PathBuf,
+        /// Output moments file.
+        #[arg(long)]
+        out: PathBuf,
+        /// Images per batch.
+        #[arg(long, default_value_t = 32)]
+        batch_size: usize,
+    },
+    /// Restore a merged model's batch-norm state.
+    Restore(RestoreArgs),
+    /// Evaluate models on a labelled set and print a results table.
+    Evaluate {
+        /// Model files (repeatable).
+        #[arg(long = "model", required = true)]
+        models: Vec<PathBuf>,
+        /// Labelled images (ImageFolder or manifest).
+        #[arg(long)]
+        data: PathBuf,
+        /// Also write the full metrics as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Images per batch.
+        #[arg(long, default_value_t = 32)]
+        batch_size: usize,
+    },
+    /// Predict classes for images; writes CSV (image, predicted class, per-class probabilities).
+    Predict {
+        /// Model file.
+        #[arg(long)]
+        model: PathBuf,
+        /// An image, a folder of images (searched recursively) or a manifest.
+        #[arg(long)]
+        input: PathBuf,
+        /// Output CSV (stdout when omitted).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Cut an ImageFolder into a held-out test set and N shards, as manifests.
+    Split {
+        /// ImageFolder to split.
+        #[arg(long)]
+        data: PathBuf,
+        /// Output directory for test.csv and shard-N.csv.
+        #[arg(long)]
+        out: PathBuf,
+        /// Number of shards.
+        #[arg(long, default_value_t = 4)]
+        shards: usize,
+        /// Fraction held out for testing (stratified).
+        #[arg(long, default_value_t = 0.2)]
+        test_fraction: f64,
+        /// Seed.
+        #[arg(long, default_value_t = 3315)]
+        seed: u64,
+        /// Label-skewed (non-IID) shards with this Dirichlet concentration instead of equal random ones.
+        #[arg(long)]
+        dirichlet: Option<f64>,
+    },
+    /// Generate a small labelled image set (shapes) for demos and tests.
+    Synth {
+        /// Output ImageFolder.
+        #[arg(long)]
+        out: PathBuf,
+        /// Number of classes (2-4).
+        #[arg(long, default_value_t = 3)]
+        classes: usize,
+        /// Images per class.
+        #[arg(long, default_value_t = 60)]
+        per_class: usize,
+        /// Image side in pixels.
+        #[arg(long, default_value_t = 64)]
+        size: u32,
+        /// Seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+}
+
+#[derive(Args)]
+struct InitArgs {
+    /// Architecture.
+    #[arg(long, default_value = "efficientnet-lite0")]
+    arch: String,
+    /// imagenet (efficientnet-lite0), random, or a .safetensors/.pth file.
+    #[arg(long, default_value = "imagenet")]
+    weights: String,
+    /// Class names, comma-separated (or give --data to read them from an ImageFolder).
+    #[arg(long, value_delimiter = ',')]
+    classes: Vec<String>,
+    /// An ImageFolder whose folder names are the classes.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Input resolution.
+    #[arg(long, default_value_t = 128)]
+    image_size: u32,
+    /// Seed for new layers.
+    #[arg(long, default_value_t = 3315)]
+    seed: u64,
+    /// Output base model.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+struct FinetuneArgs {
+    /// Base model written by `init`.
+    #[arg(long)]
+    base: PathBuf,
+    /// The shard's images (ImageFolder or manifest).
+    #[arg(long)]
+    data: PathBuf,
+    /// Shard name recorded in the vector.
+    #[arg(long)]
+    shard: String,
+    /// Output vector file.
+    #[arg(long)]
+    out: PathBuf,
+    #[command(flatten)]
+    training: TrainingArgs,
+}
+
+#[derive(Args)]
+struct TrainingArgs {
+    /// Epochs.
+    #[arg(long, default_value_t = 3)]
+    epochs: u32,
+    /// Batch size.
+    #[arg(long, default_value_t = 32)]
+    batch_size: u32,
+    /// Learning rate.
+    #[arg(long, default_value_t = 1e-4)]
+    lr: f64,
+    /// Optimiser: adam, adamW, sgd.
+    #[arg(long, default_value = "adam")]
+    optimizer: String,
+    /// Schedule: constant, cosine.
+    #[arg(long, default_value = "constant")]
+    schedule: String,
+    /// Weight decay.
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    /// Seed.
+    #[arg(long, default_value_t = 3315)]
+    seed: u64,
+    /// Held-out fraction for picking the best epoch.
+    #[arg(long, default_value_t = 0.0)]
+    validation_fraction: f64,
+    /// Disable class-weighted cross-entropy.
+    #[arg(long)]
+    no_class_weighting: bool,
+    /// Disable random flips.
+    #[arg(long)]
+    no_flip: bool,
+}
+
+impl TrainingArgs {
+    fn spec(&self) -> anyhow::Result<TrainingSpec> {
+        Ok(TrainingSpec {
+            epochs: self.epochs,
+            batch_size: self.batch_size,
+            optimizer: serde_yaml::from_str::<Optimizer>(&self.optimizer).with_context(|| format!("--optimizer {}", self.optimizer))?,
+            learning_rate: self.lr,
+            weight_decay: self.weight_decay,
+            schedule: serde_yaml::from_str::<Schedule>(&self.schedule).with_context(|| format!("--schedule {}", self.schedule))?,
+            seed: self.seed,
+            class_weighting: !self.no_class_weighting,
+            validation_fraction: self.validation_fraction,
+            augment: AugmentSpec { flip: !self.no_flip, ..AugmentSpec::default() },
+        })
+    }
+}
+
+#[derive(Args)]
+struct MergeArgs {
+    /// Base model.
+    #[arg(long)]
+    base: PathBuf,
+    /// Vectors as NAME=PATH (repeatable).
+    #[arg(long = "vector", required = true)]
+    vectors: Vec<String>,
+    /// data-vector, params-mean, random-vector, ties, dare.
+    #[arg(long, default_value = "data-vector")]
+    method: String,
+    /// Scale of the summed vectors.
+    #[arg(long, default_value_t = 0.5)]
+    lambda: f64,
+    /// Weight heads by shard sample counts instead of a plain mean.
+    #[arg(long)]
+    sample_weighted_heads: bool,
+    /// TIES density.
+    #[arg(long, default_value_t = 0.2)]
+    ties_density: f64,
+    /// DARE drop rate.
+    #[arg(long, default_value_t = 0.9)]
+    dare_drop_rate: f64,
+    /// Keep pretrained layers unchanged (average heads only): the restoration-alone control.
+    #[arg(long)]
+    pretrained_only: bool,
+    /// Seed.
+    #[arg(long, default_value_t = 3315)]
+    seed: u64,
+    /// Output model.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+struct RestoreArgs {
+    /// Merged model.
+    #[arg(long)]
+    model: PathBuf,
+    /// bn-recalibrate, finetune-epoch, none.
+    #[arg(long, default_value = "bn-recalibrate")]
+    mode: String,
+    /// Shard images, in order (repeatable).
+    #[arg(long = "data")]
+    data: Vec<PathBuf>,
+    /// Pre-computed moments from `bn-stats` (repeatable; bn-recalibrate only).
+    #[arg(long = "stats")]
+    stats: Vec<PathBuf>,
+    /// Learning rate for finetune-epoch.
+    #[arg(long, default_value_t = 1e-4)]
+    lr: f64,
+    /// Batch size.
+    #[arg(long, default_value_t = 32)]
+    batch_size: u32,
+    /// Output model.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+fn device(name: &str) -> anyhow::Result<Device> {
+    match name {
+        "auto" => Ok(Device::cuda_if_available()),
+        "cpu" => Ok(Device::Cpu),
+        "cuda" if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
+        "cuda" => anyhow::bail!("--device cuda: no CUDA device is available to libtorch"),
+        other => anyhow::bail!("--device {other}: expected auto, cpu or cuda"),
+    }
+}
+
+fn model_meta(path: &std::path::Path) -> anyhow::Result<ArtifactMeta> {
+    Ok(ArtifactMeta::from_map(path, MappedFile::open(path)?.metadata(), ArtifactKind::Model)?)
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let sub = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Json => sub.json().init(),
+        LogFormat::Text => sub.init(),
+    }
+    if let Some(n) = cli.threads {
+        tch::set_num_threads(n);
+    }
+    let dev = device(&cli.device)?;
+    match cli.command {
+        Command::Pipeline { job } => {
+            let runner = Runner::new(Job::load(&job)?, dev)?;
+            let report = runner.run()?;
+            println!("{}", report.table());
+            println!("artifacts: {}", report.run);
+        }
+        Command::Init(a) => {
+            let arch = Architecture::parse(&a.arch).with_context(|| format!("--arch {}: unknown architecture", a.arch))?;
+            let classes = match (&a.data, a.classes.is_empty()) {
+                (Some(d), true) => Dataset::open(d, None)?.classes,
+                (None, true) => anyhow::bail!("--classes or --data is required to know the classes"),
+                _ => a.classes.clone(),
+            };
+            let (weights, weights_path) = match a.weights.as_str() {
+                "imagenet" => (WeightsSource::Imagenet, None),
+                "random" => (WeightsSource::Random, None),
+                path => (WeightsSource::File, Some(path.to_string())),
+            };
+            let model = ModelSpec { architecture: arch, weights, weights_path: weights_path.clone(), classes: classes.clone(), image_size: a.image_size, seed: a.seed };
+            let net = init_base(&model, &classes, dev, weights_path.map(PathBuf::from))?;
+            let meta = ArtifactMeta { kind: ArtifactKind::Model, arch, classes, image_size: a.image_size, base_digest: String::new(), shard: None, class_counts: vec![] };
+            net.save(&a.out, &meta)?;
+            println!("base model written to {}", a.out.display());
+        }
+        Command::Finetune(a) => {
+            let mut net = Network::load(&a.base, dev)?;
+            let data = Dataset::open(&a.data, Some(&net.classes))?;
+            let report = train::train(&mut net, &data, &a.training.spec()?, dev, &a.shard)?;
+            write_vector(&net, &a.base, &a.shard, report.class_counts.clone(), &a.out)?;
+            println!("data vector of shard {} written to {} (best epoch {})", a.shard, a.out.display(), report.best_epoch);
+        }
+        Command::Merge(a) => {
+            let vectors = a
+                .vectors
+                .iter()
+                .map(|v| v.split_once('=').map(|(s, p)| ShardVector { shard: s.into(), path: p.into() }).with_context(|| format!("--vector {v}: expected NAME=PATH")))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let method = MergeMethod::parse(&a.method).with_context(|| format!("--method {}: unknown merge method", a.method))?;
+            let opts = MergeOptions {
+                method,
+                lambda: a.lambda,
+                heads: if a.sample_weighted_heads { HeadStrategy::SampleWeighted } else { HeadStrategy::Mean },
+                ties_density: a.ties_density,
+                dare_drop_rate: a.dare_drop_rate,
+                seed: a.seed,
+                pretrained_only: a.pretrained_only,
+            };
+            merge_files(&a.base, &vectors, &opts, &a.out)?;
+            println!("merged model written to {}", a.out.display());
+        }
+        Command::BnStats { model, data, out, batch_size } => {
+            let net = Network::load(&model, dev)?;
+            let ds = Dataset::open(&data, Some(&net.classes))?;
+            let moments = collect_moments(&net, &ds, batch_size, dev)?;
+            save_moments(&out, &moments, &model_meta(&model)?)?;
+            println!("batch-norm moments written to {}", out.display());
+        }
+        Command::Restore(a) => {
+            let mode = RestoreMode::parse(&a.mode).with_context(|| format!("--mode {}: expected bn-recalibrate, finetune-epoch or none", a.mode))?;
+            let mut net = Network::load(&a.model, dev)?;
+            let sets = a.data.iter().map(|d| Dataset::open(d, Some(&net.classes))).collect::<Result<Vec<_>, _>>()?;
+            match mode {
+                RestoreMode::None => {}
+                RestoreMode::BnRecalibrate => {
+                    let mut parts = a.stats.iter().map(|s| load_moments(s)).collect::<Result<Vec<_>, _>>()?;
+                    for ds in &sets {
+                        parts.push(collect_moments(&net, ds, a.batch_size as usize, dev)?);
+                    }
+                    anyhow::ensure!(!parts.is_empty(), "bn-recalibrate needs --data or --stats");
+                    apply_moments(&net, &combine_moments(&parts), &a.model.display().to_string())?;
+                }
+                RestoreMode::FinetuneEpoch => {
+                    anyhow::ensure!(!sets.is_empty(), "finetune-epoch needs --data");
+                    let t = TrainingSpec { epochs: 1, batch_size: a.batch_size, learning_rate: a.lr, ..TrainingSpec::default() };
+                    for (i, ds) in sets.iter().enumerate() {
+                        train::train(&mut net, ds, &t, dev, &format!("restore shard {}", i + 1))?;
+                    }
+                }
+            }
+            net.save(&a.out, &model_meta(&a.model)?)?;
+            println!("restored model written to {}", a.out.display());
+        }
+        Command::Evaluate { models, data, json, batch_size } => {
+            let mut candidates = Vec::new();
+            let mut classes = Vec::new();
+            let mut n = 0;
+            for m in &models {
+                let net = Network::load(m, dev)?;
+                let ds = Dataset::open(&data, Some(&net.classes))?;
+                n = ds.samples.len();
+                classes = net.classes.clone();
+                let metrics = evaluate(&net, &ds, batch_size, dev)?;
+                candidates.push(CandidateResult { id: m.display().to_string(), description: m.display().to_string(), metrics });
+            }
+            let report = EvalReport { job: String::new(), run: String::new(), classes, test_images: n, candidates, similarity: vec![], spec: serde_json::Value::Null };
+            println!("{}", report.table());
+            if let Some(j) = json {
+                write_atomic(&j, &serde_json::to_vec_pretty(&report)?)?;
+            }
+        }
+        Command::Predict { model, input, out } => {
+            let net = Network::load(&model, dev)?;
+            let ds = if input.is_file() && input.extension().is_some_and(|e| e != "csv") {
+                Dataset { source: input.clone(), classes: net.classes.clone(), samples: vec![medmerge_trainer::data::Sample { path: input.clone(), label: 0 }] }
+            } else if input.is_dir() {
+                unlabelled_folder(&input, &net.classes)?
+            } else {
+                Dataset::open(&input, Some(&net.classes))?
+            };
+            let probs = predict(&net, &ds, 32, dev)?;
+            let mut csv = format!("image,predicted,{}\n", net.classes.iter().map(|c| format!("p_{c}")).collect::<Vec<_>>().join(","));
+            for (s, p) in ds.samples.iter().zip(&probs) {
+                let ps: Vec<String> = p.iter().map(|v| format!("{v:.6}")).collect();
+                csv.push_str(&format!("{},{},{}\n", s.path.display(), net.classes[argmax(p)], ps.join(",")));
+            }
+            match out {
+                Some(o) => write_atomic(&o, csv.as_bytes())?,
+                None => print!("{csv}"),
+            }
+        }
+        Command::Split { data, out, shards, test_fraction, seed, dirichlet } => {
+            anyhow::ensure!(shards >= 1, "--shards must be at least 1");
+            anyhow::ensure!((0.0..1.0).contains(&test_fraction), "--test-fraction must be in [0, 1)");
+            if let Some(a) = dirichlet {
+                anyhow::ensure!(a > 0.0, "--dirichlet must be positive");
+            }
+            let ds = Dataset::open(&data, None)?;
+            let s = split::split(&ds, shards, test_fraction, seed, dirichlet);
+            ds.subset(&s.test).write_manifest(&out.join("test.csv"))?;
+            for (i, idx) in s.shards.iter().enumerate() {
+                let sub = ds.subset(idx);
+                sub.write_manifest(&out.join(format!("shard-{}.csv", i + 1)))?;
+                println!("shard-{}: {} images, per class {:?}", i + 1, idx.len(), sub.class_counts());
+            }
+            println!("test: {} images; manifests in {}", s.test.len(), out.display());
+        }
+        Command::Synth { out, classes, per_class, size, seed } => {
+            synth::generate(&out, classes, per_class, size, seed)?;
+            println!("generated {} classes x {per_class} images of {size}px in {}", classes.clamp(2, 4), out.display());
+        }
+    }
+    Ok(())
+}
+
+/// Every image under `dir` (recursively), unlabelled, for prediction.
+fn unlabelled_folder(dir: &std::path::Path, classes: &[String]) -> anyhow::Result<Dataset> {
+    let mut stack = vec![dir.to_path_buf()];
+    let mut samples = Vec::new();
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).with_context(|| format!("cannot read {}", d.display()))? {
+            let p = e?.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().and_then(|x| x.to_str()).is_some_and(|x| matches!(x.to_ascii_lowercase().as_str(), "jpg" | "jpeg" | "png")) {
+                samples.push(medmerge_trainer::data::Sample { path: p, label: 0 });
+            }
+        }
+    }
+    samples.sort_by(|a, b| a.path.cmp(&b.path));
+    anyhow::ensure!(!samples.is_empty(), "no images found in {}", dir.display());
+    Ok(Dataset { source: dir.into(), classes: classes.to_vec(), samples })
+}

@@ -1,0 +1,332 @@
+//! A whole MergeJob, in process, against a local artifact directory: the embedded default.
+//!
+//! The loop asks the stage plan which stages are ready given the artifacts that exist, runs the
+//! first, and repeats. Every artifact is published atomically, so an interrupted run resumes
+//! where it stopped and never reads half a file.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use medmerge_crds::plan::{Candidate, CandidateKind, PlannedStage};
+use medmerge_crds::{validate, ArtifactLayout, MergeJob, MergeJobSpec, ModelSpec, RestoreMode, Stage, StagePlan, WeightsSource};
+use tch::Device;
+use tracing::info;
+
+use crate::checkpoint::{ArtifactKind, ArtifactMeta};
+use crate::data::Dataset;
+use crate::evaluate::evaluate;
+use crate::merge::{merge_files, shard_model, MergeOptions, ShardVector};
+use crate::metrics::cosine;
+use crate::model::{builtin_weights_path, ModelError, Network, BUILTIN_WEIGHTS_HINT};
+use crate::report::{CandidateResult, EvalReport, LayerSimilarity};
+use crate::restore::{apply_moments, collect_moments, combine_moments, load_moments, save_moments};
+use crate::st::{write_atomic, MappedFile};
+use crate::train::train;
+
+/// A loaded MergeJob and the directory its relative paths are relative to.
+pub struct Job {
+    /// The resource.
+    pub job: MergeJob,
+    /// Directory of the YAML file.
+    pub dir: PathBuf,
+}
+
+impl Job {
+    /// Reads and validates a MergeJob YAML file.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("cannot read MergeJob {}: {e}", path.display()))?;
+        let job: MergeJob = serde_yaml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: not a valid MergeJob: {e}", path.display()))?;
+        if let Err(errors) = validate(&job.spec) {
+            let lines: Vec<String> = errors.iter().map(|e| format!("  - {e}")).collect();
+            anyhow::bail!("{}: invalid MergeJob:\n{}", path.display(), lines.join("\n"));
+        }
+        Ok(Job { job, dir: path.parent().map(Path::to_path_buf).unwrap_or_default() })
+    }
+
+    fn spec(&self) -> &MergeJobSpec {
+        &self.job.spec
+    }
+
+    /// A path from the spec, relative to the YAML file's directory.
+    pub fn resolve(&self, p: &str) -> PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() { p.into() } else { self.dir.join(p) }
+    }
+
+    /// The artifact layout of this run.
+    pub fn layout(&self) -> ArtifactLayout {
+        let name = self.job.metadata.name.clone().unwrap_or_else(|| "mergejob".into());
+        let ns = self.job.metadata.namespace.clone().unwrap_or_else(|| "local".into());
+        ArtifactLayout::new(&self.spec().storage.prefix, &ns, &name, self.job.metadata.generation.unwrap_or(1))
+    }
+
+    /// The local artifact directory.
+    pub fn store_root(&self) -> PathBuf {
+        self.resolve(&self.spec().storage.local.as_ref().map(|l| l.path.clone()).unwrap_or_else(|| "medmerge-artifacts".into()))
+    }
+}
+
+/// Runs stages of one job until the plan is complete.
+pub struct Runner {
+    job: Job,
+    layout: ArtifactLayout,
+    plan: StagePlan,
+    root: PathBuf,
+    classes: Vec<String>,
+    device: Device,
+}
+
+impl Runner {
+    /// Prepares a run of `job` on `device`.
+    pub fn new(job: Job, device: Device) -> anyhow::Result<Self> {
+        let layout = job.layout();
+        let plan = StagePlan::new(job.spec(), &layout);
+        let root = job.store_root();
+        let classes = if job.spec().model.classes.is_empty() {
+            let first = job.spec().shards.iter().find_map(|s| s.data.as_ref()).map(|d| job.resolve(&d.path));
+            match first {
+                Some(p) => Dataset::open(&p, None)?.classes,
+                None => anyhow::bail!("spec.model.classes: required when no shard has data to read class names from"),
+            }
+        } else {
+            job.spec().model.classes.clone()
+        };
+        Ok(Runner { job, layout, plan, root, classes, device })
+    }
+
+    fn path(&self, key: &str) -> PathBuf {
+        self.root.join(key)
+    }
+
+    fn existing(&self) -> BTreeSet<String> {
+        self.plan.keys().into_iter().filter(|k| self.path(k).exists()).collect()
+    }
+
+    /// Runs every remaining stage; returns the evaluation report.
+    pub fn run(&self) -> anyhow::Result<EvalReport> {
+        loop {
+            let exists = self.existing();
+            if self.plan.is_complete(&exists) {
+                break;
+            }
+            let ready = self.plan.ready(&exists);
+            let Some(stage) = ready.first() else {
+                anyhow::bail!("run {} stalled: no stage is ready but the plan is incomplete", self.layout.root());
+            };
+            let started = Instant::now();
+            info!(stage = %stage.stage.name(), "stage started");
+            self.execute(stage).map_err(|e| e.context(format!("stage {} failed", stage.stage.name())))?;
+            info!(stage = %stage.stage.name(), seconds = started.elapsed().as_secs_f64(), "stage done");
+        }
+        let text = std::fs::read_to_string(self.path(&self.layout.eval_metrics()))?;
+        Ok(serde_json::from_str(&text)?)
+    }
+
+    fn shard_data(&self, shard: &str) -> anyhow::Result<Dataset> {
+        let s = self.job.spec().shards.iter().find(|s| s.name == shard).ok_or_else(|| anyhow::anyhow!("unknown shard {shard}"))?;
+        let d = s.data.as_ref().ok_or_else(|| anyhow::anyhow!("shard {shard} has no data"))?;
+        Dataset::open(&self.job.resolve(&d.path), Some(&self.classes)).map_err(|e| anyhow::anyhow!("shard {shard}: {e}"))
+    }
+
+    fn base_meta(&self) -> anyhow::Result<ArtifactMeta> {
+        let p = self.path(&self.layout.base());
+        Ok(ArtifactMeta::from_map(&p, MappedFile::open(&p)?.metadata(), ArtifactKind::Model)?)
+    }
+
+    fn execute(&self, planned: &PlannedStage) -> anyhow::Result<()> {
+        let spec = self.job.spec();
+        let l = &self.layout;
+        let bs = spec.training.batch_size as usize;
+        match &planned.stage {
+            Stage::Init => {
+                let net = init_base(&spec.model, &self.classes, self.device, spec.model.weights_path.as_deref().map(|p| self.job.resolve(p)))?;
+                let meta = ArtifactMeta {
+                    kind: ArtifactKind::Model,
+                    arch: spec.model.architecture,
+                    classes: self.classes.clone(),
+                    image_size: spec.model.image_size,
+                    base_digest: String::new(),
+                    shard: None,
+                    class_counts: vec![],
+                };
+                net.save(&self.path(&l.base()), &meta)?;
+            }
+            Stage::Finetune { shard } => {
+                let data = self.shard_data(shard)?;
+                let base = self.path(&l.base());
+                let mut net = Network::load(&base, self.device)?;
+                let report = train(&mut net, &data, &spec.training, self.device, shard)?;
+                crate::merge::write_vector(&net, &base, shard, report.class_counts.clone(), &self.path(&l.shard_vector(shard)))?;
+                write_atomic(&self.path(&l.shard_metrics(shard)), &serde_json::to_vec_pretty(&report)?)?;
+            }
+            Stage::Collect { shard } => {
+                let src = spec.shards.iter().find(|s| &s.name == shard).and_then(|s| s.vector.as_ref()).expect("collect stages exist for vector shards");
+                let src = self.job.resolve(src);
+                let bytes = std::fs::read(&src).map_err(|e| anyhow::anyhow!("shard {shard}: vector {} is not available: {e}", src.display()))?;
+                write_atomic(&self.path(&l.shard_vector(shard)), &bytes)?;
+            }
+            Stage::FullTraining => {
+                let mut all = self.shard_data(&spec.shards[0].name)?;
+                for s in &spec.shards[1..] {
+                    all.samples.extend(self.shard_data(&s.name)?.samples);
+                }
+                let mut net = Network::load(&self.path(&l.base()), self.device)?;
+                let report = train(&mut net, &all, &spec.training, self.device, "full-training")?;
+                let meta = ArtifactMeta { class_counts: report.class_counts, ..self.base_meta()? };
+                net.save(&self.path(&l.full_training()), &meta)?;
+            }
+            Stage::Merge { candidate } => {
+                let c = self.candidate(candidate);
+                let opts = MergeOptions {
+                    method: match c.kind {
+                        CandidateKind::Merged(m) => m,
+                        _ => spec.merge.method,
+                    },
+                    lambda: spec.merge.lambda,
+                    heads: spec.merge.heads,
+                    ties_density: spec.merge.ties_density,
+                    dare_drop_rate: spec.merge.dare_drop_rate,
+                    seed: spec.merge.seed,
+                    pretrained_only: c.kind == CandidateKind::PretrainedRestored,
+                };
+                merge_files(&self.path(&l.base()), &self.vectors(), &opts, &self.path(&l.merged(candidate)))?;
+            }
+            Stage::Restore { candidate, shard } => {
+                let data = self.shard_data(shard)?;
+                let input = self.path(&planned.reads[0]);
+                let net = Network::load(&input, self.device)?;
+                match spec.restore.mode {
+                    RestoreMode::BnRecalibrate => {
+                        let moments = collect_moments(&net, &data, bs, self.device)?;
+                        let meta = ArtifactMeta { shard: Some(shard.clone()), ..self.base_meta()? };
+                        save_moments(&self.path(&l.restore_stats(candidate, shard)), &moments, &meta)?;
+                    }
+                    RestoreMode::FinetuneEpoch => {
+                        let mut net = net;
+                        let mut t = spec.training.clone();
+                        t.epochs = 1;
+                        t.validation_fraction = 0.0;
+                        t.learning_rate = spec.restore.learning_rate.unwrap_or(t.learning_rate);
+                        train(&mut net, &data, &t, self.device, &format!("restore {candidate} on {shard}"))?;
+                        let meta = ArtifactMeta::from_map(&input, MappedFile::open(&input)?.metadata(), ArtifactKind::Model)?;
+                        net.save(&self.path(&l.restore_step(candidate, shard)), &meta)?;
+                    }
+                    RestoreMode::None => unreachable!("no per-shard restore stage without restoration"),
+                }
+            }
+            Stage::RestoreCombine { candidate } => {
+                let out = self.path(&l.restored(candidate));
+                if spec.restore.mode == RestoreMode::BnRecalibrate {
+                    let merged = self.path(&l.merged(candidate));
+                    let net = Network::load(&merged, self.device)?;
+                    let parts = planned.reads[1..].iter().map(|k| load_moments(&self.path(k))).collect::<Result<Vec<_>, _>>()?;
+                    apply_moments(&net, &combine_moments(&parts), &merged.display().to_string())?;
+                    let meta = ArtifactMeta::from_map(&merged, MappedFile::open(&merged)?.metadata(), ArtifactKind::Model)?;
+                    net.save(&out, &meta)?;
+                } else {
+                    write_atomic(&out, &std::fs::read(self.path(&planned.reads[0]))?)?;
+                }
+            }
+            Stage::Evaluate => {
+                let report = self.evaluate_all()?;
+                write_atomic(&self.path(&l.eval_report()), report.to_markdown().as_bytes())?;
+                write_atomic(&self.path(&l.eval_metrics()), &serde_json::to_vec_pretty(&report)?)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn candidate(&self, id: &str) -> &Candidate {
+        self.plan.candidates.iter().find(|c| c.id == id).expect("plan stages name plan candidates")
+    }
+
+    fn vectors(&self) -> Vec<ShardVector> {
+        self.job.spec().shards.iter().map(|s| ShardVector { shard: s.name.clone(), path: self.path(&self.layout.shard_vector(&s.name)) }).collect()
+    }
+
+    fn evaluate_all(&self) -> anyhow::Result<EvalReport> {
+        let spec = self.job.spec();
+        let l = &self.layout;
+        let test = Dataset::open(&self.job.resolve(&spec.evaluation.data.path), Some(&self.classes)).map_err(|e| anyhow::anyhow!("evaluation data: {e}"))?;
+        let base = self.path(&l.base());
+        let mut candidates = Vec::new();
+        for c in &self.plan.candidates {
+            let (net, description) = match &c.kind {
+                CandidateKind::Merged(m) => {
+                    let lambda = if *m == medmerge_crds::MergeMethod::ParamsMean { String::new() } else { format!(" λ={}", spec.merge.lambda) };
+                    (Network::load(&self.path(&l.restored(&c.id)), self.device)?, format!("{}{lambda} + {}", m.as_str(), spec.restore.mode.as_str()))
+                }
+                CandidateKind::PretrainedRestored => {
+                    (Network::load(&self.path(&l.restored(&c.id)), self.device)?, format!("pretrained + averaged heads + {} (no vectors)", spec.restore.mode.as_str()))
+                }
+                CandidateKind::ShardModel(s) => {
+                    let v = ShardVector { shard: s.clone(), path: self.path(&l.shard_vector(s)) };
+                    (shard_model(&base, &v, self.device)?, format!("shard {s} alone"))
+                }
+                CandidateKind::FullTraining => (Network::load(&self.path(&l.full_training()), self.device)?, "full training (all shards pooled)".into()),
+            };
+            let metrics = evaluate(&net, &test, spec.training.batch_size as usize, self.device)?;
+            info!(candidate = %c.id, accuracy = metrics.accuracy, macro_f1 = metrics.macro_f1, "evaluated");
+            candidates.push(CandidateResult { id: c.id.clone(), description, metrics });
+        }
+        Ok(EvalReport {
+            job: self.job.job.metadata.name.clone().unwrap_or_default(),
+            run: l.root().into(),
+            classes: self.classes.clone(),
+            test_images: test.samples.len(),
+            candidates,
+            similarity: self.similarity()?,
+            spec: serde_json::to_value(spec)?,
+        })
+    }
+
+    /// Per-layer cosine similarity between shard vectors and with the full-training vector.
+    fn similarity(&self) -> anyhow::Result<Vec<LayerSimilarity>> {
+        let l = &self.layout;
+        let vectors: Vec<MappedFile> = self.vectors().iter().map(|v| MappedFile::open(&v.path)).collect::<Result<_, _>>()?;
+        let base = MappedFile::open(&self.path(&l.base()))?;
+        let full = self.path(&l.full_training());
+        let full = full.exists().then(|| MappedFile::open(&full)).transpose()?;
+        let head = crate::model::head_prefix(self.job.spec().model.architecture);
+        let mut out = Vec::new();
+        for t in base.tensors().filter(|t| t.shape.len() >= 2 && !t.name.starts_with(head)) {
+            let taus: Vec<Vec<f32>> = vectors.iter().map(|v| v.f32(&t.name)).collect::<Result<_, _>>()?;
+            let mut pairs = Vec::new();
+            for i in 0..taus.len() {
+                for j in i + 1..taus.len() {
+                    pairs.push(cosine(&taus[i], &taus[j]));
+                }
+            }
+            let with_full = match &full {
+                Some(f) => {
+                    let pre = base.f32(&t.name)?;
+                    let delta: Vec<f32> = f.f32(&t.name)?.iter().zip(&pre).map(|(a, b)| a - b).collect();
+                    Some(taus.iter().map(|tau| cosine(tau, &delta)).sum::<f64>() / taus.len() as f64)
+                }
+                None => None,
+            };
+            let between = if pairs.is_empty() { 1.0 } else { pairs.iter().sum::<f64>() / pairs.len() as f64 };
+            out.push(LayerSimilarity { tensor: t.name.clone(), between_shards: between, with_full_training: with_full });
+        }
+        Ok(out)
+    }
+}
+
+/// Builds the base network (`theta_pre`) for `m`: pretrained weights plus a new seeded head.
+/// `weights_path` is `m.weightsPath` resolved against the job's directory.
+pub fn init_base(m: &ModelSpec, classes: &[String], device: Device, weights_path: Option<PathBuf>) -> Result<Network, ModelError> {
+    let mut net = Network::new(m.architecture, classes, m.image_size, device, m.seed);
+    match m.weights {
+        WeightsSource::Random => {}
+        WeightsSource::Imagenet => {
+            let p = builtin_weights_path();
+            if !p.exists() {
+                return Err(ModelError::NoWeights { path: p, hint: BUILTIN_WEIGHTS_HINT });
+            }
+            net.import_pretrained(&p)?;
+        }
+        WeightsSource::File => net.import_pretrained(&weights_path.unwrap_or_default())?,
+    }
+    Ok(net)
+}

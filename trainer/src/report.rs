@@ -1,0 +1,92 @@
+//! The evaluate stage's results: JSON for machines (the operator copies the headline into status)
+//! and a Markdown table for people.
+
+use serde::{Deserialize, Serialize};
+
+use crate::metrics::Metrics;
+
+/// One evaluated model.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CandidateResult {
+    /// Candidate id (`data-vector`, `params-mean`, `shard-a`, ...).
+    pub id: String,
+    /// What it is, in words.
+    pub description: String,
+    /// Its metrics on the held-out set.
+    pub metrics: Metrics,
+}
+
+/// Cosine similarity of vectors for one tensor (the paper's Figure 2).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LayerSimilarity {
+    /// Tensor name.
+    pub tensor: String,
+    /// Mean cosine similarity over all pairs of shard vectors.
+    pub between_shards: f64,
+    /// Mean cosine similarity of each shard vector with the full-training vector, if trained.
+    pub with_full_training: Option<f64>,
+}
+
+/// Everything the evaluate stage found.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EvalReport {
+    /// MergeJob name.
+    pub job: String,
+    /// The run's artifact root.
+    pub run: String,
+    /// Class names.
+    pub classes: Vec<String>,
+    /// Held-out images.
+    pub test_images: usize,
+    /// Every candidate, the primary merged model first.
+    pub candidates: Vec<CandidateResult>,
+    /// Per-tensor vector similarity.
+    pub similarity: Vec<LayerSimilarity>,
+    /// The spec that produced this run.
+    pub spec: serde_json::Value,
+}
+
+impl EvalReport {
+    /// The primary merged model's result.
+    pub fn primary(&self) -> &CandidateResult {
+        &self.candidates[0]
+    }
+
+    /// A Markdown report: the results table, per-class numbers of the primary model, similarity.
+    pub fn to_markdown(&self) -> String {
+        let mut md = format!("# medmerge results: {}\n\nRun `{}`, {} held-out images, classes: {}.\n\n", self.job, self.run, self.test_images, self.classes.join(", "));
+        md.push_str(&self.table());
+        let p = self.primary();
+        md.push_str(&format!("\n## Per class ({})\n\n| class | recall | specificity | F1 | AUROC |\n|---|---|---|---|---|\n", p.id));
+        for (i, c) in self.classes.iter().enumerate() {
+            let m = &p.metrics;
+            let auc = m.auroc[i].map_or("n/a".into(), |a| format!("{a:.3}"));
+            md.push_str(&format!("| {c} | {:.3} | {:.3} | {:.3} | {auc} |\n", m.recall[i], m.specificity[i], m.f1[i]));
+        }
+        md.push_str("\nConfusion matrix (rows: true class, columns: predicted):\n\n");
+        for (c, row) in self.classes.iter().zip(&p.metrics.confusion) {
+            md.push_str(&format!("- {c}: {:?}\n", row));
+        }
+        if !self.similarity.is_empty() {
+            let mean = self.similarity.iter().map(|s| s.between_shards).sum::<f64>() / self.similarity.len() as f64;
+            md.push_str(&format!("\n## Vector similarity\n\nMean per-layer cosine similarity between shard vectors: {mean:.3} over {} weight tensors", self.similarity.len()));
+            let full: Vec<f64> = self.similarity.iter().filter_map(|s| s.with_full_training).collect();
+            if !full.is_empty() {
+                md.push_str(&format!("; with the full-training vector: {:.3}", full.iter().sum::<f64>() / full.len() as f64));
+            }
+            md.push_str(". Per-layer values are in metrics.json.\n");
+        }
+        md
+    }
+
+    /// The results table alone.
+    pub fn table(&self) -> String {
+        let mut md = String::from("| model | accuracy | balanced acc. | macro-F1 | macro AUROC |\n|---|---|---|---|---|\n");
+        for c in &self.candidates {
+            let m = &c.metrics;
+            let auc = m.macro_auroc.map_or("n/a".into(), |a| format!("{:.3}", a));
+            md.push_str(&format!("| {} | {:.1} % | {:.1} % | {:.3} | {auc} |\n", c.description, 100.0 * m.accuracy, 100.0 * m.balanced_accuracy, m.macro_f1));
+        }
+        md
+    }
+}

@@ -1,0 +1,85 @@
+//! Networks on real libtorch: weight import, save/load round trips, and the exactness of
+//! combining shards' batch-norm moments.
+
+use medmerge_crds::Architecture;
+use medmerge_trainer::checkpoint::{ArtifactKind, ArtifactMeta};
+use medmerge_trainer::data::Dataset;
+use medmerge_trainer::model::{tensor_to_vec, write_tensors, Network};
+use medmerge_trainer::restore::{collect_moments, combine_moments, mean_var};
+use medmerge_trainer::synth;
+use tch::{Device, Kind, Tensor};
+
+fn classes() -> Vec<String> {
+    vec!["x".into(), "y".into(), "z".into()]
+}
+
+#[test]
+fn torchvision_named_weights_import_everything_but_the_head() {
+    let dir = tempfile::tempdir().unwrap();
+    // A torchvision-style checkpoint: 1000-class head and integer num_batches_tracked counters.
+    let donor = Network::new(Architecture::Resnet18, &(0..1000).map(|i| i.to_string()).collect::<Vec<_>>(), 32, Device::Cpu, 11);
+    let mut tensors = donor.named_tensors();
+    tensors.retain(|(n, _)| !n.starts_with("fc."));
+    tensors.push(("fc.weight".into(), Tensor::zeros([1000, 512], (Kind::Float, Device::Cpu))));
+    let path = dir.path().join("resnet18-torchvision.safetensors");
+    write_tensors(&path, &tensors, &Default::default()).unwrap();
+
+    let mut net = Network::new(Architecture::Resnet18, &classes(), 32, Device::Cpu, 99);
+    let head_before = tensor_to_vec(&net.vs.variables()["fc.weight"]).unwrap();
+    net.import_pretrained(&path).unwrap();
+    let vars = net.vs.variables();
+    let donor_vars = donor.vs.variables();
+    for name in ["conv1.weight", "layer4.1.bn2.running_var", "layer2.0.downsample.0.weight"] {
+        assert_eq!(tensor_to_vec(&vars[name]).unwrap(), tensor_to_vec(&donor_vars[name]).unwrap(), "{name}");
+    }
+    assert_eq!(tensor_to_vec(&vars["fc.weight"]).unwrap(), head_before, "the head stays new");
+}
+
+#[test]
+fn importing_weights_of_another_architecture_names_the_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let donor = Network::new(Architecture::Resnet18, &classes(), 32, Device::Cpu, 1);
+    let path = dir.path().join("r18.safetensors");
+    write_tensors(&path, &donor.named_tensors(), &Default::default()).unwrap();
+    let mut net = Network::new(Architecture::Resnet50, &classes(), 32, Device::Cpu, 1);
+    let msg = net.import_pretrained(&path).unwrap_err().to_string();
+    assert!(msg.contains("r18.safetensors") && msg.contains("resnet50"), "{msg}");
+}
+
+#[test]
+fn a_saved_model_loads_back_identically() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = Network::new(Architecture::EfficientnetLite0, &classes(), 32, Device::Cpu, 5);
+    let meta = ArtifactMeta { kind: ArtifactKind::Model, arch: net.arch, classes: classes(), image_size: 32, base_digest: String::new(), shard: None, class_counts: vec![] };
+    let path = dir.path().join("m.safetensors");
+    net.save(&path, &meta).unwrap();
+    let back = Network::load(&path, Device::Cpu).unwrap();
+    let x = Tensor::randn([2, 3, 32, 32], (Kind::Float, Device::Cpu));
+    let a = tensor_to_vec(&net.forward_t(&x, false)).unwrap();
+    let b = tensor_to_vec(&back.forward_t(&x, false)).unwrap();
+    assert_eq!(a, b);
+}
+
+#[test]
+fn combining_shard_moments_equals_one_pass_over_all_shards() {
+    let dir = tempfile::tempdir().unwrap();
+    synth::generate(dir.path(), 3, 8, 32, 3).unwrap();
+    let all = Dataset::open(dir.path(), None).unwrap();
+    let net = Network::new(Architecture::Resnet18, &all.classes, 32, Device::Cpu, 2);
+    // Shards of 8 images and batches of 4: the union pass sees exactly the shards' batches.
+    let shard_a = all.subset(&(0..8).collect::<Vec<_>>());
+    let shard_b = all.subset(&(8..24).collect::<Vec<_>>());
+    let parts = [collect_moments(&net, &shard_a, 4, Device::Cpu).unwrap(), collect_moments(&net, &shard_b, 4, Device::Cpu).unwrap()];
+    let combined = combine_moments(&parts);
+    let pooled = collect_moments(&net, &all, 4, Device::Cpu).unwrap();
+    assert_eq!(combined.len(), net.bns().len());
+    for (layer, (n, s, q)) in &pooled {
+        let (cn, cs, cq) = &combined[layer];
+        assert_eq!(n, cn);
+        let (m1, v1) = mean_var(*n, s, q);
+        let (m2, v2) = mean_var(*cn, cs, cq);
+        for (a, b) in m1.iter().zip(&m2).chain(v1.iter().zip(&v2)) {
+            assert!((a - b).abs() <= 1e-9 * (1.0 + a.abs()), "{layer}: {a} vs {b}");
+        }
+    }
+}

@@ -1,0 +1,114 @@
+//! A tiny MergeJob end to end on generated images (ResNet-18, random init, 32 px), plus the
+//! failure paths a user meets: a corrupt image, a missing weights file.
+
+use std::path::Path;
+
+use medmerge_trainer::pipeline::{Job, Runner};
+use medmerge_trainer::{split, synth};
+use tch::Device;
+
+fn write_job(dir: &Path, extra_spec: &str, shards: usize) -> std::path::PathBuf {
+    let data = dir.join("images");
+    synth::generate(&data, 3, 24, 32, 7).unwrap();
+    let ds = medmerge_trainer::data::Dataset::open(&data, None).unwrap();
+    let s = split::split(&ds, shards, 0.25, 1, None);
+    ds.subset(&s.test).write_manifest(&dir.join("test.csv")).unwrap();
+    let mut shard_yaml = String::new();
+    for (i, idx) in s.shards.iter().enumerate() {
+        ds.subset(idx).write_manifest(&dir.join(format!("s{i}.csv"))).unwrap();
+        shard_yaml.push_str(&format!("    - {{name: h{i}, data: {{path: s{i}.csv}}}}\n"));
+    }
+    let yaml = format!(
+        "apiVersion: medmerge.io/v1alpha1\nkind: MergeJob\nmetadata: {{name: tiny}}\nspec:\n  model: {{architecture: resnet18, weights: random, imageSize: 32}}\n  shards:\n{shard_yaml}  training: {{epochs: 2, batchSize: 8, learningRate: 0.001}}\n  evaluation: {{data: {{path: test.csv}}}}\n  storage: {{local: {{path: out}}}}\n{extra_spec}"
+    );
+    let job = dir.join("job.yaml");
+    std::fs::write(&job, yaml).unwrap();
+    job
+}
+
+#[test]
+fn a_tiny_mergejob_runs_end_to_end_and_reports_every_candidate() {
+    tch::set_num_threads(2);
+    let dir = tempfile::tempdir().unwrap();
+    let job = write_job(dir.path(), "  merge: {baselines: [paramsMean, randomVector, ties, dare, shardModels, pretrainedRestored, fullTraining]}\n", 3);
+    let report = Runner::new(Job::load(&job).unwrap(), Device::Cpu).unwrap().run().unwrap();
+    let ids: Vec<&str> = report.candidates.iter().map(|c| c.id.as_str()).collect();
+    assert_eq!(ids, ["data-vector", "params-mean", "random-vector", "ties", "dare", "shard-h0", "shard-h1", "shard-h2", "pretrained-restored", "full-training"]);
+    assert_eq!(report.test_images, 18);
+    for c in &report.candidates {
+        assert!((0.0..=1.0).contains(&c.metrics.accuracy));
+        assert_eq!(c.metrics.confusion.iter().flatten().sum::<u64>(), 18);
+    }
+    assert!(!report.similarity.is_empty() && report.similarity.iter().all(|s| s.with_full_training.is_some()));
+    let run = dir.path().join("out/runs/local/tiny/g1");
+    assert!(run.join("eval/report.md").exists());
+    assert!(run.join("restore/data-vector/h0/bn-stats.safetensors").exists());
+
+    // Running again finds everything done and redoes nothing.
+    let vector = run.join("shards/h0/vector.safetensors");
+    let before = std::fs::metadata(&vector).unwrap().modified().unwrap();
+    Runner::new(Job::load(&job).unwrap(), Device::Cpu).unwrap().run().unwrap();
+    assert_eq!(std::fs::metadata(&vector).unwrap().modified().unwrap(), before);
+}
+
+#[test]
+fn finetune_epoch_restoration_chains_through_every_shard() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = write_job(dir.path(), "  restore: {mode: finetuneEpoch}\n  merge: {baselines: []}\n", 2);
+    let report = Runner::new(Job::load(&job).unwrap(), Device::Cpu).unwrap().run().unwrap();
+    assert_eq!(report.candidates.len(), 1);
+    let run = dir.path().join("out/runs/local/tiny/g1");
+    assert!(run.join("restore/data-vector/h0/model.safetensors").exists());
+    assert!(run.join("restore/data-vector/h1/model.safetensors").exists());
+}
+
+#[test]
+fn a_corrupt_image_fails_its_shard_by_name_and_keeps_earlier_artifacts() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = write_job(dir.path(), "  merge: {baselines: []}\n", 2);
+    let manifest = std::fs::read_to_string(dir.path().join("s1.csv")).unwrap();
+    let victim = manifest.lines().nth(1).unwrap().rsplit_once(',').unwrap().0.to_string();
+    std::fs::write(&victim, b"this is not a png").unwrap();
+    let err = Runner::new(Job::load(&job).unwrap(), Device::Cpu).unwrap().run().unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(msg.contains("finetune-h1") && msg.contains(&victim), "{msg}");
+    let run = dir.path().join("out/runs/local/tiny/g1");
+    assert!(run.join("base/model.safetensors").exists());
+    assert!(run.join("shards/h0/vector.safetensors").exists(), "the healthy shard's vector survives");
+    assert!(!run.join("shards/h1/vector.safetensors").exists(), "no vector for the failed shard");
+    let leftovers: Vec<_> = walk(&run).into_iter().filter(|p| p.to_string_lossy().contains(".tmp-")).collect();
+    assert!(leftovers.is_empty(), "temporary files left behind: {leftovers:?}");
+}
+
+#[test]
+fn an_invalid_job_lists_every_bad_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = write_job(dir.path(), "  merge: {lambda: 9}\n", 2);
+    let text = std::fs::read_to_string(&job).unwrap().replace("batchSize: 8", "batchSize: 0");
+    std::fs::write(&job, text).unwrap();
+    let msg = format!("{:#}", Job::load(&job).err().unwrap());
+    assert!(msg.contains("spec.merge.lambda") && msg.contains("spec.training.batchSize") && msg.contains("job.yaml"), "{msg}");
+}
+
+#[test]
+fn missing_imagenet_weights_are_named_with_a_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = write_job(dir.path(), "  merge: {baselines: []}\n", 2);
+    let text = std::fs::read_to_string(&job).unwrap().replace("architecture: resnet18, weights: random", "architecture: resnet18, weights: file, weightsPath: nowhere.safetensors");
+    std::fs::write(&job, text).unwrap();
+    let msg = format!("{:#}", Runner::new(Job::load(&job).unwrap(), Device::Cpu).unwrap().run().unwrap_err());
+    assert!(msg.contains("nowhere.safetensors") && msg.contains("does not exist"), "{msg}");
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}

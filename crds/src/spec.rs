@@ -31,7 +31,7 @@ pub struct MergeJobSpec {
     pub model: ModelSpec,
     /// The hospitals taking part. Each fine-tunes on its own data, or supplies a pre-computed
     /// vector. Names must be unique DNS labels.
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub shards: Vec<ShardSpec>,
     /// How each shard fine-tunes.
     #[serde(default)]

@@ -89,6 +89,10 @@ pub enum Architecture {
     Resnet34,
     /// ResNet-50 (torchvision layout), the paper's model.
     Resnet50,
+    /// EfficientNet-B0 (torchvision layout).
+    EfficientnetB0,
+    /// MobileNetV2 (torchvision layout).
+    MobilenetV2,
 }
 
 impl Architecture {
@@ -99,12 +103,14 @@ impl Architecture {
             Architecture::Resnet18 => "resnet18",
             Architecture::Resnet34 => "resnet34",
             Architecture::Resnet50 => "resnet50",
+            Architecture::EfficientnetB0 => "efficientnet-b0",
+            Architecture::MobilenetV2 => "mobilenet-v2",
         }
     }
 
     /// Parses the kebab-case name.
     pub fn parse(name: &str) -> Option<Self> {
-        [Self::EfficientnetLite0, Self::Resnet18, Self::Resnet34, Self::Resnet50]
+        [Self::EfficientnetLite0, Self::Resnet18, Self::Resnet34, Self::Resnet50, Self::EfficientnetB0, Self::MobilenetV2]
             .into_iter()
             .find(|a| a.as_str() == name)
     }

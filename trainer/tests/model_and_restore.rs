@@ -83,3 +83,34 @@ fn combining_shard_moments_equals_one_pass_over_all_shards() {
         }
     }
 }
+
+#[test]
+fn architectures_have_torchvision_parameter_counts() {
+    let imagenet: Vec<String> = (0..1000).map(|i| i.to_string()).collect();
+    let cases = [
+        (Architecture::Resnet18, 11_689_512i64),
+        (Architecture::Resnet50, 25_557_032),
+        (Architecture::MobilenetV2, 3_504_872),
+        (Architecture::EfficientnetB0, 5_288_548),
+        (Architecture::EfficientnetLite0, 4_652_008),
+    ];
+    for (arch, expected) in cases {
+        let net = Network::new(arch, &imagenet, 64, Device::Cpu, 0);
+        let params: i64 = net.vs.trainable_variables().iter().map(|t| t.numel() as i64).sum();
+        assert_eq!(params, expected, "{}", arch.as_str());
+        let out = net.forward_t(&Tensor::zeros([1, 3, 64, 64], (Kind::Float, Device::Cpu)), false);
+        assert_eq!(out.size(), vec![1, 1000]);
+    }
+}
+
+#[test]
+fn the_shipped_imagenet_lite0_checkpoint_imports_completely() {
+    // Installed by scripts/setup-torch.sh, which `make test` runs first.
+    let path = medmerge_trainer::model::builtin_weights_path();
+    let mut net = Network::new(Architecture::EfficientnetLite0, &classes(), 64, Device::Cpu, 0);
+    net.import_pretrained(&path).unwrap_or_else(|e| panic!("{e}"));
+    let file = medmerge_trainer::st::MappedFile::open(&path).unwrap();
+    let stem = file.f32("_conv_stem.weight").unwrap();
+    assert_eq!(tensor_to_vec(&net.vs.variables()["_conv_stem.weight"]).unwrap(), stem);
+    assert_eq!(file.tensors().filter(|t| !t.name.starts_with("_fc.")).count(), net.named_tensors().len() - 2);
+}

@@ -2,6 +2,7 @@
 
 mod bn;
 mod efficientnet;
+mod mobile;
 mod resnet;
 
 use std::collections::BTreeMap;
@@ -47,6 +48,7 @@ pub enum ModelError {
 enum Body {
     EfficientNetLite(efficientnet::EfficientNetLite),
     ResNet(resnet::ResNet),
+    Mobile(mobile::TorchvisionMobile),
 }
 
 /// A classifier: its variables, its forward pass and its batch-norm layers.
@@ -76,6 +78,8 @@ impl Network {
             Architecture::Resnet18 => Body::ResNet(resnet::ResNet::new(&root, [2, 2, 2, 2], false, n, &mut bns)),
             Architecture::Resnet34 => Body::ResNet(resnet::ResNet::new(&root, [3, 4, 6, 3], false, n, &mut bns)),
             Architecture::Resnet50 => Body::ResNet(resnet::ResNet::new(&root, [3, 4, 6, 3], true, n, &mut bns)),
+            Architecture::EfficientnetB0 => Body::Mobile(mobile::TorchvisionMobile::efficientnet_b0(&root, n, &mut bns)),
+            Architecture::MobilenetV2 => Body::Mobile(mobile::TorchvisionMobile::mobilenet_v2(&root, n, &mut bns)),
         };
         Network { vs, arch, classes: classes.to_vec(), image_size, body, bns }
     }
@@ -94,6 +98,7 @@ impl Network {
         match &self.body {
             Body::EfficientNetLite(m) => m.forward_t(x, train),
             Body::ResNet(m) => m.forward_t(x, train),
+            Body::Mobile(m) => m.forward_t(x, train),
         }
     }
 
@@ -173,6 +178,7 @@ pub fn head_prefix(arch: Architecture) -> &'static str {
     match arch {
         Architecture::EfficientnetLite0 => "_fc.",
         Architecture::Resnet18 | Architecture::Resnet34 | Architecture::Resnet50 => "fc.",
+        Architecture::EfficientnetB0 | Architecture::MobilenetV2 => "classifier.",
     }
 }
 

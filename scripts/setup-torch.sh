@@ -6,6 +6,10 @@ CACHE="${MEDMERGE_CACHE:-$HOME/.cache/medmerge}"
 VENV="$CACHE/venv"
 TORCH_VERSION=2.13.0
 mkdir -p "$CACHE"
+# Plots are labelled with DejaVu Sans.
+if [ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] && [ -z "${MEDMERGE_FONT:-}" ] && command -v apt-get >/dev/null; then
+  (apt-get update -qq && apt-get install -y -qq fonts-dejavu-core) >&2
+fi
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi

@@ -8,6 +8,7 @@ pub mod merge;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;
+pub mod plots;
 pub mod report;
 pub mod restore;
 pub mod split;

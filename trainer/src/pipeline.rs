@@ -230,6 +230,8 @@ impl Runner {
             }
             Stage::Evaluate => {
                 let report = self.evaluate_all()?;
+                let eval_dir = self.path(&l.eval_metrics()).parent().map(Path::to_path_buf).unwrap_or_default();
+                crate::plots::write_all(&report, &eval_dir)?;
                 write_atomic(&self.path(&l.eval_report()), report.to_markdown().as_bytes())?;
                 write_atomic(&self.path(&l.eval_metrics()), &serde_json::to_vec_pretty(&report)?)?;
             }
@@ -290,7 +292,9 @@ impl Runner {
         let full = full.exists().then(|| MappedFile::open(&full)).transpose()?;
         let head = crate::model::head_prefix(self.job.spec().model.architecture);
         let mut out = Vec::new();
-        for t in base.tensors().filter(|t| t.shape.len() >= 2 && !t.name.starts_with(head)) {
+        let mut weights: Vec<_> = base.tensors().filter(|t| t.shape.len() >= 2 && !t.name.starts_with(head)).collect();
+        weights.sort_by_key(|t| forward_order_key(&t.name));
+        for t in weights {
             let taus: Vec<Vec<f32>> = vectors.iter().map(|v| v.f32(&t.name)).collect::<Result<_, _>>()?;
             let mut pairs = Vec::new();
             for i in 0..taus.len() {
@@ -329,4 +333,30 @@ pub fn init_base(m: &ModelSpec, classes: &[String], device: Device, weights_path
         WeightsSource::File => net.import_pretrained(&weights_path.unwrap_or_default())?,
     }
     Ok(net)
+}
+
+/// Sort key that puts tensor names in (approximate) forward order: numbers compare as numbers
+/// (`_blocks.10` after `_blocks.9`), stems first and final convolutions last.
+pub fn forward_order_key(name: &str) -> (u8, Vec<(u64, String)>) {
+    let rank = if name.contains("stem") {
+        0
+    } else if name.starts_with("_conv_head") || name.starts_with("_bn1") {
+        2
+    } else {
+        1
+    };
+    let parts = name.split('.').map(|p| p.parse::<u64>().map_or((u64::MAX, p.to_string()), |n| (n, String::new()))).collect();
+    (rank, parts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::forward_order_key;
+
+    #[test]
+    fn tensors_sort_in_forward_order() {
+        let mut names = vec!["_conv_head.weight", "_blocks.10._project_conv.weight", "_blocks.9._project_conv.weight", "_conv_stem.weight", "features.18.0.weight", "features.2.conv.0.0.weight"];
+        names.sort_by_key(|n| forward_order_key(n));
+        assert_eq!(names, vec!["_conv_stem.weight", "_blocks.9._project_conv.weight", "_blocks.10._project_conv.weight", "features.2.conv.0.0.weight", "features.18.0.weight", "_conv_head.weight"]);
+    }
 }

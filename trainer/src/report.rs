@@ -56,6 +56,7 @@ impl EvalReport {
     pub fn to_markdown(&self) -> String {
         let mut md = format!("# medmerge results: {}\n\nRun `{}`, {} held-out images, classes: {}.\n\n", self.job, self.run, self.test_images, self.classes.join(", "));
         md.push_str(&self.table());
+        md.push_str("\n![accuracy per model](results.png)\n");
         let p = self.primary();
         md.push_str(&format!("\n## Per class ({})\n\n| class | recall | specificity | F1 | AUROC |\n|---|---|---|---|---|\n", p.id));
         for (i, c) in self.classes.iter().enumerate() {
@@ -63,7 +64,7 @@ impl EvalReport {
             let auc = m.auroc[i].map_or("n/a".into(), |a| format!("{a:.3}"));
             md.push_str(&format!("| {c} | {:.3} | {:.3} | {:.3} | {auc} |\n", m.recall[i], m.specificity[i], m.f1[i]));
         }
-        md.push_str("\nConfusion matrix (rows: true class, columns: predicted):\n\n");
+        md.push_str("\nConfusion matrix (rows: true class, columns: predicted), also in confusion.png:\n\n");
         for (c, row) in self.classes.iter().zip(&p.metrics.confusion) {
             md.push_str(&format!("- {c}: {:?}\n", row));
         }
@@ -74,7 +75,7 @@ impl EvalReport {
             if !full.is_empty() {
                 md.push_str(&format!("; with the full-training vector: {:.3}", full.iter().sum::<f64>() / full.len() as f64));
             }
-            md.push_str(". Per-layer values are in metrics.json.\n");
+            md.push_str(". Per-layer values are in metrics.json.\n\n![per-layer cosine similarity](similarity.png)\n");
         }
         md
     }

@@ -42,6 +42,10 @@ fn a_tiny_mergejob_runs_end_to_end_and_reports_every_candidate() {
     assert!(!report.similarity.is_empty() && report.similarity.iter().all(|s| s.with_full_training.is_some()));
     let run = dir.path().join("out/runs/local/tiny/g1");
     assert!(run.join("eval/report.md").exists());
+    for plot in ["results.png", "confusion.png", "similarity.png"] {
+        let bytes = std::fs::read(run.join("eval").join(plot)).unwrap();
+        assert_eq!(&bytes[1..4], b"PNG", "{plot} is a PNG");
+    }
     assert!(run.join("restore/data-vector/h0/bn-stats.safetensors").exists());
 
     // Running again finds everything done and redoes nothing.

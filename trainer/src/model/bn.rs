@@ -42,11 +42,12 @@ impl Bn {
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
         let mut guard = self.collector.lock().expect("collector lock");
         if let Some(m) = guard.as_mut() {
-            let xd = x.detach().to_kind(Kind::Double);
+            // Sums accumulate in f64 without a full f64 copy of the activations.
+            let xd = x.detach();
             let dims = [0i64, 2, 3];
             m.count += (x.size()[0] * x.size()[2] * x.size()[3]) as f64;
             m.sum += xd.sum_dim_intlist(dims.as_slice(), false, Kind::Double);
-            m.sum_sq += (&xd * &xd).sum_dim_intlist(dims.as_slice(), false, Kind::Double);
+            m.sum_sq += xd.square().sum_dim_intlist(dims.as_slice(), false, Kind::Double);
             return Tensor::batch_norm(
                 x,
                 self.inner.ws.as_ref(),

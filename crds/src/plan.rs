@@ -238,7 +238,7 @@ mod tests {
 
     fn spec(shards: &[(&str, bool)], mode: RestoreMode, baselines: Vec<Baseline>) -> MergeJobSpec {
         MergeJobSpec {
-            model: ModelSpec { architecture: Architecture::Resnet18, weights: WeightsSource::Random, weights_path: None, classes: vec![], image_size: 32, seed: 1 },
+            model: ModelSpec { architecture: Architecture::Resnet18, weights: WeightsSource::Random, weights_path: None, classes: vec![], image_size: 32, seed: 1, multi_label: false },
             shards: shards
                 .iter()
                 .map(|(n, external)| ShardSpec {

@@ -74,6 +74,10 @@ pub struct ModelSpec {
     /// Seed for random initialisation of new layers (heads, or everything when weights=random).
     #[serde(default = "default_seed")]
     pub seed: u64,
+    /// Each image may carry several labels (RFMiD-style wide manifests: `path,<class>,...` with
+    /// 0/1 columns): trains with binary cross-entropy and reports per-label AUROC.
+    #[serde(default)]
+    pub multi_label: bool,
 }
 
 /// Supported classifier architectures.

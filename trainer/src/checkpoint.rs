@@ -59,6 +59,8 @@ pub struct ArtifactMeta {
     pub shard: Option<String>,
     /// Training images per class behind it (vectors).
     pub class_counts: Vec<u64>,
+    /// Multi-label model (sigmoid per class) rather than one class per image (softmax).
+    pub multi_label: bool,
 }
 
 impl ArtifactMeta {
@@ -82,6 +84,9 @@ impl ArtifactMeta {
         }
         m.insert("class_counts".into(), serde_json::to_string(&self.class_counts).expect("ints serialise"));
         m.insert("samples".into(), self.samples().to_string());
+        if self.multi_label {
+            m.insert("multi_label".into(), "true".into());
+        }
         m
     }
 
@@ -101,6 +106,7 @@ impl ArtifactMeta {
             base_digest: map.get("base_digest").cloned().ok_or_else(|| field("base_digest"))?,
             shard: map.get("shard").cloned(),
             class_counts: map.get("class_counts").and_then(|c| serde_json::from_str(c).ok()).unwrap_or_default(),
+            multi_label: map.get("multi_label").is_some_and(|v| v == "true"),
         })
     }
 }

@@ -3,7 +3,7 @@
 use tch::{Device, Kind};
 
 use crate::data::{BatchLoader, Dataset};
-use crate::metrics::{classification_metrics, Metrics};
+use crate::metrics::{classification_metrics, multilabel_metrics, Metrics};
 use crate::model::{tensor_to_vec, Network};
 use crate::train::TrainError;
 
@@ -14,7 +14,8 @@ pub fn predict(net: &Network, data: &Dataset, batch_size: usize, device: Device)
     let mut out = Vec::with_capacity(data.samples.len());
     for b in BatchLoader::new(data, order, batch_size, net.image_size, None, 0, device) {
         let b = b?;
-        let probs = tch::no_grad(|| net.forward_t(&b.images, false).softmax(-1, Kind::Float));
+        let logits = tch::no_grad(|| net.forward_t(&b.images, false));
+        let probs = if net.multi_label { logits.sigmoid() } else { logits.softmax(-1, Kind::Float) };
         out.extend(tensor_to_vec(&probs)?.chunks(k).map(<[f32]>::to_vec));
     }
     Ok(out)
@@ -23,6 +24,10 @@ pub fn predict(net: &Network, data: &Dataset, batch_size: usize, device: Device)
 /// Metrics of `net` on `data`.
 pub fn evaluate(net: &Network, data: &Dataset, batch_size: usize, device: Device) -> Result<Metrics, TrainError> {
     let probs = predict(net, data, batch_size, device)?;
+    if data.multi_label {
+        let targets: Vec<Vec<u8>> = data.samples.iter().map(|s| s.targets.clone()).collect();
+        return Ok(multilabel_metrics(&probs, &targets, net.classes.len()));
+    }
     let labels: Vec<usize> = data.samples.iter().map(|s| s.label).collect();
     Ok(classification_metrics(&probs, &labels, net.classes.len()))
 }

@@ -160,6 +160,9 @@ struct InitArgs {
     /// Seed for new layers.
     #[arg(long, default_value_t = 3315)]
     seed: u64,
+    /// Multi-label model (sigmoid per class, binary cross-entropy).
+    #[arg(long)]
+    multi_label: bool,
     /// Output base model.
     #[arg(long)]
     out: PathBuf,
@@ -338,9 +341,9 @@ fn main() -> anyhow::Result<()> {
                 "random" => (WeightsSource::Random, None),
                 path => (WeightsSource::File, Some(path.to_string())),
             };
-            let model = ModelSpec { architecture: arch, weights, weights_path: weights_path.clone(), classes: classes.clone(), image_size: a.image_size, seed: a.seed };
+            let model = ModelSpec { architecture: arch, weights, weights_path: weights_path.clone(), classes: classes.clone(), image_size: a.image_size, seed: a.seed, multi_label: a.multi_label };
             let net = init_base(&model, &classes, dev, weights_path.map(PathBuf::from))?;
-            let meta = ArtifactMeta { kind: ArtifactKind::Model, arch, classes, image_size: a.image_size, base_digest: String::new(), shard: None, class_counts: vec![] };
+            let meta = ArtifactMeta { kind: ArtifactKind::Model, arch, classes, image_size: a.image_size, base_digest: String::new(), shard: None, class_counts: vec![], multi_label: a.multi_label };
             net.save(&a.out, &meta)?;
             println!("base model written to {}", a.out.display());
         }
@@ -423,7 +426,7 @@ fn main() -> anyhow::Result<()> {
         Command::Predict { model, input, out } => {
             let net = Network::load(&model, dev)?;
             let ds = if input.is_file() && input.extension().is_some_and(|e| e != "csv") {
-                Dataset { source: input.clone(), classes: net.classes.clone(), samples: vec![medmerge_trainer::data::Sample { path: input.clone(), label: 0 }] }
+                Dataset { source: input.clone(), classes: net.classes.clone(), samples: vec![medmerge_trainer::data::Sample { path: input.clone(), label: 0, targets: vec![] }], multi_label: false }
             } else if input.is_dir() {
                 unlabelled_folder(&input, &net.classes)?
             } else {
@@ -433,7 +436,12 @@ fn main() -> anyhow::Result<()> {
             let mut csv = format!("image,predicted,{}\n", net.classes.iter().map(|c| format!("p_{c}")).collect::<Vec<_>>().join(","));
             for (s, p) in ds.samples.iter().zip(&probs) {
                 let ps: Vec<String> = p.iter().map(|v| format!("{v:.6}")).collect();
-                csv.push_str(&format!("{},{},{}\n", s.path.display(), net.classes[argmax(p)], ps.join(",")));
+                let predicted = if net.multi_label {
+                    net.classes.iter().zip(p).filter(|(_, &v)| v >= 0.5).map(|(c, _)| c.as_str()).collect::<Vec<_>>().join("|")
+                } else {
+                    net.classes[argmax(p)].clone()
+                };
+                csv.push_str(&format!("{},{predicted},{}\n", s.path.display(), ps.join(",")));
             }
             match out {
                 Some(o) => write_atomic(&o, csv.as_bytes())?,
@@ -474,11 +482,11 @@ fn unlabelled_folder(dir: &std::path::Path, classes: &[String]) -> anyhow::Resul
             if p.is_dir() {
                 stack.push(p);
             } else if p.extension().and_then(|x| x.to_str()).is_some_and(|x| matches!(x.to_ascii_lowercase().as_str(), "jpg" | "jpeg" | "png")) {
-                samples.push(medmerge_trainer::data::Sample { path: p, label: 0 });
+                samples.push(medmerge_trainer::data::Sample { path: p, label: 0, targets: vec![] });
             }
         }
     }
     samples.sort_by(|a, b| a.path.cmp(&b.path));
     anyhow::ensure!(!samples.is_empty(), "no images found in {}", dir.display());
-    Ok(Dataset { source: dir.into(), classes: classes.to_vec(), samples })
+    Ok(Dataset { source: dir.into(), classes: classes.to_vec(), samples, multi_label: false })
 }

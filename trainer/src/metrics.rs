@@ -84,6 +84,50 @@ pub fn classification_metrics(probs: &[Vec<f32>], labels: &[usize], classes: usi
     }
 }
 
+/// Multi-label metrics: every class is a separate yes/no question at threshold 0.5. `accuracy`
+/// is the mean per-label accuracy, `balancedAccuracy` the mean of (recall + specificity) / 2,
+/// `macroF1` and `macroAuroc` per-label means; there is no confusion matrix.
+pub fn multilabel_metrics(probs: &[Vec<f32>], targets: &[Vec<u8>], classes: usize) -> Metrics {
+    let mut recall = Vec::new();
+    let mut specificity = Vec::new();
+    let mut f1 = Vec::new();
+    let mut auroc = Vec::new();
+    let mut accuracy = Vec::new();
+    for c in 0..classes {
+        let (mut tp, mut fp, mut fn_, mut tn) = (0u64, 0u64, 0u64, 0u64);
+        for (p, t) in probs.iter().zip(targets) {
+            match (p[c] >= 0.5, t[c] == 1) {
+                (true, true) => tp += 1,
+                (true, false) => fp += 1,
+                (false, true) => fn_ += 1,
+                (false, false) => tn += 1,
+            }
+        }
+        recall.push(ratio(tp, tp + fn_));
+        specificity.push(ratio(tn, tn + fp));
+        f1.push(ratio(2 * tp, 2 * tp + fp + fn_));
+        accuracy.push(ratio(tp + tn, tp + tn + fp + fn_));
+        let scores: Vec<f32> = probs.iter().map(|p| p[c]).collect();
+        let positive: Vec<bool> = targets.iter().map(|t| t[c] == 1).collect();
+        auroc.push(binary_auroc(&scores, &positive));
+    }
+    let mean = |v: &[f64]| if v.is_empty() { 0.0 } else { v.iter().sum::<f64>() / v.len() as f64 };
+    let balanced: Vec<f64> = recall.iter().zip(&specificity).map(|(r, s)| (r + s) / 2.0).collect();
+    let defined: Vec<f64> = auroc.iter().flatten().copied().collect();
+    Metrics {
+        accuracy: mean(&accuracy),
+        balanced_accuracy: mean(&balanced),
+        macro_f1: mean(&f1),
+        macro_auroc: (!defined.is_empty()).then(|| mean(&defined)),
+        recall,
+        specificity,
+        f1,
+        auroc,
+        confusion: vec![],
+        n: targets.len(),
+    }
+}
+
 /// Area under the ROC curve by the rank statistic (ties count one half). None without both
 /// positives and negatives.
 pub fn binary_auroc(scores: &[f32], positive: &[bool]) -> Option<f64> {
@@ -159,6 +203,20 @@ mod tests {
         assert!(close(m.specificity[1], 0.75));
         // class 0 AUROC: positives scores .8 .6 .3, negatives .1 .2 .1 -> every pair ordered -> 1
         assert_eq!(m.auroc[0], Some(1.0));
+    }
+
+    #[test]
+    fn multilabel_metrics_treat_each_label_separately() {
+        // label 0: scores .9 .2 .7 for targets 1 0 0 -> tp1 fp1 tn1; AUROC: .9 beats .2 and .7 -> 1
+        // label 1: scores .1 .8 .6 for targets 0 1 1 -> tp2 tn1; AUROC 1
+        let probs = vec![vec![0.9, 0.1], vec![0.2, 0.8], vec![0.7, 0.6]];
+        let targets = vec![vec![1, 0], vec![0, 1], vec![0, 1]];
+        let m = multilabel_metrics(&probs, &targets, 2);
+        assert!(close(m.accuracy, (2.0 / 3.0 + 1.0) / 2.0));
+        assert!(close(m.f1[0], 2.0 / 3.0) && close(m.f1[1], 1.0));
+        assert!(close(m.specificity[0], 0.5));
+        assert_eq!(m.auroc, vec![Some(1.0), Some(1.0)]);
+        assert!(m.confusion.is_empty());
     }
 
     #[test]

@@ -149,6 +149,7 @@ impl Runner {
                     base_digest: String::new(),
                     shard: None,
                     class_counts: vec![],
+                    multi_label: spec.model.multi_label,
                 };
                 net.save(&self.path(&l.base()), &meta)?;
             }

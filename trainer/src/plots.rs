@@ -47,12 +47,16 @@ fn draw_err(path: &Path) -> impl Fn(String) -> PlotError + '_ {
 pub fn write_all(report: &EvalReport, dir: &Path) -> Result<Vec<PathBuf>, PlotError> {
     ensure_font()?;
     std::fs::create_dir_all(dir).map_err(|x| draw_err(dir)(x.to_string()))?;
-    let mut written = vec![dir.join("results.png"), dir.join("confusion.png")];
+    let mut written = vec![dir.join("results.png")];
     results(report, &written[0])?;
-    confusion(report, &written[1])?;
+    // Multi-label evaluations have no confusion matrix.
+    if !report.primary().metrics.confusion.is_empty() {
+        written.push(dir.join("confusion.png"));
+        confusion(report, &dir.join("confusion.png"))?;
+    }
     if !report.similarity.is_empty() {
         written.push(dir.join("similarity.png"));
-        similarity(report, &written[2])?;
+        similarity(report, &dir.join("similarity.png"))?;
     }
     Ok(written)
 }

@@ -64,9 +64,11 @@ impl EvalReport {
             let auc = m.auroc[i].map_or("n/a".into(), |a| format!("{a:.3}"));
             md.push_str(&format!("| {c} | {:.3} | {:.3} | {:.3} | {auc} |\n", m.recall[i], m.specificity[i], m.f1[i]));
         }
-        md.push_str("\nConfusion matrix (rows: true class, columns: predicted), also in confusion.png:\n\n");
-        for (c, row) in self.classes.iter().zip(&p.metrics.confusion) {
-            md.push_str(&format!("- {c}: {:?}\n", row));
+        if !p.metrics.confusion.is_empty() {
+            md.push_str("\nConfusion matrix (rows: true class, columns: predicted), also in confusion.png:\n\n");
+            for (c, row) in self.classes.iter().zip(&p.metrics.confusion) {
+                md.push_str(&format!("- {c}: {:?}\n", row));
+            }
         }
         if !self.similarity.is_empty() {
             let mean = self.similarity.iter().map(|s| s.between_shards).sum::<f64>() / self.similarity.len() as f64;

@@ -73,8 +73,8 @@ mod tests {
     use crate::data::Sample;
 
     fn data(per_class: usize) -> Dataset {
-        let samples = (0..3 * per_class).map(|i| Sample { path: format!("{i}.png").into(), label: i % 3 }).collect();
-        Dataset { source: "x".into(), classes: vec!["a".into(), "b".into(), "c".into()], samples }
+        let samples = (0..3 * per_class).map(|i| Sample { path: format!("{i}.png").into(), label: i % 3, targets: vec![] }).collect();
+        Dataset { source: "x".into(), classes: vec!["a".into(), "b".into(), "c".into()], samples, multi_label: false }
     }
 
     fn check_partition(s: &Split, n: usize) {

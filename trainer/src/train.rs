@@ -13,8 +13,6 @@ use tch::{nn, Device, Kind, Reduction, Tensor};
 use tracing::{info, info_span};
 
 use crate::data::{BatchLoader, DataError, Dataset};
-use crate::evaluate::predict;
-use crate::metrics::argmax;
 use crate::model::Network;
 
 /// Errors while training.
@@ -64,6 +62,11 @@ pub fn class_weights(counts: &[u64]) -> Vec<f32> {
     counts.iter().map(|&c| if c == 0 { 0.0 } else { (n as f64 / (k * c as f64)) as f32 }).collect()
 }
 
+/// Multi-label positive weights `negatives / positives` per class (1 for absent classes).
+pub fn positive_weights(positives: &[u64], n: u64) -> Vec<f32> {
+    positives.iter().map(|&p| if p == 0 { 1.0 } else { (n - p) as f32 / p as f32 }).collect()
+}
+
 /// Learning rate at `step` of `total`.
 pub fn learning_rate(schedule: Schedule, peak: f64, step: usize, total: usize) -> f64 {
     match schedule {
@@ -83,7 +86,10 @@ pub fn train(net: &mut Network, data: &Dataset, spec: &TrainingSpec, device: Dev
     let train_idx: Vec<usize> = all[n_val..].to_vec();
     let train_set = data.subset(&train_idx);
     let counts = train_set.class_counts();
-    let weights = spec.class_weighting.then(|| Tensor::from_slice(&class_weights(&counts)).to_device(device));
+    let weights = spec.class_weighting.then(|| {
+        let w = if data.multi_label { positive_weights(&counts, train_set.samples.len() as u64) } else { class_weights(&counts) };
+        Tensor::from_slice(&w).to_device(device)
+    });
 
     let mut opt = match spec.optimizer {
         Optimizer::Adam => nn::Adam { wd: spec.weight_decay, ..Default::default() }.build(&net.vs, spec.learning_rate)?,
@@ -108,11 +114,18 @@ pub fn train(net: &mut Network, data: &Dataset, spec: &TrainingSpec, device: Dev
             let b = b?;
             opt.set_lr(learning_rate(spec.schedule, spec.learning_rate, step, total_steps));
             let logits = net.forward_t(&b.images, true);
-            let loss = logits.f_cross_entropy_loss(&b.labels, weights.as_ref(), Reduction::Mean, -100, 0.0)?;
-            opt.backward_step(&loss);
             let n = b.indices.len();
+            let loss = match &b.targets {
+                Some(t) => logits.f_binary_cross_entropy_with_logits(t, None::<&Tensor>, weights.as_ref(), Reduction::Mean)?,
+                None => logits.f_cross_entropy_loss(&b.labels, weights.as_ref(), Reduction::Mean, -100, 0.0)?,
+            };
+            opt.backward_step(&loss);
             loss_sum += loss.double_value(&[]) * n as f64;
-            correct += logits.argmax(-1, false).eq_tensor(&b.labels).to_kind(Kind::Int64).sum(Kind::Int64).int64_value(&[]) as usize;
+            correct += match &b.targets {
+                // Multi-label: count images whose every label is right at threshold 0.5.
+                Some(t) => logits.ge(0.0).to_kind(Kind::Float).eq_tensor(t).all_dim(-1, false).to_kind(Kind::Int64).sum(Kind::Int64).int64_value(&[]) as usize,
+                None => logits.argmax(-1, false).eq_tensor(&b.labels).to_kind(Kind::Int64).sum(Kind::Int64).int64_value(&[]) as usize,
+            };
             seen += n;
             step += 1;
             if let Some(bar) = &bar {
@@ -126,9 +139,7 @@ pub fn train(net: &mut Network, data: &Dataset, spec: &TrainingSpec, device: Dev
         let validation_accuracy = if val.samples.is_empty() {
             None
         } else {
-            let probs = predict(net, &val, batch, device)?;
-            let ok = probs.iter().zip(&val.samples).filter(|(p, s)| argmax(p) == s.label).count();
-            Some(ok as f64 / val.samples.len() as f64)
+            Some(crate::evaluate::evaluate(net, &val, batch, device)?.accuracy)
         };
         let log = EpochLog {
             epoch,

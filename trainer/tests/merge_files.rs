@@ -18,6 +18,7 @@ fn meta(kind: ArtifactKind, digest: &str, classes: &[&str], counts: Vec<u64>) ->
         base_digest: digest.into(),
         shard: None,
         class_counts: counts,
+        multi_label: false,
     }
 }
 

@@ -50,7 +50,7 @@ fn importing_weights_of_another_architecture_names_the_tensor() {
 fn a_saved_model_loads_back_identically() {
     let dir = tempfile::tempdir().unwrap();
     let net = Network::new(Architecture::EfficientnetLite0, &classes(), 32, Device::Cpu, 5);
-    let meta = ArtifactMeta { kind: ArtifactKind::Model, arch: net.arch, classes: classes(), image_size: 32, base_digest: String::new(), shard: None, class_counts: vec![] };
+    let meta = ArtifactMeta { kind: ArtifactKind::Model, arch: net.arch, classes: classes(), image_size: 32, base_digest: String::new(), shard: None, class_counts: vec![], multi_label: false };
     let path = dir.path().join("m.safetensors");
     net.save(&path, &meta).unwrap();
     let back = Network::load(&path, Device::Cpu).unwrap();

@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use medmerge_trainer::model::Network;
 use medmerge_trainer::pipeline::{Job, Runner};
 use medmerge_trainer::{split, synth};
 use tch::Device;
@@ -115,4 +116,28 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
         }
     }
     out
+}
+
+#[test]
+fn a_multi_label_mergejob_trains_with_bce_and_reports_per_label_auroc() {
+    let dir = tempfile::tempdir().unwrap();
+    synth::generate(&dir.path().join("images"), 3, 16, 32, 5).unwrap();
+    let ds = medmerge_trainer::data::Dataset::open(&dir.path().join("images"), None).unwrap();
+    // Two labels per image from the shape classes (disc, square, stripes): round, striped.
+    let row = |s: &medmerge_trainer::data::Sample| format!("{},{},{}\n", s.path.display(), (s.label == 0) as u8, (s.label == 2) as u8);
+    let (train, test): (Vec<_>, Vec<_>) = ds.samples.iter().enumerate().partition(|(i, _)| i % 4 != 0);
+    for (name, part) in [("s0.csv", &train[..train.len() / 2]), ("s1.csv", &train[train.len() / 2..]), ("test.csv", &test[..])] {
+        let body: String = part.iter().map(|(_, s)| row(s)).collect();
+        std::fs::write(dir.path().join(name), format!("path,round,striped\n{body}")).unwrap();
+    }
+    let yaml = "apiVersion: medmerge.io/v1alpha1\nkind: MergeJob\nmetadata: {name: ml}\nspec:\n  model: {architecture: resnet18, weights: random, imageSize: 32, multiLabel: true}\n  shards:\n    - {name: a, data: {path: s0.csv}}\n    - {name: b, data: {path: s1.csv}}\n  training: {epochs: 1, batchSize: 8, learningRate: 0.001}\n  merge: {baselines: [shardModels]}\n  evaluation: {data: {path: test.csv}}\n  storage: {local: {path: out}}\n";
+    std::fs::write(dir.path().join("job.yaml"), yaml).unwrap();
+    let report = Runner::new(Job::load(&dir.path().join("job.yaml")).unwrap(), Device::Cpu).unwrap().run().unwrap();
+    assert_eq!(report.classes, vec!["round", "striped"]);
+    let m = &report.primary().metrics;
+    assert!(m.confusion.is_empty());
+    assert_eq!(m.auroc.len(), 2);
+    assert!(m.auroc.iter().all(|a| a.is_some_and(|v| (0.0..=1.0).contains(&v))));
+    let restored = dir.path().join("out/runs/local/ml/g1/restored/data-vector/model.safetensors");
+    assert!(Network::load(&restored, Device::Cpu).unwrap().multi_label, "the flag travels with the model");
 }

@@ -15,19 +15,24 @@ pub struct Batch {
     pub images: Tensor,
     /// `[N]` class indices (i64).
     pub labels: Tensor,
+    /// `[N, classes]` multi-hot targets (f32), for multi-label data.
+    pub targets: Option<Tensor>,
     /// Indices into the dataset's samples.
     pub indices: Vec<usize>,
 }
 
 /// Iterator over batches of a dataset in a given order, decoded ahead of time.
 pub struct BatchLoader {
-    rx: Receiver<Result<(Vec<f32>, Vec<i64>, Vec<usize>), DataError>>,
+    rx: Receiver<Result<Decoded, DataError>>,
     worker: Option<JoinHandle<()>>,
     size: i64,
     device: Device,
 }
 
 const PREFETCH: usize = 3;
+
+/// Pixels, labels, multi-hot targets (empty for single-label data) and sample indices of a batch.
+type Decoded = (Vec<f32>, Vec<i64>, Vec<f32>, Vec<usize>);
 
 impl BatchLoader {
     /// Starts decoding `order` (indices into `data.samples`) in batches of `batch_size`.
@@ -44,7 +49,11 @@ impl BatchLoader {
                         decode_image(&samples[i].path, size, aug.as_ref())
                     })
                     .collect();
-                let msg = decoded.map(|imgs| (imgs.concat(), chunk.iter().map(|&i| samples[i].label as i64).collect(), chunk.to_vec()));
+                let msg = decoded.map(|imgs| {
+                    let labels = chunk.iter().map(|&i| samples[i].label as i64).collect();
+                    let targets = chunk.iter().flat_map(|&i| samples[i].targets.iter().map(|&t| t as f32)).collect();
+                    (imgs.concat(), labels, targets, chunk.to_vec())
+                });
                 let failed = msg.is_err();
                 if tx.send(msg).is_err() || failed {
                     return;
@@ -60,11 +69,12 @@ impl Iterator for BatchLoader {
 
     fn next(&mut self) -> Option<Self::Item> {
         let msg = self.rx.recv().ok()?;
-        Some(msg.map(|(pixels, labels, indices)| {
+        Some(msg.map(|(pixels, labels, targets, indices)| {
             let n = labels.len() as i64;
             Batch {
                 images: Tensor::from_slice(&pixels).view([n, 3, self.size, self.size]).to_device(self.device),
                 labels: Tensor::from_slice(&labels).to_device(self.device),
+                targets: (!targets.is_empty()).then(|| Tensor::from_slice(&targets).view([n, -1]).to_device(self.device)),
                 indices,
             }
         }))

@@ -33,8 +33,10 @@ pub enum DataError {
 pub struct Sample {
     /// Image file.
     pub path: PathBuf,
-    /// Class index.
+    /// Class index (for multi-label data: the first positive label, or 0).
     pub label: usize,
+    /// Multi-hot labels, one 0/1 entry per class (multi-label data only; empty otherwise).
+    pub targets: Vec<u8>,
 }
 
 /// A labelled image set.
@@ -46,6 +48,8 @@ pub struct Dataset {
     pub classes: Vec<String>,
     /// The images.
     pub samples: Vec<Sample>,
+    /// Whether samples carry multi-hot `targets` rather than one label.
+    pub multi_label: bool,
 }
 
 fn is_image(p: &Path) -> bool {
@@ -81,14 +85,18 @@ impl Dataset {
                 .iter()
                 .position(|c| c == name)
                 .ok_or_else(|| DataError::UnknownClass { path: folder.clone(), class: name.clone(), known: classes.clone() })?;
-            samples.extend(sorted_entries(folder)?.into_iter().filter(|p| is_image(p)).map(|path| Sample { path, label }));
+            samples.extend(sorted_entries(folder)?.into_iter().filter(|p| is_image(p)).map(|path| Sample { path, label, targets: vec![] }));
         }
-        Ok(Dataset { source: dir.into(), classes, samples })
+        Ok(Dataset { source: dir.into(), classes, samples, multi_label: false })
     }
 
     fn manifest(file: &Path, classes: Option<&[String]>) -> Result<Self, DataError> {
         let text = std::fs::read_to_string(file).map_err(|source| DataError::Read { path: file.into(), source })?;
         let base = file.parent().unwrap_or(Path::new("."));
+        let header: Vec<&str> = text.lines().next().unwrap_or("").split(',').map(str::trim).collect();
+        if header.len() > 2 && header[0].eq_ignore_ascii_case("path") {
+            return Self::wide_manifest(file, base, &text, &header[1..], classes);
+        }
         let mut rows = Vec::new();
         for (i, line) in text.lines().enumerate() {
             let line = line.trim();
@@ -113,33 +121,74 @@ impl Dataset {
         let samples = rows
             .into_iter()
             .map(|(path, class)| match classes.iter().position(|c| *c == class) {
-                Some(label) => Ok(Sample { path, label }),
+                Some(label) => Ok(Sample { path, label, targets: vec![] }),
                 None => Err(DataError::UnknownClass { path: file.into(), class, known: classes.clone() }),
             })
             .collect::<Result<_, _>>()?;
-        Ok(Dataset { source: file.into(), classes, samples })
+        Ok(Dataset { source: file.into(), classes, samples, multi_label: false })
     }
 
-    /// Images per class.
+    /// A multi-label manifest: `path,<class1>,<class2>,...` with one 0/1 column per class.
+    fn wide_manifest(file: &Path, base: &Path, text: &str, columns: &[&str], classes: Option<&[String]>) -> Result<Self, DataError> {
+        let classes: Vec<String> = classes.map(<[String]>::to_vec).unwrap_or_else(|| columns.iter().map(|c| c.to_string()).collect());
+        let order = columns
+            .iter()
+            .map(|c| classes.iter().position(|k| k == c).ok_or_else(|| DataError::UnknownClass { path: file.into(), class: c.to_string(), known: classes.clone() }))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut samples = Vec::new();
+        for (i, line) in text.lines().enumerate().skip(1) {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let cells: Vec<&str> = line.split(',').map(str::trim).collect();
+            let bad = |message: String| DataError::Manifest { path: file.into(), line: i + 1, message };
+            if cells.len() != columns.len() + 1 {
+                return Err(bad(format!("expected {} columns, got {}", columns.len() + 1, cells.len())));
+            }
+            let mut targets = vec![0u8; classes.len()];
+            for (cell, &k) in cells[1..].iter().zip(&order) {
+                targets[k] = match *cell {
+                    "0" => 0,
+                    "1" => 1,
+                    other => return Err(bad(format!("label values must be 0 or 1, got {other:?}"))),
+                };
+            }
+            let p = PathBuf::from(cells[0]);
+            let label = targets.iter().position(|&t| t == 1).unwrap_or(0);
+            samples.push(Sample { path: if p.is_absolute() { p } else { base.join(p) }, label, targets });
+        }
+        Ok(Dataset { source: file.into(), classes, samples, multi_label: true })
+    }
+
+    /// Images per class (positives per label for multi-label data).
     pub fn class_counts(&self) -> Vec<u64> {
         let mut c = vec![0u64; self.classes.len()];
         for s in &self.samples {
-            c[s.label] += 1;
+            if self.multi_label {
+                c.iter_mut().zip(&s.targets).for_each(|(n, &t)| *n += t as u64);
+            } else {
+                c[s.label] += 1;
+            }
         }
         c
     }
 
     /// A subset with the same classes.
     pub fn subset(&self, indices: &[usize]) -> Dataset {
-        Dataset { source: self.source.clone(), classes: self.classes.clone(), samples: indices.iter().map(|&i| self.samples[i].clone()).collect() }
+        Dataset { source: self.source.clone(), classes: self.classes.clone(), samples: indices.iter().map(|&i| self.samples[i].clone()).collect(), multi_label: self.multi_label }
     }
 
-    /// Writes the set as a `path,label` manifest with absolute paths.
+    /// Writes the set as a manifest with absolute paths (`path,label`, or the wide multi-label form).
     pub fn write_manifest(&self, path: &Path) -> std::io::Result<()> {
-        let mut out = String::from("path,label\n");
+        let mut out = if self.multi_label { format!("path,{}\n", self.classes.join(",")) } else { String::from("path,label\n") };
         for s in &self.samples {
             let p = std::fs::canonicalize(&s.path).unwrap_or_else(|_| s.path.clone());
-            out.push_str(&format!("{},{}\n", p.display(), self.classes[s.label]));
+            if self.multi_label {
+                let cells: Vec<String> = s.targets.iter().map(u8::to_string).collect();
+                out.push_str(&format!("{},{}\n", p.display(), cells.join(",")));
+            } else {
+                out.push_str(&format!("{},{}\n", p.display(), self.classes[s.label]));
+            }
         }
         crate::st::write_atomic(path, out.as_bytes())
     }
@@ -188,8 +237,23 @@ mod tests {
         std::fs::write(&m, "path,label\nimgs/a.png,b\n/abs/c.png,a\n").unwrap();
         let ds = Dataset::open(&m, None).unwrap();
         assert_eq!(ds.classes, vec!["a", "b"]);
-        assert_eq!(ds.samples[0], Sample { path: d.path().join("imgs/a.png"), label: 1 });
+        assert_eq!(ds.samples[0], Sample { path: d.path().join("imgs/a.png"), label: 1, targets: vec![] });
         assert_eq!(ds.samples[1].path, PathBuf::from("/abs/c.png"));
+    }
+
+    #[test]
+    fn wide_manifests_are_multi_label() {
+        let d = tempfile::tempdir().unwrap();
+        let m = d.path().join("rfmid.csv");
+        std::fs::write(&m, "path,DR,ARMD,MH\na.png,1,0,1\nb.png,0,0,0\n").unwrap();
+        let ds = Dataset::open(&m, None).unwrap();
+        assert!(ds.multi_label);
+        assert_eq!(ds.classes, vec!["DR", "ARMD", "MH"]);
+        assert_eq!(ds.samples[0].targets, vec![1, 0, 1]);
+        assert_eq!(ds.class_counts(), vec![1, 0, 1]);
+        std::fs::write(&m, "path,DR,ARMD\na.png,1,2\n").unwrap();
+        let e = Dataset::open(&m, None).unwrap_err().to_string();
+        assert!(e.contains("rfmid.csv, line 2") && e.contains("0 or 1"), "{e}");
     }
 
     #[test]

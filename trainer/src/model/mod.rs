@@ -61,6 +61,8 @@ pub struct Network {
     pub classes: Vec<String>,
     /// Input resolution.
     pub image_size: u32,
+    /// Multi-label (sigmoid per class) rather than single-label (softmax).
+    pub multi_label: bool,
     body: Body,
     bns: Vec<Arc<Bn>>,
 }
@@ -81,7 +83,7 @@ impl Network {
             Architecture::EfficientnetB0 => Body::Mobile(mobile::TorchvisionMobile::efficientnet_b0(&root, n, &mut bns)),
             Architecture::MobilenetV2 => Body::Mobile(mobile::TorchvisionMobile::mobilenet_v2(&root, n, &mut bns)),
         };
-        Network { vs, arch, classes: classes.to_vec(), image_size, body, bns }
+        Network { vs, arch, classes: classes.to_vec(), image_size, multi_label: false, body, bns }
     }
 
     /// Loads a complete model file written by [`Network::save`].
@@ -89,6 +91,7 @@ impl Network {
         let file = MappedFile::open(path)?;
         let meta = ArtifactMeta::from_map(path, file.metadata(), ArtifactKind::Model)?;
         let mut net = Network::new(meta.arch, &meta.classes, meta.image_size, device, 0);
+        net.multi_label = meta.multi_label;
         net.copy_from(&file, |_| true)?;
         Ok(net)
     }

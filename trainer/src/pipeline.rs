@@ -232,7 +232,10 @@ impl Runner {
             Stage::Evaluate => {
                 let report = self.evaluate_all()?;
                 let eval_dir = self.path(&l.eval_metrics()).parent().map(Path::to_path_buf).unwrap_or_default();
-                crate::plots::write_all(&report, &eval_dir)?;
+                // Plots are a convenience: a machine without fonts still gets its numbers.
+                if let Err(e) = crate::plots::write_all(&report, &eval_dir) {
+                    tracing::warn!(error = %e, "plots not written");
+                }
                 write_atomic(&self.path(&l.eval_report()), report.to_markdown().as_bytes())?;
                 write_atomic(&self.path(&l.eval_metrics()), &serde_json::to_vec_pretty(&report)?)?;
             }

@@ -185,6 +185,8 @@ pub struct TrainingSpec {
     pub validation_fraction: f64,
     /// Random augmentation applied to training images.
     pub augment: AugmentSpec,
+    /// On CUDA, run forward passes in float16 (autocast) with dynamic loss scaling. Ignored on CPU.
+    pub mixed_precision: bool,
 }
 
 impl Default for TrainingSpec {
@@ -200,6 +202,7 @@ impl Default for TrainingSpec {
             class_weighting: true,
             validation_fraction: 0.0,
             augment: AugmentSpec::default(),
+            mixed_precision: true,
         }
     }
 }

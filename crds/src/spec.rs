@@ -185,7 +185,9 @@ pub struct TrainingSpec {
     pub validation_fraction: f64,
     /// Random augmentation applied to training images.
     pub augment: AugmentSpec,
-    /// On CUDA, run forward passes in float16 (autocast) with dynamic loss scaling. Ignored on CPU.
+    /// On CUDA, run forward passes in float16 (autocast) with dynamic loss scaling. Ignored on
+    /// CPU. Off by default: for EfficientNet-Lite0 at batch 32 it was slower than float32 on an
+    /// H100 (bench/results/gpu-h100.md); worth it for large models and batches.
     pub mixed_precision: bool,
 }
 
@@ -202,7 +204,7 @@ impl Default for TrainingSpec {
             class_weighting: true,
             validation_fraction: 0.0,
             augment: AugmentSpec::default(),
-            mixed_precision: true,
+            mixed_precision: false,
         }
     }
 }

@@ -218,9 +218,9 @@ struct TrainingArgs {
     /// Disable random flips.
     #[arg(long)]
     no_flip: bool,
-    /// Train in float32 on CUDA too (no mixed precision).
+    /// On CUDA, train with float16 autocast and dynamic loss scaling.
     #[arg(long)]
-    fp32: bool,
+    mixed_precision: bool,
 }
 
 impl TrainingArgs {
@@ -236,7 +236,7 @@ impl TrainingArgs {
             class_weighting: !self.no_class_weighting,
             validation_fraction: self.validation_fraction,
             augment: AugmentSpec { flip: !self.no_flip, ..AugmentSpec::default() },
-            mixed_precision: !self.fp32,
+            mixed_precision: self.mixed_precision,
         })
     }
 }

@@ -18,7 +18,7 @@ use safetensors::tensor::Dtype;
 use tch::{Device, Tensor};
 
 use crate::checkpoint::{file_digest, ArtifactKind, ArtifactMeta, MetaError};
-use crate::model::{head_prefix, tensor_to_vec, ModelError, Network};
+use crate::model::{head_prefix, ModelError, Network};
 use crate::st::{bytes_to_f32, f32_to_bytes, MappedFile, StError, StreamWriter, TensorMeta};
 
 /// Why a merge (or a vector) was refused.
@@ -214,18 +214,4 @@ pub fn merge_files(base_path: &Path, vectors: &[ShardVector], opts: &MergeOption
     }
     writer.finish()?;
     Ok(())
-}
-
-/// Per-tensor vectors of a shard, as flat f32 values, for similarity analysis.
-pub fn read_vector_tensor(path: &Path, name: &str) -> Result<Vec<f32>, MergeError> {
-    Ok(MappedFile::open(path)?.f32(name)?)
-}
-
-/// The "vector" of a complete model relative to the base (used for full training in Figure 2).
-pub fn model_delta(model: &Network, base_path: &Path, name: &str) -> Result<Vec<f32>, MergeError> {
-    let base = MappedFile::open(base_path)?;
-    let vars = model.vs.variables();
-    let t = vars.get(name).ok_or_else(|| MergeError::MissingTensor { shard: "full-training".into(), tensor: name.into() })?;
-    let pre = base.f32(name)?;
-    Ok(tensor_to_vec(t)?.iter().zip(pre).map(|(a, b)| a - b).collect())
 }

@@ -48,6 +48,12 @@ enum Command {
     Pipeline {
         /// MergeJob YAML file.
         job: PathBuf,
+        /// Run only this stage (e.g. `finetune-hospital-a`), as a cluster Job would.
+        #[arg(long)]
+        stage: Option<String>,
+        /// Print every stage and whether it is done, ready or waiting; run nothing.
+        #[arg(long, conflicts_with = "stage")]
+        plan: bool,
     },
     /// Write the base model (pretrained weights plus a new seeded head).
     Init(InitArgs),
@@ -327,11 +333,19 @@ fn main() -> anyhow::Result<()> {
     }
     let dev = device(&cli.device)?;
     match cli.command {
-        Command::Pipeline { job } => {
+        Command::Pipeline { job, stage, plan } => {
             let runner = Runner::new(Job::load(&job)?, dev)?;
-            let report = runner.run()?;
-            println!("{}", report.table());
-            println!("artifacts: {}", report.run);
+            if plan {
+                for (name, state) in runner.status() {
+                    println!("{state:8} {name}");
+                }
+            } else if let Some(stage) = stage {
+                runner.run_stage(&stage)?;
+            } else {
+                let report = runner.run()?;
+                println!("{}", report.table());
+                println!("artifacts: {}", report.run);
+            }
         }
         Command::Init(a) => {
             let arch = Architecture::parse(&a.arch).with_context(|| format!("--arch {}: unknown architecture", a.arch))?;

@@ -123,6 +123,45 @@ impl Runner {
         Ok(serde_json::from_str(&text)?)
     }
 
+    /// Runs one stage by name (as `StagePlan` names them, e.g. `finetune-hospital-a`): what a
+    /// cluster Job or a hospital's own machine runs. A stage already done is not redone; a stage
+    /// whose inputs are missing is refused, naming them.
+    pub fn run_stage(&self, name: &str) -> anyhow::Result<()> {
+        let planned = self.plan.stages.iter().find(|p| p.stage.name() == name).ok_or_else(|| {
+            let names: Vec<String> = self.plan.stages.iter().map(|p| p.stage.name()).collect();
+            anyhow::anyhow!("no stage {name:?} in this MergeJob; its stages are: {}", names.join(", "))
+        })?;
+        let exists = self.existing();
+        if planned.writes.iter().all(|w| exists.contains(w)) {
+            info!(stage = name, "stage already done");
+            return Ok(());
+        }
+        let missing: Vec<&String> = planned.reads.iter().filter(|r| !exists.contains(*r)).collect();
+        if !missing.is_empty() {
+            anyhow::bail!("stage {name} cannot run yet: missing {}", missing.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(", "));
+        }
+        self.execute(planned).map_err(|e| e.context(format!("stage {name} failed")))
+    }
+
+    /// Each stage with its state: `done`, `ready` or `waiting`.
+    pub fn status(&self) -> Vec<(String, &'static str)> {
+        let exists = self.existing();
+        self.plan
+            .stages
+            .iter()
+            .map(|p| {
+                let state = if p.writes.iter().all(|w| exists.contains(w)) {
+                    "done"
+                } else if p.reads.iter().all(|r| exists.contains(r)) {
+                    "ready"
+                } else {
+                    "waiting"
+                };
+                (p.stage.name(), state)
+            })
+            .collect()
+    }
+
     fn shard_data(&self, shard: &str) -> anyhow::Result<Dataset> {
         let s = self.job.spec().shards.iter().find(|s| s.name == shard).ok_or_else(|| anyhow::anyhow!("unknown shard {shard}"))?;
         let d = s.data.as_ref().ok_or_else(|| anyhow::anyhow!("shard {shard} has no data"))?;

@@ -141,3 +141,20 @@ fn a_multi_label_mergejob_trains_with_bce_and_reports_per_label_auroc() {
     let restored = dir.path().join("out/runs/local/ml/g1/restored/data-vector/model.safetensors");
     assert!(Network::load(&restored, Device::Cpu).unwrap().multi_label, "the flag travels with the model");
 }
+
+#[test]
+fn stages_run_one_at_a_time_and_refuse_to_run_early() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = write_job(dir.path(), "  merge: {baselines: []}\n", 2);
+    let runner = Runner::new(Job::load(&job).unwrap(), Device::Cpu).unwrap();
+    let early = format!("{:#}", runner.run_stage("merge-data-vector").unwrap_err());
+    assert!(early.contains("cannot run yet") && early.contains("base/model.safetensors"), "{early}");
+    assert!(format!("{:#}", runner.run_stage("finetune-nobody").unwrap_err()).contains("finetune-h0"));
+    runner.run_stage("init").unwrap();
+    runner.run_stage("finetune-h1").unwrap();
+    let states: std::collections::BTreeMap<String, &str> = runner.status().into_iter().collect();
+    assert_eq!(states["init"], "done");
+    assert_eq!(states["finetune-h1"], "done");
+    assert_eq!(states["finetune-h0"], "ready");
+    assert_eq!(states["merge-data-vector"], "waiting");
+}

@@ -245,6 +245,8 @@ mod tests {
                     name: (*n).into(),
                     data: (!external).then(|| DataSource { path: format!("data/{n}") }),
                     vector: external.then(|| format!("incoming/{n}.safetensors")),
+                    secret_ref: None,
+                    node_selector: Default::default(),
                 })
                 .collect(),
             training: TrainingSpec::default(),
@@ -252,6 +254,7 @@ mod tests {
             restore: RestoreSpec { mode, learning_rate: None },
             evaluation: EvaluationSpec { data: DataSource { path: "test".into() } },
             storage: StorageSpec::default(),
+            cluster: ClusterSpec::default(),
         }
     }
 

@@ -47,6 +47,48 @@ pub struct MergeJobSpec {
     /// Where artifacts (base weights, vectors, models, reports) are written.
     #[serde(default)]
     pub storage: StorageSpec,
+    /// How the operator runs stages on a cluster (ignored by the local pipeline).
+    #[serde(default)]
+    pub cluster: ClusterSpec,
+}
+
+/// Cluster execution settings.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ClusterSpec {
+    /// Trainer container image every stage Job runs.
+    pub image: String,
+    /// Image pull policy (Always, IfNotPresent, Never).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image_pull_policy: Option<String>,
+    /// Retries of a stage Job before the stage counts as failed.
+    #[schemars(range(min = 0, max = 20))]
+    pub backoff_limit: i32,
+    /// Seconds a stage Job may run before it is stopped and counts as failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub active_deadline_seconds: Option<i64>,
+    /// Shards whose vectors must be available to go on without shards that failed.
+    /// Unset: every shard is required.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_shards: Option<u32>,
+    /// Start no new stage Jobs (running ones finish).
+    pub suspend: bool,
+    /// GPUs (`nvidia.com/gpu`) requested by training, restoration and evaluation Jobs.
+    pub gpus: u32,
+}
+
+impl Default for ClusterSpec {
+    fn default() -> Self {
+        ClusterSpec {
+            image: "ghcr.io/medmerge/trainer:0.1.0".into(),
+            image_pull_policy: None,
+            backoff_limit: 2,
+            active_deadline_seconds: None,
+            min_shards: None,
+            suspend: false,
+            gpus: 0,
+        }
+    }
 }
 
 /// The model architecture and the weights every shard starts from.
@@ -147,6 +189,12 @@ pub struct ShardSpec {
     /// `medmerge-trainer finetune`. When set, the shard is not trained here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vector: Option<String>,
+    /// Name of a Secret with this shard's data credentials, mounted only into this shard's Jobs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<String>,
+    /// Node labels this shard's Jobs must run on (e.g. the hospital's own nodes).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub node_selector: std::collections::BTreeMap<String, String>,
 }
 
 /// A labelled image set.

@@ -122,6 +122,14 @@ pub fn validate(spec: &MergeJobSpec) -> Result<(), Vec<SpecError>> {
     if mg.baselines.contains(&Baseline::FullTraining) && with_data != spec.shards.len() {
         errors.push(err("merge.baselines", "fullTraining needs the data of every shard; external shards have none here"));
     }
+    if let Some(min) = spec.cluster.min_shards {
+        if min == 0 || min as usize > spec.shards.len() {
+            errors.push(err("cluster.minShards", format!("{min} must be between 1 and the number of shards ({})", spec.shards.len())));
+        }
+    }
+    if spec.cluster.image.is_empty() {
+        errors.push(err("cluster.image", "must not be empty"));
+    }
     if spec.evaluation.data.path.is_empty() {
         errors.push(err("evaluation.data.path", "must not be empty"));
     }
@@ -189,8 +197,10 @@ evaluation: {data: {path: test}}
             ("training.validationFraction", |s| s.training.validation_fraction = 0.7),
             ("evaluation.data.path", |s| s.evaluation.data.path.clear()),
             ("storage", |s| s.storage.local = None),
+            ("cluster.minShards", |s| s.cluster.min_shards = Some(3)),
+            ("cluster.image", |s| s.cluster.image.clear()),
             ("merge.baselines", |s| {
-                s.shards[1] = ShardSpec { name: "b".into(), data: None, vector: Some("v".into()) };
+                s.shards[1] = ShardSpec { name: "b".into(), data: None, vector: Some("v".into()), secret_ref: None, node_selector: Default::default() };
                 s.merge.baselines = vec![Baseline::FullTraining];
             }),
         ];

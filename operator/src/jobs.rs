@@ -1,0 +1,253 @@
+//! The Kubernetes objects that run one stage: a ConfigMap holding the MergeJob (one per
+//! generation) and a batch Job per stage. Pure builders: same input, same objects.
+//!
+//! Isolation: a shard's Secret is mounted only into that shard's own stage Jobs (its training
+//! and its restoration), never into another shard's or the coordinator's. Every pod runs as a
+//! non-root user with a read-only root filesystem, no privilege escalation and no capabilities.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::batch::v1::{Job, JobSpec};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvVar, PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements,
+    SeccompProfile, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::Resource;
+use medmerge_crds::{MergeJob, Stage};
+
+use crate::names::child_name;
+
+/// Label naming the owning MergeJob.
+pub const LABEL_MERGEJOB: &str = "medmerge.io/mergejob";
+/// Label with the MergeJob generation a child belongs to.
+pub const LABEL_GENERATION: &str = "medmerge.io/generation";
+/// Label with the stage name a Job runs.
+pub const LABEL_STAGE: &str = "medmerge.io/stage";
+/// Where the MergeJob YAML is mounted in every stage pod.
+pub const JOB_FILE: &str = "/etc/medmerge/mergejob.yaml";
+/// Where a shard's Secret is mounted in that shard's pods.
+pub const SHARD_SECRET_DIR: &str = "/var/run/secrets/medmerge/shard";
+/// The unprivileged user the trainer runs as.
+pub const RUN_AS_USER: i64 = 65532;
+
+fn labels(mj: &MergeJob, generation: i64) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/managed-by".into(), "medmerge".into()),
+        ("app.kubernetes.io/name".into(), "medmerge-trainer".into()),
+        (LABEL_MERGEJOB.into(), mj.metadata.name.clone().unwrap_or_default()),
+        (LABEL_GENERATION.into(), generation.to_string()),
+    ])
+}
+
+fn owner(mj: &MergeJob) -> Vec<OwnerReference> {
+    mj.controller_owner_ref(&()).into_iter().collect()
+}
+
+/// The ConfigMap holding generation `generation` of the MergeJob, mounted by its stage Jobs.
+pub fn spec_configmap(mj: &MergeJob, generation: i64) -> Result<ConfigMap, serde_yaml::Error> {
+    let name = mj.metadata.name.clone().unwrap_or_default();
+    let job = MergeJob {
+        metadata: ObjectMeta { name: Some(name.clone()), namespace: mj.metadata.namespace.clone(), generation: Some(generation), ..Default::default() },
+        spec: mj.spec.clone(),
+        status: None,
+    };
+    Ok(ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(child_name(&name, generation, "spec")),
+            namespace: mj.metadata.namespace.clone(),
+            labels: Some(labels(mj, generation)),
+            owner_references: Some(owner(mj)),
+            ..Default::default()
+        },
+        data: Some(BTreeMap::from([("mergejob.yaml".into(), serde_yaml::to_string(&job)?)])),
+        ..Default::default()
+    })
+}
+
+/// The shard whose data a stage touches, if any.
+pub fn stage_shard(stage: &Stage) -> Option<&str> {
+    match stage {
+        Stage::Finetune { shard } | Stage::Collect { shard } | Stage::Restore { shard, .. } => Some(shard),
+        _ => None,
+    }
+}
+
+fn uses_gpu(stage: &Stage) -> bool {
+    matches!(stage, Stage::Finetune { .. } | Stage::FullTraining | Stage::Restore { .. } | Stage::Evaluate)
+}
+
+/// The batch Job that runs `stage` of generation `generation`.
+pub fn stage_job(mj: &MergeJob, generation: i64, stage: &Stage) -> Job {
+    let name = mj.metadata.name.clone().unwrap_or_default();
+    let cluster = &mj.spec.cluster;
+    let shard = stage_shard(stage).and_then(|s| mj.spec.shards.iter().find(|x| x.name == s));
+    let mut labels = labels(mj, generation);
+    labels.insert(LABEL_STAGE.into(), stage.name());
+
+    let mut volumes = vec![
+        Volume {
+            name: "mergejob".into(),
+            config_map: Some(ConfigMapVolumeSource { name: child_name(&name, generation, "spec"), ..Default::default() }),
+            ..Default::default()
+        },
+        Volume { name: "tmp".into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Default::default() },
+    ];
+    let mut mounts = vec![
+        VolumeMount { name: "mergejob".into(), mount_path: "/etc/medmerge".into(), read_only: Some(true), ..Default::default() },
+        VolumeMount { name: "tmp".into(), mount_path: "/tmp".into(), ..Default::default() },
+    ];
+    if let Some(secret) = shard.and_then(|s| s.secret_ref.clone()) {
+        volumes.push(Volume { name: "shard-credentials".into(), secret: Some(SecretVolumeSource { secret_name: Some(secret), ..Default::default() }), ..Default::default() });
+        mounts.push(VolumeMount { name: "shard-credentials".into(), mount_path: SHARD_SECRET_DIR.into(), read_only: Some(true), ..Default::default() });
+    }
+    let resources = (cluster.gpus > 0 && uses_gpu(stage)).then(|| {
+        let gpus = BTreeMap::from([("nvidia.com/gpu".to_string(), Quantity(cluster.gpus.to_string()))]);
+        ResourceRequirements { limits: Some(gpus), ..Default::default() }
+    });
+    let container = Container {
+        name: "trainer".into(),
+        image: Some(cluster.image.clone()),
+        image_pull_policy: cluster.image_pull_policy.clone(),
+        args: Some(vec!["--log-format".into(), "json".into(), "pipeline".into(), JOB_FILE.into(), "--stage".into(), stage.name()]),
+        env: Some(vec![EnvVar { name: "HOME".into(), value: Some("/tmp".into()), ..Default::default() }]),
+        volume_mounts: Some(mounts),
+        resources,
+        security_context: Some(SecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(RUN_AS_USER),
+            read_only_root_filesystem: Some(true),
+            allow_privilege_escalation: Some(false),
+            privileged: Some(false),
+            capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Default::default() }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let node_selector = shard.map(|s| s.node_selector.clone()).filter(|n| !n.is_empty());
+    Job {
+        metadata: ObjectMeta {
+            name: Some(child_name(&name, generation, &stage.name())),
+            namespace: mj.metadata.namespace.clone(),
+            labels: Some(labels.clone()),
+            owner_references: Some(owner(mj)),
+            ..Default::default()
+        },
+        spec: Some(JobSpec {
+            backoff_limit: Some(cluster.backoff_limit),
+            active_deadline_seconds: cluster.active_deadline_seconds,
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta { labels: Some(labels), ..Default::default() }),
+                spec: Some(PodSpec {
+                    restart_policy: Some("Never".into()),
+                    automount_service_account_token: Some(false),
+                    enable_service_links: Some(false),
+                    node_selector,
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(RUN_AS_USER),
+                        fs_group: Some(RUN_AS_USER),
+                        seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..Default::default() }),
+                        ..Default::default()
+                    }),
+                    containers: vec![container],
+                    volumes: Some(volumes),
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mergejob() -> MergeJob {
+        let mut mj: MergeJob = serde_yaml::from_str(
+            r#"
+apiVersion: medmerge.io/v1alpha1
+kind: MergeJob
+metadata: {name: retina, namespace: radiology, uid: 1234-abcd, generation: 2}
+spec:
+  model: {architecture: resnet50, weights: random}
+  shards:
+    - {name: hospital-a, data: {path: a}, secretRef: creds-a, nodeSelector: {site: a}}
+    - {name: hospital-b, data: {path: b}, secretRef: creds-b}
+  evaluation: {data: {path: t}}
+  cluster: {gpus: 1, backoffLimit: 3}
+"#,
+        )
+        .unwrap();
+        mj.metadata.generation = Some(2);
+        mj
+    }
+
+    fn secrets(job: &Job) -> Vec<String> {
+        let pod = job.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        pod.volumes.iter().flatten().filter_map(|v| v.secret.as_ref()).filter_map(|s| s.secret_name.clone()).collect()
+    }
+
+    #[test]
+    fn a_shard_job_mounts_only_its_own_secret_and_runs_on_its_nodes() {
+        let mj = mergejob();
+        let a = stage_job(&mj, 2, &Stage::Finetune { shard: "hospital-a".into() });
+        assert_eq!(secrets(&a), vec!["creds-a"]);
+        let pod = a.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        assert_eq!(pod.node_selector.as_ref().unwrap()["site"], "a");
+        let b_restore = stage_job(&mj, 2, &Stage::Restore { candidate: "data-vector".into(), shard: "hospital-b".into() });
+        assert_eq!(secrets(&b_restore), vec!["creds-b"]);
+    }
+
+    #[test]
+    fn coordinator_stages_see_no_shard_secret() {
+        let mj = mergejob();
+        for stage in [Stage::Init, Stage::Merge { candidate: "data-vector".into() }, Stage::RestoreCombine { candidate: "data-vector".into() }, Stage::Evaluate] {
+            assert!(secrets(&stage_job(&mj, 2, &stage)).is_empty(), "{}", stage.name());
+        }
+    }
+
+    #[test]
+    fn every_pod_is_non_root_read_only_and_unprivileged() {
+        let job = stage_job(&mergejob(), 2, &Stage::Finetune { shard: "hospital-a".into() });
+        let pod = job.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        assert_eq!(pod.security_context.as_ref().unwrap().run_as_non_root, Some(true));
+        assert_eq!(pod.automount_service_account_token, Some(false));
+        let sc = pod.containers[0].security_context.as_ref().unwrap();
+        assert_eq!((sc.read_only_root_filesystem, sc.allow_privilege_escalation, sc.privileged), (Some(true), Some(false), Some(false)));
+        assert_eq!(sc.capabilities.as_ref().unwrap().drop, Some(vec!["ALL".to_string()]));
+    }
+
+    #[test]
+    fn jobs_are_named_labelled_owned_and_run_their_stage() {
+        let job = stage_job(&mergejob(), 2, &Stage::Finetune { shard: "hospital-a".into() });
+        assert_eq!(job.metadata.name.as_deref(), Some("retina-g2-finetune-hospital-a"));
+        assert_eq!(job.metadata.labels.as_ref().unwrap()[LABEL_STAGE], "finetune-hospital-a");
+        let owner = &job.metadata.owner_references.as_ref().unwrap()[0];
+        assert_eq!((owner.kind.as_str(), owner.name.as_str(), owner.controller), ("MergeJob", "retina", Some(true)));
+        let spec = job.spec.as_ref().unwrap();
+        assert_eq!(spec.backoff_limit, Some(3));
+        let args = spec.template.spec.as_ref().unwrap().containers[0].args.clone().unwrap();
+        assert_eq!(&args[args.len() - 2..], ["--stage", "finetune-hospital-a"]);
+    }
+
+    #[test]
+    fn gpus_are_requested_only_by_stages_that_run_the_model() {
+        let mj = mergejob();
+        let gpu = |s: &Stage| stage_job(&mj, 2, s).spec.unwrap().template.spec.unwrap().containers[0].resources.clone();
+        assert_eq!(gpu(&Stage::Finetune { shard: "hospital-a".into() }).unwrap().limits.unwrap()["nvidia.com/gpu"], Quantity("1".into()));
+        assert!(gpu(&Stage::Merge { candidate: "data-vector".into() }).is_none());
+    }
+
+    #[test]
+    fn the_spec_configmap_round_trips_the_mergejob() {
+        let mj = mergejob();
+        let cm = spec_configmap(&mj, 2).unwrap();
+        let back: MergeJob = serde_yaml::from_str(&cm.data.unwrap()["mergejob.yaml"]).unwrap();
+        assert_eq!(back.spec, mj.spec);
+        assert_eq!(back.metadata.generation, Some(2));
+    }
+}

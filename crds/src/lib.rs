@@ -11,5 +11,5 @@ pub mod validate;
 pub use layout::ArtifactLayout;
 pub use plan::{Candidate, CandidateKind, Stage, StagePlan};
 pub use spec::*;
-pub use status::MergeJobStatus;
+pub use status::{CandidateSummary, Condition, MergeJobStatus, ResultsStatus, ShardStatus};
 pub use validate::{validate, SpecError};

@@ -247,6 +247,7 @@ mod tests {
                     vector: external.then(|| format!("incoming/{n}.safetensors")),
                     secret_ref: None,
                     node_selector: Default::default(),
+                    tolerations: vec![],
                 })
                 .collect(),
             training: TrainingSpec::default(),

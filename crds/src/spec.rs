@@ -75,6 +75,51 @@ pub struct ClusterSpec {
     pub suspend: bool,
     /// GPUs (`nvidia.com/gpu`) requested by training, restoration and evaluation Jobs.
     pub gpus: u32,
+    /// CPU and memory for every stage Job's container.
+    pub resources: ResourceSpec,
+    /// Seconds from the run's start after which a shard that has not delivered its vector
+    /// (an external hospital, or a training Job still running) is dropped as a straggler;
+    /// `minShards` then decides whether the run goes on. Unset: wait for every shard.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub straggler_deadline_seconds: Option<i64>,
+    /// Seconds after a stage Job finishes before Kubernetes deletes it (and its pods).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ttl_seconds_after_finished: Option<i32>,
+    /// Tolerations added to every stage pod (e.g. for tainted GPU nodes).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+}
+
+/// Container resources, as Kubernetes quantities ("4", "500m", "16Gi").
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ResourceSpec {
+    /// CPU request.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<String>,
+    /// Memory request and limit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory: Option<String>,
+}
+
+/// A pod toleration (the fields of core/v1 Toleration).
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Toleration {
+    /// Taint key to tolerate; empty with operator Exists tolerates every taint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// Equal (default) or Exists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^(Equal|Exists)$"))]
+    pub operator: Option<String>,
+    /// Taint value to match with operator Equal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    /// NoSchedule, PreferNoSchedule or NoExecute; empty matches every effect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^(NoSchedule|PreferNoSchedule|NoExecute)$"))]
+    pub effect: Option<String>,
 }
 
 impl Default for ClusterSpec {
@@ -87,6 +132,10 @@ impl Default for ClusterSpec {
             min_shards: None,
             suspend: false,
             gpus: 0,
+            resources: ResourceSpec::default(),
+            straggler_deadline_seconds: None,
+            ttl_seconds_after_finished: None,
+            tolerations: Vec::new(),
         }
     }
 }
@@ -195,6 +244,9 @@ pub struct ShardSpec {
     /// Node labels this shard's Jobs must run on (e.g. the hospital's own nodes).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub node_selector: std::collections::BTreeMap<String, String>,
+    /// Tolerations for this shard's pods, added to `cluster.tolerations`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
 }
 
 /// A labelled image set.

@@ -16,9 +16,69 @@ pub struct MergeJobStatus {
     /// Shards whose vector is available, as "ready/total".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shards_ready: Option<String>,
+    /// Ready, Progressing and Failed, plus one per stage kind (Trained, Merged, Restored,
+    /// Evaluated), each with a reason and a message a person can act on.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// One entry per shard of the observed generation.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub shards: Vec<ShardStatus>,
     /// Headline results of the evaluate stage.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub results: Option<ResultsStatus>,
+    /// When the observed generation's first stage Job was created (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<String>,
+    /// When the observed generation reached Succeeded or Failed (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<String>,
+}
+
+/// A standard Kubernetes condition (the shape of `meta/v1` Condition).
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    /// Condition type, e.g. Ready or Trained.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// "True", "False" or "Unknown".
+    pub status: String,
+    /// CamelCase reason for the last transition.
+    pub reason: String,
+    /// What happened, in words.
+    pub message: String,
+    /// When `status` last changed (RFC 3339).
+    pub last_transition_time: String,
+    /// The generation the condition was computed for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// How one shard is doing.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ShardStatus {
+    /// Shard name.
+    pub name: String,
+    /// Pending, Training, Waiting (external vector), Ready, Failed or Dropped.
+    pub state: String,
+    /// Pods started for the shard's training or collection Job.
+    #[serde(default)]
+    pub attempts: i32,
+    /// Where the shard's data vector is, once it is there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vector: Option<String>,
+    /// Training images the shard used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub samples: Option<u64>,
+    /// The shard's accuracy on its own validation split (if it kept one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation_accuracy: Option<f64>,
+    /// Why the shard failed or was dropped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// Headline evaluation numbers.
@@ -29,6 +89,27 @@ pub struct ResultsStatus {
     pub accuracy: f64,
     /// Macro-averaged F1 of the merged model.
     pub macro_f1: f64,
+    /// Macro-averaged one-vs-rest AUROC of the merged model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auroc: Option<f64>,
     /// Location of the merged, restored model.
     pub model: String,
+    /// Location of the full evaluation report (JSON; Markdown beside it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report: Option<String>,
+    /// Every other evaluated model (baselines and each shard alone), for comparison.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub baselines: Vec<CandidateSummary>,
+}
+
+/// One evaluated model's headline numbers.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CandidateSummary {
+    /// Candidate id (`params-mean`, `shard-<name>`, `full-training`, ...).
+    pub id: String,
+    /// Accuracy on the held-out set.
+    pub accuracy: f64,
+    /// Macro-averaged F1 on the held-out set.
+    pub macro_f1: f64,
 }

@@ -127,6 +127,24 @@ pub fn validate(spec: &MergeJobSpec) -> Result<(), Vec<SpecError>> {
             errors.push(err("cluster.minShards", format!("{min} must be between 1 and the number of shards ({})", spec.shards.len())));
         }
     }
+    let positive = [
+        ("cluster.activeDeadlineSeconds", spec.cluster.active_deadline_seconds),
+        ("cluster.stragglerDeadlineSeconds", spec.cluster.straggler_deadline_seconds),
+    ];
+    for (field, value) in positive {
+        if let Some(v) = value.filter(|v| *v <= 0) {
+            errors.push(err(field, format!("{v} must be a positive number of seconds")));
+        }
+    }
+    if let Some(ttl) = spec.cluster.ttl_seconds_after_finished.filter(|t| *t < 0) {
+        errors.push(err("cluster.ttlSecondsAfterFinished", format!("{ttl} must not be negative")));
+    }
+    let quantities = [("cluster.resources.cpu", &spec.cluster.resources.cpu), ("cluster.resources.memory", &spec.cluster.resources.memory)];
+    for (field, value) in quantities {
+        if let Some(q) = value.as_deref().filter(|q| !is_quantity(q)) {
+            errors.push(err(field, format!("{q:?} is not a Kubernetes quantity (e.g. \"4\", \"500m\", \"16Gi\")")));
+        }
+    }
     if spec.cluster.image.is_empty() {
         errors.push(err("cluster.image", "must not be empty"));
     }
@@ -143,6 +161,14 @@ pub fn validate(spec: &MergeJobSpec) -> Result<(), Vec<SpecError>> {
     } else {
         Err(errors)
     }
+}
+
+/// A Kubernetes resource quantity: a decimal number with an optional SI or binary suffix.
+fn is_quantity(q: &str) -> bool {
+    let digits = q.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    let suffix = &q[digits.len()..];
+    let number_ok = !digits.is_empty() && digits.parse::<f64>().is_ok_and(|v| v >= 0.0);
+    number_ok && ["", "m", "k", "M", "G", "T", "P", "E", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"].contains(&suffix)
 }
 
 #[cfg(test)]
@@ -177,6 +203,16 @@ evaluation: {data: {path: test}}
     }
 
     #[test]
+    fn kubernetes_quantities_are_recognised() {
+        for q in ["4", "500m", "0.5", "16Gi", "1G"] {
+            assert!(is_quantity(q), "{q}");
+        }
+        for q in ["", "Gi", "16 GB", "16GB", "-1", "four"] {
+            assert!(!is_quantity(q), "{q}");
+        }
+    }
+
+    #[test]
     fn each_bad_field_is_named() {
         type Case = (&'static str, fn(&mut MergeJobSpec));
         let cases: Vec<Case> = vec![
@@ -199,8 +235,13 @@ evaluation: {data: {path: test}}
             ("storage", |s| s.storage.local = None),
             ("cluster.minShards", |s| s.cluster.min_shards = Some(3)),
             ("cluster.image", |s| s.cluster.image.clear()),
+            ("cluster.activeDeadlineSeconds", |s| s.cluster.active_deadline_seconds = Some(0)),
+            ("cluster.stragglerDeadlineSeconds", |s| s.cluster.straggler_deadline_seconds = Some(-5)),
+            ("cluster.ttlSecondsAfterFinished", |s| s.cluster.ttl_seconds_after_finished = Some(-1)),
+            ("cluster.resources.memory", |s| s.cluster.resources.memory = Some("16 GB".into())),
+            ("cluster.resources.cpu", |s| s.cluster.resources.cpu = Some("four".into())),
             ("merge.baselines", |s| {
-                s.shards[1] = ShardSpec { name: "b".into(), data: None, vector: Some("v".into()), secret_ref: None, node_selector: Default::default() };
+                s.shards[1] = ShardSpec { name: "b".into(), data: None, vector: Some("v".into()), secret_ref: None, node_selector: Default::default(), tolerations: vec![] };
                 s.merge.baselines = vec![Baseline::FullTraining];
             }),
         ];

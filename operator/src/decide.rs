@@ -1,9 +1,11 @@
-//! `decide`: given a MergeJob's spec and the state of the Jobs it owns, which stage Jobs to
-//! create next and what the MergeJob's phase is. Pure: no I/O, exhaustively table-tested.
+//! `decide`: given a MergeJob's spec, the state of the Jobs it owns and how long the run has
+//! been going, which stage Jobs to create next and what the MergeJob's phase is. Pure: no I/O,
+//! exhaustively table-tested.
 //!
 //! A stage is done when its Job succeeded. A shard whose training Job failed (after the Job's
-//! own retries) is dropped if the `minShards` quorum still holds; the plan is rebuilt without
-//! it, so the merge waits only for shards that can still deliver.
+//! own retries), or that has not delivered its vector by the straggler deadline, is dropped if
+//! the `minShards` quorum still holds; the plan is rebuilt without it, so the merge waits only
+//! for shards that can still deliver.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -20,8 +22,17 @@ pub enum JobState {
     Failed,
 }
 
+/// Everything `decide` needs to know about the cluster, gathered by `observe`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Observed {
+    /// Stage name -> state of its Job, for the generation being decided.
+    pub jobs: BTreeMap<String, JobState>,
+    /// Seconds since the generation's first Job was created (`None` before that).
+    pub running_for: Option<i64>,
+}
+
 /// The MergeJob's phase.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Phase {
     /// Nothing running yet.
     Pending,
@@ -46,6 +57,55 @@ impl Phase {
     pub fn is_terminal(self) -> bool {
         matches!(self, Phase::Succeeded | Phase::Failed)
     }
+
+    /// The name written to `status.phase`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Pending => "Pending",
+            Phase::Training => "Training",
+            Phase::Merging => "Merging",
+            Phase::Restoring => "Restoring",
+            Phase::Evaluating => "Evaluating",
+            Phase::Succeeded => "Succeeded",
+            Phase::Failed => "Failed",
+            Phase::Suspended => "Suspended",
+        }
+    }
+}
+
+/// Where one shard stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ShardState {
+    /// Its Job has not been created yet.
+    Pending,
+    /// Its training Job is running.
+    Training,
+    /// Its collection Job is waiting for the hospital's external vector.
+    Waiting,
+    /// Its vector is available.
+    Ready,
+    /// Its Job failed after every retry; it is left out of the merge.
+    Failed,
+    /// It missed the straggler deadline; it is left out of the merge.
+    Dropped,
+}
+
+impl ShardState {
+    /// The name written to `status.shards[].state`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ShardState::Pending => "Pending",
+            ShardState::Training => "Training",
+            ShardState::Waiting => "Waiting",
+            ShardState::Ready => "Ready",
+            ShardState::Failed => "Failed",
+            ShardState::Dropped => "Dropped",
+        }
+    }
+
+    fn is_excluded(self) -> bool {
+        matches!(self, ShardState::Failed | ShardState::Dropped)
+    }
 }
 
 /// What to do now.
@@ -59,10 +119,90 @@ pub struct Decision {
     pub reason: &'static str,
     /// What a person should know.
     pub message: String,
+    /// Every shard's state, in spec order.
+    pub shards: Vec<(String, ShardState)>,
+    /// Seconds until the decision may change without any Job changing (the straggler deadline).
+    pub recheck_in: Option<i64>,
+}
+
+impl Decision {
     /// Shards whose vector is available, and shards in total.
-    pub shards_ready: (usize, usize),
-    /// Shards dropped because their Jobs failed.
-    pub failed_shards: Vec<String>,
+    pub fn shards_ready(&self) -> (usize, usize) {
+        (self.shards.iter().filter(|(_, s)| *s == ShardState::Ready).count(), self.shards.len())
+    }
+
+    /// Names of the shards left out of the merge.
+    pub fn excluded_shards(&self) -> Vec<&str> {
+        self.shards.iter().filter(|(_, s)| s.is_excluded()).map(|(n, _)| n.as_str()).collect()
+    }
+}
+
+/// The stage that delivers a shard's vector: training here, or collecting the hospital's upload.
+fn vector_stage(shard: &medmerge_crds::ShardSpec) -> Stage {
+    if shard.vector.is_some() {
+        Stage::Collect { shard: shard.name.clone() }
+    } else {
+        Stage::Finetune { shard: shard.name.clone() }
+    }
+}
+
+fn shard_state(shard: &medmerge_crds::ShardSpec, job: Option<JobState>, past_deadline: bool) -> ShardState {
+    match job {
+        Some(JobState::Succeeded) => ShardState::Ready,
+        Some(JobState::Failed) => ShardState::Failed,
+        _ if past_deadline => ShardState::Dropped,
+        None => ShardState::Pending,
+        Some(JobState::Active) if shard.vector.is_some() => ShardState::Waiting,
+        Some(JobState::Active) => ShardState::Training,
+    }
+}
+
+/// Decides the next step of generation `generation` of a MergeJob named `name`.
+pub fn decide(name: &str, namespace: &str, generation: i64, spec: &MergeJobSpec, observed: &Observed) -> Decision {
+    let state = |stage: &Stage| observed.jobs.get(&stage.name()).copied();
+    let deadline = spec.cluster.straggler_deadline_seconds;
+    let past_deadline = matches!((deadline, observed.running_for), (Some(d), Some(t)) if t >= d);
+    let shards: Vec<(String, ShardState)> = spec.shards.iter().map(|s| (s.name.clone(), shard_state(s, state(&vector_stage(s)), past_deadline))).collect();
+    let decision = |create, phase, reason, message: String| Decision { create, phase, reason, message, shards: shards.clone(), recheck_in: None };
+    if let Err(errors) = validate(spec) {
+        let message = errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
+        return decision(vec![], Phase::Failed, "InvalidSpec", message);
+    }
+    let excluded: Vec<&str> = shards.iter().filter(|(_, s)| s.is_excluded()).map(|(n, _)| n.as_str()).collect();
+    let total = spec.shards.len();
+    let required = spec.cluster.min_shards.map_or(total, |m| m as usize);
+    let healthy = total - excluded.len();
+    if healthy < required {
+        let why = if past_deadline { " or missed the straggler deadline" } else { "" };
+        let message = format!("shards {} failed{why}; {healthy} of {total} remain, {required} required (cluster.minShards)", excluded.join(", "));
+        return decision(vec![], Phase::Failed, "QuorumLost", message);
+    }
+    let mut effective = spec.clone();
+    effective.shards.retain(|s| !excluded.contains(&s.name.as_str()));
+    let plan = StagePlan::new(&effective, &ArtifactLayout::new(&spec.storage.prefix, namespace, name, generation));
+    let done: BTreeSet<String> =
+        plan.stages.iter().filter(|p| state(&p.stage) == Some(JobState::Succeeded)).flat_map(|p| p.writes.iter().cloned()).collect();
+    if let Some(p) = plan.stages.iter().find(|p| shard_of(&p.stage).is_none() && state(&p.stage) == Some(JobState::Failed)) {
+        let message = format!("stage {} failed after {} retries; see its Job's logs", p.stage.name(), spec.cluster.backoff_limit);
+        return decision(vec![], Phase::Failed, "StageFailed", message);
+    }
+    if plan.is_complete(&done) {
+        return decision(vec![], Phase::Succeeded, "Succeeded", "every stage finished".into());
+    }
+    let active: Vec<&Stage> = plan.stages.iter().map(|p| &p.stage).filter(|s| state(s) == Some(JobState::Active)).collect();
+    let create: Vec<Stage> = plan.ready(&done).into_iter().map(|p| p.stage.clone()).filter(|s| state(s).is_none()).collect();
+    if spec.cluster.suspend {
+        let message = format!("suspended with {} stage Jobs still running", active.len());
+        return decision(vec![], Phase::Suspended, "Suspended", message);
+    }
+    let phase = active.iter().copied().chain(&create).map(phase_of).min().unwrap_or(Phase::Pending);
+    let message = if create.is_empty() { format!("{} stage Jobs running", active.len()) } else { format!("starting {}", create.iter().map(Stage::name).collect::<Vec<_>>().join(", ")) };
+    let waiting_for_shards = shards.iter().any(|(_, s)| matches!(s, ShardState::Pending | ShardState::Training | ShardState::Waiting));
+    let recheck_in = match (deadline, observed.running_for) {
+        (Some(d), Some(t)) if waiting_for_shards && t < d => Some(d - t),
+        _ => None,
+    };
+    Decision { recheck_in, ..decision(create, phase, "Progressing", message) }
 }
 
 fn shard_of(stage: &Stage) -> Option<&str> {
@@ -70,54 +210,6 @@ fn shard_of(stage: &Stage) -> Option<&str> {
         Stage::Finetune { shard } | Stage::Collect { shard } => Some(shard),
         _ => None,
     }
-}
-
-/// Decides the next step of generation `generation` of a MergeJob named `name`.
-pub fn decide(name: &str, namespace: &str, generation: i64, spec: &MergeJobSpec, jobs: &BTreeMap<String, JobState>) -> Decision {
-    let total = spec.shards.len();
-    let decision = |create, phase, reason, message: String, ready, failed| Decision { create, phase, reason, message, shards_ready: (ready, total), failed_shards: failed };
-    if let Err(errors) = validate(spec) {
-        let message = errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
-        return decision(vec![], Phase::Failed, "InvalidSpec", message, 0, vec![]);
-    }
-    let state = |stage: &Stage| jobs.get(&stage.name()).copied();
-    let failed_shards: Vec<String> = spec
-        .shards
-        .iter()
-        .filter(|s| {
-            let stage = if s.vector.is_some() { Stage::Collect { shard: s.name.clone() } } else { Stage::Finetune { shard: s.name.clone() } };
-            state(&stage) == Some(JobState::Failed)
-        })
-        .map(|s| s.name.clone())
-        .collect();
-    let required = spec.cluster.min_shards.map_or(total, |m| m as usize);
-    let healthy = total - failed_shards.len();
-    if healthy < required {
-        let message = format!("shards {} failed; {healthy} of {total} remain, {required} required (cluster.minShards)", failed_shards.join(", "));
-        return decision(vec![], Phase::Failed, "QuorumLost", message, 0, failed_shards);
-    }
-    let mut effective = spec.clone();
-    effective.shards.retain(|s| !failed_shards.contains(&s.name));
-    let plan = StagePlan::new(&effective, &ArtifactLayout::new(&spec.storage.prefix, namespace, name, generation));
-    let done: BTreeSet<String> =
-        plan.stages.iter().filter(|p| state(&p.stage) == Some(JobState::Succeeded)).flat_map(|p| p.writes.iter().cloned()).collect();
-    let ready_shards = plan.stages.iter().filter(|p| shard_of(&p.stage).is_some() && state(&p.stage) == Some(JobState::Succeeded)).count();
-    if let Some(p) = plan.stages.iter().find(|p| shard_of(&p.stage).is_none() && state(&p.stage) == Some(JobState::Failed)) {
-        let message = format!("stage {} failed after {} retries; see its Job's logs", p.stage.name(), spec.cluster.backoff_limit);
-        return decision(vec![], Phase::Failed, "StageFailed", message, ready_shards, failed_shards);
-    }
-    if plan.is_complete(&done) {
-        return decision(vec![], Phase::Succeeded, "Succeeded", "every stage finished".into(), ready_shards, failed_shards);
-    }
-    let active: Vec<&Stage> = plan.stages.iter().map(|p| &p.stage).filter(|s| state(s) == Some(JobState::Active)).collect();
-    let create: Vec<Stage> = plan.ready(&done).into_iter().map(|p| p.stage.clone()).filter(|s| state(s).is_none()).collect();
-    if spec.cluster.suspend {
-        let message = format!("suspended with {} stage Jobs still running", active.len());
-        return decision(vec![], Phase::Suspended, "Suspended", message, ready_shards, failed_shards);
-    }
-    let phase = active.iter().copied().chain(&create).map(phase_of).min_by_key(|p| *p as u8).unwrap_or(Phase::Pending);
-    let message = if create.is_empty() { format!("{} stage Jobs running", active.len()) } else { format!("starting {}", create.iter().map(Stage::name).collect::<Vec<_>>().join(", ")) };
-    decision(create, phase, "Progressing", message, ready_shards, failed_shards)
 }
 
 fn phase_of(stage: &Stage) -> Phase {
@@ -141,8 +233,8 @@ mod tests {
         serde_yaml::from_str(&yaml).unwrap()
     }
 
-    fn jobs(states: &[(&str, JobState)]) -> BTreeMap<String, JobState> {
-        states.iter().map(|(n, s)| (n.to_string(), *s)).collect()
+    fn jobs(states: &[(&str, JobState)]) -> Observed {
+        Observed { jobs: states.iter().map(|(n, s)| (n.to_string(), *s)).collect(), running_for: Some(60) }
     }
 
     fn names(d: &Decision) -> Vec<String> {
@@ -162,14 +254,14 @@ mod tests {
         let d = decide("mj", "ns", 1, &spec(""), &jobs(&[("init", Succeeded), ("finetune-a", Active)]));
         assert_eq!(names(&d), vec!["finetune-b", "finetune-c"]);
         assert_eq!(d.phase, Phase::Training);
-        assert_eq!(d.shards_ready, (0, 3));
+        assert_eq!(d.shards_ready(), (0, 3));
     }
 
     #[test]
     fn merging_starts_when_every_vector_is_there() {
         let j = jobs(&[("init", Succeeded), ("finetune-a", Succeeded), ("finetune-b", Succeeded), ("finetune-c", Succeeded)]);
         let d = decide("mj", "ns", 1, &spec(""), &j);
-        assert_eq!((names(&d), d.phase, d.shards_ready), (vec!["merge-data-vector".to_string()], Phase::Merging, (3, 3)));
+        assert_eq!((names(&d), d.phase, d.shards_ready()), (vec!["merge-data-vector".to_string()], Phase::Merging, (3, 3)));
     }
 
     #[test]
@@ -177,8 +269,8 @@ mod tests {
         let j = jobs(&[("init", Succeeded), ("finetune-a", Succeeded), ("finetune-b", Failed), ("finetune-c", Succeeded)]);
         let d = decide("mj", "ns", 1, &spec("cluster: {minShards: 2}"), &j);
         assert_eq!(names(&d), vec!["merge-data-vector"]);
-        assert_eq!(d.failed_shards, vec!["b"]);
-        assert_eq!(d.shards_ready, (2, 3));
+        assert_eq!(d.excluded_shards(), vec!["b"]);
+        assert_eq!(d.shards_ready(), (2, 3));
     }
 
     #[test]
@@ -196,11 +288,11 @@ mod tests {
         assert_eq!(names(&d), vec!["restore-data-vector-a", "restore-data-vector-b", "restore-data-vector-c"]);
         assert_eq!(d.phase, Phase::Restoring);
         for s in ["restore-data-vector-a", "restore-data-vector-b", "restore-data-vector-c", "restore-data-vector"] {
-            j.insert(s.into(), Succeeded);
+            j.jobs.insert(s.into(), Succeeded);
         }
         let d = decide("mj", "ns", 1, &spec(""), &j);
         assert_eq!((names(&d), d.phase), (vec!["evaluate".to_string()], Phase::Evaluating));
-        j.insert("evaluate".into(), Succeeded);
+        j.jobs.insert("evaluate".into(), Succeeded);
         let d = decide("mj", "ns", 1, &spec(""), &j);
         assert_eq!((d.phase, d.create.len()), (Phase::Succeeded, 0));
     }
@@ -224,5 +316,65 @@ mod tests {
         let d = decide("mj", "ns", 1, &spec("cluster: {minShards: 9}"), &jobs(&[]));
         assert_eq!((d.phase, d.reason), (Phase::Failed, "InvalidSpec"));
         assert!(d.message.contains("spec.cluster.minShards") && d.create.is_empty());
+    }
+
+    fn at(mut o: Observed, seconds: i64) -> Observed {
+        o.running_for = Some(seconds);
+        o
+    }
+
+    #[test]
+    fn a_straggler_is_dropped_at_the_deadline_when_the_quorum_holds() {
+        let j = jobs(&[("init", Succeeded), ("finetune-a", Succeeded), ("finetune-b", Active), ("finetune-c", Succeeded)]);
+        let s = spec("cluster: {minShards: 2, stragglerDeadlineSeconds: 3600}");
+        let before = decide("mj", "ns", 1, &s, &at(j.clone(), 3000));
+        assert_eq!((names(&before), before.phase, before.recheck_in), (vec![], Phase::Training, Some(600)));
+        let after = decide("mj", "ns", 1, &s, &at(j, 3600));
+        assert_eq!(names(&after), vec!["merge-data-vector"]);
+        assert_eq!(after.shards[1], ("b".to_string(), ShardState::Dropped));
+        assert_eq!(after.recheck_in, None);
+    }
+
+    #[test]
+    fn stragglers_past_the_deadline_without_a_quorum_fail_the_run() {
+        let j = jobs(&[("init", Succeeded), ("finetune-a", Succeeded), ("finetune-b", Active), ("finetune-c", Active)]);
+        let d = decide("mj", "ns", 1, &spec("cluster: {minShards: 2, stragglerDeadlineSeconds: 60}"), &at(j, 61));
+        assert_eq!((d.phase, d.reason), (Phase::Failed, "QuorumLost"));
+        assert!(d.message.contains("b, c") && d.message.contains("straggler deadline"), "{}", d.message);
+    }
+
+    #[test]
+    fn without_a_deadline_the_run_waits_for_every_shard() {
+        let j = jobs(&[("init", Succeeded), ("finetune-a", Succeeded), ("finetune-b", Active), ("finetune-c", Succeeded)]);
+        let d = decide("mj", "ns", 1, &spec("cluster: {minShards: 2}"), &at(j, 1_000_000));
+        assert_eq!((names(&d).len(), d.phase, d.recheck_in), (0, Phase::Training, None));
+    }
+
+    #[test]
+    fn an_external_shard_waits_for_its_vector_while_others_train() {
+        let yaml = "model: {architecture: resnet18, weights: random}\nshards:\n  - {name: a, data: {path: a}}\n  - {name: remote, vector: incoming/remote.safetensors}\nevaluation: {data: {path: t}}\nmerge: {baselines: []}\n";
+        let s: MergeJobSpec = serde_yaml::from_str(yaml).unwrap();
+        let d = decide("mj", "ns", 1, &s, &jobs(&[("init", Succeeded), ("finetune-a", Active), ("collect-remote", Active)]));
+        assert_eq!(d.shards, vec![("a".to_string(), ShardState::Training), ("remote".to_string(), ShardState::Waiting)]);
+    }
+
+    #[test]
+    fn phases_only_move_forward_through_the_plan() {
+        let order: Vec<Phase> = [
+            vec![],
+            vec![("init", Succeeded)],
+            vec![("init", Succeeded), ("finetune-a", Succeeded), ("finetune-b", Succeeded), ("finetune-c", Succeeded)],
+            vec![("init", Succeeded), ("finetune-a", Succeeded), ("finetune-b", Succeeded), ("finetune-c", Succeeded), ("merge-data-vector", Succeeded)],
+        ]
+        .iter()
+        .map(|j| decide("mj", "ns", 1, &spec(""), &jobs(j)).phase)
+        .collect();
+        assert_eq!(order, vec![Phase::Training, Phase::Training, Phase::Merging, Phase::Restoring]);
+    }
+
+    #[test]
+    fn a_new_generation_starts_from_the_beginning_regardless_of_the_old_one() {
+        let d = decide("mj", "ns", 2, &spec(""), &Observed::default());
+        assert_eq!((names(&d), d.phase), (vec!["init".to_string()], Phase::Training));
     }
 }

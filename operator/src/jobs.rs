@@ -10,12 +10,12 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvVar, PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements,
-    SeccompProfile, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
+    SeccompProfile, SecretVolumeSource, SecurityContext, Toleration, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::Resource;
-use medmerge_crds::{MergeJob, Stage};
+use medmerge_crds::{ClusterSpec, MergeJob, Stage};
 
 use crate::names::child_name;
 
@@ -78,6 +78,29 @@ fn uses_gpu(stage: &Stage) -> bool {
     matches!(stage, Stage::Finetune { .. } | Stage::FullTraining | Stage::Restore { .. } | Stage::Evaluate)
 }
 
+/// CPU and memory from `cluster.resources` (requests; memory is also the limit), and GPUs as
+/// limits for stages that run the model.
+fn resources(cluster: &ClusterSpec, runs_model: bool) -> Option<ResourceRequirements> {
+    let mut requests = BTreeMap::new();
+    let mut limits = BTreeMap::new();
+    if let Some(cpu) = &cluster.resources.cpu {
+        requests.insert("cpu".to_string(), Quantity(cpu.clone()));
+    }
+    if let Some(memory) = &cluster.resources.memory {
+        requests.insert("memory".to_string(), Quantity(memory.clone()));
+        limits.insert("memory".to_string(), Quantity(memory.clone()));
+    }
+    if cluster.gpus > 0 && runs_model {
+        limits.insert("nvidia.com/gpu".to_string(), Quantity(cluster.gpus.to_string()));
+    }
+    let some = |m: BTreeMap<String, Quantity>| (!m.is_empty()).then_some(m);
+    (!requests.is_empty() || !limits.is_empty()).then(|| ResourceRequirements { requests: some(requests), limits: some(limits), ..Default::default() })
+}
+
+fn toleration(t: &medmerge_crds::Toleration) -> Toleration {
+    Toleration { key: t.key.clone(), operator: t.operator.clone(), value: t.value.clone(), effect: t.effect.clone(), ..Default::default() }
+}
+
 /// The batch Job that runs `stage` of generation `generation`.
 pub fn stage_job(mj: &MergeJob, generation: i64, stage: &Stage) -> Job {
     let name = mj.metadata.name.clone().unwrap_or_default();
@@ -102,10 +125,7 @@ pub fn stage_job(mj: &MergeJob, generation: i64, stage: &Stage) -> Job {
         volumes.push(Volume { name: "shard-credentials".into(), secret: Some(SecretVolumeSource { secret_name: Some(secret), ..Default::default() }), ..Default::default() });
         mounts.push(VolumeMount { name: "shard-credentials".into(), mount_path: SHARD_SECRET_DIR.into(), read_only: Some(true), ..Default::default() });
     }
-    let resources = (cluster.gpus > 0 && uses_gpu(stage)).then(|| {
-        let gpus = BTreeMap::from([("nvidia.com/gpu".to_string(), Quantity(cluster.gpus.to_string()))]);
-        ResourceRequirements { limits: Some(gpus), ..Default::default() }
-    });
+    let resources = resources(cluster, uses_gpu(stage));
     let container = Container {
         name: "trainer".into(),
         image: Some(cluster.image.clone()),
@@ -126,6 +146,7 @@ pub fn stage_job(mj: &MergeJob, generation: i64, stage: &Stage) -> Job {
         ..Default::default()
     };
     let node_selector = shard.map(|s| s.node_selector.clone()).filter(|n| !n.is_empty());
+    let tolerations: Vec<Toleration> = cluster.tolerations.iter().chain(shard.map(|s| s.tolerations.as_slice()).unwrap_or_default()).map(toleration).collect();
     Job {
         metadata: ObjectMeta {
             name: Some(child_name(&name, generation, &stage.name())),
@@ -137,6 +158,7 @@ pub fn stage_job(mj: &MergeJob, generation: i64, stage: &Stage) -> Job {
         spec: Some(JobSpec {
             backoff_limit: Some(cluster.backoff_limit),
             active_deadline_seconds: cluster.active_deadline_seconds,
+            ttl_seconds_after_finished: cluster.ttl_seconds_after_finished,
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta { labels: Some(labels), ..Default::default() }),
                 spec: Some(PodSpec {
@@ -144,6 +166,7 @@ pub fn stage_job(mj: &MergeJob, generation: i64, stage: &Stage) -> Job {
                     automount_service_account_token: Some(false),
                     enable_service_links: Some(false),
                     node_selector,
+                    tolerations: (!tolerations.is_empty()).then_some(tolerations),
                     security_context: Some(PodSecurityContext {
                         run_as_non_root: Some(true),
                         run_as_user: Some(RUN_AS_USER),
@@ -175,10 +198,10 @@ metadata: {name: retina, namespace: radiology, uid: 1234-abcd, generation: 2}
 spec:
   model: {architecture: resnet50, weights: random}
   shards:
-    - {name: hospital-a, data: {path: a}, secretRef: creds-a, nodeSelector: {site: a}}
+    - {name: hospital-a, data: {path: a}, secretRef: creds-a, nodeSelector: {site: a}, tolerations: [{key: site-a, operator: Exists}]}
     - {name: hospital-b, data: {path: b}, secretRef: creds-b}
   evaluation: {data: {path: t}}
-  cluster: {gpus: 1, backoffLimit: 3}
+  cluster: {gpus: 1, backoffLimit: 3, ttlSecondsAfterFinished: 600, resources: {cpu: "4", memory: 16Gi}, tolerations: [{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}]}
 "#,
         )
         .unwrap();
@@ -239,7 +262,8 @@ spec:
         let mj = mergejob();
         let gpu = |s: &Stage| stage_job(&mj, 2, s).spec.unwrap().template.spec.unwrap().containers[0].resources.clone();
         assert_eq!(gpu(&Stage::Finetune { shard: "hospital-a".into() }).unwrap().limits.unwrap()["nvidia.com/gpu"], Quantity("1".into()));
-        assert!(gpu(&Stage::Merge { candidate: "data-vector".into() }).is_none());
+        let merge = gpu(&Stage::Merge { candidate: "data-vector".into() }).unwrap();
+        assert!(!merge.limits.unwrap().contains_key("nvidia.com/gpu"));
     }
 
     #[test]
@@ -249,5 +273,20 @@ spec:
         let back: MergeJob = serde_yaml::from_str(&cm.data.unwrap()["mergejob.yaml"]).unwrap();
         assert_eq!(back.spec, mj.spec);
         assert_eq!(back.metadata.generation, Some(2));
+    }
+
+    #[test]
+    fn tolerations_resources_and_ttl_reach_the_pod() {
+        let mj = mergejob();
+        let a = stage_job(&mj, 2, &Stage::Finetune { shard: "hospital-a".into() }).spec.unwrap();
+        assert_eq!(a.ttl_seconds_after_finished, Some(600));
+        let pod = a.template.spec.unwrap();
+        let keys: Vec<String> = pod.tolerations.unwrap().iter().filter_map(|t| t.key.clone()).collect();
+        assert_eq!(keys, vec!["nvidia.com/gpu", "site-a"]);
+        let r = pod.containers[0].resources.clone().unwrap();
+        assert_eq!(r.requests.unwrap()["cpu"], Quantity("4".into()));
+        assert_eq!(r.limits.unwrap()["memory"], Quantity("16Gi".into()));
+        let b = stage_job(&mj, 2, &Stage::Finetune { shard: "hospital-b".into() }).spec.unwrap().template.spec.unwrap();
+        assert_eq!(b.tolerations.unwrap().len(), 1, "shard a's toleration is not shard b's");
     }
 }

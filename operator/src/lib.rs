@@ -1,7 +1,16 @@
-//! The medmerge operator's pure core: what to do next for a MergeJob (`decide`) and the Jobs
-//! that do it (`jobs`). The controller loop that observes the cluster and applies these
-//! decisions is built on top of these and is still to come.
+//! The medmerge operator: a kube-rs controller that turns each MergeJob into batch Jobs.
+//!
+//! Pure core: what to do next (`decide`), the Jobs that do it (`jobs`, `names`), how the
+//! cluster's Jobs read in `decide`'s terms (`observe`) and the status to write (`status`).
+//! Around it: the reconcile loop (`controller`), results read back from the artifact store
+//! (`artifacts`), leader election (`leader`) and health/metrics (`telemetry`).
 
+pub mod artifacts;
+pub mod controller;
 pub mod decide;
 pub mod jobs;
+pub mod leader;
 pub mod names;
+pub mod observe;
+pub mod status;
+pub mod telemetry;

@@ -1,0 +1,161 @@
+//! What the operator reads back from the artifact store: the evaluate stage's headline results
+//! and each shard's training summary, copied into the MergeJob's status. Parsing is pure; only
+//! [`ArtifactReader::get`] touches storage.
+
+use std::path::{Path, PathBuf};
+
+use medmerge_crds::{ArtifactLayout, CandidateSummary, MergeJobSpec, RestoreMode, ResultsStatus};
+use serde_json::Value;
+
+/// Errors reading artifacts back.
+#[derive(Debug, thiserror::Error)]
+pub enum ArtifactError {
+    /// The store could not be read.
+    #[error("reading artifact {key}: {source}")]
+    Read {
+        /// The artifact key.
+        key: String,
+        /// What went wrong.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The artifact is not the JSON the trainer writes.
+    #[error("artifact {key} is not valid: {why}")]
+    Invalid {
+        /// The artifact key.
+        key: String,
+        /// What is wrong with it.
+        why: String,
+    },
+}
+
+/// Where the operator reads a MergeJob's artifacts from.
+#[derive(Clone, Debug)]
+pub enum ArtifactReader {
+    /// `storage.local`: a directory the operator sees at `root` (relative `storage.local.path`
+    /// values are resolved against it).
+    Local {
+        /// Directory relative local paths are resolved against.
+        root: PathBuf,
+    },
+    /// No store is reachable from the operator; results stay in the store only.
+    Unavailable,
+}
+
+impl ArtifactReader {
+    /// The bytes at `key` in `spec`'s store, or `None` when it does not exist.
+    pub async fn get(&self, spec: &MergeJobSpec, key: &str) -> Result<Option<Vec<u8>>, ArtifactError> {
+        match (self, &spec.storage.local) {
+            (ArtifactReader::Local { root }, Some(local)) => {
+                let path = resolve(root, &local.path).join(key);
+                match tokio::fs::read(&path).await {
+                    Ok(bytes) => Ok(Some(bytes)),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                    Err(source) => Err(ArtifactError::Read { key: key.into(), source }),
+                }
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
+fn resolve(root: &Path, path: &str) -> PathBuf {
+    let p = Path::new(path);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        root.join(p)
+    }
+}
+
+fn number(v: &Value, field: &str) -> Option<f64> {
+    v.get(field).and_then(Value::as_f64)
+}
+
+/// The headline results in the evaluate stage's `metrics.json`.
+pub fn results_from_report(bytes: &[u8], spec: &MergeJobSpec, layout: &ArtifactLayout) -> Result<ResultsStatus, ArtifactError> {
+    let key = layout.eval_metrics();
+    let invalid = |why: &str| ArtifactError::Invalid { key: key.clone(), why: why.into() };
+    let report: Value = serde_json::from_slice(bytes).map_err(|e| invalid(&e.to_string()))?;
+    let candidates = report.get("candidates").and_then(Value::as_array).filter(|c| !c.is_empty()).ok_or_else(|| invalid("no candidates"))?;
+    let summary = |c: &Value| -> Result<CandidateSummary, ArtifactError> {
+        let id = c.get("id").and_then(Value::as_str).ok_or_else(|| invalid("a candidate has no id"))?;
+        let metrics = c.get("metrics").ok_or_else(|| invalid(&format!("candidate {id} has no metrics")))?;
+        let accuracy = number(metrics, "accuracy").ok_or_else(|| invalid(&format!("candidate {id} has no accuracy")))?;
+        Ok(CandidateSummary { id: id.into(), accuracy, macro_f1: number(metrics, "macro_f1").unwrap_or(f64::NAN) })
+    };
+    let primary = summary(&candidates[0])?;
+    let auroc = candidates[0].get("metrics").and_then(|m| number(m, "macro_auroc"));
+    let model = if spec.restore.mode == RestoreMode::None { layout.merged(&primary.id) } else { layout.restored(&primary.id) };
+    Ok(ResultsStatus {
+        accuracy: primary.accuracy,
+        macro_f1: primary.macro_f1,
+        auroc,
+        model,
+        report: Some(key.clone()),
+        baselines: candidates[1..].iter().map(summary).collect::<Result<_, _>>()?,
+    })
+}
+
+/// Training images and best validation accuracy from a shard's `metrics.json`.
+pub fn shard_summary(bytes: &[u8]) -> (Option<u64>, Option<f64>) {
+    let Ok(report) = serde_json::from_slice::<Value>(bytes) else { return (None, None) };
+    let samples = report.get("class_counts").and_then(Value::as_array).map(|c| c.iter().filter_map(Value::as_u64).sum());
+    let best = report.get("best_epoch").and_then(Value::as_u64);
+    let accuracy = report
+        .get("epochs")
+        .and_then(Value::as_array)
+        .and_then(|epochs| epochs.iter().find(|e| e.get("epoch").and_then(Value::as_u64) == best))
+        .and_then(|e| number(e, "validation_accuracy"));
+    (samples, accuracy)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> MergeJobSpec {
+        serde_yaml::from_str("model: {architecture: resnet18, weights: random}\nshards: [{name: a, data: {path: a}}]\nevaluation: {data: {path: t}}\n").unwrap()
+    }
+
+    #[test]
+    fn the_first_candidate_is_the_headline_and_the_rest_are_baselines() {
+        let report = br#"{"candidates": [
+            {"id": "data-vector", "metrics": {"accuracy": 0.87, "macro_f1": 0.86, "macro_auroc": 0.97}},
+            {"id": "params-mean", "metrics": {"accuracy": 0.85, "macro_f1": 0.84}}]}"#;
+        let layout = ArtifactLayout::new("runs", "ns", "mj", 2);
+        let r = results_from_report(report, &spec(), &layout).unwrap();
+        assert_eq!((r.accuracy, r.macro_f1, r.auroc), (0.87, 0.86, Some(0.97)));
+        assert_eq!(r.model, "runs/ns/mj/g2/restored/data-vector/model.safetensors");
+        assert_eq!(r.baselines, vec![CandidateSummary { id: "params-mean".into(), accuracy: 0.85, macro_f1: 0.84 }]);
+    }
+
+    #[test]
+    fn a_report_without_candidates_is_refused_naming_the_key() {
+        let layout = ArtifactLayout::new("runs", "ns", "mj", 2);
+        let err = results_from_report(br#"{"candidates": []}"#, &spec(), &layout).unwrap_err().to_string();
+        assert!(err.contains("runs/ns/mj/g2/eval/metrics.json") && err.contains("no candidates"), "{err}");
+        assert!(results_from_report(b"not json", &spec(), &layout).is_err());
+    }
+
+    #[test]
+    fn shard_summaries_report_samples_and_the_kept_epochs_validation_accuracy() {
+        let m = br#"{"class_counts": [10, 20, 5], "best_epoch": 2, "epochs": [
+            {"epoch": 1, "validation_accuracy": 0.5}, {"epoch": 2, "validation_accuracy": 0.75}]}"#;
+        assert_eq!(shard_summary(m), (Some(35), Some(0.75)));
+        assert_eq!(shard_summary(b"{}"), (None, None));
+    }
+
+    #[tokio::test]
+    async fn local_artifacts_are_read_relative_to_the_root_and_missing_ones_are_none() {
+        let dir = std::env::temp_dir().join(format!("medmerge-op-artifacts-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("store/k")).unwrap();
+        std::fs::write(dir.join("store/k/x.json"), b"{}").unwrap();
+        let mut s = spec();
+        s.storage.local = Some(medmerge_crds::LocalStorage { path: "store".into() });
+        let reader = ArtifactReader::Local { root: dir.clone() };
+        assert_eq!(reader.get(&s, "k/x.json").await.unwrap(), Some(b"{}".to_vec()));
+        assert_eq!(reader.get(&s, "k/missing.json").await.unwrap(), None);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,242 @@
+//! The reconcile loop: observe (the MergeJob's Jobs of its current generation and what the
+//! artifact store holds) -> decide (pure) -> apply (server-side apply of the spec ConfigMap and
+//! new stage Jobs, then the status), with an Event for every stage transition.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{ListParams, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::watcher;
+use kube::{Api, Client, Resource, ResourceExt};
+use medmerge_crds::{ArtifactLayout, MergeJob, MergeJobStatus};
+use tracing::{info, instrument, warn};
+
+use crate::artifacts::{results_from_report, shard_summary, ArtifactError, ArtifactReader};
+use crate::decide::{decide, Decision, Phase, ShardState};
+use crate::jobs::{spec_configmap, stage_job, LABEL_GENERATION, LABEL_MERGEJOB};
+use crate::observe::observe_jobs;
+use crate::status::{build_status, ShardFacts, StatusInputs};
+use crate::telemetry::Metrics;
+
+/// The field manager of every object the operator writes.
+pub const MANAGER: &str = "medmerge-operator";
+/// How often a running MergeJob is looked at even when nothing changed.
+const RESYNC: Duration = Duration::from_secs(300);
+
+/// Why a reconcile failed (it is retried).
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    /// A call to the Kubernetes API failed.
+    #[error("{action}: {source}")]
+    Kube {
+        /// What the operator was doing.
+        action: String,
+        /// The API error.
+        #[source]
+        source: kube::Error,
+    },
+    /// The MergeJob could not be serialised into its spec ConfigMap.
+    #[error("serialising the MergeJob for its spec ConfigMap: {0}")]
+    Yaml(#[from] serde_yaml::Error),
+    /// Results or shard summaries could not be read back.
+    #[error(transparent)]
+    Artifacts(#[from] ArtifactError),
+}
+
+fn kube_err(action: impl Into<String>) -> impl FnOnce(kube::Error) -> ReconcileError {
+    let action = action.into();
+    move |source| ReconcileError::Kube { action, source }
+}
+
+/// What every reconcile shares.
+pub struct Context {
+    /// The API client.
+    pub client: Client,
+    /// Publishes Kubernetes Events.
+    pub recorder: Recorder,
+    /// Counters for `/metrics`.
+    pub metrics: Arc<Metrics>,
+    /// Where results are read back from.
+    pub artifacts: ArtifactReader,
+}
+
+impl Context {
+    /// A context whose Events are reported as `instance` of the operator.
+    pub fn new(client: Client, instance: &str, metrics: Arc<Metrics>, artifacts: ArtifactReader) -> Self {
+        let reporter = Reporter { controller: MANAGER.into(), instance: Some(instance.into()) };
+        Context { recorder: Recorder::new(client.clone(), reporter), client, metrics, artifacts }
+    }
+}
+
+/// Reconciles one MergeJob.
+#[instrument(skip_all, fields(mergejob = %mj.name_any(), namespace = mj.namespace().unwrap_or_default(), generation = mj.metadata.generation))]
+pub async fn reconcile(mj: Arc<MergeJob>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
+    let started = Instant::now();
+    let result = reconcile_inner(&mj, &ctx).await;
+    ctx.metrics.reconciled(started.elapsed(), result.is_err());
+    result
+}
+
+async fn reconcile_inner(mj: &MergeJob, ctx: &Context) -> Result<Action, ReconcileError> {
+    let ns = mj.namespace().unwrap_or_else(|| "default".into());
+    let name = mj.name_any();
+    let key = format!("{ns}/{name}");
+    let generation = mj.metadata.generation.unwrap_or(1);
+    let previous = mj.status.clone().unwrap_or_default();
+    let terminal = matches!(previous.phase.as_deref(), Some("Succeeded") | Some("Failed"));
+    if previous.observed_generation == Some(generation) && terminal {
+        // A finished generation never re-runs by itself; a spec edit starts the next one.
+        ctx.metrics.set_phase(&key, previous.phase.as_deref());
+        return Ok(Action::await_change());
+    }
+
+    let jobs_api: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
+    let selector = format!("{LABEL_MERGEJOB}={name},{LABEL_GENERATION}={generation}");
+    let jobs = jobs_api.list(&ListParams::default().labels(&selector)).await.map_err(kube_err(format!("listing Jobs of {key}")))?;
+    let now = Timestamp::now();
+    let seen = observe_jobs(&jobs.items, now);
+    let decision = decide(&name, &ns, generation, &mj.spec, &seen.observed);
+
+    create_stage_jobs(mj, ctx, &ns, generation, &decision).await?;
+
+    let layout = ArtifactLayout::new(&mj.spec.storage.prefix, &ns, &name, generation);
+    let shard_facts = read_shard_facts(mj, ctx, &previous, generation, &decision, &layout).await;
+    let results = if decision.phase == Phase::Succeeded { read_results(mj, ctx, &layout).await } else { None };
+    let status = build_status(&StatusInputs {
+        previous: &previous,
+        generation,
+        spec: &mj.spec,
+        layout: &layout,
+        decision: &decision,
+        jobs: &seen,
+        shard_facts: &shard_facts,
+        results,
+        now,
+    });
+    write_status(mj, ctx, &ns, &status).await?;
+    publish_transition(mj, ctx, &previous, generation, &decision).await;
+    ctx.metrics.set_phase(&key, Some(decision.phase.as_str()));
+    info!(phase = decision.phase.as_str(), reason = decision.reason, message = %decision.message, "reconciled");
+
+    Ok(if decision.phase.is_terminal() {
+        Action::await_change()
+    } else if let Some(seconds) = decision.recheck_in {
+        Action::requeue(Duration::from_secs(seconds.max(1) as u64).min(RESYNC))
+    } else {
+        Action::requeue(RESYNC)
+    })
+}
+
+async fn create_stage_jobs(mj: &MergeJob, ctx: &Context, ns: &str, generation: i64, decision: &Decision) -> Result<(), ReconcileError> {
+    if decision.create.is_empty() {
+        return Ok(());
+    }
+    let apply = PatchParams::apply(MANAGER).force();
+    let cm = spec_configmap(mj, generation)?;
+    let cm_name = cm.metadata.name.clone().unwrap_or_default();
+    let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), ns);
+    cms.patch(&cm_name, &apply, &Patch::Apply(&cm)).await.map_err(kube_err(format!("applying ConfigMap {ns}/{cm_name}")))?;
+    let jobs_api: Api<Job> = Api::namespaced(ctx.client.clone(), ns);
+    for stage in &decision.create {
+        let job = stage_job(mj, generation, stage);
+        let job_name = job.metadata.name.clone().unwrap_or_default();
+        jobs_api.patch(&job_name, &apply, &Patch::Apply(&job)).await.map_err(kube_err(format!("applying Job {ns}/{job_name}")))?;
+        info!(stage = %stage.name(), job = %job_name, "stage Job created");
+        publish(ctx, mj, EventType::Normal, "StageStarted", "CreateJob", format!("started stage {} as Job {job_name}", stage.name())).await;
+    }
+    ctx.metrics.jobs_created(decision.create.len());
+    Ok(())
+}
+
+/// Shard training summaries for shards whose vector is ready; values already in the status
+/// are reused so the store is read once per shard.
+async fn read_shard_facts(mj: &MergeJob, ctx: &Context, previous: &MergeJobStatus, generation: i64, decision: &Decision, layout: &ArtifactLayout) -> ShardFacts {
+    let mut facts = ShardFacts::new();
+    for (shard, state) in &decision.shards {
+        let known = previous.shards.iter().find(|s| &s.name == shard && previous.observed_generation == Some(generation) && s.samples.is_some());
+        if let Some(s) = known {
+            facts.insert(shard.clone(), (s.samples, s.validation_accuracy));
+        } else if *state == ShardState::Ready {
+            match ctx.artifacts.get(&mj.spec, &layout.shard_metrics(shard)).await {
+                Ok(Some(bytes)) => {
+                    facts.insert(shard.clone(), shard_summary(&bytes));
+                }
+                Ok(None) => {}
+                Err(error) => warn!(%error, shard = %shard, "could not read the shard's training summary"),
+            }
+        }
+    }
+    facts
+}
+
+async fn read_results(mj: &MergeJob, ctx: &Context, layout: &ArtifactLayout) -> Option<medmerge_crds::ResultsStatus> {
+    let key = layout.eval_metrics();
+    match ctx.artifacts.get(&mj.spec, &key).await {
+        Ok(Some(bytes)) => match results_from_report(&bytes, &mj.spec, layout) {
+            Ok(results) => Some(results),
+            Err(error) => {
+                warn!(%error, "the evaluation report is unreadable; results stay in the store only");
+                None
+            }
+        },
+        Ok(None) => {
+            warn!(%key, "no evaluation report reachable from the operator; results stay in the store only");
+            None
+        }
+        Err(error) => {
+            warn!(%error, "reading the evaluation report failed");
+            None
+        }
+    }
+}
+
+async fn write_status(mj: &MergeJob, ctx: &Context, ns: &str, status: &MergeJobStatus) -> Result<(), ReconcileError> {
+    let name = mj.name_any();
+    let patch = serde_json::json!({ "apiVersion": "medmerge.io/v1alpha1", "kind": "MergeJob", "status": status });
+    let mjs: Api<MergeJob> = Api::namespaced(ctx.client.clone(), ns);
+    mjs.patch_status(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await.map_err(kube_err(format!("writing the status of MergeJob {ns}/{name}")))?;
+    Ok(())
+}
+
+async fn publish_transition(mj: &MergeJob, ctx: &Context, previous: &MergeJobStatus, generation: i64, decision: &Decision) {
+    let new_generation = previous.observed_generation != Some(generation);
+    if !new_generation && previous.phase.as_deref() == Some(decision.phase.as_str()) {
+        return;
+    }
+    let (kind, reason) = match decision.phase {
+        Phase::Failed => (EventType::Warning, decision.reason),
+        Phase::Succeeded => (EventType::Normal, "Succeeded"),
+        _ => (EventType::Normal, decision.phase.as_str()),
+    };
+    let note = format!("generation {generation}: {} ({})", decision.phase.as_str(), decision.message);
+    publish(ctx, mj, kind, reason, "Reconcile", note).await;
+}
+
+async fn publish(ctx: &Context, mj: &MergeJob, type_: EventType, reason: &str, action: &str, note: String) {
+    let event = Event { type_, reason: reason.into(), note: Some(note.chars().take(1000).collect()), action: action.into(), secondary: None };
+    if let Err(error) = ctx.recorder.publish(&event, &mj.object_ref(&())).await {
+        warn!(%error, reason, "publishing an Event failed");
+    }
+}
+
+/// Retries a failed reconcile after a pause, so API hiccups do not spin.
+pub fn error_policy(mj: Arc<MergeJob>, error: &ReconcileError, _ctx: Arc<Context>) -> Action {
+    warn!(mergejob = %mj.name_any(), %error, "reconcile failed; retrying in 15 s");
+    Action::requeue(Duration::from_secs(15))
+}
+
+/// Runs the controller until a shutdown signal arrives or `stop` completes.
+pub async fn run(mjs: Api<MergeJob>, jobs: Api<Job>, ctx: Arc<Context>, stop: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
+    Controller::new(mjs, watcher::Config::default())
+        .owns(jobs, watcher::Config::default().labels("app.kubernetes.io/managed-by=medmerge"))
+        .graceful_shutdown_on(stop)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|_| futures::future::ready(()))
+        .await;
+}

@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 ENV := source scripts/env.sh &&
 
-.PHONY: setup build demo test crds bench-paper
+.PHONY: setup build demo test e2e-operator crds bench-paper
 
 setup:
 	bash scripts/setup-torch.sh
@@ -18,6 +18,10 @@ demo: build
 ## Run every test.
 test: setup
 	bash scripts/test.sh
+
+## The operator against a real etcd + kube-apiserver (built once, cached; part of `make test`).
+e2e-operator:
+	bash scripts/with-apiserver.sh bash scripts/e2e-operator.sh
 
 ## Regenerate crds/mergejob.yaml from the Rust types.
 crds:

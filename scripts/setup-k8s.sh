@@ -9,10 +9,16 @@ command -v etcd >/dev/null || need+=(etcd-server)
 command -v go >/dev/null || need+=(golang-go)
 command -v rsync >/dev/null || need+=(rsync)
 command -v jq >/dev/null || need+=(jq)
+# reflect2 1.0.1 (vendored by Kubernetes 1.20) crashes under Go >= 1.18 when the API server
+# encodes object metadata; Debian's 1.0.2 is the upstream fix and replaces it in the build.
+reflect2=/usr/share/gocode/src/github.com/modern-go/reflect2
+[ -d "$reflect2" ] || need+=(golang-github-modern-go-reflect2-dev)
 if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >&2
 fi
-if [ ! -x "$CACHE/kube-apiserver" ]; then
+# The binary's name carries the patch level, so a cache from before the fix is rebuilt.
+BIN="$CACHE/kube-apiserver-1.20.2-reflect2-1.0.2"
+if [ ! -x "$BIN" ]; then
   if ! grep -rqs "deb-src" /etc/apt/sources.list /etc/apt/sources.list.d/; then
     # Same signing key as the deb822 source the image ships, or apt refuses the conflict.
     printf 'Types: deb-src\nURIs: http://deb.debian.org/debian\nSuites: bookworm\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
@@ -24,10 +30,11 @@ if [ ! -x "$CACHE/kube-apiserver" ]; then
   apt-get source --download-only kubernetes >&2
   tar xf kubernetes_*.orig.tar.* && dir=$(find . -maxdepth 1 -type d -name 'kubernetes-*' | head -n1) && cd "$dir"
   mkdir -p .go/src/k8s.io && ln -sfn ../../.. .go/src/k8s.io/kubernetes
+  rm -rf vendor/github.com/modern-go/reflect2 && cp -r "$reflect2" vendor/github.com/modern-go/reflect2
   echo "setup-k8s: building kube-apiserver (about 10 minutes, once)" >&2
   GOPATH="$PWD/.go" CGO_ENABLED=0 GOFLAGS=-mod=vendor make WHAT=cmd/kube-apiserver >&2
-  cp "$(find _output -type f -name kube-apiserver | head -n1)" "$CACHE/kube-apiserver.tmp"
-  mv "$CACHE/kube-apiserver.tmp" "$CACHE/kube-apiserver"
-  cd "$CACHE" && rm -rf "$SRC"
+  cp "$(find _output -type f -name kube-apiserver | head -n1)" "$BIN.tmp"
+  mv "$BIN.tmp" "$BIN"
+  cd "$CACHE" && rm -rf "$SRC" "$CACHE/kube-apiserver"
 fi
-echo "$CACHE/kube-apiserver"
+echo "$BIN"

@@ -9,16 +9,20 @@ pub struct ArtifactLayout {
     root: String,
 }
 
+/// The key under which every generation of MergeJob `namespace/name` lives.
+pub fn mergejob_root(prefix: &str, namespace: &str, name: &str) -> String {
+    let prefix = prefix.trim_matches('/');
+    if prefix.is_empty() {
+        format!("{namespace}/{name}")
+    } else {
+        format!("{prefix}/{namespace}/{name}")
+    }
+}
+
 impl ArtifactLayout {
     /// Layout of generation `generation` of MergeJob `namespace/name` under `prefix`.
     pub fn new(prefix: &str, namespace: &str, name: &str, generation: i64) -> Self {
-        let prefix = prefix.trim_matches('/');
-        let root = if prefix.is_empty() {
-            format!("{namespace}/{name}/g{generation}")
-        } else {
-            format!("{prefix}/{namespace}/{name}/g{generation}")
-        };
-        ArtifactLayout { root }
+        ArtifactLayout { root: format!("{}/g{generation}", mergejob_root(prefix, namespace, name)) }
     }
 
     /// The run's root key.

@@ -8,7 +8,7 @@ pub mod spec;
 pub mod status;
 pub mod validate;
 
-pub use layout::ArtifactLayout;
+pub use layout::{mergejob_root, ArtifactLayout};
 pub use plan::{Candidate, CandidateKind, Stage, StagePlan};
 pub use spec::*;
 pub use status::{CandidateSummary, Condition, MergeJobStatus, ResultsStatus, ShardStatus};

@@ -525,11 +525,24 @@ pub struct StorageSpec {
     /// Key prefix under which every run's artifacts live.
     #[serde(default = "default_prefix")]
     pub prefix: String,
+    /// What happens to the MergeJob's artifacts (every generation) when it is deleted.
+    #[serde(default)]
+    pub cleanup: CleanupPolicy,
+}
+
+/// What deleting a MergeJob does to its artifacts.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum CleanupPolicy {
+    /// Keep them (models and reports outlive the resource).
+    #[default]
+    Retain,
+    /// Delete them before the MergeJob goes away (the operator holds a finalizer until done).
+    Delete,
 }
 
 impl Default for StorageSpec {
     fn default() -> Self {
-        StorageSpec { local: Some(LocalStorage { path: "medmerge-artifacts".into() }), prefix: default_prefix() }
+        StorageSpec { local: Some(LocalStorage { path: "medmerge-artifacts".into() }), prefix: default_prefix(), cleanup: CleanupPolicy::Retain }
     }
 }
 

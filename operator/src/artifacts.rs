@@ -1,6 +1,7 @@
-//! What the operator reads back from the artifact store: the evaluate stage's headline results
-//! and each shard's training summary, copied into the MergeJob's status. Parsing is pure; only
-//! [`ArtifactReader::get`] touches storage.
+//! The operator's view of the artifact store: it reads back the evaluate stage's headline
+//! results and each shard's training summary (copied into the MergeJob's status), and deletes a
+//! MergeJob's artifacts when its cleanup policy says so. Parsing is pure; only
+//! [`ArtifactStore`]'s methods touch storage.
 
 use std::path::{Path, PathBuf};
 
@@ -10,8 +11,8 @@ use serde_json::Value;
 /// Errors reading artifacts back.
 #[derive(Debug, thiserror::Error)]
 pub enum ArtifactError {
-    /// The store could not be read.
-    #[error("reading artifact {key}: {source}")]
+    /// The store could not be read or written.
+    #[error("accessing artifact {key}: {source}")]
     Read {
         /// The artifact key.
         key: String,
@@ -31,22 +32,23 @@ pub enum ArtifactError {
 
 /// Where the operator reads a MergeJob's artifacts from.
 #[derive(Clone, Debug)]
-pub enum ArtifactReader {
+pub enum ArtifactStore {
     /// `storage.local`: a directory the operator sees at `root` (relative `storage.local.path`
     /// values are resolved against it).
     Local {
         /// Directory relative local paths are resolved against.
         root: PathBuf,
     },
-    /// No store is reachable from the operator; results stay in the store only.
+    /// No store is reachable from the operator; results stay in the store only and nothing is
+    /// deleted.
     Unavailable,
 }
 
-impl ArtifactReader {
+impl ArtifactStore {
     /// The bytes at `key` in `spec`'s store, or `None` when it does not exist.
     pub async fn get(&self, spec: &MergeJobSpec, key: &str) -> Result<Option<Vec<u8>>, ArtifactError> {
         match (self, &spec.storage.local) {
-            (ArtifactReader::Local { root }, Some(local)) => {
+            (ArtifactStore::Local { root }, Some(local)) => {
                 let path = resolve(root, &local.path).join(key);
                 match tokio::fs::read(&path).await {
                     Ok(bytes) => Ok(Some(bytes)),
@@ -55,6 +57,22 @@ impl ArtifactReader {
                 }
             }
             _ => Ok(None),
+        }
+    }
+
+    /// Deletes every artifact under `prefix` (a directory-like key); `Ok(false)` when this
+    /// store cannot reach `spec`'s storage.
+    pub async fn remove_all(&self, spec: &MergeJobSpec, prefix: &str) -> Result<bool, ArtifactError> {
+        match (self, &spec.storage.local) {
+            (ArtifactStore::Local { root }, Some(local)) => {
+                let path = resolve(root, &local.path).join(prefix);
+                match tokio::fs::remove_dir_all(&path).await {
+                    Ok(()) => Ok(true),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
+                    Err(source) => Err(ArtifactError::Read { key: prefix.into(), source }),
+                }
+            }
+            _ => Ok(false),
         }
     }
 }
@@ -153,9 +171,13 @@ mod tests {
         std::fs::write(dir.join("store/k/x.json"), b"{}").unwrap();
         let mut s = spec();
         s.storage.local = Some(medmerge_crds::LocalStorage { path: "store".into() });
-        let reader = ArtifactReader::Local { root: dir.clone() };
+        let reader = ArtifactStore::Local { root: dir.clone() };
         assert_eq!(reader.get(&s, "k/x.json").await.unwrap(), Some(b"{}".to_vec()));
         assert_eq!(reader.get(&s, "k/missing.json").await.unwrap(), None);
+        assert!(reader.remove_all(&s, "k").await.unwrap());
+        assert_eq!(reader.get(&s, "k/x.json").await.unwrap(), None);
+        assert!(dir.join("store").exists(), "only the prefix is removed");
+        assert!(!ArtifactStore::Unavailable.remove_all(&s, "k").await.unwrap());
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

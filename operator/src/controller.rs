@@ -14,10 +14,10 @@ use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
-use medmerge_crds::{ArtifactLayout, MergeJob, MergeJobStatus};
+use medmerge_crds::{mergejob_root, ArtifactLayout, CleanupPolicy, MergeJob, MergeJobStatus};
 use tracing::{info, instrument, warn};
 
-use crate::artifacts::{results_from_report, shard_summary, ArtifactError, ArtifactReader};
+use crate::artifacts::{results_from_report, shard_summary, ArtifactError, ArtifactStore};
 use crate::decide::{decide, Decision, Phase, ShardState};
 use crate::jobs::{spec_configmap, stage_job, LABEL_GENERATION, LABEL_MERGEJOB};
 use crate::observe::observe_jobs;
@@ -26,6 +26,8 @@ use crate::telemetry::Metrics;
 
 /// The field manager of every object the operator writes.
 pub const MANAGER: &str = "medmerge-operator";
+/// Held on MergeJobs with `storage.cleanup: Delete` until their artifacts are deleted.
+pub const FINALIZER: &str = "medmerge.io/artifact-cleanup";
 /// How often a running MergeJob is looked at even when nothing changed.
 const RESYNC: Duration = Duration::from_secs(300);
 
@@ -63,12 +65,12 @@ pub struct Context {
     /// Counters for `/metrics`.
     pub metrics: Arc<Metrics>,
     /// Where results are read back from.
-    pub artifacts: ArtifactReader,
+    pub artifacts: ArtifactStore,
 }
 
 impl Context {
     /// A context whose Events are reported as `instance` of the operator.
-    pub fn new(client: Client, instance: &str, metrics: Arc<Metrics>, artifacts: ArtifactReader) -> Self {
+    pub fn new(client: Client, instance: &str, metrics: Arc<Metrics>, artifacts: ArtifactStore) -> Self {
         let reporter = Reporter { controller: MANAGER.into(), instance: Some(instance.into()) };
         Context { recorder: Recorder::new(client.clone(), reporter), client, metrics, artifacts }
     }
@@ -88,6 +90,9 @@ async fn reconcile_inner(mj: &MergeJob, ctx: &Context) -> Result<Action, Reconci
     let name = mj.name_any();
     let key = format!("{ns}/{name}");
     let generation = mj.metadata.generation.unwrap_or(1);
+    if let Some(action) = handle_cleanup(mj, ctx, &ns).await? {
+        return Ok(action);
+    }
     let previous = mj.status.clone().unwrap_or_default();
     let terminal = matches!(previous.phase.as_deref(), Some("Succeeded") | Some("Failed"));
     if previous.observed_generation == Some(generation) && terminal {
@@ -131,6 +136,49 @@ async fn reconcile_inner(mj: &MergeJob, ctx: &Context) -> Result<Action, Reconci
     } else {
         Action::requeue(RESYNC)
     })
+}
+
+/// Keeps the cleanup finalizer in step with `storage.cleanup` and, once the MergeJob is being
+/// deleted, deletes its artifacts (every generation) and lets it go. `Some` ends the reconcile.
+async fn handle_cleanup(mj: &MergeJob, ctx: &Context, ns: &str) -> Result<Option<Action>, ReconcileError> {
+    let name = mj.name_any();
+    let held = mj.finalizers().iter().any(|f| f == FINALIZER);
+    let wanted = mj.spec.storage.cleanup == CleanupPolicy::Delete;
+    if mj.metadata.deletion_timestamp.is_some() {
+        if held {
+            let prefix = mergejob_root(&mj.spec.storage.prefix, ns, &name);
+            match ctx.artifacts.remove_all(&mj.spec, &prefix).await {
+                Ok(true) => publish(ctx, mj, EventType::Normal, "ArtifactsDeleted", "Cleanup", format!("deleted artifacts under {prefix}")).await,
+                Ok(false) => {
+                    let note = format!("the operator cannot reach this MergeJob's store; artifacts under {prefix} were left in place");
+                    publish(ctx, mj, EventType::Warning, "ArtifactsLeft", "Cleanup", note).await;
+                }
+                Err(error) => {
+                    publish(ctx, mj, EventType::Warning, "CleanupFailed", "Cleanup", error.to_string()).await;
+                    return Err(error.into());
+                }
+            }
+            set_finalizer(mj, ctx, ns, false).await?;
+        }
+        return Ok(Some(Action::await_change()));
+    }
+    if held != wanted {
+        set_finalizer(mj, ctx, ns, wanted).await?;
+    }
+    Ok(None)
+}
+
+async fn set_finalizer(mj: &MergeJob, ctx: &Context, ns: &str, present: bool) -> Result<(), ReconcileError> {
+    let name = mj.name_any();
+    let mut finalizers: Vec<String> = mj.finalizers().iter().filter(|f| *f != FINALIZER).cloned().collect();
+    if present {
+        finalizers.push(FINALIZER.into());
+    }
+    // The resourceVersion makes this a compare-and-swap: other controllers' finalizers survive.
+    let patch = serde_json::json!({ "metadata": { "finalizers": finalizers, "resourceVersion": mj.resource_version() } });
+    let mjs: Api<MergeJob> = Api::namespaced(ctx.client.clone(), ns);
+    mjs.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await.map_err(kube_err(format!("updating the finalizers of MergeJob {ns}/{name}")))?;
+    Ok(())
 }
 
 async fn create_stage_jobs(mj: &MergeJob, ctx: &Context, ns: &str, generation: i64, decision: &Decision) -> Result<(), ReconcileError> {

@@ -10,7 +10,7 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::{Api, Client};
 use medmerge_crds::MergeJob;
-use medmerge_operator::artifacts::ArtifactReader;
+use medmerge_operator::artifacts::ArtifactStore;
 use medmerge_operator::controller::{self, Context};
 use medmerge_operator::leader::LeaderElector;
 use medmerge_operator::telemetry::{self, Metrics};
@@ -78,7 +78,7 @@ async fn main() -> anyhow::Result<()> {
         }
     }
 
-    let artifacts = args.local_artifacts.clone().map_or(ArtifactReader::Unavailable, |root| ArtifactReader::Local { root });
+    let artifacts = args.local_artifacts.clone().map_or(ArtifactStore::Unavailable, |root| ArtifactStore::Local { root });
     let ctx = Arc::new(Context::new(client.clone(), &identity, metrics.clone(), artifacts));
     let (mjs, jobs): (Api<MergeJob>, Api<Job>) = match &args.namespace {
         Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns)),

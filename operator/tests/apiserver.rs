@@ -19,7 +19,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use medmerge_crds::{ArtifactLayout, MergeJob};
-use medmerge_operator::artifacts::ArtifactReader;
+use medmerge_operator::artifacts::ArtifactStore;
 use medmerge_operator::controller::{self, Context};
 use medmerge_operator::jobs::LABEL_GENERATION;
 use medmerge_operator::leader::LeaderElector;
@@ -48,7 +48,7 @@ impl Harness {
         let metrics = Arc::new(Metrics::default());
         let elector = LeaderElector::new(Api::<Lease>::namespaced(client.clone(), ns), "medmerge-operator", "e2e-replica", Duration::from_secs(15));
         tokio::time::timeout(WAIT, elector.acquire()).await.expect("the leader Lease is taken");
-        let ctx = Arc::new(Context::new(client.clone(), "e2e-replica", metrics.clone(), ArtifactReader::Local { root: PathBuf::from("/") }));
+        let ctx = Arc::new(Context::new(client.clone(), "e2e-replica", metrics.clone(), ArtifactStore::Local { root: PathBuf::from("/") }));
         let (mjs, jobs) = (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns));
         let controller = tokio::spawn(controller::run(mjs, jobs, ctx, std::future::pending()));
         Harness { client, ns: ns.into(), store, metrics, controller }
@@ -209,6 +209,12 @@ async fn a_mergejob_drives_every_stage_as_jobs_and_records_results() {
     .await;
     assert!(found, "Events for stage starts and success; found {:?}", reasons.borrow());
 
+    // What an MLOps team sees.
+    let table = std::process::Command::new("kubectl").args(["get", "mj", "-n", "e2e-run"]).output().expect("kubectl runs");
+    let table = String::from_utf8_lossy(&table.stdout);
+    let row = table.lines().find(|l| l.starts_with("retina")).unwrap_or_default();
+    assert!(row.split_whitespace().take(4).eq(["retina", "Succeeded", "2/3", "0.913"]), "kubectl get mj shows:\n{table}");
+
     // A finished generation stays finished; a spec edit starts generation 2 beside it.
     let jobs_before = h.stage_jobs("retina", 1).await;
     h.mergejobs().patch("retina", &PatchParams::default(), &Patch::Merge(json!({"spec": {"merge": {"lambda": 1.0}}}))).await.unwrap();
@@ -245,5 +251,39 @@ async fn bad_mergejobs_are_refused_by_field_and_never_spin() {
     let before = count();
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(count(), before, "the invalid MergeJob is not reconciled again without a change");
+    h.controller.abort();
+}
+
+#[tokio::test]
+#[ignore = "needs a kube-apiserver: run `make e2e-operator`"]
+async fn deleting_a_mergejob_deletes_its_artifacts_only_when_asked() {
+    let h = Harness::start("e2e-cleanup").await;
+    for (name, cleanup) in [("keep", "Retain"), ("drop", "Delete")] {
+        let mut mj = h.mergejob(name, json!({}));
+        mj.spec.storage.cleanup = serde_json::from_value(json!(cleanup)).unwrap();
+        h.mergejobs().create(&PostParams::default(), &mj).await.unwrap();
+        h.expect_stages(name, 1, &["init"]).await;
+        let artifact = h.store.join(ArtifactLayout::new("runs", "e2e-cleanup", name, 1).base());
+        std::fs::create_dir_all(artifact.parent().unwrap()).unwrap();
+        std::fs::write(&artifact, b"weights").unwrap();
+    }
+    let api = h.mergejobs();
+    let has_finalizer = |name: &'static str| {
+        let api = api.clone();
+        async move { !api.get(name).await.unwrap().finalizers().is_empty() }
+    };
+    assert!(poll(|| has_finalizer("drop")).await, "cleanup: Delete holds a finalizer");
+    assert!(!has_finalizer("keep").await, "cleanup: Retain holds none");
+
+    for name in ["keep", "drop"] {
+        h.mergejobs().delete(name, &Default::default()).await.unwrap();
+    }
+    let gone = |name: &'static str| {
+        let api = api.clone();
+        async move { api.get_opt(name).await.unwrap().is_none() }
+    };
+    assert!(poll(|| gone("drop")).await && poll(|| gone("keep")).await, "both MergeJobs are deleted");
+    assert!(!h.store.join("runs/e2e-cleanup/drop").exists(), "Delete removed the artifacts");
+    assert!(h.store.join(ArtifactLayout::new("runs", "e2e-cleanup", "keep", 1).base()).exists(), "Retain kept them");
     h.controller.abort();
 }

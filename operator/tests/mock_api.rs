@@ -8,7 +8,7 @@ use http::{Method, Request, Response};
 use kube::client::Body;
 use kube::Client;
 use medmerge_crds::MergeJob;
-use medmerge_operator::artifacts::ArtifactReader;
+use medmerge_operator::artifacts::ArtifactStore;
 use medmerge_operator::controller::{reconcile, Context};
 use medmerge_operator::telemetry::Metrics;
 use serde_json::{json, Value};
@@ -46,7 +46,7 @@ async fn expect(handle: &mut std::pin::Pin<&mut Handle>, method: Method, path_pr
 }
 
 fn context(client: Client) -> Arc<Context> {
-    Arc::new(Context::new(client, "test", Arc::new(Metrics::default()), ArtifactReader::Unavailable))
+    Arc::new(Context::new(client, "test", Arc::new(Metrics::default()), ArtifactStore::Unavailable))
 }
 
 #[tokio::test]

@@ -23,9 +23,10 @@ test: setup
 e2e-operator:
 	bash scripts/with-apiserver.sh bash scripts/e2e-operator.sh
 
-## Regenerate crds/mergejob.yaml from the Rust types.
+## Regenerate crds/mergejob.yaml (and the chart's copy) from the Rust types.
 crds:
 	$(ENV) cargo run -q -p medmerge-crds --bin crdgen > crds/mergejob.yaml
+	cp crds/mergejob.yaml charts/medmerge/crds/mergejob.yaml
 
 ## Reproduce the paper's table on ../shared/data/eye-fundus (DATA=... to change).
 bench-paper: build

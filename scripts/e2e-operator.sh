@@ -16,22 +16,47 @@ done
 grep -q "Name of a Secret with this shard's data credentials" <<<"$explain"
 cargo test -p medmerge-operator --test apiserver -- --ignored --test-threads=2
 
-# The binary itself: leader Lease, health, readiness and metrics endpoints, graceful SIGTERM.
+# The binary itself, installed from the Helm chart's RBAC and running as its ServiceAccount:
+# leader Lease, a MergeJob driven with only the chart's permissions, health, readiness and
+# metrics endpoints, graceful SIGTERM.
+helm="$(bash scripts/setup-helm.sh)"
+"$helm" lint charts/medmerge
+kubectl create namespace medmerge
+"$helm" template medmerge charts/medmerge -n medmerge --skip-crds | kubectl apply -n medmerge -f -
+kubectl create namespace e2e-rbac
+sa_kubeconfig="$(mktemp)"
+cp "$KUBECONFIG" "$sa_kubeconfig"
+KUBECONFIG="$sa_kubeconfig" kubectl config set-credentials operator --token "$MEDMERGE_E2E_SA_TOKEN" >/dev/null
+KUBECONFIG="$sa_kubeconfig" kubectl config set-context e2e --user operator >/dev/null
+if KUBECONFIG="$sa_kubeconfig" kubectl get secrets -n e2e-rbac >/dev/null 2>&1; then
+  echo "the operator's ServiceAccount can read Secrets; the chart's RBAC is too wide" >&2; exit 1
+fi
 cargo build -q -p medmerge-operator --bin medmerge-operator
 port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
 log="$(mktemp)"
-"$CARGO_TARGET_DIR/debug/medmerge-operator" --metrics-addr "127.0.0.1:$port" --namespace e2e-run \
-  --lease-namespace default --identity e2e-binary --log-json >"$log" 2>&1 &
+KUBECONFIG="$sa_kubeconfig" "$CARGO_TARGET_DIR/debug/medmerge-operator" --metrics-addr "127.0.0.1:$port" \
+  --lease-namespace medmerge --identity e2e-binary --log-json >"$log" 2>&1 &
 operator=$!
 for _ in $(seq 1 50); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.2; done
 curl -sf "http://127.0.0.1:$port/healthz" | grep -q ok
 curl -sf "http://127.0.0.1:$port/readyz" | grep -q ready || { cat "$log"; exit 1; }
-[ "$(kubectl get lease medmerge-operator -n default -o jsonpath='{.spec.holderIdentity}')" = e2e-binary ]
-for _ in $(seq 1 50); do curl -sf "http://127.0.0.1:$port/metrics" | grep -q '^medmerge_reconciles_total [1-9]' && break; sleep 0.2; done
-curl -sf "http://127.0.0.1:$port/metrics" | grep -q '^medmerge_mergejobs{phase="Training"} 1' || { curl -s "http://127.0.0.1:$port/metrics"; cat "$log"; exit 1; }
+[ "$(kubectl get lease medmerge-operator -n medmerge -o jsonpath='{.spec.holderIdentity}')" = e2e-binary ]
+sed -e 's/namespace: radiology/namespace: e2e-rbac/' -e 's/storage:/storage:\n    cleanup: Delete/' examples/cluster.yaml | kubectl apply -f -
+for _ in $(seq 1 50); do kubectl get job fundus-g1-init -n e2e-rbac >/dev/null 2>&1 && break; sleep 0.2; done
+kubectl get job fundus-g1-init -n e2e-rbac >/dev/null || { echo "the operator created no init Job under the chart's RBAC" >&2; cat "$log"; exit 1; }
+for _ in $(seq 1 50); do [ "$(kubectl get mj fundus -n e2e-rbac -o jsonpath='{.status.phase}')" = Training ] && break; sleep 0.2; done
+[ "$(kubectl get mj fundus -n e2e-rbac -o jsonpath='{.status.phase}')" = Training ]
+[ "$(kubectl get mj fundus -n e2e-rbac -o jsonpath='{.metadata.finalizers[0]}')" = medmerge.io/artifact-cleanup ]
+for _ in $(seq 1 50); do kubectl get events.events.k8s.io -n e2e-rbac -o jsonpath='{.items[*].reason}' | grep -q StageStarted && break; sleep 0.2; done
+kubectl get events.events.k8s.io -n e2e-rbac -o jsonpath='{.items[*].reason}' | grep -q StageStarted
+for _ in $(seq 1 50); do curl -sf "http://127.0.0.1:$port/metrics" | grep -q '^medmerge_mergejobs{phase="Training"} [1-9]' && break; sleep 0.2; done
+curl -sf "http://127.0.0.1:$port/metrics" | grep -q '^medmerge_mergejobs{phase="Training"} [1-9]' || { curl -s "http://127.0.0.1:$port/metrics"; cat "$log"; exit 1; }
 kill -TERM "$operator"; wait "$operator"
+if grep -Eiq 'forbidden|"level":"(WARN|ERROR)"' "$log"; then
+  echo "the operator hit errors under the chart's RBAC:" >&2; grep -Ei 'forbidden|WARN|ERROR' "$log" >&2; exit 1
+fi
 grep -q '"message":"medmerge-operator stopped"' "$log" || { cat "$log"; exit 1; }
-echo "e2e-operator: the binary served health and metrics, held the Lease and stopped on SIGTERM"
+echo "e2e-operator: the binary ran under the chart's RBAC, served health and metrics, held the Lease and stopped on SIGTERM"
 table="$(kubectl get mj -A)"
 echo "$table"
 head -n1 <<<"$table" | grep -Eq 'NAME +PHASE +SHARDS +ACCURACY +AGE' || { echo "kubectl get mj lacks the printer columns" >&2; exit 1; }

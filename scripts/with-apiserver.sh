@@ -23,7 +23,14 @@ etcd --data-dir "$work/etcd" --listen-client-urls "http://127.0.0.1:$etcd_port" 
 pids+=($!)
 
 token="$(openssl rand -hex 16)"
-echo "$token,medmerge-admin,1,system:masters" > "$work/tokens.csv"
+# A second token authenticates as the operator's ServiceAccount (release `medmerge` in namespace
+# `medmerge`), so tests can run the operator under exactly the chart's RBAC.
+MEDMERGE_E2E_SA_TOKEN="$(openssl rand -hex 16)"
+export MEDMERGE_E2E_SA_TOKEN
+{
+  echo "$token,medmerge-admin,1,system:masters"
+  echo "$MEDMERGE_E2E_SA_TOKEN,system:serviceaccount:medmerge:medmerge,2,\"system:serviceaccounts,system:serviceaccounts:medmerge,system:authenticated\""
+} > "$work/tokens.csv"
 openssl genrsa -out "$work/sa.key" 2048 2>/dev/null
 openssl rsa -in "$work/sa.key" -pubout -out "$work/sa.pub" 2>/dev/null
 "$apiserver" --etcd-servers "http://127.0.0.1:$etcd_port" --bind-address 127.0.0.1 --secure-port "$api_port" \
@@ -33,8 +40,10 @@ openssl rsa -in "$work/sa.key" -pubout -out "$work/sa.pub" 2>/dev/null
   --enable-admission-plugins NamespaceLifecycle >"$work/apiserver.log" 2>&1 &
 pids+=($!)
 
+# The API server writes a self-signed serving certificate at start; clients verify against it.
+for _ in $(seq 1 120); do [ -s "$work/certs/apiserver.crt" ] && break; sleep 0.5; done
 export KUBECONFIG="$work/kubeconfig"
-kubectl config set-cluster e2e --server "https://127.0.0.1:$api_port" --insecure-skip-tls-verify=true >/dev/null
+kubectl config set-cluster e2e --server "https://127.0.0.1:$api_port" --certificate-authority "$work/certs/apiserver.crt" --embed-certs >/dev/null
 kubectl config set-credentials admin --token "$token" >/dev/null
 kubectl config set-context e2e --cluster e2e --user admin --namespace default >/dev/null
 kubectl config use-context e2e >/dev/null

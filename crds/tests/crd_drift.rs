@@ -10,6 +10,13 @@ fn committed_crd_yaml_matches_the_rust_types() {
 }
 
 #[test]
+fn the_helm_charts_crd_is_the_committed_crd() {
+    let committed = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/mergejob.yaml")).unwrap();
+    let chart = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../charts/medmerge/crds/mergejob.yaml")).unwrap();
+    assert!(chart == committed, "charts/medmerge/crds/mergejob.yaml differs from crds/mergejob.yaml: run `make crds` and commit the result");
+}
+
+#[test]
 fn the_example_mergejobs_parse_and_validate() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples");
     let mut n = 0;

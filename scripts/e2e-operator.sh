@@ -5,6 +5,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
+
+# eventually "what" cmd...: runs cmd every 0.2 s for up to 10 s until it succeeds; else fails
+# naming what was expected.
+eventually() {
+  local what="$1"; shift
+  for _ in $(seq 1 50); do "$@" >/dev/null 2>&1 && return 0; sleep 0.2; done
+  echo "e2e-operator: expected $what" >&2
+  [ -n "${log:-}" ] && cat "$log" >&2
+  return 1
+}
+
 kubectl apply -f crds/mergejob.yaml
 kubectl wait --for condition=established --timeout=60s crd/mergejobs.medmerge.io
 # Discovery lags the Established condition by a moment.
@@ -37,20 +48,17 @@ log="$(mktemp)"
 KUBECONFIG="$sa_kubeconfig" "$CARGO_TARGET_DIR/debug/medmerge-operator" --metrics-addr "127.0.0.1:$port" \
   --lease-namespace medmerge --identity e2e-binary --log-json >"$log" 2>&1 &
 operator=$!
-for _ in $(seq 1 50); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.2; done
+metrics() { curl -sf "http://127.0.0.1:$port/metrics"; }
+eventually "the operator to be ready" curl -sf "http://127.0.0.1:$port/readyz"
 curl -sf "http://127.0.0.1:$port/healthz" | grep -q ok
-curl -sf "http://127.0.0.1:$port/readyz" | grep -q ready || { cat "$log"; exit 1; }
 [ "$(kubectl get lease medmerge-operator -n medmerge -o jsonpath='{.spec.holderIdentity}')" = e2e-binary ]
 sed -e 's/namespace: radiology/namespace: e2e-rbac/' -e 's/storage:/storage:\n    cleanup: Delete/' examples/cluster.yaml | kubectl apply -f -
-for _ in $(seq 1 50); do kubectl get job fundus-g1-init -n e2e-rbac >/dev/null 2>&1 && break; sleep 0.2; done
-kubectl get job fundus-g1-init -n e2e-rbac >/dev/null || { echo "the operator created no init Job under the chart's RBAC" >&2; cat "$log"; exit 1; }
-for _ in $(seq 1 50); do [ "$(kubectl get mj fundus -n e2e-rbac -o jsonpath='{.status.phase}')" = Training ] && break; sleep 0.2; done
-[ "$(kubectl get mj fundus -n e2e-rbac -o jsonpath='{.status.phase}')" = Training ]
-[ "$(kubectl get mj fundus -n e2e-rbac -o jsonpath='{.metadata.finalizers[0]}')" = medmerge.io/artifact-cleanup ]
-for _ in $(seq 1 50); do kubectl get events.events.k8s.io -n e2e-rbac -o jsonpath='{.items[*].reason}' | grep -q StageStarted && break; sleep 0.2; done
-kubectl get events.events.k8s.io -n e2e-rbac -o jsonpath='{.items[*].reason}' | grep -q StageStarted
-for _ in $(seq 1 50); do curl -sf "http://127.0.0.1:$port/metrics" | grep -q '^medmerge_mergejobs{phase="Training"} [1-9]' && break; sleep 0.2; done
-curl -sf "http://127.0.0.1:$port/metrics" | grep -q '^medmerge_mergejobs{phase="Training"} [1-9]' || { curl -s "http://127.0.0.1:$port/metrics"; cat "$log"; exit 1; }
+eventually "an init Job created under the chart's RBAC" kubectl get job fundus-g1-init -n e2e-rbac
+eventually "phase Training" bash -c '[ "$(kubectl get mj fundus -n e2e-rbac -o jsonpath={.status.phase})" = Training ]'
+eventually "the cleanup finalizer" bash -c '[ "$(kubectl get mj fundus -n e2e-rbac -o jsonpath={.metadata.finalizers[0]})" = medmerge.io/artifact-cleanup ]'
+eventually "a StageStarted Event" bash -c 'kubectl get events.events.k8s.io -n e2e-rbac -o jsonpath="{.items[*].reason}" | grep -q StageStarted'
+eventually "MergeJobs by phase in /metrics" bash -c "curl -sf http://127.0.0.1:$port/metrics | grep -q '^medmerge_mergejobs{phase=\"Training\"} [1-9]'"
+metrics | grep -q '^medmerge_reconciles_total [1-9]'
 kill -TERM "$operator"; wait "$operator"
 if grep -Eiq 'forbidden|"level":"(WARN|ERROR)"' "$log"; then
   echo "the operator hit errors under the chart's RBAC:" >&2; grep -Ei 'forbidden|WARN|ERROR' "$log" >&2; exit 1

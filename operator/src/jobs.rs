@@ -101,6 +101,20 @@ fn toleration(t: &medmerge_crds::Toleration) -> Toleration {
     Toleration { key: t.key.clone(), operator: t.operator.clone(), value: t.value.clone(), effect: t.effect.clone(), ..Default::default() }
 }
 
+/// How long a collect Job waits for a hospital's vector when no deadline bounds it.
+const DEFAULT_VECTOR_WAIT_SECONDS: i64 = 7 * 24 * 3600;
+
+/// The trainer's arguments for `stage`. A collect stage waits for the hospital's upload until
+/// the straggler deadline (or the Job's own deadline), so late hospitals are picked up.
+fn stage_args(cluster: &ClusterSpec, stage: &Stage) -> Vec<String> {
+    let mut args = vec!["--log-format".into(), "json".into(), "pipeline".into(), JOB_FILE.into(), "--stage".into(), stage.name()];
+    if matches!(stage, Stage::Collect { .. }) {
+        let wait = cluster.straggler_deadline_seconds.or(cluster.active_deadline_seconds).unwrap_or(DEFAULT_VECTOR_WAIT_SECONDS);
+        args.extend(["--wait-for-vector".into(), wait.to_string()]);
+    }
+    args
+}
+
 /// The batch Job that runs `stage` of generation `generation`.
 pub fn stage_job(mj: &MergeJob, generation: i64, stage: &Stage) -> Job {
     let name = mj.metadata.name.clone().unwrap_or_default();
@@ -130,7 +144,7 @@ pub fn stage_job(mj: &MergeJob, generation: i64, stage: &Stage) -> Job {
         name: "trainer".into(),
         image: Some(cluster.image.clone()),
         image_pull_policy: cluster.image_pull_policy.clone(),
-        args: Some(vec!["--log-format".into(), "json".into(), "pipeline".into(), JOB_FILE.into(), "--stage".into(), stage.name()]),
+        args: Some(stage_args(cluster, stage)),
         env: Some(vec![EnvVar { name: "HOME".into(), value: Some("/tmp".into()), ..Default::default() }]),
         volume_mounts: Some(mounts),
         resources,
@@ -288,5 +302,15 @@ spec:
         assert_eq!(r.limits.unwrap()["memory"], Quantity("16Gi".into()));
         let b = stage_job(&mj, 2, &Stage::Finetune { shard: "hospital-b".into() }).spec.unwrap().template.spec.unwrap();
         assert_eq!(b.tolerations.unwrap().len(), 1, "shard a's toleration is not shard b's");
+    }
+
+    #[test]
+    fn a_collect_job_waits_for_the_hospitals_vector_until_the_straggler_deadline() {
+        let mut mj = mergejob();
+        mj.spec.cluster.straggler_deadline_seconds = Some(3600);
+        let args = |mj: &MergeJob, stage: &Stage| stage_job(mj, 2, stage).spec.unwrap().template.spec.unwrap().containers[0].args.clone().unwrap();
+        let collect = args(&mj, &Stage::Collect { shard: "hospital-b".into() });
+        assert_eq!(&collect[collect.len() - 2..], ["--wait-for-vector", "3600"]);
+        assert!(!args(&mj, &Stage::Finetune { shard: "hospital-a".into() }).contains(&"--wait-for-vector".to_string()));
     }
 }

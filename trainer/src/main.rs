@@ -54,6 +54,10 @@ enum Command {
         /// Print every stage and whether it is done, ready or waiting; run nothing.
         #[arg(long, conflicts_with = "stage")]
         plan: bool,
+        /// With `--stage collect-<shard>`: wait up to this many seconds for the hospital's
+        /// vector to appear (looking every 10 s) instead of failing at once.
+        #[arg(long, requires = "stage", default_value_t = 0)]
+        wait_for_vector: u64,
     },
     /// Write the base model (pretrained weights plus a new seeded head).
     Init(InitArgs),
@@ -333,13 +337,14 @@ fn main() -> anyhow::Result<()> {
     }
     let dev = device(&cli.device)?;
     match cli.command {
-        Command::Pipeline { job, stage, plan } => {
+        Command::Pipeline { job, stage, plan, wait_for_vector } => {
             let runner = Runner::new(Job::load(&job)?, dev)?;
             if plan {
                 for (name, state) in runner.status() {
                     println!("{state:8} {name}");
                 }
             } else if let Some(stage) = stage {
+                runner.wait_for_vector(&stage, std::time::Duration::from_secs(wait_for_vector))?;
                 runner.run_stage(&stage)?;
             } else {
                 let report = runner.run()?;

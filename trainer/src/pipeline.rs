@@ -77,6 +77,9 @@ pub struct Runner {
     device: Device,
 }
 
+/// How often `wait_for_vector` looks for an external vector.
+const VECTOR_POLL: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl Runner {
     /// Prepares a run of `job` on `device`.
     pub fn new(job: Job, device: Device) -> anyhow::Result<Self> {
@@ -141,6 +144,22 @@ impl Runner {
             anyhow::bail!("stage {name} cannot run yet: missing {}", missing.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(", "));
         }
         self.execute(planned).map_err(|e| e.context(format!("stage {name} failed")))
+    }
+
+    /// For a `collect-<shard>` stage, waits up to `timeout` for the hospital's vector to appear
+    /// (it is uploaded whenever the hospital finishes training); other stages return at once.
+    /// Hospitals should write the file under a temporary name and rename it, so it appears whole.
+    pub fn wait_for_vector(&self, stage: &str, timeout: std::time::Duration) -> anyhow::Result<()> {
+        let Some(src) = self.job.spec().shards.iter().find(|s| format!("collect-{}", s.name) == stage).and_then(|s| s.vector.as_ref()) else {
+            return Ok(());
+        };
+        let path = self.job.resolve(src);
+        let deadline = std::time::Instant::now() + timeout;
+        while !path.exists() && std::time::Instant::now() < deadline {
+            info!(stage, vector = %path.display(), "waiting for the hospital's vector");
+            std::thread::sleep(VECTOR_POLL.min(deadline.saturating_duration_since(std::time::Instant::now())));
+        }
+        Ok(())
     }
 
     /// Each stage with its state: `done`, `ready` or `waiting`.

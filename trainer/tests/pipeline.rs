@@ -158,3 +158,29 @@ fn stages_run_one_at_a_time_and_refuse_to_run_early() {
     assert_eq!(states["finetune-h0"], "ready");
     assert_eq!(states["merge-data-vector"], "waiting");
 }
+
+#[test]
+fn a_collect_stage_waits_for_a_late_hospital_vector_and_names_it_when_it_never_comes() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = write_job(dir.path(), "  merge: {baselines: []}\n", 2);
+    let yaml = std::fs::read_to_string(&job).unwrap().replace("  training:", "    - {name: h2, vector: incoming/h2.safetensors}\n  training:");
+    std::fs::write(&job, yaml).unwrap();
+    let runner = Runner::new(Job::load(&job).unwrap(), Device::Cpu).unwrap();
+    runner.run_stage("init").unwrap();
+
+    runner.wait_for_vector("collect-h2", std::time::Duration::from_millis(300)).unwrap();
+    let missing = format!("{:#}", runner.run_stage("collect-h2").unwrap_err());
+    assert!(missing.contains("shard h2") && missing.contains("incoming/h2.safetensors"), "{missing}");
+
+    let incoming = dir.path().join("incoming");
+    let upload = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        std::fs::create_dir_all(&incoming).unwrap();
+        std::fs::write(incoming.join("h2.safetensors"), b"uploaded by the hospital").unwrap();
+    });
+    runner.wait_for_vector("collect-h2", std::time::Duration::from_secs(2)).unwrap();
+    upload.join().unwrap();
+    runner.run_stage("collect-h2").unwrap();
+    let collected = std::fs::read(dir.path().join("out/runs/local/tiny/g1/shards/h2/vector.safetensors")).unwrap();
+    assert_eq!(collected, b"uploaded by the hospital");
+}

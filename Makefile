@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 ENV := source scripts/env.sh &&
 
-.PHONY: setup build demo test e2e-operator crds bench-paper
+.PHONY: setup build demo test e2e-operator test-s3 crds bench-paper
 
 setup:
 	bash scripts/setup-torch.sh
@@ -22,6 +22,10 @@ test: setup
 ## The operator against a real etcd + kube-apiserver (built once, cached; part of `make test`).
 e2e-operator:
 	bash scripts/with-apiserver.sh bash scripts/e2e-operator.sh
+
+## The artifact store and pipeline against a real S3 server (part of `make test`).
+test-s3:
+	bash scripts/test-s3.sh
 
 ## Regenerate crds/mergejob.yaml (and the chart's copy) from the Rust types.
 crds:

@@ -519,9 +519,12 @@ pub struct EvaluationSpec {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct StorageSpec {
-    /// Local directory (the embedded default for one-machine runs).
+    /// Local directory (the embedded default for one-machine runs). Set this or `s3`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub local: Option<LocalStorage>,
+    /// An S3 or S3-compatible bucket (clusters; hospitals upload external vectors there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3: Option<S3Storage>,
     /// Key prefix under which every run's artifacts live.
     #[serde(default = "default_prefix")]
     pub prefix: String,
@@ -542,8 +545,40 @@ pub enum CleanupPolicy {
 
 impl Default for StorageSpec {
     fn default() -> Self {
-        StorageSpec { local: Some(LocalStorage { path: "medmerge-artifacts".into() }), prefix: default_prefix(), cleanup: CleanupPolicy::Retain }
+        StorageSpec { local: Some(LocalStorage { path: "medmerge-artifacts".into() }), s3: None, prefix: default_prefix(), cleanup: CleanupPolicy::Retain }
     }
+}
+
+/// An S3 bucket holding the artifacts.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct S3Storage {
+    /// Bucket name.
+    #[schemars(length(min = 3, max = 63))]
+    pub bucket: String,
+    /// Endpoint URL of an S3-compatible server (MinIO, SeaweedFS, Ceph); unset for AWS S3.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// Region (S3-compatible servers accept any).
+    #[serde(default = "default_region")]
+    pub region: String,
+    /// Path-style addressing (`endpoint/bucket/key`), which most S3-compatible servers need.
+    #[serde(default = "default_true")]
+    pub path_style: bool,
+    /// Secret with keys `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY`, given to the
+    /// coordinator's stage pods (init, merge, evaluate, ...). Unset: the pods' standard AWS
+    /// credential chain (e.g. a workload identity). Shard pods use their shard's `secretRef`
+    /// when it has those keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret: Option<String>,
+}
+
+fn default_region() -> String {
+    "us-east-1".into()
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// A local artifact directory.

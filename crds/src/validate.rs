@@ -151,9 +151,11 @@ pub fn validate(spec: &MergeJobSpec) -> Result<(), Vec<SpecError>> {
     if spec.evaluation.data.path.is_empty() {
         errors.push(err("evaluation.data.path", "must not be empty"));
     }
-    match &spec.storage.local {
-        Some(l) if l.path.is_empty() => errors.push(err("storage.local.path", "must not be empty")),
-        None => errors.push(err("storage", "no backend configured; set storage.local")),
+    match (&spec.storage.local, &spec.storage.s3) {
+        (Some(l), None) if l.path.is_empty() => errors.push(err("storage.local.path", "must not be empty")),
+        (None, Some(s3)) if s3.bucket.is_empty() => errors.push(err("storage.s3.bucket", "must not be empty")),
+        (None, None) => errors.push(err("storage", "no backend configured; set storage.local or storage.s3")),
+        (Some(_), Some(_)) => errors.push(err("storage", "set one of storage.local and storage.s3, not both")),
         _ => {}
     }
     if errors.is_empty() {
@@ -233,6 +235,11 @@ evaluation: {data: {path: test}}
             ("training.validationFraction", |s| s.training.validation_fraction = 0.7),
             ("evaluation.data.path", |s| s.evaluation.data.path.clear()),
             ("storage", |s| s.storage.local = None),
+            ("storage", |s| s.storage.s3 = Some(S3Storage { bucket: "b".into(), endpoint: None, region: "r".into(), path_style: true, credentials_secret: None })),
+            ("storage.s3.bucket", |s| {
+                s.storage.local = None;
+                s.storage.s3 = Some(S3Storage { bucket: String::new(), endpoint: None, region: "r".into(), path_style: true, credentials_secret: None });
+            }),
             ("cluster.minShards", |s| s.cluster.min_shards = Some(3)),
             ("cluster.image", |s| s.cluster.image.clear()),
             ("cluster.activeDeadlineSeconds", |s| s.cluster.active_deadline_seconds = Some(0)),

@@ -6,20 +6,15 @@
 use std::path::{Path, PathBuf};
 
 use medmerge_crds::{ArtifactLayout, CandidateSummary, MergeJobSpec, RestoreMode, ResultsStatus};
+use medmerge_store::{S3Config, Store, StoreError};
 use serde_json::Value;
 
 /// Errors reading artifacts back.
 #[derive(Debug, thiserror::Error)]
 pub enum ArtifactError {
     /// The store could not be read or written.
-    #[error("accessing artifact {key}: {source}")]
-    Read {
-        /// The artifact key.
-        key: String,
-        /// What went wrong.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
     /// The artifact is not the JSON the trainer writes.
     #[error("artifact {key} is not valid: {why}")]
     Invalid {
@@ -30,49 +25,50 @@ pub enum ArtifactError {
     },
 }
 
-/// Where the operator reads a MergeJob's artifacts from.
-#[derive(Clone, Debug)]
-pub enum ArtifactStore {
-    /// `storage.local`: a directory the operator sees at `root` (relative `storage.local.path`
-    /// values are resolved against it).
-    Local {
-        /// Directory relative local paths are resolved against.
-        root: PathBuf,
-    },
-    /// No store is reachable from the operator; results stay in the store only and nothing is
-    /// deleted.
-    Unavailable,
+/// How the operator reaches MergeJobs' artifact stores: S3 buckets with its own AWS
+/// credentials (standard chain), and `storage.local` directories only where it can see them.
+#[derive(Clone, Debug, Default)]
+pub struct ArtifactStore {
+    /// Directory relative `storage.local.path` values are resolved against; `None` when the
+    /// operator cannot see local stores (results then stay in the store only).
+    pub local_root: Option<PathBuf>,
 }
 
 impl ArtifactStore {
-    /// The bytes at `key` in `spec`'s store, or `None` when it does not exist.
-    pub async fn get(&self, spec: &MergeJobSpec, key: &str) -> Result<Option<Vec<u8>>, ArtifactError> {
-        match (self, &spec.storage.local) {
-            (ArtifactStore::Local { root }, Some(local)) => {
-                let path = resolve(root, &local.path).join(key);
-                match tokio::fs::read(&path).await {
-                    Ok(bytes) => Ok(Some(bytes)),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-                    Err(source) => Err(ArtifactError::Read { key: key.into(), source }),
-                }
-            }
-            _ => Ok(None),
+    /// Reaches S3 stores, and local ones under `local_root` if given.
+    pub fn new(local_root: Option<PathBuf>) -> Self {
+        ArtifactStore { local_root }
+    }
+
+    async fn store_for(&self, spec: &MergeJobSpec) -> Option<Store> {
+        if let Some(s3) = &spec.storage.s3 {
+            // A reconcile should not hang on a slow store: fewer, shorter attempts.
+            let config = S3Config { max_attempts: 3, attempt_timeout: Some(std::time::Duration::from_secs(30)), ..S3Config::from_spec(s3) };
+            return Some(Store::s3(config).await);
+        }
+        match (&self.local_root, &spec.storage.local) {
+            (Some(root), Some(local)) => Some(Store::local(resolve(root, &local.path))),
+            _ => None,
         }
     }
 
-    /// Deletes every artifact under `prefix` (a directory-like key); `Ok(false)` when this
-    /// store cannot reach `spec`'s storage.
+    /// The bytes at `key` in `spec`'s store, or `None` when it does not exist or the store is
+    /// out of the operator's reach.
+    pub async fn get(&self, spec: &MergeJobSpec, key: &str) -> Result<Option<Vec<u8>>, ArtifactError> {
+        match self.store_for(spec).await {
+            Some(store) => Ok(store.get(key).await?),
+            None => Ok(None),
+        }
+    }
+
+    /// Deletes every artifact under `prefix`; `Ok(false)` when `spec`'s store is out of reach.
     pub async fn remove_all(&self, spec: &MergeJobSpec, prefix: &str) -> Result<bool, ArtifactError> {
-        match (self, &spec.storage.local) {
-            (ArtifactStore::Local { root }, Some(local)) => {
-                let path = resolve(root, &local.path).join(prefix);
-                match tokio::fs::remove_dir_all(&path).await {
-                    Ok(()) => Ok(true),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
-                    Err(source) => Err(ArtifactError::Read { key: prefix.into(), source }),
-                }
+        match self.store_for(spec).await {
+            Some(store) => {
+                store.remove_prefix(prefix).await?;
+                Ok(true)
             }
-            _ => Ok(false),
+            None => Ok(false),
         }
     }
 }
@@ -171,13 +167,13 @@ mod tests {
         std::fs::write(dir.join("store/k/x.json"), b"{}").unwrap();
         let mut s = spec();
         s.storage.local = Some(medmerge_crds::LocalStorage { path: "store".into() });
-        let reader = ArtifactStore::Local { root: dir.clone() };
+        let reader = ArtifactStore::new(Some(dir.clone()));
         assert_eq!(reader.get(&s, "k/x.json").await.unwrap(), Some(b"{}".to_vec()));
         assert_eq!(reader.get(&s, "k/missing.json").await.unwrap(), None);
         assert!(reader.remove_all(&s, "k").await.unwrap());
         assert_eq!(reader.get(&s, "k/x.json").await.unwrap(), None);
         assert!(dir.join("store").exists(), "only the prefix is removed");
-        assert!(!ArtifactStore::Unavailable.remove_all(&s, "k").await.unwrap());
+        assert!(!ArtifactStore::new(None).remove_all(&s, "k").await.unwrap());
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvVar, PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements,
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, SecretKeySelector, PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements,
     SeccompProfile, SecretVolumeSource, SecurityContext, Toleration, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -101,6 +101,20 @@ fn toleration(t: &medmerge_crds::Toleration) -> Toleration {
     Toleration { key: t.key.clone(), operator: t.operator.clone(), value: t.value.clone(), effect: t.effect.clone(), ..Default::default() }
 }
 
+/// The trainer's environment: a writable HOME and, for an S3 store with a credentials Secret,
+/// the bucket credentials (the artifact store, shared by every stage; shard data credentials
+/// stay in each shard's own mounted Secret).
+fn env(mj: &MergeJob) -> Vec<EnvVar> {
+    let mut env = vec![EnvVar { name: "HOME".into(), value: Some("/tmp".into()), ..Default::default() }];
+    if let Some(secret) = mj.spec.storage.s3.as_ref().and_then(|s| s.credentials_secret.as_ref()) {
+        for key in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"] {
+            let selector = SecretKeySelector { name: secret.clone(), key: key.into(), optional: Some(false) };
+            env.push(EnvVar { name: key.into(), value_from: Some(EnvVarSource { secret_key_ref: Some(selector), ..Default::default() }), ..Default::default() });
+        }
+    }
+    env
+}
+
 /// How long a collect Job waits for a hospital's vector when no deadline bounds it.
 const DEFAULT_VECTOR_WAIT_SECONDS: i64 = 7 * 24 * 3600;
 
@@ -145,7 +159,7 @@ pub fn stage_job(mj: &MergeJob, generation: i64, stage: &Stage) -> Job {
         image: Some(cluster.image.clone()),
         image_pull_policy: cluster.image_pull_policy.clone(),
         args: Some(stage_args(cluster, stage)),
-        env: Some(vec![EnvVar { name: "HOME".into(), value: Some("/tmp".into()), ..Default::default() }]),
+        env: Some(env(mj)),
         volume_mounts: Some(mounts),
         resources,
         security_context: Some(SecurityContext {
@@ -312,5 +326,19 @@ spec:
         let collect = args(&mj, &Stage::Collect { shard: "hospital-b".into() });
         assert_eq!(&collect[collect.len() - 2..], ["--wait-for-vector", "3600"]);
         assert!(!args(&mj, &Stage::Finetune { shard: "hospital-a".into() }).contains(&"--wait-for-vector".to_string()));
+    }
+
+    #[test]
+    fn an_s3_store_gives_every_stage_the_bucket_credentials_by_reference() {
+        let mut mj = mergejob();
+        mj.spec.storage.local = None;
+        mj.spec.storage.s3 = Some(medmerge_crds::S3Storage { bucket: "b".into(), endpoint: None, region: "r".into(), path_style: true, credentials_secret: Some("bucket-creds".into()) });
+        let env = stage_job(&mj, 2, &Stage::Merge { candidate: "data-vector".into() }).spec.unwrap().template.spec.unwrap().containers[0].env.clone().unwrap();
+        let refs: Vec<(String, String)> = env
+            .iter()
+            .filter_map(|e| e.value_from.as_ref().and_then(|v| v.secret_key_ref.as_ref()).map(|r| (e.name.clone(), r.name.clone())))
+            .collect();
+        assert_eq!(refs, vec![("AWS_ACCESS_KEY_ID".to_string(), "bucket-creds".to_string()), ("AWS_SECRET_ACCESS_KEY".to_string(), "bucket-creds".to_string())]);
+        assert!(env.iter().all(|e| e.value.as_deref() != Some("bucket-creds")), "credentials are referenced, never copied into the Job");
     }
 }

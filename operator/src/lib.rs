@@ -14,3 +14,10 @@ pub mod names;
 pub mod observe;
 pub mod status;
 pub mod telemetry;
+
+/// Selects rustls' ring provider for the whole process. kube (ring) and the AWS SDK (aws-lc-rs)
+/// both link a provider, and rustls refuses to guess between two; call this before any client
+/// is built. Calling it again is harmless.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

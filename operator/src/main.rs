@@ -53,6 +53,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    medmerge_operator::install_crypto_provider();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     if args.log_json {
         tracing_subscriber::fmt().with_env_filter(filter).json().init();
@@ -78,7 +79,7 @@ async fn main() -> anyhow::Result<()> {
         }
     }
 
-    let artifacts = args.local_artifacts.clone().map_or(ArtifactStore::Unavailable, |root| ArtifactStore::Local { root });
+    let artifacts = ArtifactStore::new(args.local_artifacts.clone());
     let ctx = Arc::new(Context::new(client.clone(), &identity, metrics.clone(), artifacts));
     let (mjs, jobs): (Api<MergeJob>, Api<Job>) = match &args.namespace {
         Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns)),

@@ -39,6 +39,7 @@ struct Harness {
 
 impl Harness {
     async fn start(ns: &str) -> Harness {
+        medmerge_operator::install_crypto_provider();
         let client = Client::try_default().await.expect("KUBECONFIG points at the test API server (run `make e2e-operator`)");
         let namespaces: Api<Namespace> = Api::all(client.clone());
         let namespace: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap();
@@ -48,7 +49,7 @@ impl Harness {
         let metrics = Arc::new(Metrics::default());
         let elector = LeaderElector::new(Api::<Lease>::namespaced(client.clone(), ns), "medmerge-operator", "e2e-replica", Duration::from_secs(15));
         tokio::time::timeout(WAIT, elector.acquire()).await.expect("the leader Lease is taken");
-        let ctx = Arc::new(Context::new(client.clone(), "e2e-replica", metrics.clone(), ArtifactStore::Local { root: PathBuf::from("/") }));
+        let ctx = Arc::new(Context::new(client.clone(), "e2e-replica", metrics.clone(), ArtifactStore::new(Some(PathBuf::from("/")))));
         let (mjs, jobs) = (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns));
         let controller = tokio::spawn(controller::run(mjs, jobs, ctx, std::future::pending()));
         Harness { client, ns: ns.into(), store, metrics, controller }

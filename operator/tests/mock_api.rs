@@ -46,7 +46,7 @@ async fn expect(handle: &mut std::pin::Pin<&mut Handle>, method: Method, path_pr
 }
 
 fn context(client: Client) -> Arc<Context> {
-    Arc::new(Context::new(client, "test", Arc::new(Metrics::default()), ArtifactStore::Unavailable))
+    Arc::new(Context::new(client, "test", Arc::new(Metrics::default()), ArtifactStore::new(None)))
 }
 
 #[tokio::test]

@@ -1,6 +1,8 @@
 //! `medmerge-trainer`: every deep-learning stage of medmerge as a subcommand, plus `pipeline`,
 //! which runs a whole MergeJob in process.
 
+mod store_cli;
+
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -59,6 +61,8 @@ enum Command {
         #[arg(long, requires = "stage", default_value_t = 0)]
         wait_for_vector: u64,
     },
+    /// List, upload and download artifacts (a hospital uploads its vector with `store put`).
+    Store(store_cli::StoreArgs),
     /// Write the base model (pretrained weights plus a new seeded head).
     Init(InitArgs),
     /// Fine-tune the base on one shard's images and write the shard's data vector.
@@ -340,7 +344,7 @@ fn main() -> anyhow::Result<()> {
         Command::Pipeline { job, stage, plan, wait_for_vector } => {
             let runner = Runner::new(Job::load(&job)?, dev)?;
             if plan {
-                for (name, state) in runner.status() {
+                for (name, state) in runner.status()? {
                     println!("{state:8} {name}");
                 }
             } else if let Some(stage) = stage {
@@ -446,6 +450,7 @@ fn main() -> anyhow::Result<()> {
                 write_atomic(&j, &serde_json::to_vec_pretty(&report)?)?;
             }
         }
+        Command::Store(args) => store_cli::run(args)?,
         Command::Predict { model, input, out } => {
             let net = Network::load(&model, dev)?;
             let ds = if input.is_file() && input.extension().is_some_and(|e| e != "csv") {

@@ -1,8 +1,11 @@
-//! A whole MergeJob, in process, against a local artifact directory: the embedded default.
+//! A whole MergeJob (or one stage of it), in process, against its artifact store: a local
+//! directory (the embedded default) or an S3 bucket.
 //!
 //! The loop asks the stage plan which stages are ready given the artifacts that exist, runs the
 //! first, and repeats. Every artifact is published atomically, so an interrupted run resumes
-//! where it stopped and never reads half a file.
+//! where it stopped and never reads half a file. With S3, stages work in a local cache: a
+//! stage's inputs are downloaded (SHA-256 verified) before it runs and its outputs uploaded
+//! after, so a stage that fails publishes nothing.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -23,6 +26,7 @@ use crate::report::{CandidateResult, EvalReport, LayerSimilarity};
 use crate::restore::{apply_moments, collect_moments, combine_moments, load_moments, save_moments};
 use crate::st::{write_atomic, MappedFile};
 use crate::train::train;
+use medmerge_store::{BlockingStore, S3Config};
 
 /// A loaded MergeJob and the directory its relative paths are relative to.
 pub struct Job {
@@ -61,9 +65,20 @@ impl Job {
         ArtifactLayout::new(&self.spec().storage.prefix, &ns, &name, self.job.metadata.generation.unwrap_or(1))
     }
 
-    /// The local artifact directory.
+    /// The local artifact directory: the store itself, or the local cache of an S3 store
+    /// (`$MEDMERGE_ARTIFACT_CACHE`, default `<tmp>/medmerge-artifact-cache/<bucket>`).
     pub fn store_root(&self) -> PathBuf {
+        if let Some(s3) = &self.spec().storage.s3 {
+            let cache = std::env::var_os("MEDMERGE_ARTIFACT_CACHE").map(PathBuf::from).unwrap_or_else(|| std::env::temp_dir().join("medmerge-artifact-cache"));
+            return cache.join(&s3.bucket);
+        }
         self.resolve(&self.spec().storage.local.as_ref().map(|l| l.path.clone()).unwrap_or_else(|| "medmerge-artifacts".into()))
+    }
+
+    /// The S3 store of the job, if it uses one (credentials from the standard AWS chain).
+    pub fn remote_store(&self) -> anyhow::Result<Option<BlockingStore>> {
+        let Some(s3) = &self.spec().storage.s3 else { return Ok(None) };
+        Ok(Some(BlockingStore::s3(S3Config::from_spec(s3))?))
     }
 }
 
@@ -75,6 +90,7 @@ pub struct Runner {
     root: PathBuf,
     classes: Vec<String>,
     device: Device,
+    remote: Option<BlockingStore>,
 }
 
 /// How often `wait_for_vector` looks for an external vector.
@@ -86,6 +102,7 @@ impl Runner {
         let layout = job.layout();
         let plan = StagePlan::new(job.spec(), &layout);
         let root = job.store_root();
+        let remote = job.remote_store()?;
         let classes = if job.spec().model.classes.is_empty() {
             let first = job.spec().shards.iter().find_map(|s| s.data.as_ref()).map(|d| job.resolve(&d.path));
             match first {
@@ -95,21 +112,79 @@ impl Runner {
         } else {
             job.spec().model.classes.clone()
         };
-        Ok(Runner { job, layout, plan, root, classes, device })
+        Ok(Runner { job, layout, plan, root, classes, device, remote })
     }
 
     fn path(&self, key: &str) -> PathBuf {
         self.root.join(key)
     }
 
-    fn existing(&self) -> BTreeSet<String> {
-        self.plan.keys().into_iter().filter(|k| self.path(k).exists()).collect()
+    fn existing(&self) -> anyhow::Result<BTreeSet<String>> {
+        let keys = self.plan.keys().into_iter();
+        Ok(match &self.remote {
+            Some(remote) => {
+                let published: BTreeSet<String> = remote.list(self.layout.root())?.into_iter().collect();
+                keys.filter(|k| published.contains(k)).collect()
+            }
+            None => keys.filter(|k| self.path(k).exists()).collect(),
+        })
+    }
+
+    /// Makes `key` available in the local directory (downloading it from S3 if needed).
+    fn fetch(&self, key: &str) -> anyhow::Result<()> {
+        if let Some(remote) = &self.remote {
+            if !self.path(key).exists() {
+                remote.get_file(key, &self.path(key))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Everything a stage opens: its declared reads, the base model (every stage after init
+    /// reads its metadata), and for evaluation every artifact of the run (it compares them all).
+    fn inputs_of(&self, planned: &PlannedStage) -> anyhow::Result<BTreeSet<String>> {
+        let mut keys: BTreeSet<String> = planned.reads.iter().cloned().collect();
+        match planned.stage {
+            Stage::Init => {}
+            Stage::Evaluate => keys.extend(self.existing()?),
+            _ => {
+                keys.insert(self.layout.base());
+            }
+        }
+        Ok(keys)
+    }
+
+    /// Runs a stage: inputs fetched first, outputs published after (everything the stage wrote
+    /// next to its declared outputs, e.g. plots, then the declared outputs themselves).
+    fn execute_published(&self, planned: &PlannedStage) -> anyhow::Result<()> {
+        if self.remote.is_some() {
+            for key in self.inputs_of(planned)? {
+                self.fetch(&key)?;
+            }
+        }
+        self.execute(planned)?;
+        let Some(remote) = &self.remote else { return Ok(()) };
+        let declared: BTreeSet<&String> = planned.writes.iter().collect();
+        let dirs: BTreeSet<&str> = planned.writes.iter().filter_map(|k| k.rsplit_once('/').map(|(d, _)| d)).collect();
+        for dir in dirs {
+            for entry in std::fs::read_dir(self.path(dir))? {
+                let name = entry?.file_name().to_string_lossy().into_owned();
+                let key = format!("{dir}/{name}");
+                if !name.starts_with('.') && !name.contains(".tmp-") && !declared.contains(&key) && self.path(&key).is_file() {
+                    remote.put_file(&key, &self.path(&key))?;
+                }
+            }
+        }
+        for key in &planned.writes {
+            remote.put_file(key, &self.path(key))?;
+        }
+        Ok(())
     }
 
     /// Runs every remaining stage; returns the evaluation report.
     pub fn run(&self) -> anyhow::Result<EvalReport> {
         loop {
-            let exists = self.existing();
+            let exists = self.existing()?;
             if self.plan.is_complete(&exists) {
                 break;
             }
@@ -119,9 +194,10 @@ impl Runner {
             };
             let started = Instant::now();
             info!(stage = %stage.stage.name(), "stage started");
-            self.execute(stage).map_err(|e| e.context(format!("stage {} failed", stage.stage.name())))?;
+            self.execute_published(stage).map_err(|e| e.context(format!("stage {} failed", stage.stage.name())))?;
             info!(stage = %stage.stage.name(), seconds = started.elapsed().as_secs_f64(), "stage done");
         }
+        self.fetch(&self.layout.eval_metrics())?;
         let text = std::fs::read_to_string(self.path(&self.layout.eval_metrics()))?;
         Ok(serde_json::from_str(&text)?)
     }
@@ -134,7 +210,7 @@ impl Runner {
             let names: Vec<String> = self.plan.stages.iter().map(|p| p.stage.name()).collect();
             anyhow::anyhow!("no stage {name:?} in this MergeJob; its stages are: {}", names.join(", "))
         })?;
-        let exists = self.existing();
+        let exists = self.existing()?;
         if planned.writes.iter().all(|w| exists.contains(w)) {
             info!(stage = name, "stage already done");
             return Ok(());
@@ -143,7 +219,7 @@ impl Runner {
         if !missing.is_empty() {
             anyhow::bail!("stage {name} cannot run yet: missing {}", missing.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(", "));
         }
-        self.execute(planned).map_err(|e| e.context(format!("stage {name} failed")))
+        self.execute_published(planned).map_err(|e| e.context(format!("stage {name} failed")))
     }
 
     /// For a `collect-<shard>` stage, waits up to `timeout` for the hospital's vector to appear
@@ -153,19 +229,25 @@ impl Runner {
         let Some(src) = self.job.spec().shards.iter().find(|s| format!("collect-{}", s.name) == stage).and_then(|s| s.vector.as_ref()) else {
             return Ok(());
         };
-        let path = self.job.resolve(src);
         let deadline = std::time::Instant::now() + timeout;
-        while !path.exists() && std::time::Instant::now() < deadline {
-            info!(stage, vector = %path.display(), "waiting for the hospital's vector");
+        loop {
+            let (arrived, location) = match &self.remote {
+                Some(remote) => (remote.exists(src)?, remote.location(src)),
+                None => (self.job.resolve(src).exists(), self.job.resolve(src).display().to_string()),
+            };
+            if arrived || std::time::Instant::now() >= deadline {
+                return Ok(());
+            }
+            info!(stage, vector = %location, "waiting for the hospital's vector");
             std::thread::sleep(VECTOR_POLL.min(deadline.saturating_duration_since(std::time::Instant::now())));
         }
-        Ok(())
     }
 
     /// Each stage with its state: `done`, `ready` or `waiting`.
-    pub fn status(&self) -> Vec<(String, &'static str)> {
-        let exists = self.existing();
-        self.plan
+    pub fn status(&self) -> anyhow::Result<Vec<(String, &'static str)>> {
+        let exists = self.existing()?;
+        Ok(self
+            .plan
             .stages
             .iter()
             .map(|p| {
@@ -178,7 +260,7 @@ impl Runner {
                 };
                 (p.stage.name(), state)
             })
-            .collect()
+            .collect())
     }
 
     fn shard_data(&self, shard: &str) -> anyhow::Result<Dataset> {
@@ -221,8 +303,14 @@ impl Runner {
             }
             Stage::Collect { shard } => {
                 let src = spec.shards.iter().find(|s| &s.name == shard).and_then(|s| s.vector.as_ref()).expect("collect stages exist for vector shards");
-                let src = self.job.resolve(src);
-                let bytes = std::fs::read(&src).map_err(|e| anyhow::anyhow!("shard {shard}: vector {} is not available: {e}", src.display()))?;
+                // Local store: a path relative to the MergeJob; S3: a key in the bucket.
+                let bytes = match &self.remote {
+                    Some(remote) => remote.get(src)?.ok_or_else(|| anyhow::anyhow!("shard {shard}: vector {} is not available yet", remote.location(src)))?,
+                    None => {
+                        let src = self.job.resolve(src);
+                        std::fs::read(&src).map_err(|e| anyhow::anyhow!("shard {shard}: vector {} is not available: {e}", src.display()))?
+                    }
+                };
                 write_atomic(&self.path(&l.shard_vector(shard)), &bytes)?;
             }
             Stage::FullTraining => {

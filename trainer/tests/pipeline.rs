@@ -3,29 +3,13 @@
 
 use std::path::Path;
 
+mod common;
+
+use common::write_job;
 use medmerge_trainer::model::Network;
 use medmerge_trainer::pipeline::{Job, Runner};
-use medmerge_trainer::{split, synth};
+use medmerge_trainer::synth;
 use tch::Device;
-
-fn write_job(dir: &Path, extra_spec: &str, shards: usize) -> std::path::PathBuf {
-    let data = dir.join("images");
-    synth::generate(&data, 3, 24, 32, 7).unwrap();
-    let ds = medmerge_trainer::data::Dataset::open(&data, None).unwrap();
-    let s = split::split(&ds, shards, 0.25, 1, None);
-    ds.subset(&s.test).write_manifest(&dir.join("test.csv")).unwrap();
-    let mut shard_yaml = String::new();
-    for (i, idx) in s.shards.iter().enumerate() {
-        ds.subset(idx).write_manifest(&dir.join(format!("s{i}.csv"))).unwrap();
-        shard_yaml.push_str(&format!("    - {{name: h{i}, data: {{path: s{i}.csv}}}}\n"));
-    }
-    let yaml = format!(
-        "apiVersion: medmerge.io/v1alpha1\nkind: MergeJob\nmetadata: {{name: tiny}}\nspec:\n  model: {{architecture: resnet18, weights: random, imageSize: 32}}\n  shards:\n{shard_yaml}  training: {{epochs: 2, batchSize: 8, learningRate: 0.001}}\n  evaluation: {{data: {{path: test.csv}}}}\n  storage: {{local: {{path: out}}}}\n{extra_spec}"
-    );
-    let job = dir.join("job.yaml");
-    std::fs::write(&job, yaml).unwrap();
-    job
-}
 
 #[test]
 fn a_tiny_mergejob_runs_end_to_end_and_reports_every_candidate() {
@@ -152,7 +136,7 @@ fn stages_run_one_at_a_time_and_refuse_to_run_early() {
     assert!(format!("{:#}", runner.run_stage("finetune-nobody").unwrap_err()).contains("finetune-h0"));
     runner.run_stage("init").unwrap();
     runner.run_stage("finetune-h1").unwrap();
-    let states: std::collections::BTreeMap<String, &str> = runner.status().into_iter().collect();
+    let states: std::collections::BTreeMap<String, &str> = runner.status().unwrap().into_iter().collect();
     assert_eq!(states["init"], "done");
     assert_eq!(states["finetune-h1"], "done");
     assert_eq!(states["finetune-h0"], "ready");

@@ -1,0 +1,224 @@
+//! The artifact store every stage reads from and writes to: a local directory (the embedded
+//! default for one-machine runs) or an S3-compatible bucket (clusters, hospitals uploading
+//! from their own premises).
+//!
+//! Guarantees, for both backends:
+//! - **Atomic publishing**: an object appears whole or not at all (local: write to a temporary
+//!   name, then rename; S3: a single PUT or a completed multipart upload is atomic, an aborted
+//!   one leaves nothing).
+//! - **Verified content** (S3): every object carries its SHA-256 in metadata; downloads are
+//!   checked against it, and a mismatch is refused naming the bucket and key.
+//! - **Clear failures**: transient errors are retried with backoff by the SDK; what is left
+//!   names the bucket, key and cause.
+
+mod local;
+mod s3;
+
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+pub use s3::{S3Config, MULTIPART_THRESHOLD, PART_SIZE};
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The object does not exist.
+    #[error("{location}: no such object")]
+    NotFound {
+        /// `s3://bucket/key` or the local path.
+        location: String,
+    },
+    /// The object's content does not match the SHA-256 recorded when it was written.
+    #[error("{location}: content does not match its recorded SHA-256 (expected {expected}, got {actual}); the object is corrupt and was not used")]
+    DigestMismatch {
+        /// `s3://bucket/key`.
+        location: String,
+        /// Recorded digest.
+        expected: String,
+        /// Digest of what was downloaded.
+        actual: String,
+    },
+    /// The S3 server refused or could not be reached (after retries).
+    #[error("{location}: {operation} failed: {cause}")]
+    S3 {
+        /// `s3://bucket/key` (or `s3://bucket/prefix` for listings).
+        location: String,
+        /// What was being done (put, get, list, ...).
+        operation: &'static str,
+        /// The SDK's error with its context.
+        cause: String,
+    },
+    /// A local file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Shorthand for store results.
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Hex SHA-256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// An artifact store (cheap to clone).
+#[derive(Clone, Debug)]
+pub enum Store {
+    /// Keys are paths under `root`.
+    Local(local::LocalStore),
+    /// Keys are object keys in a bucket.
+    S3(s3::S3Store),
+}
+
+impl Store {
+    /// A store in the local directory `root`.
+    pub fn local(root: impl Into<PathBuf>) -> Store {
+        Store::Local(local::LocalStore { root: root.into() })
+    }
+
+    /// A store in an S3 bucket.
+    pub async fn s3(config: S3Config) -> Store {
+        Store::S3(s3::S3Store::connect(config).await)
+    }
+
+    /// Creates the bucket if it does not exist (nothing to do for a local store).
+    pub async fn create_bucket(&self) -> Result<()> {
+        match self {
+            Store::Local(s) => tokio::fs::create_dir_all(&s.root).await.map_err(|source| StoreError::Io { path: s.root.clone(), source }),
+            Store::S3(s) => s.create_bucket().await,
+        }
+    }
+
+    /// Where `key` lives, for messages: a local path or `s3://bucket/key`.
+    pub fn location(&self, key: &str) -> String {
+        match self {
+            Store::Local(s) => s.path(key).display().to_string(),
+            Store::S3(s) => s.location(key),
+        }
+    }
+
+    /// Publishes `bytes` at `key` atomically; returns their SHA-256.
+    pub async fn put(&self, key: &str, bytes: Vec<u8>) -> Result<String> {
+        match self {
+            Store::Local(s) => s.put(key, &bytes).await,
+            Store::S3(s) => s.put(key, bytes).await,
+        }
+    }
+
+    /// Publishes the file at `path` as `key`.
+    pub async fn put_file(&self, key: &str, path: &Path) -> Result<String> {
+        let bytes = tokio::fs::read(path).await.map_err(|source| StoreError::Io { path: path.into(), source })?;
+        self.put(key, bytes).await
+    }
+
+    /// The (verified) content of `key`, or `None` when it does not exist.
+    pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        match self {
+            Store::Local(s) => s.get(key).await,
+            Store::S3(s) => s.get(key).await,
+        }
+    }
+
+    /// Downloads `key` to `path` (atomically: a failed download leaves no file there).
+    pub async fn get_file(&self, key: &str, path: &Path) -> Result<()> {
+        let bytes = self.get(key).await?.ok_or_else(|| StoreError::NotFound { location: self.location(key) })?;
+        local::write_atomic(path, &bytes).await
+    }
+
+    /// Whether `key` exists.
+    pub async fn exists(&self, key: &str) -> Result<bool> {
+        match self {
+            Store::Local(s) => Ok(s.path(key).is_file()),
+            Store::S3(s) => s.exists(key).await,
+        }
+    }
+
+    /// Every key under `prefix` (a directory-like key; `""` for all), sorted.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        match self {
+            Store::Local(s) => s.list(prefix).await,
+            Store::S3(s) => s.list(prefix).await,
+        }
+    }
+
+    /// Deletes every object under `prefix`.
+    pub async fn remove_prefix(&self, prefix: &str) -> Result<()> {
+        match self {
+            Store::Local(s) => s.remove_prefix(prefix).await,
+            Store::S3(s) => s.remove_prefix(prefix).await,
+        }
+    }
+}
+
+/// A [`Store`] for synchronous code (the trainer): each call runs on a private runtime.
+pub struct BlockingStore {
+    runtime: tokio::runtime::Runtime,
+    store: Store,
+}
+
+impl BlockingStore {
+    /// A blocking store over the local directory `root`.
+    pub fn local(root: impl Into<PathBuf>) -> std::io::Result<BlockingStore> {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        Ok(BlockingStore { runtime, store: Store::local(root) })
+    }
+
+    /// A blocking store over an S3 bucket.
+    pub fn s3(config: S3Config) -> std::io::Result<BlockingStore> {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let store = runtime.block_on(Store::s3(config));
+        Ok(BlockingStore { runtime, store })
+    }
+
+    /// The wrapped store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// See [`Store::create_bucket`].
+    pub fn create_bucket(&self) -> Result<()> {
+        self.runtime.block_on(self.store.create_bucket())
+    }
+
+    /// See [`Store::put_file`].
+    pub fn put_file(&self, key: &str, path: &Path) -> Result<String> {
+        self.runtime.block_on(self.store.put_file(key, path))
+    }
+
+    /// See [`Store::put`].
+    pub fn put(&self, key: &str, bytes: Vec<u8>) -> Result<String> {
+        self.runtime.block_on(self.store.put(key, bytes))
+    }
+
+    /// See [`Store::get`].
+    pub fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        self.runtime.block_on(self.store.get(key))
+    }
+
+    /// See [`Store::get_file`].
+    pub fn get_file(&self, key: &str, path: &Path) -> Result<()> {
+        self.runtime.block_on(self.store.get_file(key, path))
+    }
+
+    /// See [`Store::exists`].
+    pub fn exists(&self, key: &str) -> Result<bool> {
+        self.runtime.block_on(self.store.exists(key))
+    }
+
+    /// See [`Store::list`].
+    pub fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        self.runtime.block_on(self.store.list(prefix))
+    }
+
+    /// See [`Store::location`].
+    pub fn location(&self, key: &str) -> String {
+        self.store.location(key)
+    }
+}

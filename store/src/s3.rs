@@ -1,0 +1,225 @@
+//! The S3 backend (aws-sdk-s3): custom endpoints and path-style addressing for S3-compatible
+//! servers, SHA-256 in object metadata, multipart uploads for large objects.
+
+use std::time::Duration;
+
+use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
+use aws_config::{BehaviorVersion, Region};
+use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, Delete, ObjectIdentifier};
+use aws_sdk_s3::Client;
+
+use crate::{sha256_hex, Result, StoreError};
+
+/// Objects at least this large are uploaded in parts.
+pub const MULTIPART_THRESHOLD: usize = 16 << 20;
+/// Size of each part of a multipart upload (S3's minimum is 5 MiB).
+pub const PART_SIZE: usize = 8 << 20;
+/// Metadata key holding an object's SHA-256 (as `x-amz-meta-sha256`).
+pub const DIGEST_METADATA: &str = "sha256";
+
+/// Where and how to reach a bucket.
+#[derive(Clone, Debug, Default)]
+pub struct S3Config {
+    /// Bucket name.
+    pub bucket: String,
+    /// Endpoint URL for S3-compatible servers (MinIO, SeaweedFS, Ceph); `None` for AWS.
+    pub endpoint: Option<String>,
+    /// Region (S3-compatible servers accept any).
+    pub region: String,
+    /// Path-style addressing (`endpoint/bucket/key`), which most S3-compatible servers need.
+    pub path_style: bool,
+    /// Explicit credentials `(access key id, secret access key)`; `None` uses the standard AWS
+    /// chain (environment, profile, web identity, instance metadata).
+    pub credentials: Option<(String, String)>,
+    /// Attempts per request before giving up (transient errors back off exponentially).
+    pub max_attempts: u32,
+    /// Time one attempt may take before it counts as failed (default 5 minutes).
+    pub attempt_timeout: Option<Duration>,
+}
+
+impl S3Config {
+    /// The bucket a MergeJob's `storage.s3` names, with credentials from the standard AWS chain,
+    /// five attempts per request and the default attempt timeout.
+    pub fn from_spec(spec: &medmerge_crds::S3Storage) -> S3Config {
+        S3Config {
+            bucket: spec.bucket.clone(),
+            endpoint: spec.endpoint.clone(),
+            region: spec.region.clone(),
+            path_style: spec.path_style,
+            credentials: None,
+            max_attempts: 5,
+            attempt_timeout: None,
+        }
+    }
+}
+
+/// A bucket and a client for it.
+#[derive(Clone, Debug)]
+pub struct S3Store {
+    client: Client,
+    bucket: String,
+}
+
+impl S3Store {
+    pub(crate) async fn connect(c: S3Config) -> S3Store {
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .region(Region::new(if c.region.is_empty() { "us-east-1".to_string() } else { c.region.clone() }))
+            .retry_config(RetryConfig::standard().with_max_attempts(c.max_attempts.max(1)).with_initial_backoff(Duration::from_millis(200)))
+            .timeout_config(TimeoutConfig::builder().connect_timeout(Duration::from_secs(5)).operation_attempt_timeout(c.attempt_timeout.unwrap_or(Duration::from_secs(300))).build());
+        if let Some(endpoint) = &c.endpoint {
+            loader = loader.endpoint_url(endpoint);
+        }
+        if let Some((id, secret)) = &c.credentials {
+            loader = loader.credentials_provider(aws_sdk_s3::config::Credentials::new(id, secret, None, None, "medmerge"));
+        }
+        let shared = loader.load().await;
+        let config = aws_sdk_s3::config::Builder::from(&shared).force_path_style(c.path_style).build();
+        S3Store { client: Client::from_conf(config), bucket: c.bucket }
+    }
+
+    /// `s3://bucket/key`.
+    pub fn location(&self, key: &str) -> String {
+        format!("s3://{}/{key}", self.bucket)
+    }
+
+    /// The server's error code and message when it answered; the whole error chain when it did
+    /// not (connection refused, timeout, ...).
+    fn error<E: std::error::Error + ProvideErrorMetadata>(&self, key: &str, operation: &'static str, e: E) -> StoreError {
+        let cause = match (e.code(), e.message()) {
+            (Some(code), Some(message)) => format!("{code}: {message}"),
+            (Some(code), None) => code.to_string(),
+            _ => DisplayErrorContext(&e).to_string(),
+        };
+        StoreError::S3 { location: self.location(key), operation, cause }
+    }
+
+    /// For errors that happen on this side (a broken download stream, a request that cannot be
+    /// built).
+    fn local_error<E: std::error::Error>(&self, key: &str, operation: &'static str, e: E) -> StoreError {
+        StoreError::S3 { location: self.location(key), operation, cause: DisplayErrorContext(&e).to_string() }
+    }
+
+    pub(crate) async fn create_bucket(&self) -> Result<()> {
+        match self.client.create_bucket().bucket(&self.bucket).send().await {
+            Ok(_) => Ok(()),
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_bucket_already_owned_by_you() || s.is_bucket_already_exists()) => Ok(()),
+            Err(e) => Err(self.error("", "create bucket", e)),
+        }
+    }
+
+    pub(crate) async fn put(&self, key: &str, bytes: Vec<u8>) -> Result<String> {
+        let digest = sha256_hex(&bytes);
+        if bytes.len() >= MULTIPART_THRESHOLD {
+            self.put_multipart(key, &bytes, &digest).await?;
+        } else {
+            self.client
+                .put_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .metadata(DIGEST_METADATA, &digest)
+                .body(ByteStream::from(bytes))
+                .send()
+                .await
+                .map_err(|e| self.error(key, "put", e))?;
+        }
+        Ok(digest)
+    }
+
+    async fn put_multipart(&self, key: &str, bytes: &[u8], digest: &str) -> Result<()> {
+        let upload = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .metadata(DIGEST_METADATA, digest)
+            .send()
+            .await
+            .map_err(|e| self.error(key, "start multipart upload", e))?;
+        let id = upload.upload_id().unwrap_or_default().to_string();
+        let result = self.upload_parts(key, &id, bytes).await;
+        if result.is_err() {
+            // Nothing half-published: the parts are discarded and the key never appears.
+            let _ = self.client.abort_multipart_upload().bucket(&self.bucket).key(key).upload_id(&id).send().await;
+        }
+        result
+    }
+
+    async fn upload_parts(&self, key: &str, id: &str, bytes: &[u8]) -> Result<()> {
+        let mut parts = Vec::new();
+        for (i, chunk) in bytes.chunks(PART_SIZE).enumerate() {
+            let number = i as i32 + 1;
+            let part = self
+                .client
+                .upload_part()
+                .bucket(&self.bucket)
+                .key(key)
+                .upload_id(id)
+                .part_number(number)
+                .body(ByteStream::from(chunk.to_vec()))
+                .send()
+                .await
+                .map_err(|e| self.error(key, "upload part", e))?;
+            parts.push(CompletedPart::builder().part_number(number).set_e_tag(part.e_tag().map(str::to_string)).build());
+        }
+        self.client
+            .complete_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(id)
+            .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build())
+            .send()
+            .await
+            .map_err(|e| self.error(key, "complete multipart upload", e))?;
+        Ok(())
+    }
+
+    pub(crate) async fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        let object = match self.client.get_object().bucket(&self.bucket).key(key).send().await {
+            Ok(o) => o,
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => return Ok(None),
+            Err(e) => return Err(self.error(key, "get", e)),
+        };
+        let expected = object.metadata().and_then(|m| m.get(DIGEST_METADATA)).cloned();
+        let bytes = object.body.collect().await.map_err(|e| self.local_error(key, "download", e))?.into_bytes().to_vec();
+        if let Some(expected) = expected {
+            let actual = sha256_hex(&bytes);
+            if actual != expected {
+                return Err(StoreError::DigestMismatch { location: self.location(key), expected, actual });
+            }
+        }
+        Ok(Some(bytes))
+    }
+
+    pub(crate) async fn exists(&self, key: &str) -> Result<bool> {
+        match self.client.head_object().bucket(&self.bucket).key(key).send().await {
+            Ok(_) => Ok(true),
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => Ok(false),
+            Err(e) => Err(self.error(key, "head", e)),
+        }
+    }
+
+    pub(crate) async fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        let prefix = if prefix.is_empty() || prefix.ends_with('/') { prefix.to_string() } else { format!("{prefix}/") };
+        let mut keys = Vec::new();
+        let mut pages = self.client.list_objects_v2().bucket(&self.bucket).prefix(&prefix).into_paginator().send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| self.error(&prefix, "list", e))?;
+            keys.extend(page.contents().iter().filter_map(|o| o.key().map(str::to_string)));
+        }
+        keys.sort();
+        Ok(keys)
+    }
+
+    pub(crate) async fn remove_prefix(&self, prefix: &str) -> Result<()> {
+        let keys = self.list(prefix).await?;
+        for batch in keys.chunks(1000) {
+            let objects: Vec<ObjectIdentifier> = batch.iter().filter_map(|k| ObjectIdentifier::builder().key(k).build().ok()).collect();
+            let delete = Delete::builder().set_objects(Some(objects)).build().map_err(|e| self.local_error(prefix, "delete", e))?;
+            self.client.delete_objects().bucket(&self.bucket).delete(delete).send().await.map_err(|e| self.error(prefix, "delete", e))?;
+        }
+        Ok(())
+    }
+}

@@ -25,7 +25,7 @@ for field in name data vector secretRef nodeSelector tolerations; do
   grep -q "^   $field" <<<"$explain" || { echo "kubectl explain mergejob.spec.shards does not document $field" >&2; exit 1; }
 done
 grep -q "Name of a Secret with this shard's data credentials" <<<"$explain"
-cargo test -p medmerge-operator --test apiserver -- --ignored --test-threads=2
+cargo test --workspace --test apiserver -- --ignored --test-threads=2
 
 # The binary itself, installed from the Helm chart's RBAC and running as its ServiceAccount:
 # leader Lease, a MergeJob driven with only the chart's permissions, health, readiness and
@@ -42,7 +42,7 @@ KUBECONFIG="$sa_kubeconfig" kubectl config set-context e2e --user operator >/dev
 if KUBECONFIG="$sa_kubeconfig" kubectl get secrets -n e2e-rbac >/dev/null 2>&1; then
   echo "the operator's ServiceAccount can read Secrets; the chart's RBAC is too wide" >&2; exit 1
 fi
-cargo build -q -p medmerge-operator --bin medmerge-operator
+cargo build -q --workspace --bins
 port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
 log="$(mktemp)"
 KUBECONFIG="$sa_kubeconfig" "$CARGO_TARGET_DIR/debug/medmerge-operator" --metrics-addr "127.0.0.1:$port" \

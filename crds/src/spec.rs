@@ -254,7 +254,8 @@ pub struct ShardSpec {
 #[serde(rename_all = "camelCase")]
 pub struct DataSource {
     /// An ImageFolder directory (`<class>/<image>`) or a CSV manifest (`path,label`, paths
-    /// relative to the manifest's directory).
+    /// relative to the manifest's directory): a local path, or `s3://bucket/prefix/` (or
+    /// `.../manifest.csv`) read with the shard's own credentials and cached locally.
     pub path: String,
 }
 

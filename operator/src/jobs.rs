@@ -153,13 +153,17 @@ pub fn stage_job(mj: &MergeJob, generation: i64, stage: &Stage) -> Job {
         volumes.push(Volume { name: "shard-credentials".into(), secret: Some(SecretVolumeSource { secret_name: Some(secret), ..Default::default() }), ..Default::default() });
         mounts.push(VolumeMount { name: "shard-credentials".into(), mount_path: SHARD_SECRET_DIR.into(), read_only: Some(true), ..Default::default() });
     }
+    let mut env = env(mj);
+    if shard.is_some_and(|s| s.secret_ref.is_some()) {
+        env.push(EnvVar { name: "MEDMERGE_SHARD_CREDENTIALS_DIR".into(), value: Some(SHARD_SECRET_DIR.into()), ..Default::default() });
+    }
     let resources = resources(cluster, uses_gpu(stage));
     let container = Container {
         name: "trainer".into(),
         image: Some(cluster.image.clone()),
         image_pull_policy: cluster.image_pull_policy.clone(),
         args: Some(stage_args(cluster, stage)),
-        env: Some(env(mj)),
+        env: Some(env),
         volume_mounts: Some(mounts),
         resources,
         security_context: Some(SecurityContext {

@@ -9,6 +9,7 @@ pub mod metrics;
 pub mod model;
 pub mod pipeline;
 pub mod plots;
+pub mod remote_data;
 pub mod report;
 pub mod restore;
 pub mod split;

@@ -75,6 +75,16 @@ impl Job {
         self.resolve(&self.spec().storage.local.as_ref().map(|l| l.path.clone()).unwrap_or_else(|| "medmerge-artifacts".into()))
     }
 
+    /// Where to read a data source: a local path (relative to the YAML), or for `s3://` URLs
+    /// the local copy in `$MEDMERGE_DATA_CACHE` (default `<tmp>/medmerge-data-cache`).
+    pub fn data_path(&self, path: &str, credentials: Option<(String, String)>) -> anyhow::Result<PathBuf> {
+        if crate::remote_data::parse_s3_url(path).is_none() {
+            return Ok(self.resolve(path));
+        }
+        let cache = std::env::var_os("MEDMERGE_DATA_CACHE").map(PathBuf::from).unwrap_or_else(|| std::env::temp_dir().join("medmerge-data-cache"));
+        crate::remote_data::materialise(path, self.spec(), credentials, &cache)
+    }
+
     /// The S3 store of the job, if it uses one (credentials from the standard AWS chain).
     pub fn remote_store(&self) -> anyhow::Result<Option<BlockingStore>> {
         let Some(s3) = &self.spec().storage.s3 else { return Ok(None) };
@@ -104,7 +114,7 @@ impl Runner {
         let root = job.store_root();
         let remote = job.remote_store()?;
         let classes = if job.spec().model.classes.is_empty() {
-            let first = job.spec().shards.iter().find_map(|s| s.data.as_ref()).map(|d| job.resolve(&d.path));
+            let first = job.spec().shards.iter().find_map(|s| s.data.as_ref()).map(|d| job.data_path(&d.path, crate::remote_data::shard_credentials()?)).transpose()?;
             match first {
                 Some(p) => Dataset::open(&p, None)?.classes,
                 None => anyhow::bail!("spec.model.classes: required when no shard has data to read class names from"),
@@ -266,7 +276,8 @@ impl Runner {
     fn shard_data(&self, shard: &str) -> anyhow::Result<Dataset> {
         let s = self.job.spec().shards.iter().find(|s| s.name == shard).ok_or_else(|| anyhow::anyhow!("unknown shard {shard}"))?;
         let d = s.data.as_ref().ok_or_else(|| anyhow::anyhow!("shard {shard} has no data"))?;
-        Dataset::open(&self.job.resolve(&d.path), Some(&self.classes)).map_err(|e| anyhow::anyhow!("shard {shard}: {e}"))
+        let path = self.job.data_path(&d.path, crate::remote_data::shard_credentials()?).map_err(|e| e.context(format!("shard {shard}")))?;
+        Dataset::open(&path, Some(&self.classes)).map_err(|e| anyhow::anyhow!("shard {shard}: {e}"))
     }
 
     fn base_meta(&self) -> anyhow::Result<ArtifactMeta> {
@@ -400,7 +411,8 @@ impl Runner {
     fn evaluate_all(&self) -> anyhow::Result<EvalReport> {
         let spec = self.job.spec();
         let l = &self.layout;
-        let test = Dataset::open(&self.job.resolve(&spec.evaluation.data.path), Some(&self.classes)).map_err(|e| anyhow::anyhow!("evaluation data: {e}"))?;
+        let path = self.job.data_path(&spec.evaluation.data.path, None).map_err(|e| e.context("evaluation data"))?;
+        let test = Dataset::open(&path, Some(&self.classes)).map_err(|e| anyhow::anyhow!("evaluation data: {e}"))?;
         let base = self.path(&l.base());
         let mut candidates = Vec::new();
         for c in &self.plan.candidates {

@@ -11,6 +11,7 @@ use tch::Device;
 #[test]
 #[ignore = "needs an S3 server: run `make test-s3`"]
 fn a_mergejob_runs_stage_by_stage_through_an_s3_bucket() {
+    let _turn = ENV.lock().unwrap_or_else(|e| e.into_inner());
     let endpoint = std::env::var("MEDMERGE_S3_ENDPOINT").expect("set by scripts/with-s3.sh");
     let bucket = "medmerge-pipeline";
     let store = BlockingStore::s3(S3Config { bucket: bucket.into(), endpoint: Some(endpoint.clone()), region: "us-east-1".into(), path_style: true, credentials: None, max_attempts: 3, attempt_timeout: None }).unwrap();
@@ -42,4 +43,57 @@ fn a_mergejob_runs_stage_by_stage_through_an_s3_bucket() {
     let report = Runner::new(Job::load(&job).unwrap(), Device::Cpu).unwrap().run().unwrap();
     assert_eq!(report.candidates[0].id, "data-vector");
     assert!((0.0..=1.0).contains(&report.candidates[0].metrics.accuracy));
+}
+
+/// Both tests set process-wide cache variables; they take turns.
+static ENV: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Uploads the images of manifest `csv` as an ImageFolder under `s3://bucket/prefix/`.
+fn upload_shard(store: &BlockingStore, csv: &std::path::Path, prefix: &str) {
+    for line in std::fs::read_to_string(csv).unwrap().lines().skip(1) {
+        let (path, label) = line.rsplit_once(',').unwrap();
+        let name = std::path::Path::new(path).file_name().unwrap().to_string_lossy().into_owned();
+        store.put_file(&format!("{prefix}/{label}/{name}"), std::path::Path::new(path)).unwrap();
+    }
+}
+
+#[test]
+#[ignore = "needs an S3 server: run `make test-s3`"]
+fn shard_images_are_read_from_s3_with_the_shards_own_credentials_only() {
+    let _turn = ENV.lock().unwrap_or_else(|e| e.into_inner());
+    let endpoint = std::env::var("MEDMERGE_S3_ENDPOINT").unwrap();
+    let config = |bucket: &str| S3Config { bucket: bucket.into(), endpoint: Some(endpoint.clone()), region: "us-east-1".into(), path_style: true, credentials: None, max_attempts: 3, attempt_timeout: None };
+    let scans = BlockingStore::s3(config("medmerge-test")).unwrap();
+    scans.create_bucket().unwrap();
+    BlockingStore::s3(config("medmerge-data-run")).unwrap().create_bucket().unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let storage = format!("{{s3: {{bucket: medmerge-data-run, endpoint: \"{endpoint}\"}}}}");
+    let job = common::write_job_with_storage(dir.path(), "  merge: {baselines: []}\n", 2, &storage);
+    upload_shard(&scans, &dir.path().join("s0.csv"), "shard-a/h0");
+    upload_shard(&scans, &dir.path().join("s1.csv"), "shard-b/h1");
+    let yaml = std::fs::read_to_string(&job)
+        .unwrap()
+        .replace("data: {path: s0.csv}", "data: {path: \"s3://medmerge-test/shard-a/h0/\"}")
+        .replace("data: {path: s1.csv}", "data: {path: \"s3://medmerge-test/shard-b/h1/\"}")
+        .replace("  model: {architecture: resnet18, weights: random, imageSize: 32}", "  model: {architecture: resnet18, weights: random, imageSize: 32, classes: [disc, square, stripes]}");
+    std::fs::write(&job, yaml).unwrap();
+
+    // Hospital a's pod: its Secret holds credentials that reach only shard-a/.
+    let creds = dir.path().join("shard-a-secret");
+    std::fs::create_dir_all(&creds).unwrap();
+    std::fs::write(creds.join("AWS_ACCESS_KEY_ID"), std::env::var("MEDMERGE_S3_SHARD_A_KEY").unwrap()).unwrap();
+    std::fs::write(creds.join("AWS_SECRET_ACCESS_KEY"), std::env::var("MEDMERGE_S3_SHARD_A_SECRET").unwrap()).unwrap();
+    std::env::set_var("MEDMERGE_ARTIFACT_CACHE", dir.path().join("artifacts"));
+    std::env::set_var("MEDMERGE_DATA_CACHE", dir.path().join("data-cache"));
+    let runner = Runner::new(Job::load(&job).unwrap(), Device::Cpu).unwrap();
+    runner.run_stage("init").unwrap();
+    std::env::set_var("MEDMERGE_SHARD_CREDENTIALS_DIR", &creds);
+    runner.run_stage("finetune-h0").unwrap();
+    assert!(dir.path().join("data-cache/medmerge-test/shard-a/h0").is_dir(), "shard a's images were cached locally");
+
+    // The same credentials cannot read hospital b's images.
+    let err = format!("{:#}", runner.run_stage("finetune-h1").unwrap_err());
+    std::env::remove_var("MEDMERGE_SHARD_CREDENTIALS_DIR");
+    assert!(err.contains("shard h1") && err.contains("s3://medmerge-test/shard-b/h1") && err.contains("AccessDenied"), "{err}");
 }

@@ -255,6 +255,8 @@ spec:
         assert_eq!(pod.node_selector.as_ref().unwrap()["site"], "a");
         let b_restore = stage_job(&mj, 2, &Stage::Restore { candidate: "data-vector".into(), shard: "hospital-b".into() });
         assert_eq!(secrets(&b_restore), vec!["creds-b"]);
+        let env = pod.containers[0].env.clone().unwrap();
+        assert!(env.iter().any(|e| e.name == "MEDMERGE_SHARD_CREDENTIALS_DIR" && e.value.as_deref() == Some(SHARD_SECRET_DIR)), "the trainer is told where its shard's credentials are");
     }
 
     #[test]

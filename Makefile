@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 ENV := source scripts/env.sh &&
 
-.PHONY: setup build demo test e2e-operator test-s3 crds bench-paper
+.PHONY: setup build demo test e2e-operator e2e-cluster test-s3 crds bench-paper
 
 setup:
 	bash scripts/setup-torch.sh
@@ -26,6 +26,10 @@ e2e-operator:
 ## The artifact store and pipeline against a real S3 server (part of `make test`).
 test-s3:
 	bash scripts/test-s3.sh
+
+## A MergeJob through the operator, the API server, S3 and the real trainer (the test plays the node).
+e2e-cluster:
+	bash scripts/with-apiserver.sh bash scripts/with-s3.sh bash scripts/e2e-cluster.sh
 
 ## Regenerate crds/mergejob.yaml (and the chart's copy) from the Rust types.
 crds:

@@ -9,3 +9,5 @@ cargo test --workspace --no-fail-fast -- --test-threads="${TEST_THREADS:-2}"
 bash scripts/test-s3.sh
 # The operator against a real etcd + kube-apiserver (built once from source and cached).
 bash scripts/with-apiserver.sh bash scripts/e2e-operator.sh
+# A MergeJob on the cluster path with real parts: operator, API server, S3, trainer processes.
+bash scripts/with-apiserver.sh bash scripts/with-s3.sh bash scripts/e2e-cluster.sh

@@ -19,7 +19,7 @@ use tracing::{info, instrument, warn};
 
 use crate::artifacts::{results_from_report, shard_summary, ArtifactError, ArtifactStore};
 use crate::decide::{decide, Decision, Phase, ShardState};
-use crate::jobs::{spec_configmap, stage_job, LABEL_GENERATION, LABEL_MERGEJOB};
+use crate::jobs::{exclude_shards, spec_configmap, stage_job, LABEL_GENERATION, LABEL_MERGEJOB};
 use crate::observe::observe_jobs;
 use crate::status::{build_status, ShardFacts, StatusInputs};
 use crate::telemetry::Metrics;
@@ -192,7 +192,8 @@ async fn create_stage_jobs(mj: &MergeJob, ctx: &Context, ns: &str, generation: i
     cms.patch(&cm_name, &apply, &Patch::Apply(&cm)).await.map_err(kube_err(format!("applying ConfigMap {ns}/{cm_name}")))?;
     let jobs_api: Api<Job> = Api::namespaced(ctx.client.clone(), ns);
     for stage in &decision.create {
-        let job = stage_job(mj, generation, stage);
+        let mut job = stage_job(mj, generation, stage);
+        exclude_shards(&mut job, &decision.excluded_shards());
         let job_name = job.metadata.name.clone().unwrap_or_default();
         jobs_api.patch(&job_name, &apply, &Patch::Apply(&job)).await.map_err(kube_err(format!("applying Job {ns}/{job_name}")))?;
         info!(stage = %stage.name(), job = %job_name, "stage Job created");

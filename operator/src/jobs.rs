@@ -129,6 +129,17 @@ fn stage_args(cluster: &ClusterSpec, stage: &Stage) -> Vec<String> {
     args
 }
 
+/// Tells a stage Job's trainer to leave out `shards` (dropped after the run started, so not
+/// reflected in the generation's spec ConfigMap).
+pub fn exclude_shards(job: &mut Job, shards: &[&str]) {
+    let container = job.spec.as_mut().and_then(|s| s.template.spec.as_mut()).and_then(|p| p.containers.first_mut());
+    if let Some(args) = container.and_then(|c| c.args.as_mut()) {
+        for shard in shards {
+            args.extend(["--exclude-shard".to_string(), shard.to_string()]);
+        }
+    }
+}
+
 /// The batch Job that runs `stage` of generation `generation`.
 pub fn stage_job(mj: &MergeJob, generation: i64, stage: &Stage) -> Job {
     let name = mj.metadata.name.clone().unwrap_or_default();
@@ -346,5 +357,13 @@ spec:
             .collect();
         assert_eq!(refs, vec![("AWS_ACCESS_KEY_ID".to_string(), "bucket-creds".to_string()), ("AWS_SECRET_ACCESS_KEY".to_string(), "bucket-creds".to_string())]);
         assert!(env.iter().all(|e| e.value.as_deref() != Some("bucket-creds")), "credentials are referenced, never copied into the Job");
+    }
+
+    #[test]
+    fn stages_after_a_shard_was_dropped_are_told_to_leave_it_out() {
+        let mut job = stage_job(&mergejob(), 2, &Stage::Merge { candidate: "data-vector".into() });
+        exclude_shards(&mut job, &["hospital-b"]);
+        let args = job.spec.unwrap().template.spec.unwrap().containers[0].args.clone().unwrap();
+        assert_eq!(&args[args.len() - 2..], ["--exclude-shard", "hospital-b"]);
     }
 }

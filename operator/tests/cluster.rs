@@ -66,9 +66,9 @@ impl Node {
             let backoff = job.spec.as_ref().and_then(|s| s.backoff_limit).unwrap_or(6);
             let now = Timestamp::now().to_string();
             let status = if ok {
-                json!({"startTime": now, "completionTime": now, "succeeded": 1, "failed": *failed, "conditions": [{"type": "Complete", "status": "True", "lastProbeTime": now, "lastTransitionTime": now}]})
+                json!({"startTime": now, "completionTime": now, "succeeded": 1, "failed": *failed, "active": null, "conditions": [{"type": "Complete", "status": "True", "lastProbeTime": now, "lastTransitionTime": now}]})
             } else if *failed > backoff {
-                json!({"startTime": now, "failed": *failed, "conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "lastProbeTime": now, "lastTransitionTime": now}]})
+                json!({"startTime": now, "failed": *failed, "active": null, "conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "lastProbeTime": now, "lastTransitionTime": now}]})
             } else {
                 json!({"startTime": now, "failed": *failed, "active": 1})
             };
@@ -172,12 +172,14 @@ async fn a_mergejob_reaches_succeeded_with_accuracy_in_status_and_the_model_in_s
         "apiVersion": "medmerge.io/v1alpha1", "kind": "MergeJob", "metadata": {"name": "fundus", "namespace": NS},
         "spec": {
             "model": {"architecture": "resnet18", "weights": "random", "imageSize": 32},
-            "shards": [shard(1), shard(2), shard(3)],
+            // Hospital 4's images are missing: its Job fails, is retried, and the quorum of 3
+            // carries on without it.
+            "shards": [shard(1), shard(2), shard(3), {"name": "hospital-4", "data": {"path": work.path().join("missing.csv").display().to_string()}}],
             "training": {"epochs": 2, "batchSize": 8, "learningRate": 0.001},
             "merge": {"baselines": ["paramsMean"]},
             "evaluation": {"data": {"path": split.join("test.csv").display().to_string()}},
             "storage": {"s3": {"bucket": BUCKET, "endpoint": endpoint, "credentialsSecret": "bucket-creds"}},
-            "cluster": {"backoffLimit": 1},
+            "cluster": {"backoffLimit": 1, "minShards": 3},
         }
     }))
     .unwrap();
@@ -202,7 +204,10 @@ async fn a_mergejob_reaches_succeeded_with_accuracy_in_status_and_the_model_in_s
     assert_eq!(results.baselines[0].id, "params-mean");
     assert_eq!(results.model, "runs/e2e-cluster/fundus/g1/restored/data-vector/model.safetensors");
     assert!(store.exists(&results.model).await.unwrap(), "the merged model is in the bucket");
-    assert_eq!(status.shards_ready.as_deref(), Some("3/3"));
-    assert!(status.shards.iter().all(|s| s.samples.is_some_and(|n| n > 0)), "{:?}", status.shards);
+    assert_eq!(status.shards_ready.as_deref(), Some("3/4"));
+    let dropped = status.shards.iter().find(|s| s.name == "hospital-4").unwrap();
+    assert_eq!((dropped.state.as_str(), dropped.attempts), ("Failed", 2), "one try and one retry (backoffLimit 1)");
+    assert!(status.shards.iter().filter(|s| s.name != "hospital-4").all(|s| s.samples.is_some_and(|n| n > 0)), "{:?}", status.shards);
+    assert_eq!(node.failures.get("fundus-g1-finetune-hospital-4"), Some(&2));
     controller.abort();
 }

@@ -67,7 +67,7 @@ impl S3Store {
     pub(crate) async fn connect(c: S3Config) -> S3Store {
         let mut loader = aws_config::defaults(BehaviorVersion::latest())
             .region(Region::new(if c.region.is_empty() { "us-east-1".to_string() } else { c.region.clone() }))
-            .retry_config(RetryConfig::standard().with_max_attempts(c.max_attempts.max(1)).with_initial_backoff(Duration::from_millis(200)))
+            .retry_config(RetryConfig::standard().with_max_attempts(c.max_attempts.max(1)).with_initial_backoff(Duration::from_millis(500)))
             .timeout_config(TimeoutConfig::builder().connect_timeout(Duration::from_secs(5)).operation_attempt_timeout(c.attempt_timeout.unwrap_or(Duration::from_secs(300))).build());
         if let Some(endpoint) = &c.endpoint {
             loader = loader.endpoint_url(endpoint);

@@ -60,6 +60,10 @@ enum Command {
         /// vector to appear (looking every 10 s) instead of failing at once.
         #[arg(long, requires = "stage", default_value_t = 0)]
         wait_for_vector: u64,
+        /// Leave this shard out (repeatable): the operator drops shards that failed or missed
+        /// the straggler deadline, and later stages run without them.
+        #[arg(long)]
+        exclude_shard: Vec<String>,
     },
     /// List, upload and download artifacts (a hospital uploads its vector with `store put`).
     Store(store_cli::StoreArgs),
@@ -341,8 +345,10 @@ fn main() -> anyhow::Result<()> {
     }
     let dev = device(&cli.device)?;
     match cli.command {
-        Command::Pipeline { job, stage, plan, wait_for_vector } => {
-            let runner = Runner::new(Job::load(&job)?, dev)?;
+        Command::Pipeline { job, stage, plan, wait_for_vector, exclude_shard } => {
+            let mut job = Job::load(&job)?;
+            job.exclude_shards(&exclude_shard)?;
+            let runner = Runner::new(job, dev)?;
             if plan {
                 for (name, state) in runner.status()? {
                     println!("{state:8} {name}");

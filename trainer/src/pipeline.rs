@@ -52,6 +52,21 @@ impl Job {
         &self.job.spec
     }
 
+    /// Leaves out shards the operator dropped (failed, or past the straggler deadline) after
+    /// the run started: later stages plan, merge, restore and evaluate without them.
+    pub fn exclude_shards(&mut self, names: &[String]) -> anyhow::Result<()> {
+        for name in names {
+            if !self.job.spec.shards.iter().any(|s| &s.name == name) {
+                anyhow::bail!("--exclude-shard {name}: no such shard in this MergeJob");
+            }
+        }
+        self.job.spec.shards.retain(|s| !names.contains(&s.name));
+        if self.job.spec.shards.is_empty() {
+            anyhow::bail!("--exclude-shard: every shard would be excluded");
+        }
+        Ok(())
+    }
+
     /// A path from the spec, relative to the YAML file's directory.
     pub fn resolve(&self, p: &str) -> PathBuf {
         let p = Path::new(p);

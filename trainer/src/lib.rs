@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod data;
 pub mod evaluate;
+pub mod explain;
 pub mod merge;
 pub mod metrics;
 pub mod model;

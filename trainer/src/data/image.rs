@@ -33,6 +33,13 @@ pub fn decode_image(path: &Path, size: u32, augment: Option<&Augment>) -> Result
     Ok(normalise(&img))
 }
 
+/// Decodes `path` and resizes it to `size`x`size` without augmentation or normalisation (what
+/// the network sees, as pixels; Grad-CAM overlays are drawn on it).
+pub fn load_resized(path: &Path, size: u32) -> Result<RgbImage, DataError> {
+    let img = image::open(path).map_err(|source| DataError::Decode { path: path.into(), source })?.to_rgb8();
+    Ok(imageops::resize(&img, size, size, FilterType::Triangle))
+}
+
 fn augmented(img: RgbImage, size: u32, a: &Augment) -> RgbImage {
     use rand::SeedableRng;
     let mut rng = StdRng::seed_from_u64(a.seed);
@@ -95,7 +102,8 @@ fn jitter(img: &mut RgbImage, brightness: f32, contrast: f32, saturation: f32) {
     }
 }
 
-fn normalise(img: &RgbImage) -> Vec<f32> {
+/// ImageNet-normalised CHW f32 values of `img`.
+pub fn normalise(img: &RgbImage) -> Vec<f32> {
     let (w, h) = img.dimensions();
     let plane = (w * h) as usize;
     let mut out = vec![0f32; 3 * plane];

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use tch::{nn, Tensor};
 
 use super::bn::Bn;
+use super::Tap;
 
 const BN_EPS: f64 = 1e-3;
 
@@ -91,10 +92,15 @@ impl EfficientNetLite {
         EfficientNetLite { stem, bn0, blocks, head_conv, bn1, fc }
     }
 
-    /// Logits for a batch of normalised images.
-    pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+    /// Names of the layers `forward_t` can tap: `blocks.N`, then `head` (the last conv block).
+    pub fn tap_names(&self) -> Vec<String> {
+        (0..self.blocks.len()).map(|i| format!("blocks.{i}")).chain(["head".to_string()]).collect()
+    }
+
+    /// Logits for a batch of normalised images; `tap` captures a layer's output on the way.
+    pub fn forward_t(&self, x: &Tensor, train: bool, tap: &mut Tap) -> Tensor {
         let mut x = self.bn0.forward_t(&self.stem.forward(x), train).relu6();
-        for b in &self.blocks {
+        for (i, b) in self.blocks.iter().enumerate() {
             let input = &x;
             let mut h = match &b.expand {
                 Some((conv, bn)) => bn.forward_t(&conv.forward(input), train).relu6(),
@@ -103,8 +109,12 @@ impl EfficientNetLite {
             h = b.bn1.forward_t(&b.depthwise.forward(&h), train).relu6();
             h = b.bn2.forward_t(&b.project.forward(&h), train);
             x = if b.residual { h + input } else { h };
+            if tap.is_on() {
+                tap.see(&format!("blocks.{i}"), &x);
+            }
         }
         let x = self.bn1.forward_t(&self.head_conv.forward(&x), train).relu6();
+        tap.see("head", &x);
         x.adaptive_avg_pool2d([1, 1]).flatten(1, -1).dropout(0.2, train).apply(&self.fc)
     }
 }

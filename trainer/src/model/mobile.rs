@@ -6,6 +6,7 @@ use std::sync::Arc;
 use tch::{nn, Tensor};
 
 use super::bn::Bn;
+use super::Tap;
 
 const BN_EPS: f64 = 1e-5;
 
@@ -140,14 +141,23 @@ impl TorchvisionMobile {
         TorchvisionMobile { stem, blocks, head, classifier, swish: true }
     }
 
-    /// Logits for a batch of normalised images.
-    pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+    /// Names of the layers `forward_t` can tap: `blocks.N`, then `head` (the last conv block).
+    pub fn tap_names(&self) -> Vec<String> {
+        (0..self.blocks.len()).map(|i| format!("blocks.{i}")).chain(["head".to_string()]).collect()
+    }
+
+    /// Logits for a batch of normalised images; `tap` captures a layer's output on the way.
+    pub fn forward_t(&self, x: &Tensor, train: bool, tap: &mut Tap) -> Tensor {
         let act = |t: Tensor| if self.swish { t.silu() } else { t.relu6() };
         let mut x = act(self.stem.forward_t(x, train));
-        for b in &self.blocks {
+        for (i, b) in self.blocks.iter().enumerate() {
             x = b.forward_t(&x, train);
+            if tap.is_on() {
+                tap.see(&format!("blocks.{i}"), &x);
+            }
         }
         let x = act(self.head.forward_t(&x, train));
+        tap.see("head", &x);
         x.adaptive_avg_pool2d([1, 1]).flatten(1, -1).dropout(0.2, train).apply(&self.classifier)
     }
 }

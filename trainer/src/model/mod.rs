@@ -98,10 +98,25 @@ impl Network {
 
     /// Logits for a batch of normalised images `[N, 3, H, W]`.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        self.forward_tapped(x, train, &mut Tap::off())
+    }
+
+    /// Logits, with `tap` capturing the output of one named layer (see [`Network::tap_names`]).
+    pub fn forward_tapped(&self, x: &Tensor, train: bool, tap: &mut Tap) -> Tensor {
         match &self.body {
-            Body::EfficientNetLite(m) => m.forward_t(x, train),
-            Body::ResNet(m) => m.forward_t(x, train),
-            Body::Mobile(m) => m.forward_t(x, train),
+            Body::EfficientNetLite(m) => m.forward_t(x, train, tap),
+            Body::ResNet(m) => m.forward_t(x, train, tap),
+            Body::Mobile(m) => m.forward_t(x, train, tap),
+        }
+    }
+
+    /// The convolutional layers whose output can be tapped, in forward order; the last one is
+    /// the last convolutional block (Grad-CAM's default).
+    pub fn tap_names(&self) -> Vec<String> {
+        match &self.body {
+            Body::EfficientNetLite(m) => m.tap_names(),
+            Body::ResNet(m) => m.tap_names(),
+            Body::Mobile(m) => m.tap_names(),
         }
     }
 
@@ -173,6 +188,42 @@ impl Network {
             tch::no_grad(|| var.f_copy_(&src.to_kind(Kind::Float)))?;
         }
         Ok(())
+    }
+}
+
+/// Captures the output of one named layer during a forward pass (for Grad-CAM).
+#[derive(Default)]
+pub struct Tap {
+    want: Option<String>,
+    got: Option<Tensor>,
+}
+
+impl Tap {
+    /// A tap that captures nothing.
+    pub fn off() -> Self {
+        Tap::default()
+    }
+
+    /// A tap that captures the output of layer `name`.
+    pub fn at(name: &str) -> Self {
+        Tap { want: Some(name.into()), got: None }
+    }
+
+    /// Whether this tap wants any layer (so callers can skip formatting names).
+    pub fn is_on(&self) -> bool {
+        self.want.is_some()
+    }
+
+    /// Offers layer `name`'s output `t`; kept when it is the wanted layer.
+    pub fn see(&mut self, name: &str, t: &Tensor) {
+        if self.want.as_deref() == Some(name) {
+            self.got = Some(t.shallow_clone());
+        }
+    }
+
+    /// The captured output, if the wanted layer ran.
+    pub fn take(&mut self) -> Option<Tensor> {
+        self.got.take()
     }
 }
 

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use tch::{nn, Tensor};
 
 use super::bn::Bn;
+use super::Tap;
 
 const BN_EPS: f64 = 1e-5;
 
@@ -42,6 +43,8 @@ pub struct ResNet {
     conv1: nn::Conv2D,
     bn1: Arc<Bn>,
     layers: Vec<Block>,
+    /// Index in `layers` of each stage's last block.
+    stage_ends: [usize; 4],
     fc: nn::Linear,
 }
 
@@ -83,14 +86,28 @@ impl ResNet {
             }
         }
         let fc = nn::linear(p / "fc", c_in, classes, Default::default());
-        ResNet { conv1, bn1, layers, fc }
+        let mut stage_ends = [0; 4];
+        let mut end = 0;
+        for (stage, &n) in blocks.iter().enumerate() {
+            end += n;
+            stage_ends[stage] = end - 1;
+        }
+        ResNet { conv1, bn1, layers, stage_ends, fc }
     }
 
-    /// Logits for a batch of normalised images.
-    pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+    /// Names of the layers `forward_t` can tap: the four stages, last = the last conv block.
+    pub fn tap_names(&self) -> Vec<String> {
+        (1..=4).map(|i| format!("layer{i}")).collect()
+    }
+
+    /// Logits for a batch of normalised images; `tap` captures a stage's output on the way.
+    pub fn forward_t(&self, x: &Tensor, train: bool, tap: &mut Tap) -> Tensor {
         let mut x = self.bn1.forward_t(&x.apply(&self.conv1), train).relu().max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false);
-        for b in &self.layers {
+        for (i, b) in self.layers.iter().enumerate() {
             x = b.forward_t(&x, train);
+            if let Some(stage) = self.stage_ends.iter().position(|&end| end == i).filter(|_| tap.is_on()) {
+                tap.see(&format!("layer{}", stage + 1), &x);
+            }
         }
         x.adaptive_avg_pool2d([1, 1]).flatten(1, -1).apply(&self.fc)
     }

@@ -1,0 +1,295 @@
+//! Grad-CAM (Selvaraju et al., 2017): where in an image a network looked when it scored a class.
+//!
+//! The heatmap of a layer is the ReLU of its activation maps weighted by the spatially averaged
+//! gradient of the class score with respect to them, upsampled to the input and scaled to [0, 1].
+//! Overlays are written as PNG; for fundus photographs the share of heatmap mass inside the
+//! fundus disc (not on the black border) says whether the model looks at the retina.
+
+use std::path::{Path, PathBuf};
+
+use image::{Rgb, RgbImage};
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use crate::data::{load_resized, normalise, DataError};
+use crate::model::{tensor_to_vec, Network, Tap};
+
+/// Images per forward/backward pass.
+const BATCH: usize = 8;
+/// A pixel whose brightest channel is at most this is border, not fundus.
+const BORDER_LEVEL: u8 = 20;
+
+/// Errors explaining predictions.
+#[derive(Debug, thiserror::Error)]
+pub enum ExplainError {
+    /// The requested layer is not one the architecture can tap.
+    #[error("layer {layer:?} is not a convolutional layer of {arch}; choose one of: {available}")]
+    UnknownLayer { layer: String, arch: &'static str, available: String },
+    /// The requested class is not one of the model's classes.
+    #[error("class {class:?} is not one of the model's classes: {available}")]
+    UnknownClass { class: String, available: String },
+    /// An image could not be read.
+    #[error(transparent)]
+    Data(#[from] DataError),
+    /// libtorch failed.
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+    /// An overlay could not be written.
+    #[error("cannot write {path}: {message}")]
+    Write { path: PathBuf, message: String },
+}
+
+/// What to explain and how.
+#[derive(Clone, Debug, Default)]
+pub struct ExplainOptions {
+    /// Layer to take activations from (default: the last convolutional block).
+    pub layer: Option<String>,
+    /// Class to explain (default: each image's predicted class).
+    pub class: Option<String>,
+}
+
+/// One image's Grad-CAM.
+#[derive(Clone, Debug)]
+pub struct Heatmap {
+    /// Predicted class index.
+    pub predicted: usize,
+    /// Probability of the predicted class.
+    pub probability: f32,
+    /// The class the heatmap explains.
+    pub explained: usize,
+    /// Heatmap values in [0, 1], row-major, `size` x `size`.
+    pub cam: Vec<f32>,
+}
+
+/// One explained image as written to disk.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ExplainedImage {
+    /// The input image.
+    pub image: PathBuf,
+    /// The overlay PNG written for it.
+    pub overlay: PathBuf,
+    /// Its true class, when known.
+    pub label: Option<String>,
+    /// The predicted class.
+    pub predicted: String,
+    /// Probability of the predicted class.
+    pub probability: f32,
+    /// The class the heatmap explains.
+    pub explained: String,
+    /// Share of heatmap mass inside the fundus disc (bright pixels), if the image has any.
+    pub fundus_fraction: Option<f64>,
+}
+
+/// The layer Grad-CAM will use: `wanted` if the network has it, else the last conv block.
+pub fn resolve_layer(net: &Network, wanted: Option<&str>) -> Result<String, ExplainError> {
+    let names = net.tap_names();
+    match wanted {
+        None => Ok(names.last().cloned().unwrap_or_default()),
+        Some(w) if names.iter().any(|n| n == w) => Ok(w.to_string()),
+        Some(w) => Err(ExplainError::UnknownLayer { layer: w.into(), arch: net.arch.as_str(), available: names.join(", ") }),
+    }
+}
+
+/// The index of class `name` in the network's classes.
+pub fn resolve_class(net: &Network, name: &str) -> Result<usize, ExplainError> {
+    net.classes.iter().position(|c| c == name).ok_or_else(|| ExplainError::UnknownClass { class: name.into(), available: net.classes.join(", ") })
+}
+
+/// Grad-CAM of `layer` for a batch of resized images; `class` fixes the explained class.
+pub fn grad_cam(net: &Network, images: &[RgbImage], layer: &str, class: Option<usize>, device: Device) -> Result<Vec<Heatmap>, ExplainError> {
+    let size = i64::from(net.image_size);
+    let n = images.len() as i64;
+    let pixels: Vec<f32> = images.iter().flat_map(normalise).collect();
+    let x = Tensor::from_slice(&pixels).view([n, 3, size, size]).to_device(device);
+    let mut tap = Tap::at(layer);
+    let logits = net.forward_tapped(&x, false, &mut tap);
+    let features = tap.take().ok_or_else(|| ExplainError::UnknownLayer { layer: layer.into(), arch: net.arch.as_str(), available: net.tap_names().join(", ") })?;
+    let probs = if net.multi_label { logits.sigmoid() } else { logits.softmax(-1, Kind::Float) };
+    let predicted = probs.argmax(-1, false);
+    let target = match class {
+        Some(c) => Tensor::full([n], c as i64, (Kind::Int64, device)),
+        None => predicted.shallow_clone(),
+    };
+    let score = logits.gather(1, &target.unsqueeze(1), false).sum(Kind::Float);
+    let grads = Tensor::f_run_backward(&[&score], &[&features], false, false)?;
+    let cam = tch::no_grad(|| {
+        let weights = grads[0].mean_dim([2i64, 3].as_slice(), true, Kind::Float);
+        let cam = (&features * weights).sum_dim_intlist([1i64].as_slice(), true, Kind::Float).relu();
+        let cam = cam.upsample_bilinear2d([size, size], false, None, None).view([n, size * size]);
+        let max = cam.amax([1i64].as_slice(), true).clamp_min(1e-12);
+        cam / max
+    });
+    let cam = tensor_to_vec(&cam)?;
+    let predicted: Vec<i64> = Vec::<i64>::try_from(predicted.to_device(Device::Cpu))?;
+    let target: Vec<i64> = Vec::<i64>::try_from(target.to_device(Device::Cpu))?;
+    let top = tensor_to_vec(&probs.detach())?;
+    let k = net.classes.len();
+    Ok((0..n as usize)
+        .map(|i| Heatmap {
+            predicted: predicted[i] as usize,
+            probability: top[i * k + predicted[i] as usize],
+            explained: target[i] as usize,
+            cam: cam[i * (size * size) as usize..(i + 1) * (size * size) as usize].to_vec(),
+        })
+        .collect())
+}
+
+/// The fundus disc of a photograph: pixels brighter than the black border around it.
+pub fn fundus_mask(img: &RgbImage) -> Vec<bool> {
+    img.pixels().map(|p| p.0.iter().copied().max().unwrap_or(0) > BORDER_LEVEL).collect()
+}
+
+/// Share of `cam`'s mass on pixels where `mask` holds; `None` when either is empty.
+pub fn mass_inside(cam: &[f32], mask: &[bool]) -> Option<f64> {
+    let total: f64 = cam.iter().map(|&v| f64::from(v)).sum();
+    if total <= 0.0 || !mask.iter().any(|&m| m) {
+        return None;
+    }
+    Some(cam.iter().zip(mask).filter(|(_, &m)| m).map(|(&v, _)| f64::from(v)).sum::<f64>() / total)
+}
+
+/// The jet colour map at `v` in [0, 1].
+fn jet(v: f32) -> [f32; 3] {
+    let c = |x: f32| (1.5 - (4.0 * v - x).abs()).clamp(0.0, 1.0);
+    [c(3.0), c(2.0), c(1.0)]
+}
+
+/// `img` with `cam` laid over it in the jet colour map, weighted by the heat itself so cold
+/// regions keep the photograph visible.
+pub fn overlay(img: &RgbImage, cam: &[f32]) -> RgbImage {
+    let mut out = img.clone();
+    for (p, &v) in out.pixels_mut().zip(cam) {
+        let colour = jet(v);
+        let alpha = 0.25 + 0.5 * v;
+        *p = Rgb(std::array::from_fn(|c| ((1.0 - alpha) * f32::from(p[c]) + alpha * 255.0 * colour[c]).round() as u8));
+    }
+    out
+}
+
+/// Explains `images` (paths with their true class, if known) and writes one overlay PNG per
+/// image into `out_dir`, named after the image.
+pub fn explain_images(net: &Network, images: &[(PathBuf, Option<usize>)], out_dir: &Path, opts: &ExplainOptions, device: Device) -> Result<Vec<ExplainedImage>, ExplainError> {
+    let layer = resolve_layer(net, opts.layer.as_deref())?;
+    let class = opts.class.as_deref().map(|c| resolve_class(net, c)).transpose()?;
+    std::fs::create_dir_all(out_dir).map_err(|e| ExplainError::Write { path: out_dir.into(), message: e.to_string() })?;
+    let mut out = Vec::with_capacity(images.len());
+    for chunk in images.chunks(BATCH) {
+        let pictures: Vec<RgbImage> = chunk.iter().map(|(p, _)| load_resized(p, net.image_size)).collect::<Result<_, _>>()?;
+        let maps = grad_cam(net, &pictures, &layer, class, device)?;
+        for (((path, label), picture), map) in chunk.iter().zip(&pictures).zip(maps) {
+            let file = out_dir.join(overlay_name(path, out.len()));
+            overlay(picture, &map.cam).save(&file).map_err(|e| ExplainError::Write { path: file.clone(), message: e.to_string() })?;
+            out.push(ExplainedImage {
+                image: path.clone(),
+                overlay: file,
+                label: label.map(|l| net.classes[l].clone()),
+                predicted: net.classes[map.predicted].clone(),
+                probability: map.probability,
+                explained: net.classes[map.explained].clone(),
+                fundus_fraction: mass_inside(&map.cam, &fundus_mask(picture)),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// `<index>-<stem>.gradcam.png`: the index keeps names unique across class folders.
+fn overlay_name(image: &Path, index: usize) -> String {
+    let stem = image.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into());
+    format!("{index:04}-{stem}.gradcam.png")
+}
+
+/// The mean share of heatmap mass inside the fundus over `explained` (images with a disc).
+pub fn mean_fundus_fraction(explained: &[ExplainedImage]) -> Option<f64> {
+    let values: Vec<f64> = explained.iter().filter_map(|e| e.fundus_fraction).collect();
+    (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use medmerge_crds::Architecture;
+
+    #[test]
+    fn mass_inside_counts_only_masked_pixels() {
+        assert_eq!(mass_inside(&[1.0, 3.0, 0.0, 4.0], &[true, false, true, true]), Some(5.0 / 8.0));
+        assert_eq!(mass_inside(&[0.0, 0.0], &[true, true]), None);
+        assert_eq!(mass_inside(&[1.0, 1.0], &[false, false]), None);
+    }
+
+    #[test]
+    fn the_fundus_mask_excludes_the_black_border() {
+        let mut img = RgbImage::from_pixel(3, 1, Rgb([0, 0, 0]));
+        img.put_pixel(1, 0, Rgb([120, 40, 10]));
+        img.put_pixel(2, 0, Rgb([12, 15, 9]));
+        assert_eq!(fundus_mask(&img), vec![false, true, false]);
+    }
+
+    #[test]
+    fn the_overlay_is_hot_where_the_map_is_high() {
+        let img = RgbImage::from_pixel(2, 1, Rgb([128, 128, 128]));
+        let out = overlay(&img, &[0.0, 1.0]);
+        assert!(out.get_pixel(0, 0)[2] > out.get_pixel(0, 0)[0], "cold = blue");
+        assert!(out.get_pixel(1, 0)[0] > out.get_pixel(1, 0)[2], "hot = red");
+    }
+
+    #[test]
+    fn unknown_layers_and_classes_are_refused_naming_the_choices() {
+        let classes = vec!["a".to_string(), "b".to_string()];
+        let net = Network::new(Architecture::Resnet18, &classes, 32, Device::Cpu, 0);
+        assert_eq!(resolve_layer(&net, None).unwrap(), "layer4");
+        assert_eq!(resolve_layer(&net, Some("layer2")).unwrap(), "layer2");
+        let e = resolve_layer(&net, Some("layer9")).unwrap_err().to_string();
+        assert!(e.contains("\"layer9\"") && e.contains("resnet18") && e.contains("layer1, layer2, layer3, layer4"), "{e}");
+        let e = resolve_class(&net, "c").unwrap_err().to_string();
+        assert!(e.contains("\"c\"") && e.contains("a, b"), "{e}");
+    }
+
+    #[test]
+    fn grad_cam_maps_are_input_sized_scaled_to_one_and_explain_the_requested_class() {
+        let classes = vec!["left".to_string(), "other".to_string()];
+        for arch in [Architecture::Resnet18, Architecture::EfficientnetLite0, Architecture::MobilenetV2] {
+            let net = Network::new(arch, &classes, 64, Device::Cpu, 1);
+            let mut img = RgbImage::from_pixel(64, 64, Rgb([0, 0, 0]));
+            for y in 16..48 {
+                for x in 4..28 {
+                    img.put_pixel(x, y, Rgb([255, 200, 120]));
+                }
+            }
+            let maps = grad_cam(&net, &[img.clone(), img], &resolve_layer(&net, None).unwrap(), Some(0), Device::Cpu).unwrap();
+            assert_eq!(maps.len(), 2);
+            let m = &maps[0];
+            assert_eq!(m.cam.len(), 64 * 64);
+            assert!(m.cam.iter().all(|v| (0.0..=1.0 + 1e-6).contains(v)), "{arch:?}: values in [0, 1]");
+            assert_eq!(m.explained, 0);
+            // A map is scaled to a maximum of 1, or all zero when nothing speaks for the class.
+            let max = m.cam.iter().copied().fold(0f32, f32::max);
+            assert!(max > 0.99 || (max == 0.0 && arch != Architecture::Resnet18), "{arch:?}: maximum {max}");
+        }
+    }
+
+    #[test]
+    fn explain_images_writes_one_overlay_per_image_with_its_prediction() {
+        let d = tempfile::tempdir().unwrap();
+        let classes = vec!["a".to_string(), "b".to_string()];
+        let net = Network::new(Architecture::Resnet18, &classes, 32, Device::Cpu, 0);
+        let mut inputs = Vec::new();
+        for i in 0..10u8 {
+            let p = d.path().join(format!("img{i}.png"));
+            RgbImage::from_fn(40, 40, |x, y| if (x as i32 - 20).pow(2) + (y as i32 - 20).pow(2) < 300 { Rgb([200, 90 + i, 40]) } else { Rgb([0, 0, 0]) }).save(&p).unwrap();
+            inputs.push((p, Some(usize::from(i % 2))));
+        }
+        let out = d.path().join("out");
+        let done = explain_images(&net, &inputs, &out, &ExplainOptions::default(), Device::Cpu).unwrap();
+        assert_eq!(done.len(), 10, "two batches");
+        for e in &done {
+            assert!(e.overlay.exists());
+            assert_eq!(image::open(&e.overlay).unwrap().width(), 32);
+            assert_eq!(e.explained, e.predicted);
+            assert!(e.fundus_fraction.is_some_and(|f| (0.0..=1.0).contains(&f)));
+        }
+        assert_eq!(done[1].label.as_deref(), Some("b"));
+        let e = explain_images(&net, &inputs, &out, &ExplainOptions { layer: Some("nope".into()), class: None }, Device::Cpu).unwrap_err();
+        assert!(e.to_string().contains("\"nope\""));
+    }
+}

@@ -30,15 +30,8 @@ cargo test --workspace --test apiserver -- --ignored --test-threads=2
 # The binary itself, installed from the Helm chart's RBAC and running as its ServiceAccount:
 # leader Lease, a MergeJob driven with only the chart's permissions, health, readiness and
 # metrics endpoints, graceful SIGTERM.
-helm="$(bash scripts/setup-helm.sh)"
-"$helm" lint charts/medmerge
-kubectl create namespace medmerge
-"$helm" template medmerge charts/medmerge -n medmerge --skip-crds | kubectl apply -n medmerge -f -
+sa_kubeconfig="$(bash scripts/install-chart.sh)"
 kubectl create namespace e2e-rbac
-sa_kubeconfig="$(mktemp)"
-cp "$KUBECONFIG" "$sa_kubeconfig"
-KUBECONFIG="$sa_kubeconfig" kubectl config set-credentials operator --token "$MEDMERGE_E2E_SA_TOKEN" >/dev/null
-KUBECONFIG="$sa_kubeconfig" kubectl config set-context e2e --user operator >/dev/null
 if KUBECONFIG="$sa_kubeconfig" kubectl get secrets -n e2e-rbac >/dev/null 2>&1; then
   echo "the operator's ServiceAccount can read Secrets; the chart's RBAC is too wide" >&2; exit 1
 fi

@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
-# Installs a real etcd and builds kube-apiserver (Debian's kubernetes 1.20 source package) for
-# the operator's end-to-end tests. Idempotent; the binary is cached in ~/.cache/medmerge/k8s.
+# Installs a real etcd and builds kube-apiserver and kube-controller-manager (Debian's
+# kubernetes 1.20 source package) for the operator's end-to-end tests. Idempotent; binaries are
+# cached in ~/.cache/medmerge/k8s. Prints the path of the binary named by $1 (default
+# kube-apiserver).
+# Usage: scripts/setup-k8s.sh [kube-apiserver|kube-controller-manager]
 set -euo pipefail
+want="${1:-kube-apiserver}"
+case "$want" in kube-apiserver|kube-controller-manager) ;; *) echo "setup-k8s: unknown binary $want" >&2; exit 2;; esac
 CACHE="${MEDMERGE_CACHE:-$HOME/.cache/medmerge}/k8s"
 mkdir -p "$CACHE"
 need=()
@@ -16,9 +21,11 @@ reflect2=/usr/share/gocode/src/github.com/modern-go/reflect2
 if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >&2
 fi
-# The binary's name carries the patch level, so a cache from before the fix is rebuilt.
-BIN="$CACHE/kube-apiserver-1.20.2-reflect2-1.0.2"
-if [ ! -x "$BIN" ]; then
+# Binary names carry the patch level, so a cache from before the fix is rebuilt.
+bin() { echo "$CACHE/$1-1.20.2-reflect2-1.0.2"; }
+missing=()
+for b in kube-apiserver kube-controller-manager; do [ -x "$(bin "$b")" ] || missing+=("cmd/$b"); done
+if [ ${#missing[@]} -gt 0 ]; then
   if ! grep -rqs "deb-src" /etc/apt/sources.list /etc/apt/sources.list.d/; then
     # Same signing key as the deb822 source the image ships, or apt refuses the conflict.
     printf 'Types: deb-src\nURIs: http://deb.debian.org/debian\nSuites: bookworm\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
@@ -31,10 +38,15 @@ if [ ! -x "$BIN" ]; then
   tar xf kubernetes_*.orig.tar.* && dir=$(find . -maxdepth 1 -type d -name 'kubernetes-*' | head -n1) && cd "$dir"
   mkdir -p .go/src/k8s.io && ln -sfn ../../.. .go/src/k8s.io/kubernetes
   rm -rf vendor/github.com/modern-go/reflect2 && cp -r "$reflect2" vendor/github.com/modern-go/reflect2
-  echo "setup-k8s: building kube-apiserver (about 10 minutes, once)" >&2
-  GOPATH="$PWD/.go" CGO_ENABLED=0 GOFLAGS=-mod=vendor make WHAT=cmd/kube-apiserver >&2
-  cp "$(find _output -type f -name kube-apiserver | head -n1)" "$BIN.tmp"
-  mv "$BIN.tmp" "$BIN"
+  echo "setup-k8s: building ${missing[*]} (about 10 minutes each, once)" >&2
+  GOPATH="$PWD/.go" CGO_ENABLED=0 GOFLAGS=-mod=vendor make WHAT="${missing[*]}" >&2
+  for m in "${missing[@]}"; do
+    b="${m#cmd/}"
+    cp "$(find _output -type f -name "$b" | head -n1)" "$(bin "$b").tmp"
+    mv "$(bin "$b").tmp" "$(bin "$b")"
+  done
   cd "$CACHE" && rm -rf "$SRC" "$CACHE/kube-apiserver"
+  # The Go build cache is only needed for this one build.
+  go clean -cache >/dev/null 2>&1 || true
 fi
-echo "$BIN"
+bin "$want"

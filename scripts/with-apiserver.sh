@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Runs a command against a real, throwaway Kubernetes API: etcd + kube-apiserver on loopback,
 # admin token auth, RBAC on. Exports KUBECONFIG for the command, tears everything down after.
+# kube-controller-manager runs only its garbage collector.
 # Usage: scripts/with-apiserver.sh <command> [args...]
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-apiserver="$("$here/setup-k8s.sh")"
+apiserver="$("$here/setup-k8s.sh" kube-apiserver)"
+controller_manager="$("$here/setup-k8s.sh" kube-controller-manager)"
 work="$(mktemp -d -t medmerge-k8s.XXXXXX)"
 pids=()
 cleanup() {
@@ -57,5 +59,10 @@ if ! kubectl get namespace default >/dev/null 2>&1; then
   tail -n 30 "$work/apiserver.log" >&2
   exit 1
 fi
+# Only the garbage collector: it deletes a MergeJob's Jobs through their owner references, as on
+# a real cluster. No Job controller runs, so tests (playing the node) own Job statuses.
+"$controller_manager" --kubeconfig "$KUBECONFIG" --controllers garbagecollector --leader-elect=false \
+  --use-service-account-credentials=false --port 0 --secure-port 0 >"$work/controller-manager.log" 2>&1 &
+pids+=($!)
 echo "with-apiserver: kube-apiserver $("$apiserver" --version | awk '{print $2}') on 127.0.0.1:$api_port" >&2
 "$@"

@@ -83,6 +83,11 @@ impl ArtifactLayout {
     pub fn eval_report(&self) -> String {
         self.key("eval/report.md")
     }
+
+    /// Self-contained HTML report (figures, ROC curves, Grad-CAM gallery, settings).
+    pub fn eval_html(&self) -> String {
+        self.key("eval/report.html")
+    }
 }
 
 #[cfg(test)]

@@ -166,7 +166,7 @@ impl StagePlan {
         }
         eval_reads.extend(vectors);
         eval_reads.push(layout.base());
-        stages.push(PlannedStage { stage: Stage::Evaluate, reads: eval_reads, writes: vec![layout.eval_metrics(), layout.eval_report()] });
+        stages.push(PlannedStage { stage: Stage::Evaluate, reads: eval_reads, writes: vec![layout.eval_metrics(), layout.eval_report(), layout.eval_html()] });
         StagePlan { stages, candidates }
     }
 
@@ -253,7 +253,7 @@ mod tests {
             training: TrainingSpec::default(),
             merge: MergeSpec { baselines, ..MergeSpec::default() },
             restore: RestoreSpec { mode, learning_rate: None },
-            evaluation: EvaluationSpec { data: DataSource { path: "test".into() } },
+            evaluation: EvaluationSpec::on(DataSource { path: "test".into() }),
             storage: StorageSpec::default(),
             cluster: ClusterSpec::default(),
         }

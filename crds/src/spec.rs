@@ -514,6 +514,24 @@ impl RestoreMode {
 pub struct EvaluationSpec {
     /// The coordinator's held-out test images.
     pub data: DataSource,
+    /// Probability threshold at which each class's sensitivity and specificity are reported
+    /// (one class against the rest).
+    #[serde(default = "default_operating_point")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub operating_point: f64,
+    /// Held-out images explained with Grad-CAM for every evaluated model (the report's share of
+    /// heat inside the fundus disc and its gallery of correct and wrong predictions); 0 turns
+    /// Grad-CAM off.
+    #[serde(default = "default_explain_images")]
+    #[schemars(range(min = 0, max = 10000))]
+    pub explain_images: u32,
+}
+
+impl EvaluationSpec {
+    /// Evaluation on `data` with default settings.
+    pub fn on(data: DataSource) -> Self {
+        EvaluationSpec { data, operating_point: default_operating_point(), explain_images: default_explain_images() }
+    }
 }
 
 /// Artifact storage.
@@ -596,6 +614,14 @@ fn default_image_size() -> u32 {
 fn default_seed() -> u64 {
     3315
 }
+fn default_operating_point() -> f64 {
+    0.5
+}
+
+fn default_explain_images() -> u32 {
+    32
+}
+
 fn default_prefix() -> String {
     "runs".into()
 }

@@ -97,6 +97,13 @@ pub struct ResultsStatus {
     /// Location of the full evaluation report (JSON; Markdown beside it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub report: Option<String>,
+    /// Location of the self-contained HTML report for people: every model's results, per-class
+    /// numbers at the operating point, confusion matrix, ROC curves, Grad-CAM gallery, settings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub html_report: Option<String>,
+    /// Share of the merged model's Grad-CAM heat inside the fundus disc (explained images).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fundus_heat: Option<f64>,
     /// Every other evaluated model (baselines and each shard alone), for comparison.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub baselines: Vec<CandidateSummary>,

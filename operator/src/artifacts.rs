@@ -107,6 +107,8 @@ pub fn results_from_report(bytes: &[u8], spec: &MergeJobSpec, layout: &ArtifactL
         auroc,
         model,
         report: Some(key.clone()),
+        html_report: Some(layout.eval_html()),
+        fundus_heat: candidates[0].get("fundus_fraction").and_then(Value::as_f64),
         baselines: candidates[1..].iter().map(summary).collect::<Result<_, _>>()?,
     })
 }

@@ -23,11 +23,20 @@ pub fn predict(net: &Network, data: &Dataset, batch_size: usize, device: Device)
 
 /// Metrics of `net` on `data`.
 pub fn evaluate(net: &Network, data: &Dataset, batch_size: usize, device: Device) -> Result<Metrics, TrainError> {
-    let probs = predict(net, data, batch_size, device)?;
+    Ok(score(&predict(net, data, batch_size, device)?, data, net.classes.len()))
+}
+
+/// Whether each image of `data` is a case of class `class` (its label, or one of its targets).
+pub fn is_case(data: &Dataset, class: usize) -> Vec<bool> {
+    data.samples.iter().map(|s| if data.multi_label { s.targets.get(class) == Some(&1) } else { s.label == class }).collect()
+}
+
+/// Metrics of predicted probabilities `probs` against `data`'s labels.
+pub fn score(probs: &[Vec<f32>], data: &Dataset, classes: usize) -> Metrics {
     if data.multi_label {
         let targets: Vec<Vec<u8>> = data.samples.iter().map(|s| s.targets.clone()).collect();
-        return Ok(multilabel_metrics(&probs, &targets, net.classes.len()));
+        return multilabel_metrics(probs, &targets, classes);
     }
     let labels: Vec<usize> = data.samples.iter().map(|s| s.label).collect();
-    Ok(classification_metrics(&probs, &labels, net.classes.len()))
+    classification_metrics(probs, &labels, classes)
 }

@@ -166,30 +166,51 @@ pub fn overlay(img: &RgbImage, cam: &[f32]) -> RgbImage {
     out
 }
 
+/// Runs Grad-CAM over `images` (paths with their true class, if known) in batches and hands
+/// each image, as the network saw it, with its heatmap to `visit` (in order).
+pub fn for_each_heatmap(
+    net: &Network,
+    images: &[(PathBuf, Option<usize>)],
+    opts: &ExplainOptions,
+    device: Device,
+    mut visit: impl FnMut(usize, &RgbImage, Heatmap) -> Result<(), ExplainError>,
+) -> Result<(), ExplainError> {
+    let layer = resolve_layer(net, opts.layer.as_deref())?;
+    let class = opts.class.as_deref().map(|c| resolve_class(net, c)).transpose()?;
+    let mut index = 0;
+    for chunk in images.chunks(BATCH) {
+        let pictures: Vec<RgbImage> = chunk.iter().map(|(p, _)| load_resized(p, net.image_size)).collect::<Result<_, _>>()?;
+        for (picture, map) in pictures.iter().zip(grad_cam(net, &pictures, &layer, class, device)?) {
+            visit(index, picture, map)?;
+            index += 1;
+        }
+    }
+    Ok(())
+}
+
+/// Writes `picture` with `map` laid over it to `file` and describes it.
+pub fn write_overlay(net: &Network, (image, label): &(PathBuf, Option<usize>), picture: &RgbImage, map: &Heatmap, file: PathBuf) -> Result<ExplainedImage, ExplainError> {
+    overlay(picture, &map.cam).save(&file).map_err(|e| ExplainError::Write { path: file.clone(), message: e.to_string() })?;
+    Ok(ExplainedImage {
+        image: image.clone(),
+        overlay: file,
+        label: label.map(|l| net.classes[l].clone()),
+        predicted: net.classes[map.predicted].clone(),
+        probability: map.probability,
+        explained: net.classes[map.explained].clone(),
+        fundus_fraction: mass_inside(&map.cam, &fundus_mask(picture)),
+    })
+}
+
 /// Explains `images` (paths with their true class, if known) and writes one overlay PNG per
 /// image into `out_dir`, named after the image.
 pub fn explain_images(net: &Network, images: &[(PathBuf, Option<usize>)], out_dir: &Path, opts: &ExplainOptions, device: Device) -> Result<Vec<ExplainedImage>, ExplainError> {
-    let layer = resolve_layer(net, opts.layer.as_deref())?;
-    let class = opts.class.as_deref().map(|c| resolve_class(net, c)).transpose()?;
     std::fs::create_dir_all(out_dir).map_err(|e| ExplainError::Write { path: out_dir.into(), message: e.to_string() })?;
     let mut out = Vec::with_capacity(images.len());
-    for chunk in images.chunks(BATCH) {
-        let pictures: Vec<RgbImage> = chunk.iter().map(|(p, _)| load_resized(p, net.image_size)).collect::<Result<_, _>>()?;
-        let maps = grad_cam(net, &pictures, &layer, class, device)?;
-        for (((path, label), picture), map) in chunk.iter().zip(&pictures).zip(maps) {
-            let file = out_dir.join(overlay_name(path, out.len()));
-            overlay(picture, &map.cam).save(&file).map_err(|e| ExplainError::Write { path: file.clone(), message: e.to_string() })?;
-            out.push(ExplainedImage {
-                image: path.clone(),
-                overlay: file,
-                label: label.map(|l| net.classes[l].clone()),
-                predicted: net.classes[map.predicted].clone(),
-                probability: map.probability,
-                explained: net.classes[map.explained].clone(),
-                fundus_fraction: mass_inside(&map.cam, &fundus_mask(picture)),
-            });
-        }
-    }
+    for_each_heatmap(net, images, opts, device, |i, picture, map| {
+        out.push(write_overlay(net, &images[i], picture, &map, out_dir.join(overlay_name(&images[i].0, i)))?);
+        Ok(())
+    })?;
     Ok(out)
 }
 

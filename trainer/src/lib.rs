@@ -2,9 +2,11 @@
 //! the in-process pipeline that runs a whole MergeJob on one machine.
 
 pub mod checkpoint;
+pub mod clinical;
 pub mod data;
 pub mod evaluate;
 pub mod explain;
+pub mod html;
 pub mod merge;
 pub mod metrics;
 pub mod model;

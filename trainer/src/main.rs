@@ -3,7 +3,7 @@
 
 mod store_cli;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -11,6 +11,7 @@ use medmerge_crds::{Architecture, AugmentSpec, HeadStrategy, MergeMethod, ModelS
 use medmerge_trainer::checkpoint::{ArtifactKind, ArtifactMeta};
 use medmerge_trainer::data::Dataset;
 use medmerge_trainer::evaluate::{evaluate, predict};
+use medmerge_trainer::explain::{explain_images, mean_fundus_fraction, ExplainOptions};
 use medmerge_trainer::merge::{merge_files, write_vector, MergeOptions, ShardVector};
 use medmerge_trainer::metrics::argmax;
 use medmerge_trainer::model::Network;
@@ -116,6 +117,29 @@ enum Command {
         /// Output CSV (stdout when omitted).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Also write a Grad-CAM heatmap per image into this directory (adds a `heatmap` column).
+        #[arg(long)]
+        explain: Option<PathBuf>,
+    },
+    /// Grad-CAM: writes each image with a heatmap of where the model looked, plus
+    /// explanations.csv (prediction, explained class, share of heat inside the fundus disc).
+    Explain {
+        /// Model file.
+        #[arg(long)]
+        model: PathBuf,
+        /// An image, a folder of images (searched recursively) or a manifest (labels kept).
+        #[arg(long)]
+        input: PathBuf,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Layer whose activations are explained (default: the last convolutional block;
+        /// ResNet: layer1..layer4, EfficientNet/MobileNet: blocks.N or head).
+        #[arg(long)]
+        layer: Option<String>,
+        /// Class to explain (default: the predicted class of each image).
+        #[arg(long)]
+        class: Option<String>,
     },
     /// Cut an ImageFolder into a held-out test set and N shards, as manifests.
     Split {
@@ -448,39 +472,53 @@ fn main() -> anyhow::Result<()> {
                 n = ds.samples.len();
                 classes = net.classes.clone();
                 let metrics = evaluate(&net, &ds, batch_size, dev)?;
-                candidates.push(CandidateResult { id: m.display().to_string(), description: m.display().to_string(), metrics });
+                candidates.push(CandidateResult { id: m.display().to_string(), description: m.display().to_string(), metrics, fundus_fraction: None });
             }
-            let report = EvalReport { job: String::new(), run: String::new(), classes, test_images: n, candidates, similarity: vec![], spec: serde_json::Value::Null };
+            let report = EvalReport { job: String::new(), run: String::new(), classes, test_images: n, candidates, similarity: vec![], spec: serde_json::Value::Null, clinical: Default::default() };
             println!("{}", report.table());
             if let Some(j) = json {
                 write_atomic(&j, &serde_json::to_vec_pretty(&report)?)?;
             }
         }
         Command::Store(args) => store_cli::run(args)?,
-        Command::Predict { model, input, out } => {
+        Command::Predict { model, input, out, explain } => {
             let net = Network::load(&model, dev)?;
-            let ds = if input.is_file() && input.extension().is_some_and(|e| e != "csv") {
-                Dataset { source: input.clone(), classes: net.classes.clone(), samples: vec![medmerge_trainer::data::Sample { path: input.clone(), label: 0, targets: vec![] }], multi_label: false }
-            } else if input.is_dir() {
-                unlabelled_folder(&input, &net.classes)?
-            } else {
-                Dataset::open(&input, Some(&net.classes))?
-            };
+            let (ds, _) = prediction_inputs(&input, &net)?;
             let probs = predict(&net, &ds, 32, dev)?;
-            let mut csv = format!("image,predicted,{}\n", net.classes.iter().map(|c| format!("p_{c}")).collect::<Vec<_>>().join(","));
-            for (s, p) in ds.samples.iter().zip(&probs) {
+            let heatmaps = match &explain {
+                Some(dir) => Some(explain_images(&net, &unlabelled(&ds), dir, &ExplainOptions::default(), dev)?),
+                None => None,
+            };
+            let heat_column = if heatmaps.is_some() { ",heatmap" } else { "" };
+            let mut csv = format!("image,predicted,{}{heat_column}\n", net.classes.iter().map(|c| format!("p_{c}")).collect::<Vec<_>>().join(","));
+            for (i, (s, p)) in ds.samples.iter().zip(&probs).enumerate() {
                 let ps: Vec<String> = p.iter().map(|v| format!("{v:.6}")).collect();
                 let predicted = if net.multi_label {
                     net.classes.iter().zip(p).filter(|(_, &v)| v >= 0.5).map(|(c, _)| c.as_str()).collect::<Vec<_>>().join("|")
                 } else {
                     net.classes[argmax(p)].clone()
                 };
-                csv.push_str(&format!("{},{predicted},{}\n", s.path.display(), ps.join(",")));
+                let heat = heatmaps.as_ref().map(|h| format!(",{}", h[i].overlay.display())).unwrap_or_default();
+                csv.push_str(&format!("{},{predicted},{}{heat}\n", s.path.display(), ps.join(",")));
             }
             match out {
                 Some(o) => write_atomic(&o, csv.as_bytes())?,
                 None => print!("{csv}"),
             }
+        }
+        Command::Explain { model, input, out, layer, class } => {
+            let net = Network::load(&model, dev)?;
+            let (ds, labelled) = prediction_inputs(&input, &net)?;
+            let images: Vec<(PathBuf, Option<usize>)> = if labelled { ds.samples.iter().map(|s| (s.path.clone(), Some(s.label))).collect() } else { unlabelled(&ds) };
+            let done = explain_images(&net, &images, &out, &ExplainOptions { layer, class }, dev)?;
+            let mut csv = String::from("image,label,predicted,probability,explained,fundus_fraction,overlay\n");
+            for e in &done {
+                let fraction = e.fundus_fraction.map(|f| format!("{f:.4}")).unwrap_or_default();
+                csv.push_str(&format!("{},{},{},{:.6},{},{fraction},{}\n", e.image.display(), e.label.as_deref().unwrap_or(""), e.predicted, e.probability, e.explained, e.overlay.display()));
+            }
+            write_atomic(&out.join("explanations.csv"), csv.as_bytes())?;
+            let mean = mean_fundus_fraction(&done).map(|f| format!("{:.1} %", 100.0 * f)).unwrap_or_else(|| "n/a".into());
+            println!("explained {} images into {}; heat inside the fundus disc: {mean}", done.len(), out.display());
         }
         Command::Split { data, out, shards, test_fraction, seed, dirichlet } => {
             anyhow::ensure!(shards >= 1, "--shards must be at least 1");
@@ -523,4 +561,22 @@ fn unlabelled_folder(dir: &std::path::Path, classes: &[String]) -> anyhow::Resul
     samples.sort_by(|a, b| a.path.cmp(&b.path));
     anyhow::ensure!(!samples.is_empty(), "no images found in {}", dir.display());
     Ok(Dataset { source: dir.into(), classes: classes.to_vec(), samples, multi_label: false })
+}
+
+/// The images `predict` and `explain` read: one image, a folder (searched recursively, no
+/// labels) or a manifest/ImageFolder dataset; the flag says whether labels are real.
+fn prediction_inputs(input: &Path, net: &Network) -> anyhow::Result<(Dataset, bool)> {
+    if input.is_file() && input.extension().is_some_and(|e| e != "csv") {
+        let sample = medmerge_trainer::data::Sample { path: input.into(), label: 0, targets: vec![] };
+        Ok((Dataset { source: input.into(), classes: net.classes.clone(), samples: vec![sample], multi_label: false }, false))
+    } else if input.is_dir() {
+        Ok((unlabelled_folder(input, &net.classes)?, false))
+    } else {
+        Ok((Dataset::open(input, Some(&net.classes))?, true))
+    }
+}
+
+/// `data`'s image paths without labels.
+fn unlabelled(data: &Dataset) -> Vec<(PathBuf, Option<usize>)> {
+    data.samples.iter().map(|s| (s.path.clone(), None)).collect()
 }

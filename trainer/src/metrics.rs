@@ -156,6 +156,48 @@ pub fn binary_auroc(scores: &[f32], positive: &[bool]) -> Option<f64> {
     Some((rank_sum - n_pos * (n_pos + 1.0) / 2.0) / (n_pos * n_neg))
 }
 
+/// The ROC curve as (false-positive rate, true-positive rate) points from (0, 0) to (1, 1), one
+/// per distinct score (tied scores move both rates at once). Empty without both positives and
+/// negatives.
+pub fn roc_curve(scores: &[f32], positive: &[bool]) -> Vec<(f64, f64)> {
+    let n_pos = positive.iter().filter(|&&p| p).count() as f64;
+    let n_neg = positive.len() as f64 - n_pos;
+    if n_pos == 0.0 || n_neg == 0.0 {
+        return vec![];
+    }
+    let mut idx: Vec<usize> = (0..scores.len()).collect();
+    idx.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+    let mut points = vec![(0.0, 0.0)];
+    let (mut tp, mut fp) = (0.0, 0.0);
+    for (k, &i) in idx.iter().enumerate() {
+        if positive[i] {
+            tp += 1.0;
+        } else {
+            fp += 1.0;
+        }
+        if idx.get(k + 1).is_none_or(|&next| scores[next] != scores[i]) {
+            points.push((fp / n_neg, tp / n_pos));
+        }
+    }
+    points
+}
+
+/// Sensitivity and specificity when scores at or above `threshold` count as positive; `None`
+/// for a rate without cases (no positives or no negatives).
+pub fn at_threshold(scores: &[f32], positive: &[bool], threshold: f64) -> (Option<f64>, Option<f64>) {
+    let (mut tp, mut fn_, mut tn, mut fp) = (0u64, 0u64, 0u64, 0u64);
+    for (&s, &p) in scores.iter().zip(positive) {
+        match (f64::from(s) >= threshold, p) {
+            (true, true) => tp += 1,
+            (false, true) => fn_ += 1,
+            (false, false) => tn += 1,
+            (true, false) => fp += 1,
+        }
+    }
+    let rate = |hit: u64, miss: u64| (hit + miss > 0).then(|| hit as f64 / (hit + miss) as f64);
+    (rate(tp, fn_), rate(tn, fp))
+}
+
 /// Cosine similarity of two vectors (0 when either is zero).
 pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
     let (mut dot, mut na, mut nb) = (0f64, 0f64, 0f64);
@@ -217,6 +259,23 @@ mod tests {
         assert!(close(m.specificity[0], 0.5));
         assert_eq!(m.auroc, vec![Some(1.0), Some(1.0)]);
         assert!(m.confusion.is_empty());
+    }
+
+    #[test]
+    fn roc_curves_step_per_distinct_score_and_ties_move_diagonally() {
+        // Scores 0.9 (pos), 0.8 (neg), 0.8 (pos), 0.3 (neg): 2 positives, 2 negatives.
+        let pts = roc_curve(&[0.9, 0.8, 0.8, 0.3], &[true, false, true, false]);
+        assert_eq!(pts, vec![(0.0, 0.0), (0.0, 0.5), (0.5, 1.0), (1.0, 1.0)]);
+        assert!(roc_curve(&[0.1, 0.2], &[true, true]).is_empty());
+    }
+
+    #[test]
+    fn sensitivity_and_specificity_at_a_threshold() {
+        let scores = [0.9, 0.6, 0.4, 0.7, 0.2];
+        let positive = [true, true, true, false, false];
+        let (sens, spec) = at_threshold(&scores, &positive, 0.5);
+        assert_eq!((sens, spec), (Some(2.0 / 3.0), Some(0.5)));
+        assert_eq!(at_threshold(&scores, &[true; 5], 0.5).1, None);
     }
 
     #[test]

@@ -18,7 +18,8 @@ use tracing::info;
 
 use crate::checkpoint::{ArtifactKind, ArtifactMeta};
 use crate::data::Dataset;
-use crate::evaluate::evaluate;
+use crate::clinical::{default_layer, explain_sample, heat_study, roc_and_operating_point};
+use crate::evaluate::{predict, score};
 use crate::merge::{merge_files, shard_model, MergeOptions, ShardVector};
 use crate::metrics::cosine;
 use crate::model::{builtin_weights_path, ModelError, Network, BUILTIN_WEIGHTS_HINT};
@@ -409,6 +410,7 @@ impl Runner {
                     tracing::warn!(error = %e, "plots not written");
                 }
                 write_atomic(&self.path(&l.eval_report()), report.to_markdown().as_bytes())?;
+                write_atomic(&self.path(&l.eval_html()), crate::html::to_html(&report, &eval_dir).as_bytes())?;
                 write_atomic(&self.path(&l.eval_metrics()), &serde_json::to_vec_pretty(&report)?)?;
             }
         }
@@ -429,7 +431,11 @@ impl Runner {
         let path = self.job.data_path(&spec.evaluation.data.path, None).map_err(|e| e.context("evaluation data"))?;
         let test = Dataset::open(&path, Some(&self.classes)).map_err(|e| anyhow::anyhow!("evaluation data: {e}"))?;
         let base = self.path(&l.base());
+        let eval_dir = self.path(&l.eval_metrics()).parent().map(Path::to_path_buf).unwrap_or_default();
+        std::fs::create_dir_all(&eval_dir)?;
+        let sample = explain_sample(&test, spec.evaluation.explain_images as usize);
         let mut candidates = Vec::new();
+        let mut clinical = None;
         for c in &self.plan.candidates {
             let (net, description) = match &c.kind {
                 CandidateKind::Merged(m) => {
@@ -445,9 +451,19 @@ impl Runner {
                 }
                 CandidateKind::FullTraining => (Network::load(&self.path(&l.full_training()), self.device)?, "full training (all shards pooled)".into()),
             };
-            let metrics = evaluate(&net, &test, spec.training.batch_size as usize, self.device)?;
-            info!(candidate = %c.id, accuracy = metrics.accuracy, macro_f1 = metrics.macro_f1, "evaluated");
-            candidates.push(CandidateResult { id: c.id.clone(), description, metrics });
+            let probs = predict(&net, &test, spec.training.batch_size as usize, self.device)?;
+            let metrics = score(&probs, &test, self.classes.len());
+            // The primary model (first) gets the clinical view: ROC, operating point, gallery.
+            let primary = clinical.is_none();
+            let heat = heat_study(&net, &sample, primary.then_some(eval_dir.as_path()), self.device)?;
+            if primary {
+                let mut view = roc_and_operating_point(&probs, &test, spec.evaluation.operating_point);
+                view.explain_layer = default_layer(&net).filter(|_| !sample.is_empty());
+                view.gallery = heat.gallery;
+                clinical = Some(view);
+            }
+            info!(candidate = %c.id, accuracy = metrics.accuracy, macro_f1 = metrics.macro_f1, fundus_heat = ?heat.fundus_fraction, "evaluated");
+            candidates.push(CandidateResult { id: c.id.clone(), description, metrics, fundus_fraction: heat.fundus_fraction });
         }
         Ok(EvalReport {
             job: self.job.job.metadata.name.clone().unwrap_or_default(),
@@ -457,6 +473,7 @@ impl Runner {
             candidates,
             similarity: self.similarity()?,
             spec: serde_json::to_value(spec)?,
+            clinical: clinical.unwrap_or_default(),
         })
     }
 

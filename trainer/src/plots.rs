@@ -43,7 +43,8 @@ fn draw_err(path: &Path) -> impl Fn(String) -> PlotError + '_ {
     move |message| PlotError::Draw { path: path.into(), message }
 }
 
-/// Writes `results.png`, `confusion.png` and (with vectors) `similarity.png` into `dir`.
+/// Writes `results.png`, `confusion.png`, `roc.png` and (with vectors) `similarity.png` into
+/// `dir`.
 pub fn write_all(report: &EvalReport, dir: &Path) -> Result<Vec<PathBuf>, PlotError> {
     ensure_font()?;
     std::fs::create_dir_all(dir).map_err(|x| draw_err(dir)(x.to_string()))?;
@@ -58,7 +59,39 @@ pub fn write_all(report: &EvalReport, dir: &Path) -> Result<Vec<PathBuf>, PlotEr
         written.push(dir.join("similarity.png"));
         similarity(report, &dir.join("similarity.png"))?;
     }
+    if report.clinical.roc.iter().any(|r| !r.points.is_empty()) {
+        written.push(dir.join("roc.png"));
+        roc(report, &dir.join("roc.png"))?;
+    }
     Ok(written)
+}
+
+const PALETTE: [RGBColor; 6] = [RGBColor(30, 110, 200), RGBColor(220, 90, 30), RGBColor(40, 160, 70), RGBColor(170, 50, 170), RGBColor(200, 170, 20), RGBColor(20, 170, 180)];
+
+fn roc(report: &EvalReport, path: &Path) -> Result<(), PlotError> {
+    let e = draw_err(path);
+    let root = BitMapBackend::new(path, (640, 600)).into_drawing_area();
+    root.fill(&WHITE).map_err(|x| e(x.to_string()))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(format!("ROC per class: {}", report.primary().description), ("sans-serif", 18))
+        .margin(14)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0.0..1.0, 0.0..1.0)
+        .map_err(|x| e(x.to_string()))?;
+    chart.configure_mesh().x_desc("1 - specificity (false-positive rate)").y_desc("sensitivity").draw().map_err(|x| e(x.to_string()))?;
+    chart.draw_series(LineSeries::new([(0.0, 0.0), (1.0, 1.0)], BLACK.mix(0.3))).map_err(|x| e(x.to_string()))?;
+    for (i, curve) in report.clinical.roc.iter().enumerate().filter(|(_, c)| !c.points.is_empty()) {
+        let colour = PALETTE[i % PALETTE.len()];
+        let auc = curve.auroc.map_or("n/a".into(), |a| format!("{a:.3}"));
+        chart
+            .draw_series(LineSeries::new(curve.points.iter().copied(), colour.stroke_width(2)))
+            .map_err(|x| e(x.to_string()))?
+            .label(format!("{} (AUROC {auc})", curve.class))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2)));
+    }
+    chart.configure_series_labels().position(SeriesLabelPosition::LowerRight).background_style(WHITE.mix(0.9)).border_style(BLACK).draw().map_err(|x| e(x.to_string()))?;
+    root.present().map_err(|x| e(x.to_string()))
 }
 
 fn results(report: &EvalReport, path: &Path) -> Result<(), PlotError> {

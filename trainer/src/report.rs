@@ -14,6 +14,61 @@ pub struct CandidateResult {
     pub description: String,
     /// Its metrics on the held-out set.
     pub metrics: Metrics,
+    /// Share of its Grad-CAM heat inside the fundus disc over the explained images.
+    #[serde(default)]
+    pub fundus_fraction: Option<f64>,
+}
+
+/// One class's ROC curve (one class against the rest).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RocCurve {
+    /// Class name.
+    pub class: String,
+    /// Area under the curve.
+    pub auroc: Option<f64>,
+    /// (false-positive rate, true-positive rate) points.
+    pub points: Vec<(f64, f64)>,
+}
+
+/// One Grad-CAM overlay in the report's gallery.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GalleryImage {
+    /// Overlay PNG, relative to the report.
+    pub overlay: String,
+    /// File name of the held-out image.
+    pub image: String,
+    /// True class.
+    pub label: String,
+    /// Predicted class.
+    pub predicted: String,
+    /// Probability of the predicted class.
+    pub probability: f32,
+    /// Share of heat inside the fundus disc.
+    pub fundus_fraction: Option<f64>,
+}
+
+impl GalleryImage {
+    /// Whether the prediction was right.
+    pub fn correct(&self) -> bool {
+        self.label == self.predicted
+    }
+}
+
+/// What a clinician reads about the primary model beyond the headline numbers.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Clinical {
+    /// ROC curve per class.
+    pub roc: Vec<RocCurve>,
+    /// Probability threshold of the operating point.
+    pub operating_point: f64,
+    /// Sensitivity per class at the operating point.
+    pub sensitivity: Vec<Option<f64>>,
+    /// Specificity per class at the operating point.
+    pub specificity: Vec<Option<f64>>,
+    /// Layer the Grad-CAM heatmaps come from.
+    pub explain_layer: Option<String>,
+    /// Grad-CAM overlays of correct and wrong predictions.
+    pub gallery: Vec<GalleryImage>,
 }
 
 /// Cosine similarity of vectors for one tensor (the paper's Figure 2).
@@ -44,6 +99,9 @@ pub struct EvalReport {
     pub similarity: Vec<LayerSimilarity>,
     /// The spec that produced this run.
     pub spec: serde_json::Value,
+    /// ROC curves, operating point and Grad-CAM gallery of the primary model.
+    #[serde(default)]
+    pub clinical: Clinical,
 }
 
 impl EvalReport {
@@ -78,6 +136,10 @@ impl EvalReport {
                 md.push_str(&format!("; with the full-training vector: {:.3}", full.iter().sum::<f64>() / full.len() as f64));
             }
             md.push_str(". Per-layer values are in metrics.json.\n\n![per-layer cosine similarity](similarity.png)\n");
+        }
+        let heat: Vec<String> = self.candidates.iter().filter_map(|c| c.fundus_fraction.map(|f| format!("{}: {:.1} %", c.id, 100.0 * f))).collect();
+        if !heat.is_empty() {
+            md.push_str(&format!("\n## Grad-CAM\n\nShare of heat inside the fundus disc: {}. Overlays and ROC curves are in report.html.\n", heat.join(", ")));
         }
         md
     }

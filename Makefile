@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 ENV := source scripts/env.sh &&
 
-.PHONY: setup build demo test e2e-operator e2e-cluster test-s3 crds bench-paper
+.PHONY: setup build demo test e2e-operator e2e-cluster test-s3 test-report crds bench-paper
 
 setup:
 	bash scripts/setup-torch.sh
@@ -26,6 +26,10 @@ e2e-operator:
 ## The artifact store and pipeline against a real S3 server (part of `make test`).
 test-s3:
 	bash scripts/test-s3.sh
+
+## The HTML report in headless chromium (part of `make test`).
+test-report:
+	$(ENV) MEDMERGE_CHROMIUM="$$(bash scripts/setup-chromium.sh)" cargo test --workspace --test report_browser -- --ignored
 
 ## A MergeJob through the operator, the API server, S3 and the real trainer (the test plays the node).
 e2e-cluster:

@@ -27,11 +27,23 @@ fn a_tiny_mergejob_runs_end_to_end_and_reports_every_candidate() {
     assert!(!report.similarity.is_empty() && report.similarity.iter().all(|s| s.with_full_training.is_some()));
     let run = dir.path().join("out/runs/local/tiny/g1");
     assert!(run.join("eval/report.md").exists());
-    for plot in ["results.png", "confusion.png", "similarity.png"] {
+    for plot in ["results.png", "confusion.png", "similarity.png", "roc.png", "gradcam-00.png"] {
         let bytes = std::fs::read(run.join("eval").join(plot)).unwrap();
         assert_eq!(&bytes[1..4], b"PNG", "{plot} is a PNG");
     }
     assert!(run.join("restore/data-vector/h0/bn-stats.safetensors").exists());
+    // The clinical view: ROC per class, the operating point, Grad-CAM for every model.
+    let clinical = &report.clinical;
+    assert_eq!(clinical.roc.iter().map(|r| r.class.as_str()).collect::<Vec<_>>(), report.classes.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(clinical.roc.iter().all(|r| r.points.first() == Some(&(0.0, 0.0)) && r.points.last() == Some(&(1.0, 1.0))));
+    assert_eq!((clinical.operating_point, clinical.sensitivity.len()), (0.5, 3));
+    assert!(!clinical.gallery.is_empty() && clinical.gallery.len() <= 8);
+    assert!(report.candidates.iter().all(|c| c.fundus_fraction.is_some_and(|f| (0.0..=1.0).contains(&f))));
+    let html = std::fs::read_to_string(run.join("eval/report.html")).unwrap();
+    for id in medmerge_trainer::html::SECTIONS {
+        assert!(html.contains(&format!("<section id=\"{id}\">")), "report.html lacks {id}");
+    }
+    assert!(!html.contains("was not drawn"), "every figure is embedded");
 
     // Running again finds everything done and redoes nothing.
     let vector = run.join("shards/h0/vector.safetensors");

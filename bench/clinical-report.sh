@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Grad-CAM on real fundus photographs: re-runs the evaluate stage of the paper-table run
+# (bench/paper-table.sh, run first if its artifacts are missing) with 128 explained held-out
+# images per model, and writes the share of heat inside the fundus disc for every model, the
+# per-class operating point and AUROC to bench/results/clinical-report.md. The HTML report stays
+# in the cache (it shows patient images, which never enter the repository).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+WORK="${BENCH_WORK:-$MEDMERGE_CACHE/bench-paper}"
+RUN="$WORK/artifacts/runs/local/paper-table/g1"
+T="$CARGO_TARGET_DIR/debug/medmerge-trainer"
+EXPLAIN="${EXPLAIN_IMAGES:-128}"
+[ -f "$RUN/restored/data-vector/model.safetensors" ] || bash bench/paper-table.sh
+sed "s|evaluation: {data: {path: split/test.csv}}|evaluation: {data: {path: split/test.csv}, explainImages: $EXPLAIN, operatingPoint: 0.5}|" "$WORK/paper.yaml" > "$WORK/clinical.yaml"
+grep -q "explainImages: $EXPLAIN" "$WORK/clinical.yaml"
+rm -rf "$RUN/eval"
+started=$(date +%s)
+"$T" pipeline "$WORK/clinical.yaml"
+seconds=$(( $(date +%s) - started ))
+python3 - "$RUN/eval/metrics.json" "$EXPLAIN" "$seconds" > bench/results/clinical-report.md <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+n, seconds = sys.argv[2], sys.argv[3]
+pct = lambda v: "n/a" if v is None else f"{100 * v:.1f} %"
+print("# Grad-CAM and operating point on real fundus photographs\n")
+print(f"Command: `bash bench/clinical-report.sh` (evaluate stage of the `make bench-paper` run: "
+      f"EfficientNet-Lite0, 128 px, 4 shards of ../shared/data/eye-fundus, {r['test_images']} held-out images). "
+      f"Grad-CAM of the predicted class at the last conv block on {n} evenly spaced held-out images per model; "
+      f"the fundus disc is every pixel brighter than the black border (max channel > 20). Evaluate stage: {seconds} s on 2 CPU cores.\n")
+print("| model | accuracy | macro AUROC | heat inside the fundus disc |\n|---|---|---|---|")
+for c in r["candidates"]:
+    m = c["metrics"]
+    auc = "n/a" if m.get("macro_auroc") is None else f"{m['macro_auroc']:.3f}"
+    print(f"| {c['description']} | {pct(m['accuracy'])} | {auc} | {pct(c.get('fundus_fraction'))} |")
+cl = r["clinical"]
+print(f"\nMerged model ({r['candidates'][0]['description']}), one class against the rest, operating point p >= {cl['operating_point']}:\n")
+print("| class | AUROC | sensitivity | specificity |\n|---|---|---|---|")
+for i, roc in enumerate(cl["roc"]):
+    auc = "n/a" if roc["auroc"] is None else f"{roc['auroc']:.3f}"
+    print(f"| {roc['class']} | {auc} | {pct(cl['sensitivity'][i])} | {pct(cl['specificity'][i])} |")
+right = sum(1 for g in cl["gallery"] if g["label"] == g["predicted"])
+print(f"\nGallery in report.html: {right} correct and {len(cl['gallery']) - right} wrong predictions with overlays (kept out of the repository: they are patient images).")
+PY
+cat bench/results/clinical-report.md
+echo "report: $RUN/eval/report.html"

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Merge scale: N = 4, 16, 64 data vectors of ResNet50 merged by medmerge (streaming) and by a
+# PyTorch script that loads every vector, with wall time, peak RSS and the machine's read
+# bandwidth. Needs ~6.5 GB of disk in ~/.cache/medmerge/bench-merge (deleted after, KEEP=1 keeps
+# it). Writes bench/results/merge-scale.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+WORK="$MEDMERGE_CACHE/bench-merge"
+T="$CARGO_TARGET_DIR/debug/medmerge-trainer"
+mkdir -p "$WORK" bench/results
+cargo build -q --workspace --bins
+# A real ResNet50 vector to copy: a tiny fine-tune on generated images.
+if [ ! -f "$WORK/template-vector.safetensors" ]; then
+  "$T" synth --out "$WORK/images" --classes 4 --per-class 4 --size 64 >/dev/null
+  "$T" init --arch resnet50 --weights random --data "$WORK/images" --image-size 64 --out "$WORK/base.safetensors" >/dev/null
+  "$T" --threads 2 finetune --base "$WORK/base.safetensors" --data "$WORK/images" --shard template --out "$WORK/template-vector.safetensors" --epochs 1 --batch-size 16 >/dev/null 2>&1
+fi
+"$MEDMERGE_CACHE/venv/bin/python" bench/merge_scale.py "$T" "$WORK" bench/results/merge-scale.md ${NS:-4 16 64}
+[ "${KEEP:-0}" = 1 ] || rm -rf "$WORK"
+cat bench/results/merge-scale.md

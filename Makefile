@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 ENV := source scripts/env.sh &&
 
-.PHONY: setup build demo test e2e-operator e2e-cluster test-s3 test-report crds bench-paper
+.PHONY: setup build demo test e2e-operator e2e-cluster test-s3 test-report crds bench-paper bench
 
 setup:
 	bash scripts/setup-torch.sh
@@ -43,3 +43,13 @@ crds:
 ## Reproduce the paper's table on ../shared/data/eye-fundus (DATA=... to change).
 bench-paper: build
 	DATA="$(DATA)" bash bench/paper-table.sh
+
+## Every benchmark, side by side with its alternative; rewrites bench/results/*.md. Training
+## throughput vs PyTorch, merge scale vs a load-everything PyTorch merge, operator scale against a
+## real kube-apiserver, Grad-CAM on real photographs (runs bench-paper first if needed).
+bench: build
+	bash bench/train-throughput.sh
+	bash bench/merge-scale.sh
+	bash bench/operator-scale.sh
+	bash bench/clinical-report.sh
+

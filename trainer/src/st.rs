@@ -1,6 +1,7 @@
 //! safetensors files: memory-mapped reading one tensor at a time, and a streaming writer that
 //! publishes atomically (temporary file, fsync, rename), so a reader never sees half a file.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -111,6 +112,35 @@ impl MappedFile {
             return Err(StError::Dtype { path: self.path.clone(), name: name.into(), dtype: format!("{:?}", meta.dtype) });
         }
         Ok(bytes_to_f32(self.bytes(name)?))
+    }
+
+    /// A tensor's f32 values borrowed from the mapping, copied only when misaligned: reading N
+    /// vectors costs no memory beyond the page cache.
+    pub fn f32_view(&self, name: &str) -> Result<Cow<'_, [f32]>, StError> {
+        let meta = self.meta(name).ok_or_else(|| StError::Missing { path: self.path.clone(), name: name.into() })?;
+        if meta.dtype != Dtype::F32 {
+            return Err(StError::Dtype { path: self.path.clone(), name: name.into(), dtype: format!("{:?}", meta.dtype) });
+        }
+        let bytes = self.bytes(name)?;
+        if cfg!(target_endian = "little") {
+            // SAFETY: every bit pattern is a valid f32, and the file is little-endian like us.
+            let (head, values, tail) = unsafe { bytes.align_to::<f32>() };
+            if head.is_empty() && tail.is_empty() {
+                return Ok(Cow::Borrowed(values));
+            }
+        }
+        Ok(Cow::Owned(bytes_to_f32(bytes)))
+    }
+
+    /// Drops a tensor's pages from this process's resident set (they stay in the page cache and
+    /// are read again if touched), so streaming through many large files keeps memory flat.
+    /// Taking `&mut self` guarantees no view into the mapping is alive.
+    pub fn release(&mut self, name: &str) {
+        if let Some((_, (start, end))) = self.tensors.get(name) {
+            // SAFETY: a read-only private file mapping: dropped pages are re-read from the file,
+            // and `&mut self` means no borrowed slice of them exists.
+            let _ = unsafe { self.map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, self.data_start + start, end - start) };
+        }
     }
 
     /// A tensor as f64 values (F64 only; used for batch-norm moments).

@@ -16,6 +16,13 @@ pub fn data_vector(pre: &[f32], taus: &[&[f32]], lambda: f32) -> Vec<f32> {
     out
 }
 
+/// `out += scale * tau`, entry by entry.
+pub fn add_scaled(out: &mut [f32], tau: &[f32], scale: f32) {
+    for (o, t) in out.iter_mut().zip(tau) {
+        *o += scale * t;
+    }
+}
+
 /// `pre + mean(taus)`, i.e. the mean of the fine-tuned weights (model soup).
 pub fn params_mean(pre: &[f32], taus: &[&[f32]]) -> Vec<f32> {
     data_vector(pre, taus, 1.0 / taus.len().max(1) as f32)

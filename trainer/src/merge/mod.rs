@@ -19,7 +19,7 @@ use tch::{Device, Tensor};
 
 use crate::checkpoint::{file_digest, ArtifactKind, ArtifactMeta, MetaError};
 use crate::model::{head_prefix, ModelError, Network};
-use crate::st::{bytes_to_f32, f32_to_bytes, MappedFile, StError, StreamWriter, TensorMeta};
+use crate::st::{f32_to_bytes, MappedFile, StError, StreamWriter, TensorMeta};
 
 /// Why a merge (or a vector) was refused.
 #[derive(Debug, thiserror::Error)]
@@ -167,10 +167,10 @@ pub fn merge_files(base_path: &Path, vectors: &[ShardVector], opts: &MergeOption
     if vectors.is_empty() {
         return Err(MergeError::NoVectors);
     }
-    let base = MappedFile::open(base_path)?;
+    let mut base = MappedFile::open(base_path)?;
     let base_meta = ArtifactMeta::from_map(base_path, base.metadata(), ArtifactKind::Model)?;
     let digest = file_digest(base_path)?;
-    let opened = vectors.iter().map(|v| open_vector(v, &base, &digest, &base_meta)).collect::<Result<Vec<_>, _>>()?;
+    let mut opened = vectors.iter().map(|v| open_vector(v, &base, &digest, &base_meta)).collect::<Result<Vec<_>, _>>()?;
     let head_weights: Vec<f64> = match opts.heads {
         HeadStrategy::Mean => vec![1.0; opened.len()],
         HeadStrategy::SampleWeighted => opened.iter().map(|(m, _)| m.samples().max(1) as f64).collect(),
@@ -188,30 +188,60 @@ pub fn merge_files(base_path: &Path, vectors: &[ShardVector], opts: &MergeOption
             continue;
         }
         let pre = base.f32(&t.name)?;
-        let mut taus = Vec::with_capacity(opened.len());
-        for (v, (_, file)) in vectors.iter().zip(&opened) {
-            let tau = bytes_to_f32(file.bytes(&t.name)?);
-            if tau.iter().any(|x| !x.is_finite()) {
-                return Err(MergeError::NonFinite { shard: v.shard.clone(), tensor: t.name.clone() });
+        let is_head = t.name.starts_with(head);
+        let linear = is_head || opts.pretrained_only || matches!(opts.method, MergeMethod::DataVector | MergeMethod::ParamsMean);
+        let merged = if linear {
+            // Linear methods add one vector at a time and release it at once, so memory stays
+            // one tensor's worth whatever the number of hospitals.
+            let total: f64 = head_weights.iter().sum();
+            let mut out = if is_head { vec![0f32; pre.len()] } else { pre };
+            for (i, (v, (_, file))) in vectors.iter().zip(opened.iter_mut()).enumerate() {
+                let scale = if is_head {
+                    (head_weights[i] / total) as f32
+                } else if opts.pretrained_only {
+                    0.0
+                } else if opts.method == MergeMethod::ParamsMean {
+                    1.0 / vectors.len() as f32
+                } else {
+                    lambda
+                };
+                {
+                    let tau = finite_view(file, &t.name, &v.shard)?;
+                    math::add_scaled(&mut out, &tau, scale);
+                }
+                file.release(&t.name);
             }
-            taus.push(tau);
-        }
-        let views: Vec<&[f32]> = taus.iter().map(Vec::as_slice).collect();
-        let merged = if t.name.starts_with(head) {
-            math::weighted_mean(&views, &head_weights)
-        } else if opts.pretrained_only {
-            pre
+            out
         } else {
+            // TIES, DARE and the random control look at every vector's entry at once.
+            let mut taus = Vec::with_capacity(opened.len());
+            for (v, (_, file)) in vectors.iter().zip(&opened) {
+                taus.push(finite_view(file, &t.name, &v.shard)?);
+            }
+            let views: Vec<&[f32]> = taus.iter().map(|t| t.as_ref()).collect();
             match opts.method {
-                MergeMethod::DataVector => math::data_vector(&pre, &views, lambda),
-                MergeMethod::ParamsMean => math::params_mean(&pre, &views),
                 MergeMethod::RandomVector => math::random_vector(&pre, &views, lambda, &mut rng),
                 MergeMethod::Ties => math::ties(&pre, &views, lambda, opts.ties_density),
                 MergeMethod::Dare => math::dare(&pre, &views, lambda, opts.dare_drop_rate, &mut rng),
+                MergeMethod::DataVector | MergeMethod::ParamsMean => unreachable!("linear methods stream"),
             }
         };
         writer.write(&t.name, &f32_to_bytes(&merged))?;
+        // Done with this tensor everywhere: memory stays one tensor's worth whatever N is.
+        base.release(&t.name);
+        for (_, file) in opened.iter_mut() {
+            file.release(&t.name);
+        }
     }
     writer.finish()?;
     Ok(())
+}
+
+/// Shard `shard`'s tensor `name`, refused when it holds NaN or Inf.
+fn finite_view<'a>(file: &'a MappedFile, name: &str, shard: &str) -> Result<std::borrow::Cow<'a, [f32]>, MergeError> {
+    let tau = file.f32_view(name)?;
+    if tau.iter().any(|x| !x.is_finite()) {
+        return Err(MergeError::NonFinite { shard: shard.into(), tensor: name.into() });
+    }
+    Ok(tau)
 }

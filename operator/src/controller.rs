@@ -124,7 +124,11 @@ async fn reconcile_inner(mj: &MergeJob, ctx: &Context) -> Result<Action, Reconci
         results,
         now,
     });
-    write_status(mj, ctx, &ns, &status).await?;
+    // An unchanged status is not written: server-side apply is the costliest call an idle
+    // reconcile would make, and at hundreds of MergeJobs the API server is the bottleneck.
+    if mj.status.as_ref() != Some(&status) {
+        write_status(mj, ctx, &ns, &status).await?;
+    }
     publish_transition(mj, ctx, &previous, generation, &decision).await;
     ctx.metrics.set_phase(&key, Some(decision.phase.as_str()));
     info!(phase = decision.phase.as_str(), reason = decision.reason, message = %decision.message, "reconciled");

@@ -56,7 +56,7 @@ async fn a_new_mergejob_gets_its_spec_configmap_the_init_job_an_event_and_a_stat
     let server = tokio::spawn(async move {
         let mut handle = pin!(handle);
         let list = json!({"apiVersion": "batch/v1", "kind": "JobList", "metadata": {}, "items": []});
-        let list_call = expect(&mut handle, Method::GET, "/apis/batch/v1/namespaces/radiology/jobs?&labelSelector=medmerge.io%2Fmergejob%3Dretina%2Cmedmerge.io%2Fgeneration%3D1", list).await;
+        let list_call = expect(&mut handle, Method::GET, "/apis/batch/v1/namespaces/radiology/jobs?&labelSelector=medmerge.io%2Fmergejob%3Dretina%2Cmedmerge.io%2Fgeneration%3D1&resourceVersion=0&resourceVersionMatch=NotOlderThan", list).await;
         assert_eq!(list_call, Value::Null);
         let cm = expect(&mut handle, Method::PATCH, "/api/v1/namespaces/radiology/configmaps/retina-g1-spec?&force=true&fieldManager=medmerge-operator", json!({"metadata": {}})).await;
         assert!(cm["data"]["mergejob.yaml"].as_str().unwrap().contains("creds-a"));

@@ -14,4 +14,4 @@ if [ -z "${DATA:-}" ]; then
 fi
 "$TRAINER" split --data "$DATA" --out demo-data/split --shards 3 --test-fraction 0.2 --seed 3315
 "$TRAINER" --threads "${THREADS:-$(nproc)}" pipeline examples/local-demo.yaml
-echo "demo: report at medmerge-artifacts/runs/local/local-demo/g1/eval/report.md"
+echo "demo: report at medmerge-artifacts/runs/local/local-demo/g1/eval/report.html (Markdown: report.md)"

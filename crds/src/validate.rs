@@ -148,6 +148,13 @@ pub fn validate(spec: &MergeJobSpec) -> Result<(), Vec<SpecError>> {
     if spec.cluster.image.is_empty() {
         errors.push(err("cluster.image", "must not be empty"));
     }
+    let ev = &spec.evaluation;
+    if !(0.0..=1.0).contains(&ev.operating_point) {
+        errors.push(err("evaluation.operatingPoint", format!("{} is outside [0, 1]", ev.operating_point)));
+    }
+    if ev.explain_images > 10_000 {
+        errors.push(err("evaluation.explainImages", format!("{} is above 10000", ev.explain_images)));
+    }
     if spec.evaluation.data.path.is_empty() {
         errors.push(err("evaluation.data.path", "must not be empty"));
     }
@@ -234,6 +241,9 @@ evaluation: {data: {path: test}}
             ("training.learningRate", |s| s.training.learning_rate = 0.0),
             ("training.validationFraction", |s| s.training.validation_fraction = 0.7),
             ("evaluation.data.path", |s| s.evaluation.data.path.clear()),
+            ("evaluation.operatingPoint", |s| s.evaluation.operating_point = 1.5),
+            ("evaluation.operatingPoint", |s| s.evaluation.operating_point = f64::NAN),
+            ("evaluation.explainImages", |s| s.evaluation.explain_images = 20_000),
             ("storage", |s| s.storage.local = None),
             ("storage", |s| s.storage.s3 = Some(S3Storage { bucket: "b".into(), endpoint: None, region: "r".into(), path_style: true, credentials_secret: None })),
             ("storage.s3.bucket", |s| {

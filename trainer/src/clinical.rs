@@ -8,7 +8,7 @@ use tch::Device;
 
 use crate::data::Dataset;
 use crate::evaluate::is_case;
-use crate::explain::{for_each_heatmap, fundus_mask, mass_inside, resolve_layer, write_overlay, ExplainError, ExplainOptions};
+use crate::explain::{for_each_heatmap, fundus_mask, mass_inside, write_overlay, ExplainError, ExplainOptions};
 use crate::metrics::{at_threshold, binary_auroc, roc_curve};
 use crate::model::Network;
 use crate::report::{Clinical, GalleryImage, RocCurve};
@@ -68,11 +68,6 @@ pub fn heat_study(net: &Network, sample: &[(PathBuf, Option<usize>)], gallery_di
     })?;
     let fundus_fraction = (!fractions.is_empty()).then(|| fractions.iter().sum::<f64>() / fractions.len() as f64);
     Ok(HeatStudy { fundus_fraction, gallery })
-}
-
-/// The layer Grad-CAM uses by default for `net` (recorded in the report).
-pub fn default_layer(net: &Network) -> Option<String> {
-    resolve_layer(net, None).ok()
 }
 
 #[cfg(test)]

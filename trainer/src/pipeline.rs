@@ -18,7 +18,7 @@ use tracing::info;
 
 use crate::checkpoint::{ArtifactKind, ArtifactMeta};
 use crate::data::Dataset;
-use crate::clinical::{default_layer, explain_sample, heat_study, roc_and_operating_point};
+use crate::clinical::{explain_sample, heat_study, roc_and_operating_point};
 use crate::evaluate::{predict, score};
 use crate::merge::{merge_files, shard_model, MergeOptions, ShardVector};
 use crate::metrics::cosine;
@@ -458,7 +458,7 @@ impl Runner {
             let heat = heat_study(&net, &sample, primary.then_some(eval_dir.as_path()), self.device)?;
             if primary {
                 let mut view = roc_and_operating_point(&probs, &test, spec.evaluation.operating_point);
-                view.explain_layer = default_layer(&net).filter(|_| !sample.is_empty());
+                view.explain_layer = crate::explain::resolve_layer(&net, None).ok().filter(|_| !sample.is_empty());
                 view.gallery = heat.gallery;
                 clinical = Some(view);
             }

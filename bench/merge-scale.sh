@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Merge scale: N = 4, 16, 64 data vectors of ResNet50 merged by medmerge (streaming) and by a
-# PyTorch script that loads every vector, with wall time, peak RSS and the machine's read
-# bandwidth. Needs ~6.5 GB of disk in ~/.cache/medmerge/bench-merge (deleted after, KEEP=1 keeps
-# it). Writes bench/results/merge-scale.md. SYNTHETIC_GB=1 merges N = 4, 16 vectors of a ~1 GB
+# Merge scale: N = 4, 16, 64 data vectors of ResNet50 merged by medmerge (streaming), by a
+# PyTorch script that loads every vector and by mergekit's task arithmetic (installed from PyPI by
+# bench/setup-mergekit.sh; NO_MERGEKIT=1 skips it), with wall time, peak RSS and the machine's I/O
+# floor. Needs ~6.5 GB of disk in ~/.cache/medmerge/bench-merge (deleted after, KEEP=1 keeps it).
+# Writes bench/results/merge-scale.md. SYNTHETIC_GB=1 merges N = 4, 16 vectors of a ~1 GB
 # synthetic model instead (~20 GB of disk) into bench/results/merge-scale-synthetic.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +19,7 @@ if [ ! -f "$WORK/template-vector.safetensors" ]; then
   "$T" --threads 2 finetune --base "$WORK/base.safetensors" --data "$WORK/images" --shard template --out "$WORK/template-vector.safetensors" --epochs 1 --batch-size 16 >/dev/null 2>&1
 fi
 if [ -n "${SYNTHETIC_GB:-}" ]; then out=bench/results/merge-scale-synthetic.md; ns="${NS:-4 16}"; else out=bench/results/merge-scale.md; ns="${NS:-4 16 64}"; fi
+[ "${NO_MERGEKIT:-0}" = 1 ] || export MERGEKIT="$(bash bench/setup-mergekit.sh)"
 "$MEDMERGE_CACHE/venv/bin/python" bench/merge_scale.py "$T" "$WORK" "$out" $ns
 [ "${KEEP:-0}" = 1 ] || rm -rf "$WORK"
 cat "$out"

@@ -111,7 +111,7 @@ impl MappedFile {
         if meta.dtype != Dtype::F32 {
             return Err(StError::Dtype { path: self.path.clone(), name: name.into(), dtype: format!("{:?}", meta.dtype) });
         }
-        Ok(bytes_to_f32(self.bytes(name)?))
+        Ok(self.f32_view(name)?.into_owned())
     }
 
     /// A tensor's f32 values borrowed from the mapping, copied only when misaligned: reading N
@@ -160,7 +160,17 @@ pub fn bytes_to_f32(bytes: &[u8]) -> Vec<f32> {
 
 /// f32 values to little-endian bytes.
 pub fn f32_to_bytes(values: &[f32]) -> Vec<u8> {
-    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+    f32_as_le_bytes(values).into_owned()
+}
+
+/// f32 values as little-endian bytes, borrowed without a copy on little-endian machines.
+pub fn f32_as_le_bytes(values: &[f32]) -> Cow<'_, [u8]> {
+    if cfg!(target_endian = "little") {
+        // SAFETY: u8 has no alignment or validity requirements, and the length covers exactly
+        // the values' bytes, which are little-endian on this machine.
+        return Cow::Borrowed(unsafe { std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values)) });
+    }
+    Cow::Owned(values.iter().flat_map(|v| v.to_le_bytes()).collect())
 }
 
 /// Writes a safetensors file tensor by tensor, in the order given up front, into a temporary

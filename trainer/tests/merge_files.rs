@@ -109,6 +109,34 @@ fn a_vector_from_another_base_is_refused_naming_the_shard() {
 }
 
 #[test]
+fn vectors_that_all_name_another_base_are_refused_before_publishing() {
+    // Agreeing vectors are merged while the base is hashed; the claim is checked before the rename.
+    let f = fixture();
+    let tensors = [("conv.weight", vec![2, 2], vec![1.0; 4]), ("fc.bias", vec![2], vec![0.0; 2]), ("fc.weight", vec![2, 2], vec![0.0; 4])];
+    let a = f.vector_with("a", &tensors, "0badbase", &CLASSES, 1);
+    let b = f.vector_with("b", &tensors, "0badbase", &CLASSES, 1);
+    let e = f.merge(&[a, b], MergeMethod::DataVector, HeadStrategy::Mean).unwrap_err();
+    assert!(e.contains("shard a") && e.contains("0badbase") && e.contains(&f.digest), "{e}");
+    assert!(!f.merged_exists(), "nothing may be published after a refusal");
+}
+
+#[test]
+fn a_base_holding_nan_is_refused_naming_the_base_and_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.safetensors");
+    write(&base, &[("conv.weight", vec![2], vec![1.0, f32::INFINITY]), ("fc.bias", vec![2], vec![0.0; 2])], &meta(ArtifactKind::Model, "", &CLASSES, vec![]));
+    let digest = file_digest(&base).unwrap();
+    let vector = dir.path().join("a.safetensors");
+    let mut m = meta(ArtifactKind::Vector, &digest, &CLASSES, vec![1, 0]);
+    m.shard = Some("a".into());
+    write(&vector, &[("conv.weight", vec![2], vec![0.0; 2]), ("fc.bias", vec![2], vec![0.0; 2])], &m);
+    let opts = MergeOptions { method: MergeMethod::DataVector, lambda: 0.5, heads: HeadStrategy::Mean, ties_density: 1.0, dare_drop_rate: 0.0, seed: 1, pretrained_only: false };
+    let e = merge_files(&base, &[ShardVector { shard: "a".into(), path: vector }], &opts, &dir.path().join("merged.safetensors")).unwrap_err().to_string();
+    assert!(e.contains("base.safetensors") && e.contains("conv.weight"), "{e}");
+    assert!(!dir.path().join("merged.safetensors").exists());
+}
+
+#[test]
 fn wrong_shapes_missing_and_extra_tensors_are_refused_by_name() {
     let f = fixture();
     let good = f.vector("good", vec![0.0; 4], vec![0.0; 2], 1);

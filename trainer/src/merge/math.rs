@@ -23,6 +23,12 @@ pub fn add_scaled(out: &mut [f32], tau: &[f32], scale: f32) {
     }
 }
 
+/// Whether every value is finite (no NaN, no infinity).
+pub fn all_finite(values: &[f32]) -> bool {
+    // Branch-free per chunk so it vectorises: a value is non-finite when its exponent is all ones.
+    values.chunks(1024).all(|chunk| chunk.iter().fold(true, |ok, v| ok & (v.to_bits() & 0x7f80_0000 != 0x7f80_0000)))
+}
+
 /// `pre + mean(taus)`, i.e. the mean of the fine-tuned weights (model soup).
 pub fn params_mean(pre: &[f32], taus: &[&[f32]]) -> Vec<f32> {
     data_vector(pre, taus, 1.0 / taus.len().max(1) as f32)
@@ -169,6 +175,17 @@ mod tests {
         assert!(out.iter().all(|v| *v == 0.0 || *v == 2.0));
         let mean = out.iter().sum::<f32>() / 10_000.0;
         assert!((mean - 1.0).abs() < 0.05, "expected to be unbiased, mean {mean}");
+    }
+
+    #[test]
+    fn all_finite_spots_nan_and_infinities_anywhere() {
+        let mut v = vec![1.0f32; 3000];
+        assert!(all_finite(&v));
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            v[2500] = bad;
+            assert!(!all_finite(&v), "{bad}");
+        }
+        assert!(all_finite(&[f32::MAX, f32::MIN_POSITIVE, -0.0]));
     }
 
     #[test]

@@ -8,6 +8,7 @@
 
 pub mod math;
 
+use std::borrow::Cow;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
@@ -19,7 +20,7 @@ use tch::{Device, Tensor};
 
 use crate::checkpoint::{file_digest, ArtifactKind, ArtifactMeta, MetaError};
 use crate::model::{head_prefix, ModelError, Network};
-use crate::st::{f32_to_bytes, MappedFile, StError, StreamWriter, TensorMeta};
+use crate::st::{f32_as_le_bytes, MappedFile, StError, StreamWriter, TensorMeta};
 
 /// Why a merge (or a vector) was refused.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +43,9 @@ pub enum MergeError {
     /// A tensor holds NaN or infinite values.
     #[error("shard {shard}: tensor {tensor:?} contains NaN or infinite values")]
     NonFinite { shard: String, tensor: String },
+    /// The base itself holds NaN or infinite values.
+    #[error("base {path}: tensor {tensor:?} contains NaN or infinite values")]
+    NonFiniteBase { path: PathBuf, tensor: String },
     /// Nothing to merge.
     #[error("no vectors to merge")]
     NoVectors,
@@ -118,7 +122,7 @@ pub fn shard_model(base_path: &Path, vector: &ShardVector, device: Device) -> Re
     let net = Network::load(base_path, device)?;
     let base = MappedFile::open(base_path)?;
     let base_meta = ArtifactMeta::from_map(base_path, base.metadata(), ArtifactKind::Model)?;
-    let v = open_vector(vector, &base, &file_digest(base_path)?, &base_meta)?;
+    let v = open_checked_vector(vector, &base, &file_digest(base_path)?, &base_meta)?;
     let head = net.head_prefix();
     for (name, mut var) in net.named_tensors() {
         let delta = Tensor::from_slice(&v.1.f32(&name)?).view(var.size().as_slice()).to_device(var.device());
@@ -127,13 +131,12 @@ pub fn shard_model(base_path: &Path, vector: &ShardVector, device: Device) -> Re
     Ok(net)
 }
 
-fn open_vector(v: &ShardVector, base: &MappedFile, digest: &str, base_meta: &ArtifactMeta) -> Result<(ArtifactMeta, MappedFile), MergeError> {
+/// Opens shard `v`'s vector and checks it against the base: kind, architecture, classes, and
+/// every tensor's name, shape and dtype. The base digest is checked by the caller.
+fn open_vector(v: &ShardVector, base: &MappedFile, base_meta: &ArtifactMeta) -> Result<(ArtifactMeta, MappedFile), MergeError> {
     let file = MappedFile::open(&v.path)?;
     let meta = ArtifactMeta::from_map(&v.path, file.metadata(), ArtifactKind::Vector)?;
     let shard = v.shard.clone();
-    if meta.base_digest != digest {
-        return Err(MergeError::BaseMismatch { shard, path: v.path.clone(), found: meta.base_digest, expected: digest.into() });
-    }
     if meta.arch != base_meta.arch {
         return Err(MergeError::Incompatible { shard, what: "architecture", found: meta.arch.as_str().into(), expected: base_meta.arch.as_str().into() });
     }
@@ -162,41 +165,124 @@ fn open_vector(v: &ShardVector, base: &MappedFile, digest: &str, base_meta: &Art
     Ok((meta, file))
 }
 
+/// Opens and checks one vector, base digest included (for single-vector readers).
+fn open_checked_vector(v: &ShardVector, base: &MappedFile, digest: &str, base_meta: &ArtifactMeta) -> Result<(ArtifactMeta, MappedFile), MergeError> {
+    let opened = open_vector(v, base, base_meta)?;
+    check_base_digest(v, &opened.0.base_digest, digest)?;
+    Ok(opened)
+}
+
+fn check_base_digest(v: &ShardVector, claim: &str, digest: &str) -> Result<(), MergeError> {
+    if claim != digest {
+        return Err(MergeError::BaseMismatch { shard: v.shard.clone(), path: v.path.clone(), found: claim.into(), expected: digest.into() });
+    }
+    Ok(())
+}
+
 /// Merges `vectors` onto the base at `base_path` and writes a complete model to `out`.
+///
+/// Hashing the base costs as much as merging a few vectors, so it runs on its own thread while
+/// the merge streams; the vectors' claim of which base they came from is checked against it
+/// before the result is published.
 pub fn merge_files(base_path: &Path, vectors: &[ShardVector], opts: &MergeOptions, out: &Path) -> Result<(), MergeError> {
     if vectors.is_empty() {
         return Err(MergeError::NoVectors);
     }
-    let mut base = MappedFile::open(base_path)?;
+    let base = MappedFile::open(base_path)?;
     let base_meta = ArtifactMeta::from_map(base_path, base.metadata(), ArtifactKind::Model)?;
-    let digest = file_digest(base_path)?;
-    let mut opened = vectors.iter().map(|v| open_vector(v, &base, &digest, &base_meta)).collect::<Result<Vec<_>, _>>()?;
+    std::thread::scope(|scope| {
+        let hashing = scope.spawn(|| file_digest(base_path));
+        let opened = vectors.iter().map(|v| open_vector(v, &base, &base_meta)).collect::<Result<Vec<_>, _>>()?;
+        let claims: Vec<String> = opened.iter().map(|(m, _)| m.base_digest.clone()).collect();
+        // Vectors that disagree on their base cannot all match it: skip the merge, name the culprits.
+        let writer = if claims.iter().all(|c| *c == claims[0]) { Some(stream_merge(base, &base_meta, &claims[0], vectors, opened, opts, out)?) } else { None };
+        let digest = hashing.join().expect("hashing the base does not panic")?;
+        for (v, claim) in vectors.iter().zip(&claims) {
+            check_base_digest(v, claim, &digest)?;
+        }
+        writer.expect("vectors that all match the base agree on it").finish()?;
+        Ok(())
+    })
+}
+
+/// Writes every merged tensor to an unpublished file at `out`; the caller publishes it.
+fn stream_merge(
+    mut base: MappedFile,
+    base_meta: &ArtifactMeta,
+    digest: &str,
+    vectors: &[ShardVector],
+    mut opened: Vec<(ArtifactMeta, MappedFile)>,
+    opts: &MergeOptions,
+    out: &Path,
+) -> Result<StreamWriter, MergeError> {
     let head_weights: Vec<f64> = match opts.heads {
         HeadStrategy::Mean => vec![1.0; opened.len()],
         HeadStrategy::SampleWeighted => opened.iter().map(|(m, _)| m.samples().max(1) as f64).collect(),
     };
     let head = head_prefix(base_meta.arch);
     let metas: Vec<TensorMeta> = base.tensors().cloned().collect();
-    let out_meta = ArtifactMeta { kind: ArtifactKind::Model, base_digest: digest, shard: None, class_counts: vec![], ..base_meta };
-    let mut writer = StreamWriter::create(out, metas.clone(), &out_meta.to_map())?;
+    let out_meta = ArtifactMeta { kind: ArtifactKind::Model, base_digest: digest.into(), shard: None, class_counts: vec![], ..base_meta.clone() };
+    let writer = StreamWriter::create(out, metas.clone(), &out_meta.to_map())?;
     let mut rng = StdRng::seed_from_u64(opts.seed);
     let lambda = opts.lambda as f32;
-    for t in &metas {
-        if t.dtype != Dtype::F32 {
-            // Integer buffers (e.g. num_batches_tracked) are counters, not weights: keep the base's.
-            writer.write(&t.name, base.bytes(&t.name)?)?;
-            continue;
-        }
-        let pre = base.f32(&t.name)?;
-        let is_head = t.name.starts_with(head);
-        let linear = is_head || opts.pretrained_only || matches!(opts.method, MergeMethod::DataVector | MergeMethod::ParamsMean);
-        let merged = if linear {
-            // Linear methods add one vector at a time and release it at once, so memory stays
-            // one tensor's worth whatever the number of hospitals.
-            let total: f64 = head_weights.iter().sum();
-            let mut out = if is_head { vec![0f32; pre.len()] } else { pre };
-            for (i, (v, (_, file))) in vectors.iter().zip(opened.iter_mut()).enumerate() {
-                let scale = if is_head {
+    // Copying a tensor into the page cache costs as much as merging it: a writer thread does it
+    // while the next tensor merges (at most two merged tensors wait, so memory stays flat).
+    std::thread::scope(|scope| {
+        let (send, receive) = std::sync::mpsc::sync_channel::<(String, Merged)>(2);
+        let writing = scope.spawn(move || -> Result<StreamWriter, StError> {
+            let mut writer = writer;
+            for (name, tensor) in receive {
+                writer.write(&name, &tensor.bytes())?;
+            }
+            Ok(writer)
+        });
+        let merging = (|| -> Result<(), MergeError> {
+            for t in &metas {
+                let tensor = if t.dtype != Dtype::F32 {
+                    // Integer buffers (e.g. num_batches_tracked) are counters, not weights: keep the base's.
+                    Merged::Bytes(base.bytes(&t.name)?.to_vec())
+                } else {
+                    Merged::Values(merge_tensor(t, &base, head, vectors, &mut opened, &head_weights, opts, lambda, &mut rng)?)
+                };
+                if send.send((t.name.clone(), tensor)).is_err() {
+                    break; // the writer failed: its error is reported below
+                }
+                // Done with this tensor everywhere: memory stays one tensor's worth whatever N is.
+                base.release(&t.name);
+                for (_, file) in opened.iter_mut() {
+                    file.release(&t.name);
+                }
+            }
+            Ok(())
+        })();
+        drop(send);
+        let written = writing.join().expect("the writer thread does not panic");
+        merging?;
+        Ok(written?)
+    })
+}
+
+/// One merged F32 tensor.
+#[allow(clippy::too_many_arguments)]
+fn merge_tensor(
+    t: &TensorMeta,
+    base: &MappedFile,
+    head: &str,
+    vectors: &[ShardVector],
+    opened: &mut [(ArtifactMeta, MappedFile)],
+    head_weights: &[f64],
+    opts: &MergeOptions,
+    lambda: f32,
+    rng: &mut StdRng,
+) -> Result<Vec<f32>, MergeError> {
+    let pre = base.f32(&t.name)?;
+    let is_head = t.name.starts_with(head);
+    let linear = is_head || opts.pretrained_only || matches!(opts.method, MergeMethod::DataVector | MergeMethod::ParamsMean);
+    if linear {
+        let total: f64 = head_weights.iter().sum();
+        let scales: Vec<f32> = (0..vectors.len())
+            .map(|i| {
+                if is_head {
                     (head_weights[i] / total) as f32
                 } else if opts.pretrained_only {
                     0.0
@@ -204,37 +290,65 @@ pub fn merge_files(base_path: &Path, vectors: &[ShardVector], opts: &MergeOption
                     1.0 / vectors.len() as f32
                 } else {
                     lambda
-                };
-                {
-                    let tau = finite_view(file, &t.name, &v.shard)?;
-                    math::add_scaled(&mut out, &tau, scale);
                 }
-                file.release(&t.name);
-            }
-            out
-        } else {
-            // TIES, DARE and the random control look at every vector's entry at once.
-            let mut taus = Vec::with_capacity(opened.len());
-            for (v, (_, file)) in vectors.iter().zip(&opened) {
-                taus.push(finite_view(file, &t.name, &v.shard)?);
-            }
-            let views: Vec<&[f32]> = taus.iter().map(|t| t.as_ref()).collect();
-            match opts.method {
-                MergeMethod::RandomVector => math::random_vector(&pre, &views, lambda, &mut rng),
-                MergeMethod::Ties => math::ties(&pre, &views, lambda, opts.ties_density),
-                MergeMethod::Dare => math::dare(&pre, &views, lambda, opts.dare_drop_rate, &mut rng),
-                MergeMethod::DataVector | MergeMethod::ParamsMean => unreachable!("linear methods stream"),
-            }
-        };
-        writer.write(&t.name, &f32_to_bytes(&merged))?;
-        // Done with this tensor everywhere: memory stays one tensor's worth whatever N is.
-        base.release(&t.name);
-        for (_, file) in opened.iter_mut() {
-            file.release(&t.name);
+            })
+            .collect();
+        let init = if is_head { vec![0f32; pre.len()] } else { pre };
+        return linear_combination(init, &t.name, vectors, opened, &scales, base.path());
+    }
+    // TIES, DARE and the random control look at every vector's entry at once.
+    let mut taus = Vec::with_capacity(opened.len());
+    for (v, (_, file)) in vectors.iter().zip(opened.iter()) {
+        taus.push(finite_view(file, &t.name, &v.shard)?);
+    }
+    let views: Vec<&[f32]> = taus.iter().map(|t| t.as_ref()).collect();
+    Ok(match opts.method {
+        MergeMethod::RandomVector => math::random_vector(&pre, &views, lambda, rng),
+        MergeMethod::Ties => math::ties(&pre, &views, lambda, opts.ties_density),
+        MergeMethod::Dare => math::dare(&pre, &views, lambda, opts.dare_drop_rate, rng),
+        MergeMethod::DataVector | MergeMethod::ParamsMean => unreachable!("linear methods stream"),
+    })
+}
+
+/// What the writer thread writes next: merged values, or bytes kept from the base.
+enum Merged {
+    Values(Vec<f32>),
+    Bytes(Vec<u8>),
+}
+
+impl Merged {
+    fn bytes(&self) -> Cow<'_, [u8]> {
+        match self {
+            Merged::Values(values) => f32_as_le_bytes(values),
+            Merged::Bytes(bytes) => Cow::Borrowed(bytes),
         }
     }
-    writer.finish()?;
-    Ok(())
+}
+
+/// `init + Σ scales[i] · vector_i[name]`, adding one vector at a time and releasing it at once,
+/// so memory stays one tensor's worth whatever the number of hospitals.
+///
+/// NaN and infinities survive any sum (even times zero), so one check of the result replaces a
+/// check of every input; only when it fails are the inputs searched for the one at fault.
+fn linear_combination(
+    mut out: Vec<f32>,
+    name: &str,
+    vectors: &[ShardVector],
+    opened: &mut [(ArtifactMeta, MappedFile)],
+    scales: &[f32],
+    base_path: &Path,
+) -> Result<Vec<f32>, MergeError> {
+    for ((_, file), scale) in opened.iter_mut().zip(scales) {
+        math::add_scaled(&mut out, &file.f32_view(name)?, *scale);
+        file.release(name);
+    }
+    if !math::all_finite(&out) {
+        for (v, (_, file)) in vectors.iter().zip(opened.iter()) {
+            finite_view(file, name, &v.shard)?;
+        }
+        return Err(MergeError::NonFiniteBase { path: base_path.into(), tensor: name.into() });
+    }
+    Ok(out)
 }
 
 /// Shard `shard`'s tensor `name`, refused when it holds NaN or Inf.

@@ -16,7 +16,7 @@ use tch::{nn, Device, Kind, Tensor};
 pub use bn::{Bn, Moments};
 
 use crate::checkpoint::{ArtifactKind, ArtifactMeta, MetaError};
-use crate::st::{f32_to_bytes, MappedFile, StError, StreamWriter, TensorMeta};
+use crate::st::{f32_as_le_bytes, MappedFile, StError, StreamWriter, TensorMeta};
 
 /// Errors building, loading or saving networks.
 #[derive(Debug, thiserror::Error)]
@@ -244,7 +244,7 @@ pub fn write_tensors(path: &Path, tensors: &[(String, Tensor)], metadata: &BTree
         .collect();
     let mut w = StreamWriter::create(path, metas, metadata)?;
     for (n, t) in tensors {
-        w.write(n, &f32_to_bytes(&tensor_to_vec(t)?))?;
+        w.write(n, &f32_as_le_bytes(&tensor_to_vec(t)?))?;
     }
     Ok(w.finish()?)
 }

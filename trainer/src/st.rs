@@ -132,15 +132,16 @@ impl MappedFile {
         Ok(Cow::Owned(bytes_to_f32(bytes)))
     }
 
-    /// Drops a tensor's pages from this process's resident set (they stay in the page cache and
+    /// Drops the file's pages from this process's resident set (they stay in the page cache and
     /// are read again if touched), so streaming through many large files keeps memory flat.
-    /// Taking `&mut self` guarantees no view into the mapping is alive.
-    pub fn release(&mut self, name: &str) {
-        if let Some((_, (start, end))) = self.tensors.get(name) {
-            // SAFETY: a read-only private file mapping: dropped pages are re-read from the file,
-            // and `&mut self` means no borrowed slice of them exists.
-            let _ = unsafe { self.map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, self.data_start + start, end - start) };
-        }
+    /// The whole mapping, not one tensor's range: the kernel maps neighbouring pages on every
+    /// fault, and releasing only the tensor read left those behind (240 MiB over 64 ResNet50
+    /// vectors). Unmapped ranges cost next to nothing to walk. Taking `&mut self` guarantees no
+    /// view into the mapping is alive.
+    pub fn release(&mut self) {
+        // SAFETY: a read-only private file mapping: dropped pages are re-read from the file,
+        // and `&mut self` means no borrowed slice of them exists.
+        let _ = unsafe { self.map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
     }
 
     /// A tensor as f64 values (F64 only; used for batch-norm moments).

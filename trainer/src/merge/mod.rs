@@ -248,9 +248,9 @@ fn stream_merge(
                     break; // the writer failed: its error is reported below
                 }
                 // Done with this tensor everywhere: memory stays one tensor's worth whatever N is.
-                base.release(&t.name);
+                base.release();
                 for (_, file) in opened.iter_mut() {
-                    file.release(&t.name);
+                    file.release();
                 }
             }
             Ok(())
@@ -340,7 +340,7 @@ fn linear_combination(
 ) -> Result<Vec<f32>, MergeError> {
     for ((_, file), scale) in opened.iter_mut().zip(scales) {
         math::add_scaled(&mut out, &file.f32_view(name)?, *scale);
-        file.release(name);
+        file.release();
     }
     if !math::all_finite(&out) {
         for (v, (_, file)) in vectors.iter().zip(opened.iter()) {

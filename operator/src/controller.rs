@@ -9,10 +9,12 @@ use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{ListParams, Patch, PatchParams};
+use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::watcher;
+use kube::runtime::reflector::store::{WriterDropped, Writer};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, Resource, ResourceExt};
 use medmerge_crds::{mergejob_root, ArtifactLayout, CleanupPolicy, MergeJob, MergeJobStatus};
 use tracing::{info, instrument, warn};
@@ -30,6 +32,8 @@ pub const MANAGER: &str = "medmerge-operator";
 pub const FINALIZER: &str = "medmerge.io/artifact-cleanup";
 /// How often a running MergeJob is looked at even when nothing changed.
 const RESYNC: Duration = Duration::from_secs(300);
+/// Selects every Job the operator manages (and caches).
+const MANAGED_JOBS: &str = "app.kubernetes.io/managed-by=medmerge";
 
 /// Why a reconcile failed (it is retried).
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +53,9 @@ pub enum ReconcileError {
     /// Results or shard summaries could not be read back.
     #[error(transparent)]
     Artifacts(#[from] ArtifactError),
+    /// The Job cache stopped before it first filled (the operator is shutting down).
+    #[error("waiting for the Job cache: {0}")]
+    JobCache(#[from] WriterDropped),
 }
 
 fn kube_err(action: impl Into<String>) -> impl FnOnce(kube::Error) -> ReconcileError {
@@ -66,14 +73,33 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Where results are read back from.
     pub artifacts: ArtifactStore,
+    /// Every Job the operator manages, kept current by the watch [`run`] feeds it from.
+    pub jobs: Store<Job>,
 }
 
 impl Context {
     /// A context whose Events are reported as `instance` of the operator.
-    pub fn new(client: Client, instance: &str, metrics: Arc<Metrics>, artifacts: ArtifactStore) -> Self {
+    pub fn new(client: Client, instance: &str, metrics: Arc<Metrics>, artifacts: ArtifactStore, jobs: Store<Job>) -> Self {
         let reporter = Reporter { controller: MANAGER.into(), instance: Some(instance.into()) };
-        Context { recorder: Recorder::new(client.clone(), reporter), client, metrics, artifacts }
+        Context { recorder: Recorder::new(client.clone(), reporter), client, metrics, artifacts, jobs }
     }
+}
+
+/// An empty Job cache: the [`Store`] goes into the [`Context`], the [`Writer`] to [`run`].
+pub fn job_cache() -> (Store<Job>, Writer<Job>) {
+    reflector::store()
+}
+
+/// The Jobs of one MergeJob generation, from the cache.
+fn generation_jobs(cache: &Store<Job>, ns: &str, name: &str, generation: i64) -> Vec<Job> {
+    let generation = generation.to_string();
+    let labelled = |job: &Job, key: &str, value: &str| job.metadata.labels.as_ref().and_then(|l| l.get(key)).is_some_and(|v| v == value);
+    cache
+        .state()
+        .iter()
+        .filter(|job| job.metadata.namespace.as_deref() == Some(ns) && labelled(job, LABEL_MERGEJOB, name) && labelled(job, LABEL_GENERATION, &generation))
+        .map(|job| Job::clone(job))
+        .collect()
 }
 
 /// Reconciles one MergeJob.
@@ -101,14 +127,13 @@ async fn reconcile_inner(mj: &MergeJob, ctx: &Context) -> Result<Action, Reconci
         return Ok(Action::await_change());
     }
 
-    let jobs_api: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
-    let selector = format!("{LABEL_MERGEJOB}={name},{LABEL_GENERATION}={generation}");
-    // Served from the API server's watch cache, not a quorum read of etcd: at hundreds of
-    // MergeJobs those reads dominated its CPU. A Job created a moment ago may be missing from
-    // the answer; applying it again is a no-op, and its own watch event reconciles again.
-    let jobs = jobs_api.list(&ListParams::default().labels(&selector).match_any()).await.map_err(kube_err(format!("listing Jobs of {key}")))?;
+    // One watch keeps every managed Job in memory, and the same watch triggers this reconcile, so
+    // the cache already holds the change that caused it. Listing Jobs per reconcile instead was
+    // most of the API server's work at hundreds of MergeJobs.
+    ctx.jobs.wait_until_ready().await?;
+    let jobs = generation_jobs(&ctx.jobs, &ns, &name, generation);
     let now = Timestamp::now();
-    let seen = observe_jobs(&jobs.items, now);
+    let seen = observe_jobs(&jobs, now);
     let decision = decide(&name, &ns, generation, &mj.spec, &seen.observed);
 
     create_stage_jobs(mj, ctx, &ns, generation, &decision).await?;
@@ -287,10 +312,17 @@ pub fn error_policy(mj: Arc<MergeJob>, error: &ReconcileError, _ctx: Arc<Context
     Action::requeue(Duration::from_secs(15))
 }
 
-/// Runs the controller until a shutdown signal arrives or `stop` completes.
-pub async fn run(mjs: Api<MergeJob>, jobs: Api<Job>, ctx: Arc<Context>, stop: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
+/// Runs the controller until a shutdown signal arrives or `stop` completes, feeding `cache`
+/// (whose [`Store`] is `ctx.jobs`) from the watch on managed Jobs.
+pub async fn run(mjs: Api<MergeJob>, jobs: Api<Job>, cache: Writer<Job>, ctx: Arc<Context>, stop: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
+    let job_changes = watcher(jobs, watcher::Config::default().labels(MANAGED_JOBS))
+        .default_backoff()
+        // Field-manager bookkeeping is most of a Job's size and none of what the operator reads.
+        .modify(|job| job.metadata.managed_fields = None)
+        .reflect(cache)
+        .touched_objects();
     Controller::new(mjs, watcher::Config::default())
-        .owns(jobs, watcher::Config::default().labels("app.kubernetes.io/managed-by=medmerge"))
+        .owns_stream(job_changes)
         .graceful_shutdown_on(stop)
         .run(reconcile, error_policy, ctx)
         .for_each(|_| futures::future::ready(()))

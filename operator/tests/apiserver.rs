@@ -49,9 +49,10 @@ impl Harness {
         let metrics = Arc::new(Metrics::default());
         let elector = LeaderElector::new(Api::<Lease>::namespaced(client.clone(), ns), "medmerge-operator", "e2e-replica", Duration::from_secs(15));
         tokio::time::timeout(WAIT, elector.acquire()).await.expect("the leader Lease is taken");
-        let ctx = Arc::new(Context::new(client.clone(), "e2e-replica", metrics.clone(), ArtifactStore::new(Some(PathBuf::from("/")))));
+        let (job_store, job_cache) = controller::job_cache();
+        let ctx = Arc::new(Context::new(client.clone(), "e2e-replica", metrics.clone(), ArtifactStore::new(Some(PathBuf::from("/"))), job_store));
         let (mjs, jobs) = (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns));
-        let controller = tokio::spawn(controller::run(mjs, jobs, ctx, std::future::pending()));
+        let controller = tokio::spawn(controller::run(mjs, jobs, job_cache, ctx, std::future::pending()));
         Harness { client, ns: ns.into(), store, metrics, controller }
     }
 

@@ -9,7 +9,9 @@ use kube::client::Body;
 use kube::Client;
 use medmerge_crds::MergeJob;
 use medmerge_operator::artifacts::ArtifactStore;
-use medmerge_operator::controller::{reconcile, Context};
+use k8s_openapi::api::batch::v1::Job;
+use kube::runtime::watcher;
+use medmerge_operator::controller::{self, reconcile, Context};
 use medmerge_operator::telemetry::Metrics;
 use serde_json::{json, Value};
 use tower_test::mock;
@@ -45,19 +47,39 @@ async fn expect(handle: &mut std::pin::Pin<&mut Handle>, method: Method, path_pr
     }
 }
 
-fn context(client: Client) -> Arc<Context> {
-    Arc::new(Context::new(client, "test", Arc::new(Metrics::default()), ArtifactStore::new(None)))
+/// A context whose Job cache has had its first full listing, holding `jobs`.
+fn context(client: Client, jobs: Vec<Job>) -> Arc<Context> {
+    let (store, mut writer) = controller::job_cache();
+    writer.apply_watcher_event(&watcher::Event::Init);
+    for job in jobs {
+        writer.apply_watcher_event(&watcher::Event::InitApply(job));
+    }
+    writer.apply_watcher_event(&watcher::Event::InitDone);
+    Arc::new(Context::new(client, "test", Arc::new(Metrics::default()), ArtifactStore::new(None), store))
+}
+
+/// A Job of MergeJob retina's generation 1, in the state the Job controller reports.
+fn job(stage: &str, status: Value) -> Job {
+    serde_json::from_value(json!({
+        "metadata": {"name": format!("retina-g1-{stage}"), "namespace": "radiology", "creationTimestamp": "2026-11-22T10:00:00Z",
+                     "labels": {"medmerge.io/mergejob": "retina", "medmerge.io/generation": "1", "medmerge.io/stage": stage, "app.kubernetes.io/managed-by": "medmerge"}},
+        "status": status,
+    }))
+    .unwrap()
 }
 
 #[tokio::test]
 async fn a_new_mergejob_gets_its_spec_configmap_the_init_job_an_event_and_a_status() {
     let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
-    let ctx = context(Client::new(service, "default"));
+    // Another MergeJob's init Job, and a previous generation's, are in the cache too: not ours.
+    let mut other = job("init", json!({"succeeded": 1}));
+    other.metadata.labels.as_mut().unwrap().insert("medmerge.io/mergejob".into(), "fundus".into());
+    let mut old = job("init", json!({"succeeded": 1}));
+    old.metadata.labels.as_mut().unwrap().insert("medmerge.io/generation".into(), "0".into());
+    let ctx = context(Client::new(service, "default"), vec![other, old]);
     let server = tokio::spawn(async move {
         let mut handle = pin!(handle);
-        let list = json!({"apiVersion": "batch/v1", "kind": "JobList", "metadata": {}, "items": []});
-        let list_call = expect(&mut handle, Method::GET, "/apis/batch/v1/namespaces/radiology/jobs?&labelSelector=medmerge.io%2Fmergejob%3Dretina%2Cmedmerge.io%2Fgeneration%3D1&resourceVersion=0&resourceVersionMatch=NotOlderThan", list).await;
-        assert_eq!(list_call, Value::Null);
+        // Jobs come from the cache: the first call is already the spec ConfigMap.
         let cm = expect(&mut handle, Method::PATCH, "/api/v1/namespaces/radiology/configmaps/retina-g1-spec?&force=true&fieldManager=medmerge-operator", json!({"metadata": {}})).await;
         assert!(cm["data"]["mergejob.yaml"].as_str().unwrap().contains("creds-a"));
         let job = expect(&mut handle, Method::PATCH, "/apis/batch/v1/namespaces/radiology/jobs/retina-g1-init?&force=true&fieldManager=medmerge-operator", json!({"metadata": {}})).await;
@@ -81,7 +103,22 @@ async fn a_finished_generation_makes_no_api_call_at_all() {
     let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
     // With the server gone, any API call would fail the reconcile.
     drop(handle);
-    let ctx = context(Client::new(service, "default"));
+    let ctx = context(Client::new(service, "default"), vec![]);
     let action = reconcile(Arc::new(mergejob(json!({"phase": "Succeeded", "observedGeneration": 1}))), ctx).await.unwrap();
     assert_eq!(action, kube::runtime::controller::Action::await_change());
+}
+
+#[tokio::test]
+async fn a_finished_init_job_in_the_cache_starts_the_hospitals_training() {
+    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let ctx = context(Client::new(service, "default"), vec![job("init", json!({"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}))]);
+    let server = tokio::spawn(async move {
+        let mut handle = pin!(handle);
+        expect(&mut handle, Method::PATCH, "/api/v1/namespaces/radiology/configmaps/retina-g1-spec?", json!({"metadata": {}})).await;
+        let job = expect(&mut handle, Method::PATCH, "/apis/batch/v1/namespaces/radiology/jobs/retina-g1-finetune-a?", json!({"metadata": {}})).await;
+        let volumes = job["spec"]["template"]["spec"]["volumes"].to_string();
+        assert!(volumes.contains("creds-a"), "shard a's training Job mounts shard a's secret: {volumes}");
+    });
+    let _ = reconcile(Arc::new(mergejob(json!({"phase": "Initializing", "observedGeneration": 1}))), ctx).await;
+    server.await.unwrap();
 }

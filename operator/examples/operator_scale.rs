@@ -4,7 +4,8 @@
 //! Creates MERGEJOBS MergeJobs of 4 shards, plays the Job controller for their `init` and
 //! `finetune-*` Jobs (marks them complete as soon as they appear), and measures, per MergeJob,
 //! the latency from its last finetune Job turning complete to its status showing `4/4` shards
-//! ready. Prints one JSON object with the numbers.
+//! ready, under that burst and then in steady state (STEADY more MergeJobs, default 20, created
+//! one at a time once everything is quiet). Prints one JSON object with the numbers.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -33,6 +34,17 @@ fn mergejob(i: usize) -> MergeJob {
     .unwrap()
 }
 
+/// The operator's `medmerge_reconciles_total`, read from its metrics endpoint (METRICS_ADDR).
+async fn reconciles(addr: &str) -> anyhow::Result<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await?;
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await?;
+    let line = body.lines().find(|l| l.starts_with("medmerge_reconciles_total ")).ok_or_else(|| anyhow::anyhow!("no medmerge_reconciles_total at {addr}"))?;
+    Ok(line.split_whitespace().nth(1).unwrap_or_default().parse()?)
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
@@ -41,6 +53,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 async fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let n: usize = std::env::var("MERGEJOBS").ok().and_then(|v| v.parse().ok()).unwrap_or(500);
+    let metrics = std::env::var("METRICS_ADDR")?;
     let client = Client::try_default().await?;
     Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": NS}}))?).await?;
     let jobs: Api<Job> = Api::namespaced(client.clone(), NS);
@@ -49,6 +62,7 @@ async fn main() -> anyhow::Result<()> {
     // MergeJob name -> when its last finetune Job was marked complete.
     let finetunes_done: Arc<Mutex<HashMap<String, (usize, Option<Instant>)>>> = Arc::default();
     let started = Instant::now();
+    let reconciles_before = reconciles(&metrics).await?;
 
     // The Job controller: completes init and finetune Jobs as they appear.
     let driver = {
@@ -114,19 +128,40 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let all_ready = started.elapsed();
+    let burst_reconciles = reconciles(&metrics).await? - reconciles_before;
+
+    // Steady state: one MergeJob at a time on a quiet cluster, the operator's reaction time.
+    let steady: usize = std::env::var("STEADY").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
+    for i in n..n + steady {
+        mjs.create(&PostParams::default(), &mergejob(i)).await?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !ready_at.lock().unwrap().contains_key(&format!("mj-{i:04}")) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
     driver.abort();
     watch_status.abort();
 
     let done = finetunes_done.lock().unwrap();
     let ready = ready_at.lock().unwrap();
-    let mut latencies: Vec<f64> = ready.iter().filter_map(|(name, at)| done.get(name).and_then(|(_, t)| *t).map(|t0| at.saturating_duration_since(t0).as_secs_f64() * 1000.0)).collect();
-    latencies.sort_by(f64::total_cmp);
-    anyhow::ensure!(!latencies.is_empty(), "no MergeJob reached 4/4 shards ready");
+    let latencies = |range: std::ops::Range<usize>| -> anyhow::Result<serde_json::Value> {
+        let mut ms: Vec<f64> = range
+            .filter_map(|i| {
+                let name = format!("mj-{i:04}");
+                let t0 = done.get(&name).and_then(|(_, t)| *t)?;
+                Some(ready.get(&name)?.saturating_duration_since(t0).as_secs_f64() * 1000.0)
+            })
+            .collect();
+        ms.sort_by(f64::total_cmp);
+        anyhow::ensure!(!ms.is_empty(), "no MergeJob reached 4/4 shards ready");
+        Ok(json!({"count": ms.len(), "p50": percentile(&ms, 0.5), "p99": percentile(&ms, 0.99), "max": ms.last()}))
+    };
     println!(
         "{}",
         json!({
-            "mergejobs": n, "ready": ready.len(), "create_seconds": created.as_secs_f64(), "all_ready_seconds": all_ready.as_secs_f64(),
-            "latency_ms": {"p50": percentile(&latencies, 0.5), "p99": percentile(&latencies, 0.99), "max": latencies.last()},
+            "mergejobs": n, "ready": (0..n).filter(|i| ready.contains_key(&format!("mj-{i:04}"))).count(),
+            "create_seconds": created.as_secs_f64(), "all_ready_seconds": all_ready.as_secs_f64(), "burst_reconciles": burst_reconciles,
+            "latency_ms": latencies(0..n)?, "steady_latency_ms": latencies(n..n + steady)?,
         })
     );
     Ok(())

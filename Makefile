@@ -45,11 +45,13 @@ bench-paper: build
 	DATA="$(DATA)" bash bench/paper-table.sh
 
 ## Every benchmark, side by side with its alternative; rewrites bench/results/*.md. Training
-## throughput vs PyTorch, merge scale vs a load-everything PyTorch merge, operator scale against a
-## real kube-apiserver, Grad-CAM on real photographs (runs bench-paper first if needed).
+## throughput vs PyTorch, merge scale (ResNet50 and a 1 GB model) vs a load-everything PyTorch
+## merge and mergekit, operator scale against a real kube-apiserver, Grad-CAM on real photographs
+## (runs bench-paper first if needed). About an hour; ~25 GB of scratch disk at its peak.
 bench: build
 	bash bench/train-throughput.sh
 	bash bench/merge-scale.sh
+	SYNTHETIC_GB=1 bash bench/merge-scale.sh
 	bash bench/operator-scale.sh
 	bash bench/clinical-report.sh
 

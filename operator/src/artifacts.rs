@@ -3,7 +3,9 @@
 //! MergeJob's artifacts when its cleanup policy says so. Parsing is pure; only
 //! [`ArtifactStore`]'s methods touch storage.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use medmerge_crds::{ArtifactLayout, CandidateSummary, MergeJobSpec, RestoreMode, ResultsStatus};
 use medmerge_store::{S3Config, Store, StoreError};
@@ -32,19 +34,29 @@ pub struct ArtifactStore {
     /// Directory relative `storage.local.path` values are resolved against; `None` when the
     /// operator cannot see local stores (results then stay in the store only).
     pub local_root: Option<PathBuf>,
+    /// One client per bucket, endpoint, region and addressing style, built on first use:
+    /// building one resolves credentials and sets up TLS, too much to repeat on every read.
+    s3_clients: Arc<Mutex<HashMap<(String, Option<String>, String, bool), Store>>>,
 }
 
 impl ArtifactStore {
     /// Reaches S3 stores, and local ones under `local_root` if given.
     pub fn new(local_root: Option<PathBuf>) -> Self {
-        ArtifactStore { local_root }
+        ArtifactStore { local_root, s3_clients: Arc::default() }
     }
 
     async fn store_for(&self, spec: &MergeJobSpec) -> Option<Store> {
         if let Some(s3) = &spec.storage.s3 {
+            let key = (s3.bucket.clone(), s3.endpoint.clone(), s3.region.clone(), s3.path_style);
+            if let Some(store) = self.s3_clients.lock().expect("client cache lock").get(&key) {
+                return Some(store.clone());
+            }
             // A reconcile should not hang on a slow store: fewer, shorter attempts.
             let config = S3Config { max_attempts: 3, attempt_timeout: Some(std::time::Duration::from_secs(30)), ..S3Config::from_spec(s3) };
-            return Some(Store::s3(config).await);
+            let store = Store::s3(config).await;
+            // Two reconciles may build the same client at once; either is fine to keep.
+            self.s3_clients.lock().expect("client cache lock").insert(key, store.clone());
+            return Some(store);
         }
         match (&self.local_root, &spec.storage.local) {
             (Some(root), Some(local)) => Some(Store::local(resolve(root, &local.path))),

@@ -59,8 +59,9 @@ async fn main() -> anyhow::Result<()> {
     let jobs: Api<Job> = Api::namespaced(client.clone(), NS);
     let mjs: Api<MergeJob> = Api::namespaced(client.clone(), NS);
 
-    // MergeJob name -> when its last finetune Job was marked complete.
-    let finetunes_done: Arc<Mutex<HashMap<String, (usize, Option<Instant>)>>> = Arc::default();
+    // MergeJob name -> finetune Jobs completed, and when the last one was.
+    type Completions = HashMap<String, (usize, Option<Instant>)>;
+    let finetunes_done: Arc<Mutex<Completions>> = Arc::default();
     let started = Instant::now();
     let reconciles_before = reconciles(&metrics).await?;
 

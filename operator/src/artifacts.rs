@@ -36,8 +36,12 @@ pub struct ArtifactStore {
     pub local_root: Option<PathBuf>,
     /// One client per bucket, endpoint, region and addressing style, built on first use:
     /// building one resolves credentials and sets up TLS, too much to repeat on every read.
-    s3_clients: Arc<Mutex<HashMap<(String, Option<String>, String, bool), Store>>>,
+    s3_clients: Arc<Mutex<HashMap<S3ClientKey, Store>>>,
 }
+
+/// What makes two `storage.s3` blocks reachable by the same client: bucket, endpoint, region,
+/// path-style addressing.
+type S3ClientKey = (String, Option<String>, String, bool);
 
 impl ArtifactStore {
     /// Reaches S3 stores, and local ones under `local_root` if given.

@@ -1,5 +1,5 @@
 //! Reading a MergeJob's Jobs back into `decide`'s terms. The only code that interprets what
-//! the cluster reports; it does no I/O itself (the controller lists the Jobs).
+//! the cluster reports; it does no I/O itself (the controller reads the Jobs from its cache).
 
 use std::collections::BTreeMap;
 

@@ -272,7 +272,7 @@ mod tests {
     fn resnet_with_all_ones_head(classes: &[String], size: u32) -> Network {
         let net = Network::new(Architecture::Resnet18, classes, size, Device::Cpu, 1);
         let mut head = net.vs.variables()["fc.weight"].shallow_clone();
-        tch::no_grad(|| head.fill_(1.0));
+        let _ = tch::no_grad(|| head.fill_(1.0));
         net
     }
 

@@ -206,7 +206,7 @@ impl StreamWriter {
             offset += n;
         }
         let mut header = serde_json::to_vec(&serde_json::Value::Object(header)).expect("json serialises");
-        while header.len() % 8 != 0 {
+        while !header.len().is_multiple_of(8) {
             header.push(b' ');
         }
         let file = File::create(&tmp).map_err(werr)?;

@@ -140,7 +140,8 @@ fn a_base_holding_nan_is_refused_naming_the_base_and_tensor() {
 fn wrong_shapes_missing_and_extra_tensors_are_refused_by_name() {
     let f = fixture();
     let good = f.vector("good", vec![0.0; 4], vec![0.0; 2], 1);
-    let cases: Vec<(Vec<(&str, Vec<usize>, Vec<f32>)>, &str)> = vec![
+    type Tensors = Vec<(&'static str, Vec<usize>, Vec<f32>)>;
+    let cases: Vec<(Tensors, &str)> = vec![
         (vec![("conv.weight", vec![4], vec![0.0; 4]), ("fc.bias", vec![2], vec![0.0; 2]), ("fc.weight", vec![2, 2], vec![0.0; 4])], "\"conv.weight\" is F32 [4]"),
         (vec![("fc.bias", vec![2], vec![0.0; 2]), ("fc.weight", vec![2, 2], vec![0.0; 4])], "lacks tensor \"conv.weight\""),
         (

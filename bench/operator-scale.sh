@@ -23,6 +23,7 @@ operator=$!
 trap 'kill $operator 2>/dev/null || true' EXIT
 for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.2; done
 result="$(MERGEJOBS="$N" METRICS_ADDR="127.0.0.1:$port" "$CARGO_TARGET_DIR/debug/examples/operator_scale")"
+echo "$result" >&2
 hwm="$(awk '/VmHWM/{print $2}' "/proc/$operator/status")"
 rss="$(awk '/VmRSS/{print $2}' "/proc/$operator/status")"
 errors="$(grep -c '"level":"ERROR"' "$log" || true)"

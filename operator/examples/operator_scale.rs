@@ -146,16 +146,18 @@ async fn main() -> anyhow::Result<()> {
     let done = finetunes_done.lock().unwrap();
     let ready = ready_at.lock().unwrap();
     let latencies = |range: std::ops::Range<usize>| -> anyhow::Result<serde_json::Value> {
-        let mut ms: Vec<f64> = range
+        let mut named: Vec<(f64, String)> = range
             .filter_map(|i| {
                 let name = format!("mj-{i:04}");
                 let t0 = done.get(&name).and_then(|(_, t)| *t)?;
-                Some(ready.get(&name)?.saturating_duration_since(t0).as_secs_f64() * 1000.0)
+                Some((ready.get(&name)?.saturating_duration_since(t0).as_secs_f64() * 1000.0, name))
             })
             .collect();
-        ms.sort_by(f64::total_cmp);
+        named.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let ms: Vec<f64> = named.iter().map(|(m, _)| *m).collect();
         anyhow::ensure!(!ms.is_empty(), "no MergeJob reached 4/4 shards ready");
-        Ok(json!({"count": ms.len(), "p50": percentile(&ms, 0.5), "p99": percentile(&ms, 0.99), "max": ms.last()}))
+        let slowest: Vec<&str> = named.iter().rev().take(3).map(|(_, n)| n.as_str()).collect();
+        Ok(json!({"count": ms.len(), "p50": percentile(&ms, 0.5), "p99": percentile(&ms, 0.99), "max": ms.last(), "slowest": slowest}))
     };
     println!(
         "{}",

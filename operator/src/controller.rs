@@ -10,7 +10,7 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::store::{WriterDropped, Writer};
 use kube::runtime::reflector::{self, Store};
@@ -32,6 +32,8 @@ pub const MANAGER: &str = "medmerge-operator";
 pub const FINALIZER: &str = "medmerge.io/artifact-cleanup";
 /// How often a running MergeJob is looked at even when nothing changed.
 const RESYNC: Duration = Duration::from_secs(300);
+/// MergeJobs reconciled at once unless told otherwise (see bench/results/operator-scale.md).
+pub const DEFAULT_CONCURRENCY: u16 = 8;
 /// Selects every Job the operator manages (and caches).
 const MANAGED_JOBS: &str = "app.kubernetes.io/managed-by=medmerge";
 
@@ -313,8 +315,16 @@ pub fn error_policy(mj: Arc<MergeJob>, error: &ReconcileError, _ctx: Arc<Context
 }
 
 /// Runs the controller until a shutdown signal arrives or `stop` completes, feeding `cache`
-/// (whose [`Store`] is `ctx.jobs`) from the watch on managed Jobs.
-pub async fn run(mjs: Api<MergeJob>, jobs: Api<Job>, cache: Writer<Job>, ctx: Arc<Context>, stop: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
+/// (whose [`Store`] is `ctx.jobs`) from the watch on managed Jobs and reconciling at most
+/// `concurrency` MergeJobs at once.
+pub async fn run(
+    mjs: Api<MergeJob>,
+    jobs: Api<Job>,
+    cache: Writer<Job>,
+    ctx: Arc<Context>,
+    concurrency: u16,
+    stop: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
     let job_changes = watcher(jobs, watcher::Config::default().labels(MANAGED_JOBS))
         .default_backoff()
         // Field-manager bookkeeping is most of a Job's size and none of what the operator reads.
@@ -323,6 +333,7 @@ pub async fn run(mjs: Api<MergeJob>, jobs: Api<Job>, cache: Writer<Job>, ctx: Ar
         .touched_objects();
     Controller::new(mjs, watcher::Config::default())
         .owns_stream(job_changes)
+        .with_config(controller::Config::default().concurrency(concurrency))
         .graceful_shutdown_on(stop)
         .run(reconcile, error_policy, ctx)
         .for_each(|_| futures::future::ready(()))

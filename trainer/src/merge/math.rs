@@ -29,11 +29,6 @@ pub fn all_finite(values: &[f32]) -> bool {
     values.chunks(1024).all(|chunk| chunk.iter().fold(true, |ok, v| ok & (v.to_bits() & 0x7f80_0000 != 0x7f80_0000)))
 }
 
-/// `pre + mean(taus)`, i.e. the mean of the fine-tuned weights (model soup).
-pub fn params_mean(pre: &[f32], taus: &[&[f32]]) -> Vec<f32> {
-    data_vector(pre, taus, 1.0 / taus.len().max(1) as f32)
-}
-
 /// `pre + r`, with `r` a Gaussian direction scaled to the norm of `lambda * sum(taus)`: a control
 /// that moves as far as the data vector, in no meaningful direction.
 pub fn random_vector(pre: &[f32], taus: &[&[f32]], lambda: f32, rng: &mut StdRng) -> Vec<f32> {
@@ -102,19 +97,6 @@ pub fn dare(pre: &[f32], taus: &[&[f32]], lambda: f32, drop_rate: f64, rng: &mut
     out
 }
 
-/// Weighted mean of head tensors; `weights` are normalised here.
-pub fn weighted_mean(values: &[&[f32]], weights: &[f64]) -> Vec<f32> {
-    let total: f64 = weights.iter().sum();
-    let mut out = vec![0f32; values.first().map_or(0, |v| v.len())];
-    for (v, w) in values.iter().zip(weights) {
-        let w = (*w / total) as f32;
-        for (o, x) in out.iter_mut().zip(v.iter()) {
-            *o += w * x;
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,14 +109,6 @@ mod tests {
     #[test]
     fn data_vector_adds_lambda_times_the_sum() {
         assert_eq!(data_vector(&PRE, &[&T1, &T2], 0.5), vec![2.0, 2.0, 2.875, 6.0]);
-    }
-
-    #[test]
-    fn params_mean_is_the_mean_of_fine_tuned_weights() {
-        let theta1: Vec<f32> = PRE.iter().zip(T1).map(|(p, t)| p + t).collect();
-        let theta2: Vec<f32> = PRE.iter().zip(T2).map(|(p, t)| p + t).collect();
-        let mean: Vec<f32> = theta1.iter().zip(&theta2).map(|(a, b)| (a + b) / 2.0).collect();
-        assert_eq!(params_mean(&PRE, &[&T1, &T2]), mean);
     }
 
     #[test]
@@ -186,10 +160,5 @@ mod tests {
             assert!(!all_finite(&v), "{bad}");
         }
         assert!(all_finite(&[f32::MAX, f32::MIN_POSITIVE, -0.0]));
-    }
-
-    #[test]
-    fn weighted_mean_normalises_weights() {
-        assert_eq!(weighted_mean(&[&[1.0, 0.0], &[4.0, 3.0]], &[1.0, 2.0]), vec![3.0, 2.0]);
     }
 }

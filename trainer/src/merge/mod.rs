@@ -211,7 +211,7 @@ fn stream_merge(
     base_meta: &ArtifactMeta,
     digest: &str,
     vectors: &[ShardVector],
-    mut opened: Vec<(ArtifactMeta, MappedFile)>,
+    opened: Vec<(ArtifactMeta, MappedFile)>,
     opts: &MergeOptions,
     out: &Path,
 ) -> Result<StreamWriter, MergeError> {
@@ -219,12 +219,11 @@ fn stream_merge(
         HeadStrategy::Mean => vec![1.0; opened.len()],
         HeadStrategy::SampleWeighted => opened.iter().map(|(m, _)| m.samples().max(1) as f64).collect(),
     };
-    let head = head_prefix(base_meta.arch);
+    let mut merger = TensorMerger::new(head_prefix(base_meta.arch), &head_weights, opts);
+    let mut files: Vec<MappedFile> = opened.into_iter().map(|(_, file)| file).collect();
     let metas: Vec<TensorMeta> = base.tensors().cloned().collect();
     let out_meta = ArtifactMeta { kind: ArtifactKind::Model, base_digest: digest.into(), shard: None, class_counts: vec![], ..base_meta.clone() };
     let writer = StreamWriter::create(out, metas.clone(), &out_meta.to_map())?;
-    let mut rng = StdRng::seed_from_u64(opts.seed);
-    let lambda = opts.lambda as f32;
     // Copying a tensor into the page cache costs as much as merging it: a writer thread does it
     // while the next tensor merges (at most two merged tensors wait, so memory stays flat).
     std::thread::scope(|scope| {
@@ -242,14 +241,14 @@ fn stream_merge(
                     // Integer buffers (e.g. num_batches_tracked) are counters, not weights: keep the base's.
                     Merged::Bytes(base.bytes(&t.name)?.to_vec())
                 } else {
-                    Merged::Values(merge_tensor(t, &base, head, vectors, &mut opened, &head_weights, opts, lambda, &mut rng)?)
+                    Merged::Values(merger.merge(&t.name, &base, vectors, &mut files)?)
                 };
                 if send.send((t.name.clone(), tensor)).is_err() {
                     break; // the writer failed: its error is reported below
                 }
                 // Done with this tensor everywhere: memory stays one tensor's worth whatever N is.
                 base.release();
-                for (_, file) in opened.iter_mut() {
+                for file in files.iter_mut() {
                     file.release();
                 }
             }
@@ -262,52 +261,64 @@ fn stream_merge(
     })
 }
 
-/// One merged F32 tensor.
-#[allow(clippy::too_many_arguments)]
-fn merge_tensor(
-    t: &TensorMeta,
-    base: &MappedFile,
-    head: &str,
-    vectors: &[ShardVector],
-    opened: &mut [(ArtifactMeta, MappedFile)],
-    head_weights: &[f64],
-    opts: &MergeOptions,
-    lambda: f32,
-    rng: &mut StdRng,
-) -> Result<Vec<f32>, MergeError> {
-    let pre = base.f32(&t.name)?;
-    let is_head = t.name.starts_with(head);
-    let linear = is_head || opts.pretrained_only || matches!(opts.method, MergeMethod::DataVector | MergeMethod::ParamsMean);
-    if linear {
+/// Merges one F32 tensor at a time. Heads, and every tensor of the linear methods, are
+/// `init + Σ scale_i · τ_i` with scales fixed for the whole run; TIES, DARE and the random
+/// control look at every vector's entry at once.
+struct TensorMerger<'a> {
+    head_prefix: &'static str,
+    /// Each vector's weight in the averaged head.
+    head_scales: Vec<f32>,
+    /// Each vector's scale for the other tensors, when the method is linear.
+    body_scales: Option<Vec<f32>>,
+    opts: &'a MergeOptions,
+    rng: StdRng,
+}
+
+impl<'a> TensorMerger<'a> {
+    fn new(head_prefix: &'static str, head_weights: &[f64], opts: &'a MergeOptions) -> Self {
+        let n = head_weights.len();
         let total: f64 = head_weights.iter().sum();
-        let scales: Vec<f32> = (0..vectors.len())
-            .map(|i| {
-                if is_head {
-                    (head_weights[i] / total) as f32
-                } else if opts.pretrained_only {
-                    0.0
-                } else if opts.method == MergeMethod::ParamsMean {
-                    1.0 / vectors.len() as f32
-                } else {
-                    lambda
-                }
-            })
-            .collect();
-        let init = if is_head { vec![0f32; pre.len()] } else { pre };
-        return linear_combination(init, &t.name, vectors, opened, &scales, base.path());
+        let body_scale = if opts.pretrained_only {
+            Some(0.0)
+        } else {
+            match opts.method {
+                MergeMethod::DataVector => Some(opts.lambda as f32),
+                MergeMethod::ParamsMean => Some(1.0 / n as f32),
+                MergeMethod::RandomVector | MergeMethod::Ties | MergeMethod::Dare => None,
+            }
+        };
+        TensorMerger {
+            head_prefix,
+            head_scales: head_weights.iter().map(|w| (w / total) as f32).collect(),
+            body_scales: body_scale.map(|s| vec![s; n]),
+            opts,
+            rng: StdRng::seed_from_u64(opts.seed),
+        }
     }
-    // TIES, DARE and the random control look at every vector's entry at once.
-    let mut taus = Vec::with_capacity(opened.len());
-    for (v, (_, file)) in vectors.iter().zip(opened.iter()) {
-        taus.push(finite_view(file, &t.name, &v.shard)?);
+
+    fn merge(&mut self, name: &str, base: &MappedFile, vectors: &[ShardVector], files: &mut [MappedFile]) -> Result<Vec<f32>, MergeError> {
+        if name.starts_with(self.head_prefix) {
+            // New heads start from nothing: the base's head is another class list's.
+            let len = base.meta(name).map_or(0, TensorMeta::numel);
+            return linear_combination(vec![0f32; len], name, vectors, files, &self.head_scales, base.path());
+        }
+        let pre = base.f32(name)?;
+        if let Some(scales) = &self.body_scales {
+            return linear_combination(pre, name, vectors, files, scales, base.path());
+        }
+        let mut taus = Vec::with_capacity(files.len());
+        for (v, file) in vectors.iter().zip(files.iter()) {
+            taus.push(finite_view(file, name, &v.shard)?);
+        }
+        let views: Vec<&[f32]> = taus.iter().map(|t| t.as_ref()).collect();
+        let (opts, lambda) = (self.opts, self.opts.lambda as f32);
+        Ok(match opts.method {
+            MergeMethod::RandomVector => math::random_vector(&pre, &views, lambda, &mut self.rng),
+            MergeMethod::Ties => math::ties(&pre, &views, lambda, opts.ties_density),
+            MergeMethod::Dare => math::dare(&pre, &views, lambda, opts.dare_drop_rate, &mut self.rng),
+            MergeMethod::DataVector | MergeMethod::ParamsMean => unreachable!("linear methods have body scales"),
+        })
     }
-    let views: Vec<&[f32]> = taus.iter().map(|t| t.as_ref()).collect();
-    Ok(match opts.method {
-        MergeMethod::RandomVector => math::random_vector(&pre, &views, lambda, rng),
-        MergeMethod::Ties => math::ties(&pre, &views, lambda, opts.ties_density),
-        MergeMethod::Dare => math::dare(&pre, &views, lambda, opts.dare_drop_rate, rng),
-        MergeMethod::DataVector | MergeMethod::ParamsMean => unreachable!("linear methods stream"),
-    })
 }
 
 /// What the writer thread writes next: merged values, or bytes kept from the base.
@@ -325,25 +336,18 @@ impl Merged {
     }
 }
 
-/// `init + Σ scales[i] · vector_i[name]`, adding one vector at a time and releasing it at once,
-/// so memory stays one tensor's worth whatever the number of hospitals.
+/// `init + Σ scales[i] · vector_i[name]`, adding one vector at a time and releasing its pages at
+/// once, so memory stays one tensor's worth whatever the number of hospitals.
 ///
 /// NaN and infinities survive any sum (even times zero), so one check of the result replaces a
 /// check of every input; only when it fails are the inputs searched for the one at fault.
-fn linear_combination(
-    mut out: Vec<f32>,
-    name: &str,
-    vectors: &[ShardVector],
-    opened: &mut [(ArtifactMeta, MappedFile)],
-    scales: &[f32],
-    base_path: &Path,
-) -> Result<Vec<f32>, MergeError> {
-    for ((_, file), scale) in opened.iter_mut().zip(scales) {
+fn linear_combination(mut out: Vec<f32>, name: &str, vectors: &[ShardVector], files: &mut [MappedFile], scales: &[f32], base_path: &Path) -> Result<Vec<f32>, MergeError> {
+    for (file, scale) in files.iter_mut().zip(scales) {
         math::add_scaled(&mut out, &file.f32_view(name)?, *scale);
         file.release();
     }
     if !math::all_finite(&out) {
-        for (v, (_, file)) in vectors.iter().zip(opened.iter()) {
+        for (v, file) in vectors.iter().zip(files.iter()) {
             finite_view(file, name, &v.shard)?;
         }
         return Err(MergeError::NonFiniteBase { path: base_path.into(), tensor: name.into() });

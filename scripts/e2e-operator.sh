@@ -36,6 +36,11 @@ if KUBECONFIG="$sa_kubeconfig" kubectl get secrets -n e2e-rbac >/dev/null 2>&1; 
   echo "the operator's ServiceAccount can read Secrets; the chart's RBAC is too wide" >&2; exit 1
 fi
 cargo build -q --workspace --bins
+# The Deployment's arguments, as the chart renders them, are ones the binary accepts (clap stops
+# at the first unknown flag or bad value, before --help).
+read -ra chart_args <<<"$(kubectl get deployment medmerge -n medmerge -o jsonpath='{.spec.template.spec.containers[0].args[*]}')"
+"$CARGO_TARGET_DIR/debug/medmerge-operator" "${chart_args[@]}" --help >/dev/null \
+  || { echo "the chart's Deployment passes arguments the operator refuses: ${chart_args[*]}" >&2; exit 1; }
 port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
 log="$(mktemp)"
 KUBECONFIG="$sa_kubeconfig" "$CARGO_TARGET_DIR/debug/medmerge-operator" --metrics-addr "127.0.0.1:$port" \

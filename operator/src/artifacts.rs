@@ -150,6 +150,20 @@ mod tests {
         serde_yaml::from_str("model: {architecture: resnet18, weights: random}\nshards: [{name: a, data: {path: a}}]\nevaluation: {data: {path: t}}\n").unwrap()
     }
 
+    #[tokio::test]
+    async fn one_s3_client_serves_every_read_of_a_bucket() {
+        let on = |bucket: &str| {
+            let mut s = spec();
+            s.storage.s3 = Some(medmerge_crds::S3Storage { bucket: bucket.into(), endpoint: Some("http://127.0.0.1:9".into()), region: "r".into(), path_style: true, credentials_secret: None });
+            s
+        };
+        let store = ArtifactStore::new(None);
+        for bucket in ["a", "a", "b", "a"] {
+            assert!(matches!(store.store_for(&on(bucket)).await, Some(Store::S3(_))));
+        }
+        assert_eq!(store.s3_clients.lock().unwrap().len(), 2, "one client per bucket, built once");
+    }
+
     #[test]
     fn the_first_candidate_is_the_headline_and_the_rest_are_baselines() {
         let report = br#"{"candidates": [

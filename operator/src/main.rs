@@ -50,7 +50,7 @@ struct Args {
     local_artifacts: Option<PathBuf>,
     /// MergeJobs reconciled at once. Unbounded, a burst of hundreds flooded the API server and
     /// every status lagged by seconds; 8 keeps a burst's p99 under a second on a small server.
-    #[arg(long, env = "MEDMERGE_CONCURRENCY", default_value_t = controller::DEFAULT_CONCURRENCY)]
+    #[arg(long, env = "MEDMERGE_CONCURRENCY", default_value_t = controller::DEFAULT_CONCURRENCY, value_parser = clap::value_parser!(u16).range(1..))]
     concurrency: u16,
 }
 

@@ -94,10 +94,14 @@ impl Iterator for BatchLoader {
 /// trains without the CPU, so every core decodes.
 pub fn decode_threads(device: Device) -> usize {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if device.is_cuda() {
+    decoders(cores, tch::get_num_threads().max(0) as usize, device.is_cuda())
+}
+
+fn decoders(cores: usize, torch_threads: usize, cuda: bool) -> usize {
+    if cuda {
         cores
     } else {
-        cores.saturating_sub(tch::get_num_threads().max(0) as usize).max(1)
+        cores.saturating_sub(torch_threads).max(1)
     }
 }
 
@@ -110,5 +114,18 @@ impl Drop for BatchLoader {
         if let Some(w) = self.worker.take() {
             let _ = w.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decoders;
+
+    #[test]
+    fn decoders_take_the_cores_libtorch_leaves_and_every_core_beside_a_gpu() {
+        assert_eq!(decoders(16, 8, false), 8);
+        assert_eq!(decoders(2, 2, false), 1, "always at least one decoder");
+        assert_eq!(decoders(2, 4, false), 1);
+        assert_eq!(decoders(16, 16, true), 16);
     }
 }

@@ -5,6 +5,7 @@
 # Jobs as they appear. Reports operator peak RSS, reconciles/s and p50/p99 latency from a
 # MergeJob's last finetune Job completing to its status showing 4/4 shards ready, under the
 # burst and in steady state (STEADY, default 20, MergeJobs one at a time afterwards).
+# CONCURRENCY sets the operator's --concurrency (default 8, the operator's own default).
 # Writes bench/results/operator-scale.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +19,7 @@ cargo build -q --workspace --bins --examples
 port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
 log="$(mktemp)"
 KUBECONFIG="$sa_kubeconfig" "$CARGO_TARGET_DIR/debug/medmerge-operator" --metrics-addr "127.0.0.1:$port" \
-  --lease-namespace medmerge --identity bench --log-json >"$log" 2>&1 &
+  --lease-namespace medmerge --identity bench --log-json --concurrency "${CONCURRENCY:-8}" >"$log" 2>&1 &
 operator=$!
 trap 'kill $operator 2>/dev/null || true' EXIT
 for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.2; done
@@ -27,14 +28,14 @@ echo "$result" >&2
 hwm="$(awk '/VmHWM/{print $2}' "/proc/$operator/status")"
 rss="$(awk '/VmRSS/{print $2}' "/proc/$operator/status")"
 errors="$(grep -c '"level":"ERROR"' "$log" || true)"
-python3 - "$result" "$hwm" "$rss" "$errors" "$N" > bench/results/operator-scale.md <<'PY'
+python3 - "$result" "$hwm" "$rss" "$errors" "$N" "${CONCURRENCY:-8}" > bench/results/operator-scale.md <<'PY'
 import json, sys, os, time
 r = json.loads(sys.argv[1])
-hwm, rss, errors, n = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+hwm, rss, errors, n, concurrency = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6]
 burst = r["burst_reconciles"]
 l = r["latency_ms"]
 print("# Operator scale: MergeJobs x 4 shards against a real kube-apiserver\n")
-print(f"Command: `bash bench/operator-scale.sh` (MERGEJOBS={n}; {os.cpu_count()} CPU cores shared by etcd, kube-apiserver 1.20, "
+print(f"Command: `bash bench/operator-scale.sh` (MERGEJOBS={n}, operator --concurrency {concurrency}; {os.cpu_count()} CPU cores shared by etcd, kube-apiserver 1.20, "
       f"the operator and the driver; {time.strftime('%Y-%m-%d')}). The operator binary runs as the chart's ServiceAccount; "
       "the driver completes each `init` and `finetune-*` Job as soon as it appears (watch) and times, per MergeJob, "
       f"its last finetune Job turning complete to its status showing 4/4 shards ready: for the {n} created at once (burst, the API server "

@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 ENV := source scripts/env.sh &&
 
-.PHONY: setup build demo test e2e-operator e2e-cluster test-s3 test-report crds bench-paper bench
+.PHONY: setup build demo test e2e-operator e2e-cluster images test-s3 test-report crds bench-paper bench bench-node
 
 setup:
 	bash scripts/setup-torch.sh
@@ -31,9 +31,14 @@ test-s3:
 test-report:
 	$(ENV) MEDMERGE_CHROMIUM="$$(bash scripts/setup-chromium.sh)" cargo test --workspace --test report_browser -- --ignored
 
-## A MergeJob through the operator, the API server, S3 and the real trainer (the test plays the node).
+## MergeJobs on a real single-node Kubernetes (kubelet + containerd): the operator installed with
+## helm and every stage in pods from the project's images, S3 on the node's bridge.
 e2e-cluster:
-	bash scripts/with-apiserver.sh bash scripts/with-s3.sh bash scripts/e2e-cluster.sh
+	bash scripts/with-node.sh bash scripts/with-s3.sh bash scripts/e2e-cluster.sh
+
+## The operator and trainer images (docker-archive tarballs in ~/.cache/medmerge/images).
+images: build
+	bash scripts/build-images.sh
 
 ## Regenerate crds/mergejob.yaml (and the chart's copy) from the Rust types.
 crds:

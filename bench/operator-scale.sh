@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 if [ -z "${MEDMERGE_E2E_SA_TOKEN:-}" ]; then exec bash scripts/with-apiserver.sh bash "$0" "$@"; fi
 source scripts/env.sh
 N="${MERGEJOBS:-500}"
-kubectl apply -f crds/mergejob.yaml >/dev/null
+kubectl apply --server-side -f crds/mergejob.yaml >/dev/null
 kubectl wait --for condition=established --timeout=60s crd/mergejobs.medmerge.io >/dev/null
 sa_kubeconfig="$(bash scripts/install-chart.sh 2>/dev/null)"
 cargo build -q --workspace --bins --examples

@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
-# MergeJobs end to end on the cluster path, all real parts: kube-apiserver + etcd + the garbage
-# collector, an S3 server, the operator binary running as the Helm chart's ServiceAccount, and
-# the trainer binary running every stage Job (the test plays the node). Run through
-# scripts/with-apiserver.sh and scripts/with-s3.sh: `make e2e-cluster`.
+# MergeJobs on a real single-node Kubernetes (scripts/with-node.sh) with an S3 server on the
+# node's bridge (scripts/with-s3.sh): the operator and trainer images built from
+# images/*.Dockerfile (scripts/build-images.sh) and imported into containerd, the chart installed
+# with `helm install`, the operator running in its pod on its ServiceAccount token and the chart's
+# S3 Secret, every stage a real pod. `make e2e-cluster`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
-kubectl apply -f crds/mergejob.yaml >/dev/null
-kubectl wait --for condition=established --timeout=60s crd/mergejobs.medmerge.io >/dev/null
-MEDMERGE_E2E_OPERATOR_KUBECONFIG="$(bash scripts/install-chart.sh)"
-export MEDMERGE_E2E_OPERATOR_KUBECONFIG
-cargo build -q --workspace --bins
-cargo test --workspace --test cluster -- --ignored --test-threads=1
+: "${MEDMERGE_NODE_DIR:?run through scripts/with-node.sh}" "${MEDMERGE_S3_ENDPOINT:?run through scripts/with-s3.sh}"
+share="$(bash scripts/install-on-node.sh)"
+export MEDMERGE_E2E_TRAINER_IMAGE=localhost/medmerge/trainer:dev-cpu MEDMERGE_E2E_ARTIFACTS_SHARE="$share"
+status=0
+cargo test -q -p medmerge-operator --test cluster -- --ignored --test-threads=1 || status=$?
+if [ "$status" -ne 0 ]; then
+  echo "e2e-cluster: failed; the operator's log:" >&2
+  kubectl -n medmerge logs deployment/medmerge --tail=80 >&2 || true
+fi
+exit "$status"

@@ -16,7 +16,7 @@ eventually() {
   return 1
 }
 
-kubectl apply -f crds/mergejob.yaml
+kubectl apply --server-side -f crds/mergejob.yaml
 kubectl wait --for condition=established --timeout=60s crd/mergejobs.medmerge.io
 # Discovery lags the Established condition by a moment.
 for _ in $(seq 1 30); do explain="$(kubectl explain mergejob.spec.shards 2>/dev/null)" && break; sleep 1; done

@@ -9,3 +9,5 @@ export PATH="$MEDMERGE_CACHE/venv/bin:$PATH"
 _torch_lib="$(ls -d "$MEDMERGE_CACHE"/venv/lib/python3*/site-packages/torch/lib 2>/dev/null | head -n1)"
 export LD_LIBRARY_PATH="${_torch_lib}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 unset _torch_lib
+# No S3 client of a test or script may ask the cloud metadata address for credentials.
+export AWS_EC2_METADATA_DISABLED=true

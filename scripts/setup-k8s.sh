@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# Installs a real etcd and builds kube-apiserver and kube-controller-manager (Debian's
-# kubernetes 1.20 source package) for the operator's end-to-end tests. Idempotent; binaries are
-# cached in ~/.cache/medmerge/k8s. Prints the path of the binary named by $1 (default
-# kube-apiserver).
-# Usage: scripts/setup-k8s.sh [kube-apiserver|kube-controller-manager]
+# Installs a real etcd and builds kube-apiserver, kube-controller-manager, kube-scheduler and the
+# kubelet (Debian's kubernetes 1.20 source package, all four in one build) for the operator's
+# end-to-end tests and the real node. Idempotent; binaries are cached in ~/.cache/medmerge/k8s.
+# Prints the path of the binary named by $1 (default kube-apiserver).
+# Usage: scripts/setup-k8s.sh [kube-apiserver|kube-controller-manager|kube-scheduler|kubelet]
 set -euo pipefail
 want="${1:-kube-apiserver}"
-case "$want" in kube-apiserver|kube-controller-manager) ;; *) echo "setup-k8s: unknown binary $want" >&2; exit 2;; esac
+case "$want" in kube-apiserver|kube-controller-manager|kube-scheduler|kubelet) ;; *) echo "setup-k8s: unknown binary $want" >&2; exit 2;; esac
 CACHE="${MEDMERGE_CACHE:-$HOME/.cache/medmerge}/k8s"
 mkdir -p "$CACHE"
+# One build at a time: a second caller waits for the first instead of deleting its sources.
+exec 9>"$CACHE/.lock"
+flock 9
 need=()
 command -v etcd >/dev/null || need+=(etcd-server)
 command -v go >/dev/null || need+=(golang-go)
@@ -24,7 +27,7 @@ fi
 # Binary names carry the patch level, so a cache from before the fix is rebuilt.
 bin() { echo "$CACHE/$1-1.20.2-reflect2-1.0.2"; }
 missing=()
-for b in kube-apiserver kube-controller-manager; do [ -x "$(bin "$b")" ] || missing+=("cmd/$b"); done
+for b in kube-apiserver kube-controller-manager kube-scheduler kubelet; do [ -x "$(bin "$b")" ] || missing+=("cmd/$b"); done
 if [ ${#missing[@]} -gt 0 ]; then
   if ! grep -rqs "deb-src" /etc/apt/sources.list /etc/apt/sources.list.d/; then
     # Same signing key as the deb822 source the image ships, or apt refuses the conflict.
@@ -38,7 +41,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   tar xf kubernetes_*.orig.tar.* && dir=$(find . -maxdepth 1 -type d -name 'kubernetes-*' | head -n1) && cd "$dir"
   mkdir -p .go/src/k8s.io && ln -sfn ../../.. .go/src/k8s.io/kubernetes
   rm -rf vendor/github.com/modern-go/reflect2 && cp -r "$reflect2" vendor/github.com/modern-go/reflect2
-  echo "setup-k8s: building ${missing[*]} (about 10 minutes each, once)" >&2
+  echo "setup-k8s: building ${missing[*]} (about 15 minutes on 2 cores, once)" >&2
   GOPATH="$PWD/.go" CGO_ENABLED=0 GOFLAGS=-mod=vendor make WHAT="${missing[*]}" >&2
   for m in "${missing[@]}"; do
     b="${m#cmd/}"

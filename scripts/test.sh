@@ -11,5 +11,6 @@ MEDMERGE_CHROMIUM="$(bash scripts/setup-chromium.sh)" cargo test --workspace --t
 bash scripts/test-s3.sh
 # The operator against a real etcd + kube-apiserver (built once from source and cached).
 bash scripts/with-apiserver.sh bash scripts/e2e-operator.sh
-# A MergeJob on the cluster path with real parts: operator, API server, S3, trainer processes.
-bash scripts/with-apiserver.sh bash scripts/with-s3.sh bash scripts/e2e-cluster.sh
+# MergeJobs on a real single-node Kubernetes: the operator and every stage in pods from the
+# project's images, kubelet + containerd, S3 on the node's bridge.
+bash scripts/with-node.sh bash scripts/with-s3.sh bash scripts/e2e-cluster.sh

@@ -3,6 +3,8 @@
 # Exports for the command: MEDMERGE_S3_ENDPOINT, AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (an
 # admin identity), MEDMERGE_S3_SHARD_A_KEY / _SECRET (may only read and write `shard-a/` in
 # bucket `medmerge-test`), MEDMERGE_S3_PID (to stop the server in failure tests).
+# Listens on loopback, or on the test node's bridge address when run inside scripts/with-node.sh
+# (MEDMERGE_NODE_IP), so that pods reach it.
 # Usage: scripts/with-s3.sh <command> [args...]
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -19,10 +21,12 @@ trap cleanup EXIT
 # Four free ports whose gRPC companions (port + 10000) are free too.
 read -r master volume filer s3 < <(python3 - <<'PY'
 import random, socket
+import os
+host = os.environ.get("MEDMERGE_NODE_IP", "127.0.0.1")
 def free(p):
     s = socket.socket()
     try:
-        s.bind(("127.0.0.1", p)); return True
+        s.bind((host, p)); return True
     except OSError:
         return False
     finally:
@@ -46,19 +50,20 @@ cat > "$work/s3.json" <<JSON
    "actions": ["Read:medmerge-test/shard-a/*", "Write:medmerge-test/shard-a/*", "List:medmerge-test/shard-a/*"]}
 ]}
 JSON
+host="${MEDMERGE_NODE_IP:-127.0.0.1}"
 mkdir -p "$work/data"
-"$weed" mini -dir="$work/data" -ip=127.0.0.1 -ip.bind=127.0.0.1 -master.port="$master" -volume.port="$volume" \
+"$weed" mini -dir="$work/data" -ip="$host" -ip.bind="$host" -master.port="$master" -volume.port="$volume" \
   -filer.port="$filer" -s3.port="$s3" -s3.config="$work/s3.json" -webdav=false -admin.ui=false \
   -s3.port.iceberg=0 -s3.port.lance=0 >"$work/weed.log" 2>&1 &
 pid=$!
 for _ in $(seq 1 120); do
-  curl -s -o /dev/null "http://127.0.0.1:$s3/" && break
+  curl -s -o /dev/null "http://$host:$s3/" && break
   sleep 0.5
 done
-if ! curl -s -o /dev/null "http://127.0.0.1:$s3/"; then
+if ! curl -s -o /dev/null "http://$host:$s3/"; then
   echo "with-s3: the S3 server did not come up; its log:" >&2; tail -n 30 "$work/weed.log" >&2; exit 1
 fi
-echo "with-s3: SeaweedFS $("$weed" version 2>/dev/null | head -n1 | awk '{print $3}') S3 on 127.0.0.1:$s3" >&2
-export MEDMERGE_S3_ENDPOINT="http://127.0.0.1:$s3" AWS_ACCESS_KEY_ID="$admin_key" AWS_SECRET_ACCESS_KEY="$admin_secret"
+echo "with-s3: SeaweedFS $("$weed" version 2>/dev/null | head -n1 | awk '{print $3}') S3 on $host:$s3" >&2
+export MEDMERGE_S3_ENDPOINT="http://$host:$s3" AWS_ACCESS_KEY_ID="$admin_key" AWS_SECRET_ACCESS_KEY="$admin_secret"
 export AWS_REGION=us-east-1 MEDMERGE_S3_SHARD_A_KEY="$shard_key" MEDMERGE_S3_SHARD_A_SECRET="$shard_secret" MEDMERGE_S3_PID="$pid"
 "$@"

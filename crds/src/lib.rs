@@ -3,6 +3,7 @@
 //! Kubernetes operator all share one definition of what a MergeJob means.
 
 pub mod layout;
+pub mod placement;
 pub mod plan;
 pub mod spec;
 pub mod status;
@@ -11,5 +12,5 @@ pub mod validate;
 pub use layout::{mergejob_root, ArtifactLayout};
 pub use plan::{Candidate, CandidateKind, Stage, StagePlan};
 pub use spec::*;
-pub use status::{CandidateSummary, Condition, MergeJobStatus, ResultsStatus, ShardStatus};
-pub use validate::{validate, SpecError};
+pub use status::{CandidateSummary, Condition, MergeJobStatus, ResultsStatus, ShardStatus, StageRecord};
+pub use validate::{validate, validate_for_cluster, validate_for_local, SpecError};

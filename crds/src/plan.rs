@@ -243,17 +243,18 @@ mod tests {
                 .iter()
                 .map(|(n, external)| ShardSpec {
                     name: (*n).into(),
-                    data: (!external).then(|| DataSource { path: format!("data/{n}") }),
+                    data: (!external).then(|| DataSource::at(format!("data/{n}"))),
                     vector: external.then(|| format!("incoming/{n}.safetensors")),
                     secret_ref: None,
                     node_selector: Default::default(),
                     tolerations: vec![],
+                    pod_overrides: Default::default(),
                 })
                 .collect(),
             training: TrainingSpec::default(),
             merge: MergeSpec { baselines, ..MergeSpec::default() },
             restore: RestoreSpec { mode, learning_rate: None },
-            evaluation: EvaluationSpec::on(DataSource { path: "test".into() }),
+            evaluation: EvaluationSpec::on(DataSource::at("test")),
             storage: StorageSpec::default(),
             cluster: ClusterSpec::default(),
         }

@@ -4,6 +4,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+pub use crate::placement::{DataVolume, PodOverrides, StageKind, DEFAULT_GPU_RESOURCE};
 use crate::status::MergeJobStatus;
 
 /// A MergeJob merges the data vectors of several hospitals (shards) into one classifier.
@@ -73,10 +74,29 @@ pub struct ClusterSpec {
     pub min_shards: Option<u32>,
     /// Start no new stage Jobs (running ones finish).
     pub suspend: bool,
-    /// GPUs (`nvidia.com/gpu`) requested by training, restoration and evaluation Jobs.
+    /// GPUs requested (as limits of `gpuResource`) by training, restoration and evaluation
+    /// Jobs: 0 or 1 (the trainer uses one device; multi-GPU training is not supported yet).
+    #[schemars(range(min = 0, max = 1))]
     pub gpus: u32,
+    /// The extended resource that `gpus` requests: `nvidia.com/gpu`, a MIG profile such as
+    /// `nvidia.com/mig-1g.10gb`, or `amd.com/gpu`. For anything else, set `resources` in
+    /// `podOverrides` or `stageOverrides`.
+    pub gpu_resource: String,
     /// CPU and memory for every stage Job's container.
     pub resources: ResourceSpec,
+    /// Size limit of the scratch emptyDir mounted at /tmp in every stage pod (downloaded
+    /// artifacts, the S3 data cache, temporary files), a quantity such as `20Gi`. Unset: no limit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scratch_size_limit: Option<String>,
+    /// Pod settings for every stage pod (placement, extra volumes, env, identity, resources).
+    /// `stageOverrides` and a shard's `podOverrides` refine them.
+    #[serde(skip_serializing_if = "PodOverrides::is_empty")]
+    pub pod_overrides: PodOverrides,
+    /// Pod settings per stage kind (`init`, `finetune`, `collect`, `fullTraining`, `merge`,
+    /// `restore`, `evaluate`), applied over `podOverrides`; e.g. put `evaluate` on a GPU pool
+    /// and `merge` on CPU nodes.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub stage_overrides: std::collections::BTreeMap<String, PodOverrides>,
     /// Seconds from the run's start after which a shard that has not delivered its vector
     /// (an external hospital, or a training Job still running) is dropped as a straggler;
     /// `minShards` then decides whether the run goes on. Unset: wait for every shard.
@@ -132,7 +152,11 @@ impl Default for ClusterSpec {
             min_shards: None,
             suspend: false,
             gpus: 0,
+            gpu_resource: DEFAULT_GPU_RESOURCE.into(),
             resources: ResourceSpec::default(),
+            scratch_size_limit: None,
+            pod_overrides: PodOverrides::default(),
+            stage_overrides: Default::default(),
             straggler_deadline_seconds: None,
             ttl_seconds_after_finished: None,
             tolerations: Vec::new(),
@@ -247,6 +271,11 @@ pub struct ShardSpec {
     /// Tolerations for this shard's pods, added to `cluster.tolerations`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tolerations: Vec<Toleration>,
+    /// Pod settings for this shard's pods (its training, collection and restoration), applied
+    /// last: e.g. the hospital's own `serviceAccountName` for a workload identity, its node
+    /// affinity, or a GPU model only its nodes have.
+    #[serde(default, skip_serializing_if = "PodOverrides::is_empty")]
+    pub pod_overrides: PodOverrides,
 }
 
 /// A labelled image set.
@@ -255,8 +284,21 @@ pub struct ShardSpec {
 pub struct DataSource {
     /// An ImageFolder directory (`<class>/<image>`) or a CSV manifest (`path,label`, paths
     /// relative to the manifest's directory): a local path, or `s3://bucket/prefix/` (or
-    /// `.../manifest.csv`) read with the shard's own credentials and cached locally.
+    /// `.../manifest.csv`) read with the shard's own credentials and cached locally. With
+    /// `volume`, a relative path inside that volume.
     pub path: String,
+    /// On a cluster: the volume holding the images (a PersistentVolumeClaim, hostPath, NFS
+    /// share or CSI volume), mounted read-only into the pods of this shard only (or of the
+    /// evaluation, for `evaluation.data`). Not used by local runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<DataVolume>,
+}
+
+impl DataSource {
+    /// Images at `path`, with no volume.
+    pub fn at(path: impl Into<String>) -> Self {
+        DataSource { path: path.into(), volume: None }
+    }
 }
 
 /// Fine-tuning settings shared by every shard.
@@ -564,7 +606,7 @@ pub enum CleanupPolicy {
 
 impl Default for StorageSpec {
     fn default() -> Self {
-        StorageSpec { local: Some(LocalStorage { path: "medmerge-artifacts".into() }), s3: None, prefix: default_prefix(), cleanup: CleanupPolicy::Retain }
+        StorageSpec { local: Some(LocalStorage { path: "medmerge-artifacts".into(), persistent_volume_claim: None }), s3: None, prefix: default_prefix(), cleanup: CleanupPolicy::Retain }
     }
 }
 
@@ -604,8 +646,14 @@ fn default_true() -> bool {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LocalStorage {
-    /// Directory path; relative paths are relative to the MergeJob file.
+    /// Directory path; relative paths are relative to the MergeJob file. On a cluster, a
+    /// relative path inside `persistentVolumeClaim`.
     pub path: String,
+    /// On a cluster: a ReadWriteMany PersistentVolumeClaim in the MergeJob's namespace, mounted
+    /// into every stage pod; the operator reads results from the same share (the chart's
+    /// `localArtifacts`). Required by the operator for local storage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub persistent_volume_claim: Option<String>,
 }
 
 fn default_image_size() -> u32 {

@@ -34,6 +34,28 @@ pub struct MergeJobStatus {
     /// When the observed generation reached Succeeded or Failed (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completion_time: Option<String>,
+    /// Every finished stage of the observed generation. The operator's memory of what is done:
+    /// a finished Job may be deleted (`ttlSecondsAfterFinished`, or by hand) and its stage does
+    /// not run again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub stages: Vec<StageRecord>,
+}
+
+/// A finished stage.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StageRecord {
+    /// Stage name, e.g. `finetune-hospital-a`.
+    pub name: String,
+    /// Succeeded or Failed.
+    pub state: String,
+    /// Pods its Job started.
+    #[serde(default)]
+    pub attempts: i32,
+    /// Why its Job failed (the Job controller's reason and message), if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// A standard Kubernetes condition (the shape of `meta/v1` Condition).

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeSet;
 
-use crate::spec::{Architecture, Baseline, MergeJobSpec, RestoreMode, WeightsSource};
+use crate::spec::{Architecture, Baseline, MergeJobSpec, RestoreMode, StageKind, WeightsSource};
 
 /// One problem with a spec.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -148,6 +148,7 @@ pub fn validate(spec: &MergeJobSpec) -> Result<(), Vec<SpecError>> {
     if spec.cluster.image.is_empty() {
         errors.push(err("cluster.image", "must not be empty"));
     }
+    errors.extend(validate_placement(spec));
     let ev = &spec.evaluation;
     if !(0.0..=1.0).contains(&ev.operating_point) {
         errors.push(err("evaluation.operatingPoint", format!("{} is outside [0, 1]", ev.operating_point)));
@@ -164,6 +165,104 @@ pub fn validate(spec: &MergeJobSpec) -> Result<(), Vec<SpecError>> {
         (None, None) => errors.push(err("storage", "no backend configured; set storage.local or storage.s3")),
         (Some(_), Some(_)) => errors.push(err("storage", "set one of storage.local and storage.s3, not both")),
         _ => {}
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors)
+    }
+}
+
+/// Cluster settings that local runs ignore but must still be well-formed: GPUs, scratch size,
+/// override keys, data volumes.
+fn validate_placement(spec: &MergeJobSpec) -> Vec<SpecError> {
+    let mut errors = Vec::new();
+    let c = &spec.cluster;
+    if c.gpus > 1 {
+        errors.push(err("cluster.gpus", format!("{} GPUs per pod: the trainer uses one device; multi-GPU training is not supported yet (use 0 or 1)", c.gpus)));
+    }
+    if c.gpu_resource.is_empty() || !c.gpu_resource.contains('/') {
+        errors.push(err("cluster.gpuResource", format!("{:?} is not an extended resource name (e.g. nvidia.com/gpu, amd.com/gpu)", c.gpu_resource)));
+    }
+    if let Some(q) = c.scratch_size_limit.as_deref().filter(|q| !is_quantity(q)) {
+        errors.push(err("cluster.scratchSizeLimit", format!("{q:?} is not a Kubernetes quantity (e.g. \"20Gi\")")));
+    }
+    for key in c.stage_overrides.keys() {
+        if !StageKind::ALL.iter().any(|k| k.as_str() == key) {
+            let kinds: Vec<&str> = StageKind::ALL.iter().map(|k| k.as_str()).collect();
+            errors.push(err(format!("cluster.stageOverrides.{key}"), format!("unknown stage kind; one of {}", kinds.join(", "))));
+        }
+    }
+    let sources = spec.shards.iter().enumerate().filter_map(|(i, s)| s.data.as_ref().map(|d| (format!("shards[{i}].data"), d))).chain([("evaluation.data".to_string(), &spec.evaluation.data)]);
+    for (field, data) in sources {
+        if let Some(volume) = &data.volume {
+            if volume.sources() != 1 {
+                errors.push(err(format!("{field}.volume"), "set exactly one of persistentVolumeClaim, hostPath, nfs, csi"));
+            }
+            if !is_relative_inside(&data.path) {
+                errors.push(err(format!("{field}.path"), format!("{:?} must be a relative path inside the volume, without '..'", data.path)));
+            }
+        }
+    }
+    if let Some(local) = &spec.storage.local {
+        if local.persistent_volume_claim.is_some() && !is_relative_inside(&local.path) {
+            errors.push(err("storage.local.path", format!("{:?} must be a relative path inside persistentVolumeClaim, without '..'", local.path)));
+        }
+    }
+    errors
+}
+
+/// Whether `path` is relative and stays inside its root (no `..`, not absolute).
+fn is_relative_inside(path: &str) -> bool {
+    let p = std::path::Path::new(path);
+    !path.is_empty() && p.is_relative() && p.components().all(|c| matches!(c, std::path::Component::Normal(_) | std::path::Component::CurDir))
+}
+
+/// What a MergeJob needs to run on a cluster, on top of [`validate`]: every image set reachable
+/// from a pod (a data volume or `s3://`), local storage on a shared claim, and class names given
+/// (the coordinator's pods never see a hospital's images to read them from).
+pub fn validate_for_cluster(spec: &MergeJobSpec) -> Result<(), Vec<SpecError>> {
+    let mut errors = validate(spec).err().unwrap_or_default();
+    let reachable = |d: &crate::spec::DataSource| d.volume.is_some() || d.path.starts_with("s3://");
+    for (i, s) in spec.shards.iter().enumerate() {
+        if let Some(d) = s.data.as_ref().filter(|d| !reachable(d)) {
+            errors.push(err(
+                format!("shards[{i}].data"),
+                format!("{:?} is a path on no volume: on a cluster give data.volume (a PVC, hostPath, NFS or CSI source, path inside it) or an s3:// path", d.path),
+            ));
+        }
+    }
+    if !reachable(&spec.evaluation.data) {
+        errors.push(err("evaluation.data", format!("{:?} is a path on no volume: on a cluster give data.volume or an s3:// path", spec.evaluation.data.path)));
+    }
+    if spec.storage.local.as_ref().is_some_and(|l| l.persistent_volume_claim.is_none()) {
+        errors.push(err(
+            "storage.local.persistentVolumeClaim",
+            "required on a cluster: a ReadWriteMany claim every stage pod mounts (or use storage.s3)",
+        ));
+    }
+    if spec.model.classes.is_empty() {
+        errors.push(err("model.classes", "required on a cluster: coordinator pods never see a hospital's images to read class names from"));
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors)
+    }
+}
+
+/// What a MergeJob needs to run on one machine, on top of [`validate`]: no cluster volumes,
+/// which only the operator can mount (a path would otherwise be read from the wrong place).
+pub fn validate_for_local(spec: &MergeJobSpec) -> Result<(), Vec<SpecError>> {
+    let mut errors = validate(spec).err().unwrap_or_default();
+    let sources = spec.shards.iter().enumerate().filter_map(|(i, s)| s.data.as_ref().map(|d| (format!("shards[{i}].data.volume"), d))).chain([("evaluation.data.volume".to_string(), &spec.evaluation.data)]);
+    for (field, data) in sources {
+        if data.volume.is_some() {
+            errors.push(err(field, "a cluster volume, mounted by the operator; on one machine remove it and give data.path on this machine"));
+        }
+    }
+    if spec.storage.local.as_ref().is_some_and(|l| l.persistent_volume_claim.is_some()) {
+        errors.push(err("storage.local.persistentVolumeClaim", "a cluster claim, mounted by the operator; on one machine remove it"));
     }
     if errors.is_empty() {
         Ok(())
@@ -258,7 +357,7 @@ evaluation: {data: {path: test}}
             ("cluster.resources.memory", |s| s.cluster.resources.memory = Some("16 GB".into())),
             ("cluster.resources.cpu", |s| s.cluster.resources.cpu = Some("four".into())),
             ("merge.baselines", |s| {
-                s.shards[1] = ShardSpec { name: "b".into(), data: None, vector: Some("v".into()), secret_ref: None, node_selector: Default::default(), tolerations: vec![] };
+                s.shards[1] = ShardSpec { name: "b".into(), data: None, vector: Some("v".into()), secret_ref: None, node_selector: Default::default(), tolerations: vec![], pod_overrides: Default::default() };
                 s.merge.baselines = vec![Baseline::FullTraining];
             }),
         ];
@@ -281,5 +380,70 @@ evaluation: {data: {path: test}}
     fn unknown_fields_and_enum_values_are_refused_by_serde() {
         let r: Result<MergeJobSpec, _> = serde_yaml::from_str("model: {architecture: vgg16}\nshards: []\nevaluation: {data: {path: t}}\n");
         assert!(r.unwrap_err().to_string().contains("vgg16"));
+    }
+
+    #[test]
+    fn more_than_one_gpu_and_unknown_stage_kinds_are_refused_by_name() {
+        let mut spec = good();
+        spec.cluster.gpus = 2;
+        spec.cluster.stage_overrides.insert("evaluation".into(), Default::default());
+        spec.cluster.scratch_size_limit = Some("lots".into());
+        spec.cluster.gpu_resource = "gpu".into();
+        let errors = validate(&spec).unwrap_err();
+        let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        assert!(text.iter().any(|e| e.starts_with("spec.cluster.gpus: 2 GPUs") && e.contains("multi-GPU training is not supported")), "{text:?}");
+        assert!(text.iter().any(|e| e.starts_with("spec.cluster.stageOverrides.evaluation: unknown stage kind")), "{text:?}");
+        assert_eq!(fields(&spec), vec!["cluster.gpus", "cluster.gpuResource", "cluster.scratchSizeLimit", "cluster.stageOverrides.evaluation"]);
+    }
+
+    #[test]
+    fn a_data_volume_needs_one_source_and_a_path_that_stays_inside_it() {
+        let mut spec: MergeJobSpec = serde_yaml::from_str(
+            r#"
+model: {classes: [x, y]}
+shards:
+  - {name: a, data: {path: ../b, volume: {hostPath: {path: /srv/a}}}}
+  - {name: b, data: {path: b, volume: {}}}
+evaluation: {data: {path: /abs, volume: {nfs: {server: nfs.example, path: /test}}}}
+"#,
+        )
+        .unwrap();
+        assert_eq!(fields(&spec), vec!["shards[0].data.path", "shards[1].data.volume", "evaluation.data.path"]);
+        spec.shards[0].data.as_mut().unwrap().path = "a/train.csv".into();
+        spec.shards[1].data.as_mut().unwrap().volume = Some(serde_yaml::from_str("{persistentVolumeClaim: {claimName: b-data}}").unwrap());
+        spec.evaluation.data.path = ".".into();
+        assert!(validate(&spec).is_ok(), "{:?}", validate(&spec));
+    }
+
+    #[test]
+    fn a_cluster_run_needs_reachable_data_shared_storage_and_class_names() {
+        let spec = good();
+        let errors = validate_for_cluster(&spec).unwrap_err();
+        let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, vec!["shards[0].data", "shards[1].data", "evaluation.data", "storage.local.persistentVolumeClaim", "model.classes"]);
+        let cluster: MergeJobSpec = serde_yaml::from_str(
+            r#"
+model: {classes: [x, y]}
+shards:
+  - {name: a, data: {path: a, volume: {persistentVolumeClaim: {claimName: hospital-a}}}}
+  - {name: b, data: {path: "s3://bucket/b/"}}
+  - {name: c, vector: incoming/c.safetensors}
+evaluation: {data: {path: test, volume: {persistentVolumeClaim: {claimName: coordinator}}}}
+storage: {local: {path: runs, persistentVolumeClaim: artifacts}}
+"#,
+        )
+        .unwrap();
+        assert!(validate_for_cluster(&cluster).is_ok(), "{:?}", validate_for_cluster(&cluster));
+    }
+
+    #[test]
+    fn a_local_run_refuses_cluster_volumes_by_field() {
+        let spec: MergeJobSpec = serde_yaml::from_str(
+            "model: {classes: [x, y]}\nshards: [{name: a, data: {path: ., volume: {hostPath: {path: /srv/a}}}}]\nevaluation: {data: {path: t}}\nstorage: {local: {path: runs, persistentVolumeClaim: share}}\n",
+        )
+        .unwrap();
+        let fields: Vec<String> = validate_for_local(&spec).unwrap_err().into_iter().map(|e| e.field).collect();
+        assert_eq!(fields, ["shards[0].data.volume", "storage.local.persistentVolumeClaim"]);
+        assert!(validate_for_local(&good()).is_ok());
     }
 }

@@ -25,11 +25,13 @@ const NS: &str = "scale";
 const SHARDS: usize = 4;
 
 fn mergejob(i: usize) -> MergeJob {
-    let shards: Vec<_> = (0..SHARDS).map(|s| json!({"name": format!("h{s}"), "data": {"path": format!("/data/h{s}.csv")}})).collect();
+    let volume = |claim: &str| json!({"persistentVolumeClaim": {"claimName": claim}});
+    let shards: Vec<_> = (0..SHARDS).map(|s| json!({"name": format!("h{s}"), "data": {"path": "train.csv", "volume": volume(&format!("h{s}-data"))}})).collect();
     serde_json::from_value(json!({
         "apiVersion": "medmerge.io/v1alpha1", "kind": "MergeJob", "metadata": {"name": format!("mj-{i:04}"), "namespace": NS},
-        "spec": {"model": {"architecture": "resnet18", "weights": "random", "imageSize": 32}, "shards": shards,
-                 "evaluation": {"data": {"path": "/data/test.csv"}}, "merge": {"baselines": []}}
+        "spec": {"model": {"architecture": "resnet18", "weights": "random", "imageSize": 32, "classes": ["x", "y"]}, "shards": shards,
+                 "evaluation": {"data": {"path": "test.csv", "volume": volume("test-data")}}, "merge": {"baselines": []},
+                 "storage": {"local": {"path": "runs", "persistentVolumeClaim": "artifacts"}}}
     }))
     .unwrap()
 }

@@ -198,7 +198,7 @@ mod tests {
         std::fs::create_dir_all(dir.join("store/k")).unwrap();
         std::fs::write(dir.join("store/k/x.json"), b"{}").unwrap();
         let mut s = spec();
-        s.storage.local = Some(medmerge_crds::LocalStorage { path: "store".into() });
+        s.storage.local = Some(medmerge_crds::LocalStorage { path: "store".into(), persistent_volume_claim: None });
         let reader = ArtifactStore::new(Some(dir.clone()));
         assert_eq!(reader.get(&s, "k/x.json").await.unwrap(), Some(b"{}".to_vec()));
         assert_eq!(reader.get(&s, "k/missing.json").await.unwrap(), None);

@@ -135,7 +135,10 @@ async fn reconcile_inner(mj: &MergeJob, ctx: &Context) -> Result<Action, Reconci
     ctx.jobs.wait_until_ready().await?;
     let jobs = generation_jobs(&ctx.jobs, &ns, &name, generation);
     let now = Timestamp::now();
-    let seen = observe_jobs(&jobs, now);
+    let mut seen = observe_jobs(&jobs, now);
+    if previous.observed_generation == Some(generation) {
+        seen.remember(&previous, now);
+    }
     let decision = decide(&name, &ns, generation, &mj.spec, &seen.observed);
 
     create_stage_jobs(mj, ctx, &ns, generation, &decision).await?;

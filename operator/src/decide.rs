@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use medmerge_crds::{validate, ArtifactLayout, MergeJobSpec, Stage, StagePlan};
+use medmerge_crds::{validate_for_cluster, ArtifactLayout, MergeJobSpec, Stage, StagePlan};
 
 /// What the cluster says about one stage's Job.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -164,7 +164,7 @@ pub fn decide(name: &str, namespace: &str, generation: i64, spec: &MergeJobSpec,
     let past_deadline = matches!((deadline, observed.running_for), (Some(d), Some(t)) if t >= d);
     let shards: Vec<(String, ShardState)> = spec.shards.iter().map(|s| (s.name.clone(), shard_state(s, state(&vector_stage(s)), past_deadline))).collect();
     let decision = |create, phase, reason, message: String| Decision { create, phase, reason, message, shards: shards.clone(), recheck_in: None };
-    if let Err(errors) = validate(spec) {
+    if let Err(errors) = validate_for_cluster(spec) {
         let message = errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
         return decision(vec![], Phase::Failed, "InvalidSpec", message);
     }
@@ -228,7 +228,7 @@ mod tests {
 
     fn spec(extra: &str) -> MergeJobSpec {
         let yaml = format!(
-            "model: {{architecture: resnet18, weights: random}}\nshards:\n  - {{name: a, data: {{path: a}}}}\n  - {{name: b, data: {{path: b}}}}\n  - {{name: c, data: {{path: c}}}}\nevaluation: {{data: {{path: t}}}}\nmerge: {{baselines: []}}\n{extra}"
+            "model: {{architecture: resnet18, weights: random, classes: [x, y]}}\nshards:\n  - {{name: a, data: {{path: s3://d/a/}}}}\n  - {{name: b, data: {{path: s3://d/b/}}}}\n  - {{name: c, data: {{path: s3://d/c/}}}}\nevaluation: {{data: {{path: s3://d/t/}}}}\nmerge: {{baselines: []}}\nstorage: {{s3: {{bucket: runs}}}}\n{extra}"
         );
         serde_yaml::from_str(&yaml).unwrap()
     }
@@ -352,7 +352,7 @@ mod tests {
 
     #[test]
     fn an_external_shard_waits_for_its_vector_while_others_train() {
-        let yaml = "model: {architecture: resnet18, weights: random}\nshards:\n  - {name: a, data: {path: a}}\n  - {name: remote, vector: incoming/remote.safetensors}\nevaluation: {data: {path: t}}\nmerge: {baselines: []}\n";
+        let yaml = "model: {architecture: resnet18, weights: random, classes: [x, y]}\nshards:\n  - {name: a, data: {path: s3://d/a/}}\n  - {name: remote, vector: incoming/remote.safetensors}\nevaluation: {data: {path: s3://d/t/}}\nmerge: {baselines: []}\nstorage: {s3: {bucket: runs}}\n";
         let s: MergeJobSpec = serde_yaml::from_str(yaml).unwrap();
         let d = decide("mj", "ns", 1, &s, &jobs(&[("init", Succeeded), ("finetune-a", Active), ("collect-remote", Active)]));
         assert_eq!(d.shards, vec![("a".to_string(), ShardState::Training), ("remote".to_string(), ShardState::Waiting)]);

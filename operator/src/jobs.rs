@@ -9,15 +9,16 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, SecretKeySelector, PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements,
-    SeccompProfile, SecretVolumeSource, SecurityContext, Toleration, Volume, VolumeMount,
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec,
+    PodTemplateSpec, SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext, Toleration, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::Resource;
-use medmerge_crds::{ClusterSpec, MergeJob, Stage};
+use medmerge_crds::{ClusterSpec, MergeJob, MergeJobSpec, Stage};
 
 use crate::names::child_name;
+use crate::pod_overrides::{base_resources, layered, Layered};
 
 /// Label naming the owning MergeJob.
 pub const LABEL_MERGEJOB: &str = "medmerge.io/mergejob";
@@ -31,6 +32,13 @@ pub const JOB_FILE: &str = "/etc/medmerge/mergejob.yaml";
 pub const SHARD_SECRET_DIR: &str = "/var/run/secrets/medmerge/shard";
 /// The unprivileged user the trainer runs as.
 pub const RUN_AS_USER: i64 = 65532;
+/// Where a shard's data volume is mounted (read-only) in that shard's pods: `<dir>/<shard>`.
+pub const SHARD_DATA_DIR: &str = "/var/run/medmerge/shards";
+/// Where the evaluation data volume is mounted (read-only) in the evaluate pod.
+pub const EVALUATION_DATA_DIR: &str = "/var/run/medmerge/evaluation";
+/// Where the `storage.local` claim is mounted in every stage pod (the chart mounts the
+/// operator's view of the same share at the same path).
+pub const ARTIFACTS_DIR: &str = "/var/lib/medmerge/artifacts";
 
 fn labels(mj: &MergeJob, generation: i64) -> BTreeMap<String, String> {
     BTreeMap::from([
@@ -50,7 +58,7 @@ pub fn spec_configmap(mj: &MergeJob, generation: i64) -> Result<ConfigMap, serde
     let name = mj.metadata.name.clone().unwrap_or_default();
     let job = MergeJob {
         metadata: ObjectMeta { name: Some(name.clone()), namespace: mj.metadata.namespace.clone(), generation: Some(generation), ..Default::default() },
-        spec: mj.spec.clone(),
+        spec: pod_view(&mj.spec),
         status: None,
     };
     Ok(ConfigMap {
@@ -66,6 +74,54 @@ pub fn spec_configmap(mj: &MergeJob, generation: i64) -> Result<ConfigMap, serde
     })
 }
 
+/// The MergeJob as its stage pods see it: data on volumes and a `storage.local` claim become
+/// the paths where [`stage_job`] mounts them, so the trainer reads plain paths.
+pub fn pod_view(spec: &MergeJobSpec) -> MergeJobSpec {
+    let mut view = spec.clone();
+    for shard in &mut view.shards {
+        if let Some(data) = shard.data.as_mut().filter(|d| d.volume.is_some()) {
+            data.path = format!("{SHARD_DATA_DIR}/{}/{}", shard.name, data.path);
+            data.volume = None;
+        }
+    }
+    if view.evaluation.data.volume.take().is_some() {
+        view.evaluation.data.path = format!("{EVALUATION_DATA_DIR}/{}", view.evaluation.data.path);
+    }
+    if let Some(local) = view.storage.local.as_mut().filter(|l| l.persistent_volume_claim.is_some()) {
+        local.path = format!("{ARTIFACTS_DIR}/{}", local.path);
+        local.persistent_volume_claim = None;
+    }
+    view
+}
+
+/// A read-only volume and its mount for data on `volume`.
+fn data_volume(name: String, volume: &medmerge_crds::DataVolume, mount_path: String) -> (Volume, VolumeMount) {
+    let source = Volume {
+        name: name.clone(),
+        persistent_volume_claim: volume.persistent_volume_claim.clone().map(|c| PersistentVolumeClaimVolumeSource { read_only: Some(true), ..c }),
+        host_path: volume.host_path.clone(),
+        nfs: volume.nfs.clone().map(|n| k8s_openapi::api::core::v1::NFSVolumeSource { read_only: Some(true), ..n }),
+        csi: volume.csi.clone().map(|c| k8s_openapi::api::core::v1::CSIVolumeSource { read_only: Some(true), ..c }),
+        ..Default::default()
+    };
+    (source, VolumeMount { name, mount_path, read_only: Some(true), ..Default::default() })
+}
+
+/// The data volumes `stage` reads: its shard's (training, restoration), every shard's (the
+/// pooled baseline) or the evaluation set's. Never another shard's.
+fn data_volumes(spec: &MergeJobSpec, stage: &Stage) -> Vec<(Volume, VolumeMount)> {
+    let shard_volume = |shard: &medmerge_crds::ShardSpec| {
+        let volume = shard.data.as_ref().and_then(|d| d.volume.as_ref())?;
+        Some(data_volume(format!("data-{}", shard.name), volume, format!("{SHARD_DATA_DIR}/{}", shard.name)))
+    };
+    match stage {
+        Stage::Finetune { shard } | Stage::Restore { shard, .. } => spec.shards.iter().filter(|s| &s.name == shard).filter_map(shard_volume).collect(),
+        Stage::FullTraining => spec.shards.iter().filter_map(shard_volume).collect(),
+        Stage::Evaluate => spec.evaluation.data.volume.iter().map(|v| data_volume("evaluation-data".into(), v, EVALUATION_DATA_DIR.into())).collect(),
+        _ => Vec::new(),
+    }
+}
+
 /// The shard whose data a stage touches, if any.
 pub fn stage_shard(stage: &Stage) -> Option<&str> {
     match stage {
@@ -76,25 +132,6 @@ pub fn stage_shard(stage: &Stage) -> Option<&str> {
 
 fn uses_gpu(stage: &Stage) -> bool {
     matches!(stage, Stage::Finetune { .. } | Stage::FullTraining | Stage::Restore { .. } | Stage::Evaluate)
-}
-
-/// CPU and memory from `cluster.resources` (requests; memory is also the limit), and GPUs as
-/// limits for stages that run the model.
-fn resources(cluster: &ClusterSpec, runs_model: bool) -> Option<ResourceRequirements> {
-    let mut requests = BTreeMap::new();
-    let mut limits = BTreeMap::new();
-    if let Some(cpu) = &cluster.resources.cpu {
-        requests.insert("cpu".to_string(), Quantity(cpu.clone()));
-    }
-    if let Some(memory) = &cluster.resources.memory {
-        requests.insert("memory".to_string(), Quantity(memory.clone()));
-        limits.insert("memory".to_string(), Quantity(memory.clone()));
-    }
-    if cluster.gpus > 0 && runs_model {
-        limits.insert("nvidia.com/gpu".to_string(), Quantity(cluster.gpus.to_string()));
-    }
-    let some = |m: BTreeMap<String, Quantity>| (!m.is_empty()).then_some(m);
-    (!requests.is_empty() || !limits.is_empty()).then(|| ResourceRequirements { requests: some(requests), limits: some(limits), ..Default::default() })
 }
 
 fn toleration(t: &medmerge_crds::Toleration) -> Toleration {
@@ -154,7 +191,11 @@ pub fn stage_job(mj: &MergeJob, generation: i64, stage: &Stage) -> Job {
             config_map: Some(ConfigMapVolumeSource { name: child_name(&name, generation, "spec"), ..Default::default() }),
             ..Default::default()
         },
-        Volume { name: "tmp".into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Default::default() },
+        Volume {
+            name: "tmp".into(),
+            empty_dir: Some(EmptyDirVolumeSource { size_limit: cluster.scratch_size_limit.clone().map(Quantity), ..Default::default() }),
+            ..Default::default()
+        },
     ];
     let mut mounts = vec![
         VolumeMount { name: "mergejob".into(), mount_path: "/etc/medmerge".into(), read_only: Some(true), ..Default::default() },
@@ -164,17 +205,32 @@ pub fn stage_job(mj: &MergeJob, generation: i64, stage: &Stage) -> Job {
         volumes.push(Volume { name: "shard-credentials".into(), secret: Some(SecretVolumeSource { secret_name: Some(secret), ..Default::default() }), ..Default::default() });
         mounts.push(VolumeMount { name: "shard-credentials".into(), mount_path: SHARD_SECRET_DIR.into(), read_only: Some(true), ..Default::default() });
     }
+    for (volume, mount) in data_volumes(&mj.spec, stage) {
+        volumes.push(volume);
+        mounts.push(mount);
+    }
+    if let Some(claim) = mj.spec.storage.local.as_ref().and_then(|l| l.persistent_volume_claim.clone()) {
+        let source = PersistentVolumeClaimVolumeSource { claim_name: claim, read_only: Some(false) };
+        volumes.push(Volume { name: "artifacts".into(), persistent_volume_claim: Some(source), ..Default::default() });
+        mounts.push(VolumeMount { name: "artifacts".into(), mount_path: ARTIFACTS_DIR.into(), ..Default::default() });
+    }
     let mut env = env(mj);
     if shard.is_some_and(|s| s.secret_ref.is_some()) {
         env.push(EnvVar { name: "MEDMERGE_SHARD_CREDENTIALS_DIR".into(), value: Some(SHARD_SECRET_DIR.into()), ..Default::default() });
     }
-    let resources = resources(cluster, uses_gpu(stage));
+    let stage_level = cluster.stage_overrides.get(medmerge_crds::StageKind::of(stage).as_str());
+    let over: Layered = layered([Some(&cluster.pod_overrides), stage_level, shard.map(|s| &s.pod_overrides)]);
+    volumes.extend(over.volumes);
+    mounts.extend(over.volume_mounts);
+    env.extend(over.env);
+    let resources = over.resources.apply(base_resources(cluster, uses_gpu(stage)));
     let container = Container {
         name: "trainer".into(),
         image: Some(cluster.image.clone()),
         image_pull_policy: cluster.image_pull_policy.clone(),
         args: Some(stage_args(cluster, stage)),
         env: Some(env),
+        env_from: (!over.env_from.is_empty()).then_some(over.env_from),
         volume_mounts: Some(mounts),
         resources,
         security_context: Some(SecurityContext {
@@ -188,8 +244,10 @@ pub fn stage_job(mj: &MergeJob, generation: i64, stage: &Stage) -> Job {
         }),
         ..Default::default()
     };
-    let node_selector = shard.map(|s| s.node_selector.clone()).filter(|n| !n.is_empty());
-    let tolerations: Vec<Toleration> = cluster.tolerations.iter().chain(shard.map(|s| s.tolerations.as_slice()).unwrap_or_default()).map(toleration).collect();
+    let mut node_selector = over.node_selector;
+    node_selector.extend(shard.map(|s| s.node_selector.clone()).unwrap_or_default());
+    let mut tolerations: Vec<Toleration> = cluster.tolerations.iter().chain(shard.map(|s| s.tolerations.as_slice()).unwrap_or_default()).map(toleration).collect();
+    tolerations.extend(over.tolerations);
     Job {
         metadata: ObjectMeta {
             name: Some(child_name(&name, generation, &stage.name())),
@@ -208,8 +266,12 @@ pub fn stage_job(mj: &MergeJob, generation: i64, stage: &Stage) -> Job {
                     restart_policy: Some("Never".into()),
                     automount_service_account_token: Some(false),
                     enable_service_links: Some(false),
-                    node_selector,
+                    node_selector: (!node_selector.is_empty()).then_some(node_selector),
                     tolerations: (!tolerations.is_empty()).then_some(tolerations),
+                    affinity: over.affinity,
+                    image_pull_secrets: (!over.image_pull_secrets.is_empty()).then_some(over.image_pull_secrets),
+                    service_account_name: over.service_account_name,
+                    priority_class_name: over.priority_class_name,
                     security_context: Some(PodSecurityContext {
                         run_as_non_root: Some(true),
                         run_as_user: Some(RUN_AS_USER),
@@ -316,7 +378,8 @@ spec:
         let mj = mergejob();
         let cm = spec_configmap(&mj, 2).unwrap();
         let back: MergeJob = serde_yaml::from_str(&cm.data.unwrap()["mergejob.yaml"]).unwrap();
-        assert_eq!(back.spec, mj.spec);
+        assert_eq!(back.spec, pod_view(&mj.spec));
+        assert_eq!(back.spec, mj.spec, "without volumes the pods see the spec as written");
         assert_eq!(back.metadata.generation, Some(2));
     }
 
@@ -365,5 +428,75 @@ spec:
         exclude_shards(&mut job, &["hospital-b"]);
         let args = job.spec.unwrap().template.spec.unwrap().containers[0].args.clone().unwrap();
         assert_eq!(&args[args.len() - 2..], ["--exclude-shard", "hospital-b"]);
+    }
+
+    fn on_volumes() -> MergeJob {
+        let mut mj = mergejob();
+        let yaml = r#"
+shards:
+  - {name: hospital-a, data: {path: images, volume: {persistentVolumeClaim: {claimName: a-data}}}, secretRef: creds-a, podOverrides: {serviceAccountName: hospital-a}}
+  - {name: hospital-b, data: {path: b.csv, volume: {hostPath: {path: /srv/b}}}}
+evaluation: {data: {path: test, volume: {nfs: {server: 10.0.0.5, path: /export/test}}}}
+storage: {local: {path: runs, persistentVolumeClaim: artifacts}}
+"#;
+        let v: serde_yaml::Value = serde_yaml::from_str(yaml).unwrap();
+        mj.spec.shards = serde_yaml::from_value(v["shards"].clone()).unwrap();
+        mj.spec.evaluation = serde_yaml::from_value(v["evaluation"].clone()).unwrap();
+        mj.spec.storage = serde_yaml::from_value(v["storage"].clone()).unwrap();
+        mj
+    }
+
+    fn mounts(job: &Job) -> Vec<(String, String, bool)> {
+        let pod = job.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        pod.containers[0].volume_mounts.iter().flatten().map(|m| (m.name.clone(), m.mount_path.clone(), m.read_only.unwrap_or(false))).collect()
+    }
+
+    #[test]
+    fn a_shard_pod_mounts_only_its_own_data_volume_read_only() {
+        let mj = on_volumes();
+        let a = stage_job(&mj, 2, &Stage::Finetune { shard: "hospital-a".into() });
+        let m = mounts(&a);
+        assert!(m.contains(&("data-hospital-a".into(), format!("{SHARD_DATA_DIR}/hospital-a"), true)), "{m:?}");
+        assert!(!m.iter().any(|(n, _, _)| n == "data-hospital-b" || n == "evaluation-data"), "{m:?}");
+        let pod = a.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        let claim = pod.volumes.iter().flatten().find(|v| v.name == "data-hospital-a").unwrap().persistent_volume_claim.clone().unwrap();
+        assert_eq!((claim.claim_name.as_str(), claim.read_only), ("a-data", Some(true)));
+        assert_eq!(pod.service_account_name.as_deref(), Some("hospital-a"), "the shard's own identity");
+        let restore_b = mounts(&stage_job(&mj, 2, &Stage::Restore { candidate: "data-vector".into(), shard: "hospital-b".into() }));
+        assert!(restore_b.iter().any(|(n, _, ro)| n == "data-hospital-b" && *ro) && !restore_b.iter().any(|(n, _, _)| n == "data-hospital-a"), "{restore_b:?}");
+        for stage in [Stage::Init, Stage::Merge { candidate: "data-vector".into() }, Stage::Collect { shard: "hospital-a".into() }] {
+            assert!(!mounts(&stage_job(&mj, 2, &stage)).iter().any(|(n, _, _)| n.starts_with("data-") || n == "evaluation-data"), "{}", stage.name());
+        }
+        let evaluate = mounts(&stage_job(&mj, 2, &Stage::Evaluate));
+        assert!(evaluate.contains(&("evaluation-data".into(), EVALUATION_DATA_DIR.into(), true)), "{evaluate:?}");
+    }
+
+    #[test]
+    fn every_stage_pod_mounts_the_artifacts_claim_and_reads_paths_where_volumes_are_mounted() {
+        let mj = on_volumes();
+        for stage in [Stage::Init, Stage::Finetune { shard: "hospital-b".into() }, Stage::Evaluate] {
+            assert!(mounts(&stage_job(&mj, 2, &stage)).contains(&("artifacts".into(), ARTIFACTS_DIR.into(), false)), "{}", stage.name());
+        }
+        let view = pod_view(&mj.spec);
+        assert_eq!(view.shards[0].data.as_ref().unwrap().path, format!("{SHARD_DATA_DIR}/hospital-a/images"));
+        assert_eq!(view.shards[1].data.as_ref().unwrap().path, format!("{SHARD_DATA_DIR}/hospital-b/b.csv"));
+        assert_eq!(view.evaluation.data.path, format!("{EVALUATION_DATA_DIR}/test"));
+        assert_eq!(view.storage.local.as_ref().unwrap().path, format!("{ARTIFACTS_DIR}/runs"));
+        assert!(medmerge_crds::validate(&view).is_ok(), "the trainer accepts the pod's view: {:?}", medmerge_crds::validate(&view));
+    }
+
+    #[test]
+    fn scratch_has_the_configured_size_limit_and_stage_kinds_get_their_own_placement() {
+        let mut mj = mergejob();
+        mj.spec.cluster.scratch_size_limit = Some("20Gi".into());
+        mj.spec.cluster.stage_overrides.insert("evaluate".into(), serde_yaml::from_str("{nodeSelector: {pool: gpu}, priorityClassName: high}").unwrap());
+        let evaluate = stage_job(&mj, 2, &Stage::Evaluate).spec.unwrap().template.spec.unwrap();
+        assert_eq!(evaluate.node_selector.unwrap()["pool"], "gpu");
+        assert_eq!(evaluate.priority_class_name.as_deref(), Some("high"));
+        let tmp = evaluate.volumes.unwrap().into_iter().find(|v| v.name == "tmp").unwrap();
+        assert_eq!(tmp.empty_dir.unwrap().size_limit, Some(Quantity("20Gi".into())));
+        let merge = stage_job(&mj, 2, &Stage::Merge { candidate: "data-vector".into() }).spec.unwrap().template.spec.unwrap();
+        assert_eq!(merge.node_selector, None);
+        assert_eq!(merge.priority_class_name, None);
     }
 }

@@ -1,6 +1,7 @@
 //! The medmerge operator: a kube-rs controller that turns each MergeJob into batch Jobs.
 //!
-//! Pure core: what to do next (`decide`), the Jobs that do it (`jobs`, `names`), how the
+//! Pure core: what to do next (`decide`), the Jobs that do it (`jobs`, `names`, with the pod
+//! settings layered by `pod_overrides`), how the
 //! cluster's Jobs read in `decide`'s terms (`observe`) and the status to write (`status`).
 //! Around it: the reconcile loop (`controller`), results read back from the artifact store
 //! (`artifacts`), leader election (`leader`) and health/metrics (`telemetry`).
@@ -12,6 +13,7 @@ pub mod jobs;
 pub mod leader;
 pub mod names;
 pub mod observe;
+pub mod pod_overrides;
 pub mod status;
 pub mod telemetry;
 

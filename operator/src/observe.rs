@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::jiff::Timestamp;
+use medmerge_crds::{MergeJobStatus, StageRecord};
 
 use crate::decide::{JobState, Observed};
 use crate::jobs::LABEL_STAGE;
@@ -20,6 +21,17 @@ pub fn job_state(job: &Job) -> JobState {
     } else {
         JobState::Active
     }
+}
+
+/// Why a failed Job failed, as the Job controller says (`DeadlineExceeded: Job was active
+/// longer than specified deadline`); `None` while it has not failed.
+pub fn job_failure(job: &Job) -> Option<String> {
+    let failed = job.status.as_ref()?.conditions.as_ref()?.iter().find(|c| c.type_ == "Failed" && c.status == "True")?;
+    let reason = failed.reason.clone().unwrap_or_else(|| "Failed".into());
+    Some(match failed.message.as_deref().filter(|m| !m.is_empty()) {
+        Some(message) => format!("{reason}: {message}"),
+        None => reason,
+    })
 }
 
 /// Pods the Job has started so far (running, succeeded and failed).
@@ -40,6 +52,46 @@ pub struct GenerationJobs {
     pub attempts: BTreeMap<String, i32>,
     /// When the generation's first Job was created.
     pub started: Option<Timestamp>,
+    /// Stage name -> why its Job failed, for failed stages.
+    pub failures: BTreeMap<String, String>,
+}
+
+impl GenerationJobs {
+    /// Adds what the status remembers of the same generation: finished stages whose Jobs are
+    /// gone (deleted after `ttlSecondsAfterFinished`, or by hand) count as they finished, and the
+    /// run started when the status says if that is earlier than any Job left.
+    pub fn remember(&mut self, previous: &MergeJobStatus, now: Timestamp) {
+        for record in &previous.stages {
+            if self.observed.jobs.contains_key(&record.name) {
+                continue;
+            }
+            let state = if record.state == "Succeeded" { JobState::Succeeded } else { JobState::Failed };
+            self.observed.jobs.insert(record.name.clone(), state);
+            self.attempts.insert(record.name.clone(), record.attempts);
+            if let Some(reason) = &record.reason {
+                self.failures.insert(record.name.clone(), reason.clone());
+            }
+        }
+        let remembered = previous.start_time.as_deref().and_then(|t| t.parse::<Timestamp>().ok());
+        self.started = match (self.started, remembered) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self.observed.running_for = self.started.map(|t| (now.as_second() - t.as_second()).max(0));
+    }
+
+    /// The finished stages, for the status.
+    pub fn finished(&self) -> Vec<StageRecord> {
+        let finished = self.observed.jobs.iter().filter(|(_, s)| **s != JobState::Active);
+        finished
+            .map(|(name, state)| StageRecord {
+                name: name.clone(),
+                state: if *state == JobState::Succeeded { "Succeeded" } else { "Failed" }.into(),
+                attempts: self.attempts.get(name).copied().unwrap_or(0),
+                reason: self.failures.get(name).cloned(),
+            })
+            .collect()
+    }
 }
 
 /// Summarises the Jobs of one generation (already selected by label).
@@ -53,6 +105,7 @@ pub fn observe_jobs(jobs: &[Job], now: Timestamp) -> GenerationJobs {
         },
         attempts: labelled.iter().map(|(s, j)| ((*s).clone(), job_attempts(j))).collect(),
         started,
+        failures: labelled.iter().filter_map(|(s, j)| job_failure(j).map(|f| ((*s).clone(), f))).collect(),
     }
 }
 
@@ -106,5 +159,44 @@ mod tests {
     fn a_generation_without_jobs_has_not_started() {
         let seen = observe_jobs(&[], Timestamp::from_second(5).unwrap());
         assert_eq!((seen.observed.running_for, seen.started), (None, None));
+    }
+
+    #[test]
+    fn finished_stages_whose_jobs_are_gone_are_remembered_from_the_status() {
+        let jobs = [staged("merge-data-vector", 2_000, JobStatus { active: Some(1), ..Default::default() })];
+        let mut seen = observe_jobs(&jobs, Timestamp::from_second(2_100).unwrap());
+        let previous = MergeJobStatus {
+            start_time: Some(Timestamp::from_second(1_000).unwrap().to_string()),
+            stages: vec![
+                StageRecord { name: "init".into(), state: "Succeeded".into(), attempts: 1, reason: None },
+                StageRecord { name: "finetune-b".into(), state: "Failed".into(), attempts: 3, reason: Some("BackoffLimitExceeded".into()) },
+            ],
+            ..Default::default()
+        };
+        seen.remember(&previous, Timestamp::from_second(2_100).unwrap());
+        assert_eq!(seen.observed.jobs["init"], JobState::Succeeded);
+        assert_eq!(seen.observed.jobs["finetune-b"], JobState::Failed);
+        assert_eq!(seen.observed.jobs["merge-data-vector"], JobState::Active);
+        assert_eq!(seen.observed.running_for, Some(1_100), "the run started with its first Job, not its oldest Job left");
+        let finished = seen.finished();
+        assert_eq!(finished.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["finetune-b", "init"]);
+        assert_eq!(finished[0].reason.as_deref(), Some("BackoffLimitExceeded"));
+        assert_eq!(finished[0].attempts, 3);
+    }
+
+    #[test]
+    fn a_failed_job_says_why() {
+        let failed = JobStatus {
+            conditions: Some(vec![JobCondition {
+                type_: "Failed".into(),
+                status: "True".into(),
+                reason: Some("DeadlineExceeded".into()),
+                message: Some("Job was active longer than specified deadline".into()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        };
+        assert_eq!(job_failure(&job(failed)).as_deref(), Some("DeadlineExceeded: Job was active longer than specified deadline"));
+        assert_eq!(job_failure(&job(JobStatus { active: Some(1), ..Default::default() })), None);
     }
 }

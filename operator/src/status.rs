@@ -61,6 +61,7 @@ pub fn build_status(i: &StatusInputs) -> MergeJobStatus {
         results: i.results.clone(),
         start_time: i.jobs.started.map(|t| t.to_string()),
         completion_time,
+        stages: i.jobs.finished(),
     }
 }
 
@@ -73,7 +74,10 @@ fn shard_statuses(i: &StatusInputs) -> Vec<ShardStatus> {
             let stage = if spec.vector.is_some() { format!("collect-{name}") } else { format!("finetune-{name}") };
             let (samples, validation_accuracy) = i.shard_facts.get(name).copied().unwrap_or_default();
             let reason = match state {
-                ShardState::Failed => Some(format!("Job {stage} failed after every retry; see its logs")),
+                ShardState::Failed => Some(match i.jobs.failures.get(&stage) {
+                    Some(why) => format!("Job {stage} failed: {why}"),
+                    None => format!("Job {stage} failed after every retry; see its logs"),
+                }),
                 ShardState::Dropped => Some("no vector by cluster.stragglerDeadlineSeconds".to_string()),
                 _ => None,
             };
@@ -136,7 +140,7 @@ mod tests {
 
     fn spec() -> MergeJobSpec {
         serde_yaml::from_str(
-            "model: {architecture: resnet18, weights: random}\nshards: [{name: a, data: {path: a}}, {name: b, data: {path: b}}]\nevaluation: {data: {path: t}}\nmerge: {baselines: []}\ncluster: {minShards: 1}\n",
+            "model: {architecture: resnet18, weights: random, classes: [x, y]}\nshards: [{name: a, data: {path: s3://d/a/}}, {name: b, data: {path: s3://d/b/}}]\nevaluation: {data: {path: s3://d/t/}}\nmerge: {baselines: []}\ncluster: {minShards: 1}\nstorage: {s3: {bucket: runs}}\n",
         )
         .unwrap()
     }
@@ -146,6 +150,7 @@ mod tests {
             observed: Observed { jobs: states.iter().map(|(n, s)| (n.to_string(), *s)).collect(), running_for: Some(10) },
             attempts: [("finetune-b".to_string(), 3)].into(),
             started: Some(Timestamp::from_second(1_000).unwrap()),
+            failures: Default::default(),
         }
     }
 

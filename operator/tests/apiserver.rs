@@ -50,7 +50,7 @@ impl Harness {
         let elector = LeaderElector::new(Api::<Lease>::namespaced(client.clone(), ns), "medmerge-operator", "e2e-replica", Duration::from_secs(15));
         tokio::time::timeout(WAIT, elector.acquire()).await.expect("the leader Lease is taken");
         let (job_store, job_cache) = controller::job_cache();
-        let ctx = Arc::new(Context::new(client.clone(), "e2e-replica", metrics.clone(), ArtifactStore::new(Some(PathBuf::from("/"))), job_store));
+        let ctx = Arc::new(Context::new(client.clone(), "e2e-replica", metrics.clone(), ArtifactStore::new(Some(store.parent().unwrap().to_path_buf())), job_store));
         let (mjs, jobs) = (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns));
         let controller = tokio::spawn(controller::run(mjs, jobs, job_cache, ctx, controller::DEFAULT_CONCURRENCY, std::future::pending()));
         Harness { client, ns: ns.into(), store, metrics, controller }
@@ -67,10 +67,11 @@ impl Harness {
     fn mergejob(&self, name: &str, extra_spec: serde_json::Value) -> MergeJob {
         let mut spec = json!({
             "model": {"architecture": "resnet18", "weights": "random", "classes": ["a", "b"]},
-            "shards": [{"name": "a", "data": {"path": "/data/a"}}, {"name": "b", "data": {"path": "/data/b"}}, {"name": "c", "data": {"path": "/data/c"}}],
-            "evaluation": {"data": {"path": "/data/test"}},
+            "shards": [{"name": "a", "data": {"path": "s3://data/a/"}}, {"name": "b", "data": {"path": "s3://data/b/"}}, {"name": "c", "data": {"path": "s3://data/c/"}}],
+            "evaluation": {"data": {"path": "s3://data/test/"}},
             "merge": {"baselines": ["paramsMean"]},
-            "storage": {"local": {"path": self.store.display().to_string()}},
+            // The operator sees the artifacts claim at the store's parent directory.
+            "storage": {"local": {"path": self.store.file_name().unwrap().to_str().unwrap(), "persistentVolumeClaim": "artifacts"}},
         });
         merge_json(&mut spec, extra_spec);
         serde_json::from_value(json!({"apiVersion": "medmerge.io/v1alpha1", "kind": "MergeJob", "metadata": {"name": name, "namespace": self.ns}, "spec": spec})).unwrap()

@@ -1,205 +1,222 @@
-//! MergeJobs run end to end the way a cluster runs them, with real parts: the real kube-apiserver
-//! with kube-controller-manager's garbage collector, the operator binary running as the Helm
-//! chart's ServiceAccount (so the chart's RBAC is all it has), a real S3 server as the artifact
-//! store, and the real trainer binary doing every stage. No kubelet runs here, so this test plays
-//! the node: for each Job the operator creates it materialises the pod's ConfigMap, Secrets and
-//! environment, runs the container's arguments with the trainer binary as a local process, and
-//! writes the Job's status as the Job controller would (retrying up to the Job's backoff limit).
+//! MergeJobs on a real node: kube-apiserver, kube-controller-manager (Job, TTL, garbage
+//! collector, PV binder), kube-scheduler and a kubelet running every stage as a pod from the
+//! project's trainer image in containerd; the operator in its own pod, installed by `helm
+//! install`, authenticated only by its ServiceAccount token, with S3 credentials from the chart.
+//! An S3 server listens on the node's bridge. Nothing here plays the node.
 //!
-//! Run with `make e2e-cluster` (starts the servers, applies the CRD and the chart's RBAC).
+//! Run with `make e2e-cluster` (scripts/with-node.sh, scripts/with-s3.sh, scripts/e2e-cluster.sh).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::Duration;
 
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
-use k8s_openapi::jiff::Timestamp;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, PersistentVolume, PersistentVolumeClaim, Pod, Secret};
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::{Api, Client, ResourceExt};
-use medmerge_crds::{ArtifactLayout, MergeJob};
-use medmerge_operator::jobs::{JOB_FILE, SHARD_SECRET_DIR};
+use medmerge_crds::{ArtifactLayout, MergeJob, MergeJobStatus};
 use medmerge_store::{S3Config, Store};
-use serde_json::json;
+use serde_json::{json, Value};
 
-const NS: &str = "e2e-cluster";
 const BUCKET: &str = "medmerge-cluster";
 const PARTNER_VECTOR: &str = "incoming/partner.safetensors";
 
-fn binary(name: &str) -> PathBuf {
+fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: run `make e2e-cluster`"))
+}
+
+fn trainer() -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("target"));
-    let bin = target.join("debug").join(name);
+    let bin = target.join("debug").join("medmerge-trainer");
     assert!(bin.exists(), "{} is missing: build the workspace first", bin.display());
     bin
 }
 
-fn trainer() -> PathBuf {
-    binary("medmerge-trainer")
-}
-
-/// Starts the operator binary as the chart's ServiceAccount, logging (appended) to `log`.
-fn start_operator(log: &Path) -> Child {
-    let kubeconfig = std::env::var("MEDMERGE_E2E_OPERATOR_KUBECONFIG").expect("MEDMERGE_E2E_OPERATOR_KUBECONFIG: run `make e2e-cluster`");
-    let out = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-    Command::new(binary("medmerge-operator"))
-        .args(["--metrics-addr", "127.0.0.1:0", "--lease-namespace", "medmerge", "--identity", "e2e-cluster-operator", "--log-json"])
-        .env("KUBECONFIG", kubeconfig)
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .spawn()
-        .unwrap()
-}
-
 fn run_trainer(args: &[&str]) {
-    let status = std::process::Command::new(trainer()).args(args).status().unwrap();
+    let status = Command::new(trainer()).args(args).status().unwrap();
     assert!(status.success(), "medmerge-trainer {args:?} failed");
 }
 
-/// Plays the kubelet and the Job controller for one namespace: every Job's pod runs as soon as
-/// the Job appears, concurrently with the others, as on a cluster.
-#[derive(Clone)]
-struct Node {
-    client: Client,
-    work: PathBuf,
-    /// Pod runs per Job, so the test can tell that no finished stage ran twice.
-    runs: Arc<Mutex<BTreeMap<String, u32>>>,
-    failures: Arc<Mutex<BTreeMap<String, i32>>>,
+fn kubectl(args: &[&str]) -> String {
+    let out = Command::new("kubectl").args(args).output().unwrap();
+    assert!(out.status.success(), "kubectl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
 }
 
-impl Node {
-    fn new(client: Client, work: PathBuf) -> Self {
-        Node { client, work, runs: Arc::default(), failures: Arc::default() }
-    }
+/// The classes of the synthetic images.
+const CLASSES: [&str; 3] = ["disc", "square", "stripes"];
 
-    fn runs(&self) -> BTreeMap<String, u32> {
-        self.runs.lock().unwrap().clone()
-    }
-
-    /// Starts a pod for every unfinished Job not started yet (`started` remembers them).
-    async fn start_new_jobs(&self, started: &mut BTreeSet<String>) {
-        let jobs: Api<Job> = Api::namespaced(self.client.clone(), NS);
-        for job in jobs.list(&ListParams::default()).await.unwrap().items {
-            let status = job.status.clone().unwrap_or_default();
-            let finished = status.succeeded.unwrap_or(0) > 0 || status.conditions.iter().flatten().any(|c| c.type_ == "Failed");
-            if !finished && started.insert(job.uid().unwrap()) {
-                tokio::spawn(self.clone().run_job(job));
-            }
-        }
-    }
-
-    /// Runs the Job's pod until it succeeds or exceeds the backoff limit, writing the Job's
-    /// status after every attempt as the Job controller would.
-    async fn run_job(self, job: Job) {
-        let jobs: Api<Job> = Api::namespaced(self.client.clone(), NS);
-        let name = job.name_any();
-        let backoff = job.spec.as_ref().and_then(|s| s.backoff_limit).unwrap_or(6);
-        let start = Timestamp::now().to_string();
-        loop {
-            let ok = self.run_pod(&job).await;
-            *self.runs.lock().unwrap().entry(name.clone()).or_default() += 1;
-            let failed = {
-                let mut failures = self.failures.lock().unwrap();
-                let failed = failures.entry(name.clone()).or_default();
-                if !ok {
-                    *failed += 1;
-                }
-                *failed
-            };
-            let now = Timestamp::now().to_string();
-            let (status, done) = if ok {
-                (json!({"startTime": start, "completionTime": now, "succeeded": 1, "failed": failed, "active": null, "conditions": [{"type": "Complete", "status": "True", "lastProbeTime": now, "lastTransitionTime": now}]}), true)
-            } else if failed > backoff {
-                (json!({"startTime": start, "failed": failed, "active": null, "conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "lastProbeTime": now, "lastTransitionTime": now}]}), true)
-            } else {
-                (json!({"startTime": start, "failed": failed, "active": 1}), false)
-            };
-            jobs.patch_status(&name, &PatchParams::default(), &Patch::Merge(json!({"status": status}))).await.unwrap();
-            if done {
-                return;
-            }
-        }
-    }
-
-    /// Runs the Job's pod as a local process; `true` when it exited 0.
-    async fn run_pod(&self, job: &Job) -> bool {
-        let pod = job.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
-        let container = &pod.containers[0];
-        let dir = self.work.join(job.name_any());
-        let _ = std::fs::remove_dir_all(&dir);
-        let mut mounts: BTreeMap<String, PathBuf> = BTreeMap::new();
-        for volume in pod.volumes.iter().flatten() {
-            let target = dir.join(&volume.name);
-            std::fs::create_dir_all(&target).unwrap();
-            if let Some(cm) = &volume.config_map {
-                let cm = Api::<ConfigMap>::namespaced(self.client.clone(), NS).get(&cm.name).await.unwrap();
-                for (file, content) in cm.data.unwrap_or_default() {
-                    std::fs::write(target.join(file), content).unwrap();
-                }
-            }
-            if let Some(secret) = &volume.secret {
-                let secret = Api::<Secret>::namespaced(self.client.clone(), NS).get(secret.secret_name.as_deref().unwrap()).await.unwrap();
-                for (file, content) in secret.data.unwrap_or_default() {
-                    std::fs::write(target.join(file), content.0).unwrap();
-                }
-            }
-            mounts.insert(volume.name.clone(), target);
-        }
-        let mount_path = |path: &str| -> PathBuf {
-            for m in container.volume_mounts.iter().flatten() {
-                if let Some(rest) = path.strip_prefix(&m.mount_path) {
-                    return mounts[&m.name].join(rest.trim_start_matches('/'));
-                }
-            }
-            PathBuf::from(path)
-        };
-        let args: Vec<String> = container.args.clone().unwrap_or_default().into_iter().map(|a| if a == JOB_FILE { mount_path(&a).display().to_string() } else { a }).collect();
-        let mut cmd = std::process::Command::new(trainer());
-        cmd.args(&args).env("MEDMERGE_ARTIFACT_CACHE", dir.join("artifact-cache")).env("MEDMERGE_DATA_CACHE", dir.join("data-cache")).env("MEDMERGE_THREADS", "1");
-        cmd.env_remove("AWS_ACCESS_KEY_ID").env_remove("AWS_SECRET_ACCESS_KEY");
-        for env in container.env.iter().flatten() {
-            let value = match (&env.value, env.value_from.as_ref().and_then(|v| v.secret_key_ref.as_ref())) {
-                (Some(v), _) if v == SHARD_SECRET_DIR => mount_path(v).display().to_string(),
-                (Some(v), _) if env.name == "HOME" => {
-                    let _ = v;
-                    dir.join("home").display().to_string()
-                }
-                (Some(v), _) => v.clone(),
-                (None, Some(r)) => {
-                    let secret = Api::<Secret>::namespaced(self.client.clone(), NS).get(&r.name).await.unwrap();
-                    String::from_utf8(secret.data.unwrap_or_default()[&r.key].0.clone()).unwrap()
-                }
-                _ => continue,
-            };
-            cmd.env(&env.name, value);
-        }
-        let log = std::fs::File::create(dir.join("pod.log")).unwrap();
-        cmd.stdout(log.try_clone().unwrap()).stderr(log);
-        let status = tokio::task::spawn_blocking(move || cmd.status()).await.unwrap().unwrap();
-        status.success()
-    }
-}
-
+/// Synthetic images split into four shards and a test set, under `dir` on the node: manifests
+/// (with host paths) in `dir/split`, and each part as a self-contained ImageFolder in
+/// `dir/volumes/<part>` (`shard-1` .. `shard-4`, `test`), as a volume would hold it.
 fn make_data(dir: &Path) -> PathBuf {
     let images = dir.join("images");
     run_trainer(&["synth", "--out", images.to_str().unwrap(), "--classes", "3", "--per-class", "24", "--size", "32"]);
     let split = dir.join("split");
     run_trainer(&["split", "--data", images.to_str().unwrap(), "--out", split.to_str().unwrap(), "--shards", "4", "--test-fraction", "0.25", "--seed", "7"]);
-    split
+    for part in ["shard-1", "shard-2", "shard-3", "shard-4", "test"] {
+        let manifest = std::fs::read_to_string(split.join(format!("{part}.csv"))).unwrap();
+        for line in manifest.lines().skip(1) {
+            let (path, label) = line.rsplit_once(',').unwrap();
+            let to = dir.join("volumes").join(part).join(label);
+            std::fs::create_dir_all(&to).unwrap();
+            std::fs::copy(path, to.join(Path::new(path).file_name().unwrap())).unwrap();
+        }
+    }
+    dir.join("volumes")
 }
 
-/// A hospital that trains on its own premises: once the operator waits for its vector (the
-/// collect Job exists) and the run's base is in the bucket, it downloads the base, fine-tunes on
-/// its own shard and uploads the vector, late.
-async fn partner_hospital(client: Client, store: Store, shard_data: PathBuf, work: PathBuf) {
-    let jobs: Api<Job> = Api::namespaced(client, NS);
-    while jobs.get_opt("fundus-g1-collect-partner").await.unwrap().is_none() {
-        tokio::time::sleep(Duration::from_millis(200)).await;
+async fn create<K>(api: &Api<K>, value: Value) -> K
+where
+    K: kube::Resource + Clone + k8s_openapi::serde::de::DeserializeOwned + k8s_openapi::serde::Serialize + std::fmt::Debug,
+{
+    api.create(&PostParams::default(), &serde_json::from_value(value).unwrap()).await.unwrap()
+}
+
+/// A hostPath PersistentVolume pre-bound to claim `ns/claim`, and that claim.
+async fn host_claim(client: &Client, ns: &str, claim: &str, path: &Path, mode: &str) {
+    let pv = format!("{ns}-{claim}");
+    create(&Api::<PersistentVolume>::all(client.clone()), json!({"metadata": {"name": pv}, "spec": {
+        "capacity": {"storage": "1Gi"}, "accessModes": [mode], "storageClassName": "",
+        "hostPath": {"path": path, "type": "Directory"}, "claimRef": {"namespace": ns, "name": claim}}}))
+    .await;
+    create(&Api::<PersistentVolumeClaim>::namespaced(client.clone(), ns), json!({"metadata": {"name": claim}, "spec": {
+        "accessModes": [mode], "storageClassName": "", "volumeName": pv, "resources": {"requests": {"storage": "1Gi"}}}}))
+    .await;
+}
+
+async fn namespace(client: &Client, ns: &str) {
+    create(&Api::<Namespace>::all(client.clone()), json!({"metadata": {"name": ns}})).await;
+    // Pods need the namespace's default ServiceAccount (and, on 1.20, its token Secret).
+    eventually("the default ServiceAccount", Duration::from_secs(60), || async {
+        kube::Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(client.clone(), ns).get_opt("default").await.unwrap().is_some_and(|sa| sa.secrets.is_some())
+    })
+    .await;
+}
+
+async fn secret(client: &Client, ns: &str, name: &str, data: Value) {
+    create(&Api::<Secret>::namespaced(client.clone(), ns), json!({"metadata": {"name": name}, "stringData": data})).await;
+}
+
+/// Polls `done` every 300 ms for up to `limit`; panics naming `what` when it never holds.
+async fn eventually<F, Fut>(what: &str, limit: Duration, mut done: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    while !done().await {
+        assert!(tokio::time::Instant::now() < deadline, "expected {what} within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    let base_key = ArtifactLayout::new("runs", NS, "fundus", 1).base();
+}
+
+async fn final_status(mjs: &Api<MergeJob>, name: &str, limit: Duration) -> MergeJobStatus {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let status = mjs.get_status(name).await.unwrap().status.unwrap_or_default();
+        if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
+            return status;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{name}: no final phase in {limit:?}: {status:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// What a pod's container sees, read through the kernel's view of its process
+/// (`/proc/<pid>/root`, `/proc/<pid>/status`, `/proc/<pid>/mountinfo`).
+#[derive(Debug)]
+struct Inside {
+    uid: u32,
+    root_read_only: bool,
+    shard_data: Vec<String>,
+    shard_secret: Vec<String>,
+    api_token: bool,
+}
+
+fn listing(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir).map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| !n.starts_with("..")).collect()).unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// The container's main process on the node, found through containerd.
+fn container_pid(pod: &Pod) -> Option<u32> {
+    let id = pod.status.as_ref()?.container_statuses.as_ref()?.first()?.container_id.as_ref()?.strip_prefix("containerd://")?.to_string();
+    let sock = format!("{}/run/containerd.sock", env("MEDMERGE_NODE_DIR"));
+    let out = Command::new("ctr").args(["-a", &sock, "-n", "k8s.io", "tasks", "ls"]).output().ok()?;
+    String::from_utf8_lossy(&out.stdout).lines().find(|l| l.starts_with(&id)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+}
+
+fn inside(pid: u32) -> Option<Inside> {
+    let proc = PathBuf::from(format!("/proc/{pid}"));
+    let status = std::fs::read_to_string(proc.join("status")).ok()?;
+    let uid = status.lines().find(|l| l.starts_with("Uid:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    let mountinfo = std::fs::read_to_string(proc.join("mountinfo")).ok()?;
+    let root = mountinfo.lines().map(|l| l.split_whitespace().collect::<Vec<_>>()).find(|f| f.get(4) == Some(&"/"))?;
+    let root_read_only = root.get(5).is_some_and(|o| o.split(',').any(|o| o == "ro"));
+    let r = proc.join("root");
+    Some(Inside {
+        uid,
+        root_read_only,
+        shard_data: listing(&r.join("var/run/medmerge/shards")),
+        shard_secret: listing(&r.join("var/run/secrets/medmerge/shard")),
+        api_token: r.join("var/run/secrets/kubernetes.io/serviceaccount/token").exists(),
+    })
+}
+
+/// Looks inside the running pods of Jobs whose names contain `stage` until one is seen.
+async fn look_inside(client: &Client, ns: &str, stage: &str, limit: Duration) -> (String, Inside) {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        for pod in pods.list(&ListParams::default()).await.unwrap().items {
+            let job = pod.labels().get("job-name").cloned().unwrap_or_default();
+            if job.contains(stage) {
+                if let Some(view) = container_pid(&pod).and_then(inside) {
+                    return (job, view);
+                }
+            }
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never saw a running pod of a {stage} Job");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// How many times the operator started each stage (its StageStarted Events, with repeats).
+async fn stage_starts(client: &Client, ns: &str) -> BTreeMap<String, i32> {
+    let mut starts = BTreeMap::new();
+    for e in Api::<Event>::namespaced(client.clone(), ns).list(&ListParams::default()).await.unwrap().items {
+        if e.reason.as_deref() == Some("StageStarted") {
+            let stage = e.note.as_deref().unwrap_or_default().split_whitespace().nth(2).unwrap_or_default().to_string();
+            *starts.entry(stage).or_default() += 1 + e.series.map_or(0, |s| s.count.max(1) - 1);
+        }
+    }
+    starts
+}
+
+fn operator_pod(client: &Client) -> Api<Pod> {
+    Api::namespaced(client.clone(), "medmerge")
+}
+
+async fn operator_pod_name(client: &Client) -> Option<String> {
+    let ready = |p: &Pod| p.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+    let pods = operator_pod(client).list(&ListParams::default().labels("app.kubernetes.io/name=medmerge-operator")).await.unwrap().items;
+    pods.into_iter().find(|p| ready(p) && p.metadata.deletion_timestamp.is_none()).map(|p| p.name_any())
+}
+
+/// A hospital that trains on its own premises: once the run waits for its vector and the base
+/// is in the bucket, it fine-tunes on its own shard and uploads the vector, late.
+async fn partner_hospital(client: Client, ns: String, store: Store, shard_data: PathBuf, work: PathBuf) {
+    let jobs: Api<Job> = Api::namespaced(client, &ns);
+    while jobs.get_opt("fundus-g1-collect-partner").await.unwrap().is_none() {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let base_key = ArtifactLayout::new("runs", &ns, "fundus", 1).base();
     while !store.exists(&base_key).await.unwrap() {
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
     }
     std::fs::create_dir_all(&work).unwrap();
     let base = work.join("base.safetensors");
@@ -210,134 +227,286 @@ async fn partner_hospital(client: Client, store: Store, shard_data: PathBuf, wor
     store.put_file(PARTNER_VECTOR, &vector).await.unwrap();
 }
 
-/// Polls `done` every 500 ms for up to `limit`; panics naming `what` when it never holds.
-async fn eventually<F, Fut>(what: &str, limit: Duration, mut done: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + limit;
-    while !done().await {
-        assert!(tokio::time::Instant::now() < deadline, "expected {what} within {limit:?}");
-        tokio::time::sleep(Duration::from_millis(500)).await;
+fn cluster_settings(extra: Value) -> Value {
+    let mut cluster = json!({"image": env("MEDMERGE_E2E_TRAINER_IMAGE"), "imagePullPolicy": "Never", "scratchSizeLimit": "2Gi",
+        "podOverrides": {"env": [{"name": "MEDMERGE_THREADS", "value": "1"}]}});
+    for (k, v) in extra.as_object().unwrap() {
+        cluster[k] = v.clone();
     }
+    cluster
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs a kube-apiserver and an S3 server: run `make e2e-cluster`"]
-async fn a_mergejob_survives_an_operator_restart_waits_for_a_late_hospital_and_its_jobs_go_with_it() {
+#[ignore = "needs the real node: run `make e2e-cluster`"]
+async fn on_s3_a_mergejob_survives_its_operator_pod_waits_for_a_late_hospital_drops_a_failing_one_and_goes_with_its_jobs() {
     medmerge_operator::install_crypto_provider();
     let client = Client::try_default().await.unwrap();
-    let endpoint = std::env::var("MEDMERGE_S3_ENDPOINT").unwrap();
-    let work = tempfile::tempdir().unwrap();
-    let split = make_data(work.path());
+    let ns = "e2e-s3";
+    let endpoint = env("MEDMERGE_S3_ENDPOINT");
+    let node_dir = PathBuf::from(env("MEDMERGE_NODE_DIR"));
+    let work = node_dir.join(ns);
+    let volumes = make_data(&work);
+    namespace(&client, ns).await;
+    let bucket_creds = json!({"AWS_ACCESS_KEY_ID": env("AWS_ACCESS_KEY_ID"), "AWS_SECRET_ACCESS_KEY": env("AWS_SECRET_ACCESS_KEY")});
+    secret(&client, ns, "bucket-creds", bucket_creds).await;
+    for s in ["creds-1", "creds-2", "creds-partner"] {
+        secret(&client, ns, s, json!({ "token": format!("{s}-token") })).await;
+    }
+    // Each hospital's images on its own volume: a PVC for hospital-1, hostPath for the others.
+    host_claim(&client, ns, "hospital-1-data", &volumes.join("shard-1"), "ReadOnlyMany").await;
 
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    namespaces.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": NS}})).unwrap()).await.unwrap();
-    let creds: Secret = serde_json::from_value(json!({"metadata": {"name": "bucket-creds"}, "stringData": {
-        "AWS_ACCESS_KEY_ID": std::env::var("AWS_ACCESS_KEY_ID").unwrap(),
-        "AWS_SECRET_ACCESS_KEY": std::env::var("AWS_SECRET_ACCESS_KEY").unwrap()}}))
-    .unwrap();
-    Api::<Secret>::namespaced(client.clone(), NS).create(&PostParams::default(), &creds).await.unwrap();
     let store = Store::s3(S3Config { bucket: BUCKET.into(), endpoint: Some(endpoint.clone()), region: "us-east-1".into(), path_style: true, credentials: None, max_attempts: 3, attempt_timeout: None }).await;
     store.create_bucket().await.unwrap();
+    let partner = tokio::spawn(partner_hospital(client.clone(), ns.into(), store.clone(), work.join("split/shard-4.csv"), work.join("partner")));
 
-    let operator_log = work.path().join("operator.log");
-    let mut operator = start_operator(&operator_log);
-    let partner = tokio::spawn(partner_hospital(client.clone(), store.clone(), split.join("shard-4.csv"), work.path().join("partner")));
-
-    let shard = |i: usize| json!({"name": format!("hospital-{i}"), "data": {"path": split.join(format!("shard-{i}.csv")).display().to_string()}});
-    let mj: MergeJob = serde_json::from_value(json!({
-        "apiVersion": "medmerge.io/v1alpha1", "kind": "MergeJob", "metadata": {"name": "fundus", "namespace": NS},
+    let host = |part: &str| json!({"hostPath": {"path": volumes.join(part), "type": "Directory"}});
+    let mj = json!({
+        "apiVersion": "medmerge.io/v1alpha1", "kind": "MergeJob", "metadata": {"name": "fundus", "namespace": ns},
         "spec": {
-            "model": {"architecture": "resnet18", "weights": "random", "imageSize": 32},
+            "model": {"architecture": "resnet18", "weights": "random", "imageSize": 32, "classes": CLASSES},
             "shards": [
-                shard(1), shard(2), shard(3),
+                {"name": "hospital-1", "data": {"path": ".", "volume": {"persistentVolumeClaim": {"claimName": "hospital-1-data"}}}, "secretRef": "creds-1"},
+                {"name": "hospital-2", "data": {"path": ".", "volume": host("shard-2")}, "secretRef": "creds-2"},
+                {"name": "hospital-3", "data": {"path": ".", "volume": host("shard-3")}},
                 // Trains on its own premises and uploads its vector while the run waits for it.
-                {"name": "partner", "vector": PARTNER_VECTOR},
-                // This hospital's images are missing: its Job fails, is retried, and the quorum
-                // of 4 carries on without it.
-                {"name": "hospital-5", "data": {"path": work.path().join("missing.csv").display().to_string()}},
+                {"name": "partner", "vector": PARTNER_VECTOR, "secretRef": "creds-partner"},
+                // This hospital's volume lacks its manifest: its pod fails, the Job controller
+                // retries it (backoffLimit 1) and the quorum of 4 carries on without it.
+                {"name": "hospital-5", "data": {"path": "missing.csv", "volume": host("shard-3")}},
             ],
             "training": {"epochs": 2, "batchSize": 8, "learningRate": 0.001},
             "merge": {"baselines": ["paramsMean"]},
-            "evaluation": {"data": {"path": split.join("test.csv").display().to_string()}},
+            "evaluation": {"data": {"path": ".", "volume": host("test")}, "explainImages": 4},
             "storage": {"s3": {"bucket": BUCKET, "endpoint": endpoint, "credentialsSecret": "bucket-creds"}, "cleanup": "Delete"},
-            "cluster": {"backoffLimit": 1, "minShards": 4, "stragglerDeadlineSeconds": 600},
+            "cluster": cluster_settings(json!({"backoffLimit": 1, "minShards": 4, "stragglerDeadlineSeconds": 900})),
         }
-    }))
-    .unwrap();
-    let mjs: Api<MergeJob> = Api::namespaced(client.clone(), NS);
-    mjs.create(&PostParams::default(), &mj).await.unwrap();
+    });
+    let mjs: Api<MergeJob> = Api::namespaced(client.clone(), ns);
+    create(&mjs, mj).await;
 
-    let node = Node::new(client.clone(), work.path().join("pods"));
-    let mut started = BTreeSet::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
-    let mut restarted = false;
-    let phase = loop {
-        node.start_new_jobs(&mut started).await;
-        // Once a hospital has trained, the operator dies (SIGKILL) while the node goes on with
-        // the running pods; the restarted operator must carry on from where the Jobs are.
-        if !restarted && node.runs().keys().any(|job| job.contains("finetune-hospital")) {
-            operator.kill().unwrap();
-            operator.wait().unwrap();
-            for _ in 0..6 {
-                node.start_new_jobs(&mut started).await;
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            operator = start_operator(&operator_log);
-            restarted = true;
-        }
-        let status = mjs.get_status("fundus").await.unwrap().status.unwrap_or_default();
-        match status.phase.as_deref() {
-            Some(p @ ("Succeeded" | "Failed")) => break p.to_string(),
-            _ if tokio::time::Instant::now() > deadline => panic!("no final phase in 10 minutes: {status:?}"),
-            _ => tokio::time::sleep(Duration::from_millis(300)).await,
-        }
-    };
-    let logs = format!("pod logs in {}, operator log {}", node.work.display(), operator_log.display());
-    let status = mjs.get_status("fundus").await.unwrap().status.unwrap();
-    assert_eq!(phase, "Succeeded", "{status:?}\n{logs}");
-    assert!(restarted);
+    // Inside a hospital's training pod: its own data and Secret only, not root, read-only root.
+    let (job, view) = look_inside(&client, ns, "finetune-hospital-", Duration::from_secs(300)).await;
+    let shard = job.trim_start_matches("fundus-g1-finetune-").to_string();
+    assert_eq!(view.shard_data, vec![shard.clone()], "{job} sees exactly its own data volume: {view:?}");
+    assert_ne!(view.uid, 0, "{job} runs as root");
+    assert!(view.root_read_only, "{job}'s root filesystem is writable");
+    assert!(!view.api_token, "{job} has an API token");
+    let own_secret = if shard == "hospital-3" || shard == "hospital-5" { vec![] } else { vec!["token".to_string()] };
+    assert_eq!(view.shard_secret, own_secret, "{job}: {view:?}");
+    // The waiting collect pod of the partner: its Secret, no hospital's data.
+    let (job, view) = look_inside(&client, ns, "collect-partner", Duration::from_secs(300)).await;
+    assert_eq!((view.shard_data.len(), view.shard_secret.clone()), (0, vec!["token".to_string()]), "{job}: {view:?}");
+
+    // Once a hospital has trained, the operator's pod is deleted; its Deployment brings it back.
+    let jobs: Api<Job> = Api::namespaced(client.clone(), ns);
+    eventually("a hospital trained", Duration::from_secs(300), || async {
+        jobs.list(&ListParams::default()).await.unwrap().items.iter().any(|j| j.name_any().contains("finetune-hospital") && j.status.as_ref().and_then(|s| s.succeeded).unwrap_or(0) > 0)
+    })
+    .await;
+    let first = operator_pod_name(&client).await.expect("the operator pod is ready");
+    operator_pod(&client).delete(&first, &DeleteParams::default()).await.unwrap();
+    eventually("a new operator pod ready", Duration::from_secs(180), || async { operator_pod_name(&client).await.is_some_and(|p| p != first) }).await;
+
+    let status = final_status(&mjs, "fundus", Duration::from_secs(900)).await;
+    assert_eq!(status.phase.as_deref(), Some("Succeeded"), "{status:#?}");
     partner.await.unwrap();
-
-    let results = status.results.expect("results copied from the evaluation report in S3");
+    let results = status.results.clone().expect("results copied from the evaluation report in S3 by the operator pod");
     assert!((0.0..=1.0).contains(&results.accuracy));
-    assert_eq!(results.baselines[0].id, "params-mean");
-    assert_eq!(results.model, "runs/e2e-cluster/fundus/g1/restored/data-vector/model.safetensors");
+    assert_eq!(results.model, format!("runs/{ns}/fundus/g1/restored/data-vector/model.safetensors"));
     assert!(store.exists(&results.model).await.unwrap(), "the merged model is in the bucket");
     assert_eq!(status.shards_ready.as_deref(), Some("4/5"));
-    let dropped = status.shards.iter().find(|s| s.name == "hospital-5").unwrap();
-    assert_eq!((dropped.state.as_str(), dropped.attempts), ("Failed", 2), "one try and one retry (backoffLimit 1)");
-    assert!(status.shards.iter().filter(|s| s.name.starts_with("hospital-") && s.name != "hospital-5").all(|s| s.samples.is_some_and(|n| n > 0)), "{:?}", status.shards);
+    let failing = status.shards.iter().find(|s| s.name == "hospital-5").unwrap();
+    assert_eq!((failing.state.as_str(), failing.attempts), ("Failed", 2), "one try and one retry by the Job controller: {failing:?}");
+    assert!(failing.reason.as_deref().unwrap_or_default().contains("BackoffLimitExceeded"), "{failing:?}");
     let partner_status = status.shards.iter().find(|s| s.name == "partner").unwrap();
-    assert_eq!((partner_status.state.as_str(), partner_status.vector.as_deref()), ("Ready", Some("runs/e2e-cluster/fundus/g1/shards/partner/vector.safetensors")), "{partner_status:?}");
+    assert_eq!(partner_status.state, "Ready", "{partner_status:?}");
 
-    // The late vector: the collect pod was already waiting when the hospital uploaded it.
-    let collect_log = std::fs::read_to_string(node.work.join("fundus-g1-collect-partner/pod.log")).unwrap();
-    assert!(collect_log.contains("waiting for the hospital's vector"), "{collect_log}");
-    // The restart redid nothing: every Job ran once, except the failing shard's retry.
-    assert_eq!(node.failures.lock().unwrap().get("fundus-g1-finetune-hospital-5"), Some(&2));
-    let runs = node.runs();
-    let reruns: Vec<_> = runs.iter().filter(|(job, runs)| **runs != 1 && !job.ends_with("finetune-hospital-5")).collect();
-    assert!(reruns.is_empty(), "stages ran again after the operator restarted: {reruns:?}\n{logs}");
-    assert!(runs.keys().any(|job| job.contains("-evaluate")), "{runs:?}");
-    let operator_log_text = std::fs::read_to_string(&operator_log).unwrap();
-    assert!(!operator_log_text.contains("forbidden"), "the chart's RBAC was not enough:\n{operator_log_text}");
+    // `kubectl logs` of a training pod shows the trainer's progress, one line per epoch.
+    let logs = kubectl(&["-n", ns, "logs", "job/fundus-g1-finetune-hospital-1"]);
+    assert_eq!(logs.lines().filter(|l| l.contains("epoch done")).count(), 2, "{logs}");
+    let collect_logs = kubectl(&["-n", ns, "logs", "job/fundus-g1-collect-partner"]);
+    assert!(collect_logs.contains("waiting for the hospital's vector"), "{collect_logs}");
 
-    // Deleting the MergeJob: the operator's finalizer removes its artifacts (cleanup: Delete) and
-    // the garbage collector removes its Jobs and ConfigMaps through their owner references.
+    // No stage ran twice across the operator's restart; the failing shard's Job ran two pods.
+    let starts = stage_starts(&client, ns).await;
+    assert!(starts.values().all(|n| *n == 1), "stages started more than once: {starts:?}");
+    assert!(starts.contains_key("evaluate"), "{starts:?}");
+    for job in jobs.list(&ListParams::default()).await.unwrap().items {
+        let s = job.status.clone().unwrap_or_default();
+        let pods = s.succeeded.unwrap_or(0) + s.failed.unwrap_or(0) + s.active.unwrap_or(0);
+        let expected = if job.name_any().ends_with("hospital-5") { 2 } else { 1 };
+        assert_eq!(pods, expected, "{} ran {pods} pods", job.name_any());
+    }
+
+    // Deleting the MergeJob: the operator's finalizer deletes its artifacts with the chart's S3
+    // credentials, the garbage collector its Jobs, pods and ConfigMap.
     mjs.delete("fundus", &DeleteParams::default()).await.unwrap();
-    eventually("the MergeJob gone (finalizer done)", Duration::from_secs(60), || async { mjs.get_opt("fundus").await.unwrap().is_none() }).await;
-    let jobs: Api<Job> = Api::namespaced(client.clone(), NS);
+    eventually("the MergeJob gone (finalizer done)", Duration::from_secs(120), || async { mjs.get_opt("fundus").await.unwrap().is_none() }).await;
     eventually("its Jobs deleted by the garbage collector", Duration::from_secs(120), || async { jobs.list(&ListParams::default()).await.unwrap().items.is_empty() }).await;
-    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), NS);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    eventually("its pods deleted", Duration::from_secs(120), || async { pods.list(&ListParams::default()).await.unwrap().items.is_empty() }).await;
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
     eventually("its spec ConfigMap deleted", Duration::from_secs(60), || async {
         config_maps.list(&ListParams::default()).await.unwrap().items.iter().all(|cm| !cm.name_any().starts_with("fundus"))
     })
     .await;
-    assert!(store.list("runs/e2e-cluster/fundus/").await.unwrap().is_empty(), "cleanup: Delete removes the run's artifacts");
+    assert!(store.list(&format!("runs/{ns}/fundus/")).await.unwrap().is_empty(), "cleanup: Delete removes the run's artifacts");
     assert!(store.exists(PARTNER_VECTOR).await.unwrap(), "the hospital's own upload is not the run's to delete");
-    operator.kill().unwrap();
-    let _ = operator.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the real node: run `make e2e-cluster`"]
+async fn on_a_shared_claim_a_mergejob_outlives_its_ttl_deleted_jobs_and_a_deadline_ends_a_hospital_that_never_answers() {
+    medmerge_operator::install_crypto_provider();
+    let client = Client::try_default().await.unwrap();
+    let ns = "e2e-pvc";
+    let node_dir = PathBuf::from(env("MEDMERGE_NODE_DIR"));
+    let work = node_dir.join(ns);
+    let volumes = make_data(&work);
+    namespace(&client, ns).await;
+    // The same share the operator's pod mounts through the chart (`localArtifacts`).
+    host_claim(&client, ns, "artifacts", Path::new(&env("MEDMERGE_E2E_ARTIFACTS_SHARE")), "ReadWriteMany").await;
+    let data = |part: &str| json!({"hostPath": {"path": volumes.join(part), "type": "Directory"}});
+    let mj = json!({
+        "apiVersion": "medmerge.io/v1alpha1", "kind": "MergeJob", "metadata": {"name": "local", "namespace": ns},
+        "spec": {
+            "model": {"architecture": "resnet18", "weights": "random", "imageSize": 32, "classes": CLASSES},
+            "shards": [
+                {"name": "a", "data": {"path": ".", "volume": data("shard-1")}},
+                {"name": "b", "data": {"path": ".", "volume": data("shard-2")}},
+                // Never uploads: its collect Job waits until activeDeadlineSeconds ends it.
+                {"name": "silent", "vector": "incoming/silent.safetensors"},
+            ],
+            "training": {"epochs": 2, "batchSize": 8, "learningRate": 0.001},
+            "merge": {"baselines": []},
+            "evaluation": {"data": {"path": ".", "volume": data("test")}, "explainImages": 0},
+            "storage": {"local": {"path": "store", "persistentVolumeClaim": "artifacts"}, "cleanup": "Delete"},
+            "cluster": cluster_settings(json!({"backoffLimit": 0, "minShards": 2, "activeDeadlineSeconds": 90, "ttlSecondsAfterFinished": 5})),
+        }
+    });
+    let mjs: Api<MergeJob> = Api::namespaced(client.clone(), ns);
+    create(&mjs, mj).await;
+    let status = final_status(&mjs, "local", Duration::from_secs(900)).await;
+    assert_eq!(status.phase.as_deref(), Some("Succeeded"), "{status:#?}");
+    let results = status.results.clone().expect("results read by the operator from its view of the claim");
+    assert_eq!(results.model, format!("runs/{ns}/local/g1/restored/data-vector/model.safetensors"));
+    let share = PathBuf::from(env("MEDMERGE_E2E_ARTIFACTS_SHARE")).join("store");
+    assert!(share.join(&results.model).exists(), "the merged model is on the shared volume");
+    let silent = status.shards.iter().find(|s| s.name == "silent").unwrap();
+    assert_eq!(silent.state, "Failed", "{silent:?}");
+    assert!(silent.reason.as_deref().unwrap_or_default().contains("DeadlineExceeded"), "the deadline is named: {silent:?}");
+
+    // The TTL controller deleted finished Jobs during the run; no stage ran again for it.
+    let jobs: Api<Job> = Api::namespaced(client.clone(), ns);
+    eventually("every finished Job deleted by the TTL controller", Duration::from_secs(120), || async { jobs.list(&ListParams::default()).await.unwrap().items.is_empty() }).await;
+    let starts = stage_starts(&client, ns).await;
+    assert!(starts.values().all(|n| *n == 1), "stages started again after their Jobs were deleted: {starts:?}");
+    let status = mjs.get_status("local").await.unwrap().status.unwrap();
+    assert!(status.stages.iter().any(|s| s.name == "evaluate" && s.state == "Succeeded"), "{:?}", status.stages);
+
+    mjs.delete("local", &DeleteParams::default()).await.unwrap();
+    eventually("the MergeJob gone (finalizer done)", Duration::from_secs(120), || async { mjs.get_opt("local").await.unwrap().is_none() }).await;
+    assert!(!share.join(format!("runs/{ns}/local")).exists(), "cleanup: Delete removed the run from the share");
+}
+
+/// Copies the synthetic ImageFolder `from` into `to` with the example's class names.
+fn renamed_classes(from: &Path, to: &Path, names: &[&str]) {
+    for (synthetic, name) in CLASSES.iter().chain(["cross"].iter()).zip(names) {
+        let dir = from.join(synthetic);
+        if !dir.exists() {
+            continue;
+        }
+        std::fs::create_dir_all(to.join(name)).unwrap();
+        for f in std::fs::read_dir(&dir).unwrap().flatten() {
+            std::fs::copy(f.path(), to.join(name).join(f.file_name())).unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the real node: run `make e2e-cluster`"]
+async fn the_cluster_example_runs_as_written_once_its_volumes_secrets_labels_and_gpus_are_there() {
+    medmerge_operator::install_crypto_provider();
+    let client = Client::try_default().await.unwrap();
+    let ns = "radiology";
+    let endpoint = env("MEDMERGE_S3_ENDPOINT");
+    let work = PathBuf::from(env("MEDMERGE_NODE_DIR")).join("example");
+    let example: Value = serde_yaml::from_str(&std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/cluster.yaml")).unwrap()).unwrap();
+    let classes: Vec<&str> = example["spec"]["model"]["classes"].as_array().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
+
+    // What the example's header says to provision. Images: four synthetic classes renamed.
+    let images = work.join("images");
+    run_trainer(&["synth", "--out", images.to_str().unwrap(), "--classes", "4", "--per-class", "16", "--size", "48"]);
+    run_trainer(&["split", "--data", images.to_str().unwrap(), "--out", work.join("split").to_str().unwrap(), "--shards", "4", "--test-fraction", "0.25", "--seed", "3"]);
+    namespace(&client, ns).await;
+    let parts = [("shard-1", Some("hospital-a-images")), ("shard-2", Some("hospital-b-images")), ("shard-3", Some("hospital-c-images")), ("test", Some("coordinator-test")), ("shard-4", None)];
+    for (part, claim) in parts {
+        let by_class = work.join("by-class").join(part);
+        for line in std::fs::read_to_string(work.join(format!("split/{part}.csv"))).unwrap().lines().skip(1) {
+            let (path, label) = line.rsplit_once(',').unwrap();
+            std::fs::create_dir_all(by_class.join(label)).unwrap();
+            std::fs::copy(path, by_class.join(label).join(Path::new(path).file_name().unwrap())).unwrap();
+        }
+        let volume = work.join("volumes").join(part);
+        renamed_classes(&by_class, &volume, &classes);
+        if let Some(claim) = claim {
+            host_claim(&client, ns, claim, &volume, "ReadOnlyMany").await;
+        }
+    }
+    for h in ["a", "b", "c"] {
+        secret(&client, ns, &format!("hospital-{h}-data"), json!({"token": h})).await;
+    }
+    secret(&client, ns, "medmerge-s3", json!({"AWS_ACCESS_KEY_ID": env("AWS_ACCESS_KEY_ID"), "AWS_SECRET_ACCESS_KEY": env("AWS_SECRET_ACCESS_KEY")})).await;
+    let store = Store::s3(S3Config { bucket: "medmerge".into(), endpoint: Some(endpoint.clone()), region: "us-east-1".into(), path_style: true, credentials: None, max_attempts: 3, attempt_timeout: None }).await;
+    store.create_bucket().await.unwrap();
+    // The node: every hospital's and the coordinator's label, and GPUs advertised as an extended
+    // resource (no device here; the trainer falls back to the CPU).
+    let node = env("MEDMERGE_NODE_NAME");
+    kubectl(&["label", "node", &node, "medmerge.io/hospital-a=true", "medmerge.io/hospital-b=true", "medmerge.io/hospital-c=true", "medmerge.io/pool=coordinator"]);
+    kubectl(&["taint", "node", &node, "nvidia.com/gpu=present:NoSchedule"]);
+    let gpus = r#"[{"op": "add", "path": "/status/capacity/nvidia.com~1gpu", "value": "8"}]"#;
+    kubectl(&["patch", "node", &node, "--subresource=status", "--type=json", "-p", gpus]);
+    let image = example["spec"]["cluster"]["image"].as_str().unwrap();
+    let sock = format!("{}/run/containerd.sock", env("MEDMERGE_NODE_DIR"));
+    let tagged = Command::new("ctr").args(["-a", &sock, "-n", "k8s.io", "images", "tag", "--force", &env("MEDMERGE_E2E_TRAINER_IMAGE"), image]).status().unwrap();
+    assert!(tagged.success(), "tag the trainer image as {image}");
+
+    // The partner clinic trains on its own premises once the run's base is in the bucket.
+    let base_key = ArtifactLayout::new("runs", ns, "fundus", 1).base();
+    let partner_vector = example["spec"]["shards"][3]["vector"].as_str().unwrap().to_string();
+    let (store2, work2) = (store.clone(), work.clone());
+    let partner = tokio::spawn(async move {
+        while !store2.exists(&base_key).await.unwrap() {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let base = work2.join("base.safetensors");
+        store2.get_file(&base_key, &base).await.unwrap();
+        let vector = work2.join("partner.safetensors");
+        let args = ["finetune", "--base", base.to_str().unwrap(), "--data", work2.join("volumes/shard-4").to_str().unwrap(), "--shard", "partner-clinic", "--out", vector.to_str().unwrap(), "--epochs", "1", "--batch-size", "8", "--threads", "1"].map(String::from);
+        tokio::task::spawn_blocking(move || run_trainer(&args.iter().map(String::as_str).collect::<Vec<_>>())).await.unwrap();
+        store2.put_file(&partner_vector, &vector).await.unwrap();
+    });
+
+    // Applied as written, but for the S3 endpoint: the test node has no DNS.
+    let yaml = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/cluster.yaml")).unwrap();
+    let applied = work.join("cluster.yaml");
+    std::fs::write(&applied, yaml.replace("http://minio.storage.svc:9000", &endpoint)).unwrap();
+    kubectl(&["apply", "-f", applied.to_str().unwrap()]);
+    let mjs: Api<MergeJob> = Api::namespaced(client.clone(), ns);
+    let status = final_status(&mjs, "fundus", Duration::from_secs(1500)).await;
+    partner.await.unwrap();
+    assert_eq!(status.phase.as_deref(), Some("Succeeded"), "{status:#?}");
+    assert_eq!(status.shards_ready.as_deref(), Some("4/4"));
+    let results = status.results.expect("results in status");
+    assert!(results.baselines.iter().any(|b| b.id == "params-mean"), "{results:?}");
+    // Placement as the example asks: hospitals on their nodes, GPUs requested, merge on CPU only.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let finetune = pods.list(&ListParams::default().labels("medmerge.io/stage=finetune-hospital-a")).await.unwrap().items;
+    let spec = finetune[0].spec.clone().unwrap();
+    assert_eq!(spec.node_selector.unwrap()["medmerge.io/hospital-a"], "true");
+    assert_eq!(spec.containers[0].resources.clone().unwrap().limits.unwrap()["nvidia.com/gpu"].0, "1");
+    let merge = pods.list(&ListParams::default().labels("medmerge.io/stage=merge-data-vector")).await.unwrap().items;
+    let limits = merge[0].spec.clone().unwrap().containers[0].resources.clone().unwrap().limits.unwrap();
+    assert!(!limits.contains_key("nvidia.com/gpu") && limits["memory"].0 == "2Gi", "{limits:?}");
+    mjs.delete("fundus", &DeleteParams::default()).await.unwrap();
 }

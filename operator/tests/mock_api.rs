@@ -23,10 +23,11 @@ fn mergejob(status: Value) -> MergeJob {
         "apiVersion": "medmerge.io/v1alpha1", "kind": "MergeJob",
         "metadata": {"name": "retina", "namespace": "radiology", "uid": "u-1", "generation": 1, "resourceVersion": "7"},
         "spec": {
-            "model": {"architecture": "resnet18", "weights": "random"},
-            "shards": [{"name": "a", "data": {"path": "a"}, "secretRef": "creds-a"}],
-            "evaluation": {"data": {"path": "t"}},
+            "model": {"architecture": "resnet18", "weights": "random", "classes": ["x", "y"]},
+            "shards": [{"name": "a", "data": {"path": "s3://data/a/"}, "secretRef": "creds-a"}],
+            "evaluation": {"data": {"path": "s3://data/t/"}},
             "merge": {"baselines": []},
+            "storage": {"s3": {"bucket": "runs"}},
         },
         "status": status,
     }))

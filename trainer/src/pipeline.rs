@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use medmerge_crds::plan::{Candidate, CandidateKind, PlannedStage};
-use medmerge_crds::{validate, ArtifactLayout, MergeJob, MergeJobSpec, ModelSpec, RestoreMode, Stage, StagePlan, WeightsSource};
+use medmerge_crds::{validate_for_local, ArtifactLayout, MergeJob, MergeJobSpec, ModelSpec, RestoreMode, Stage, StagePlan, WeightsSource};
 use tch::Device;
 use tracing::info;
 
@@ -42,7 +42,7 @@ impl Job {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("cannot read MergeJob {}: {e}", path.display()))?;
         let job: MergeJob = serde_yaml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: not a valid MergeJob: {e}", path.display()))?;
-        if let Err(errors) = validate(&job.spec) {
+        if let Err(errors) = validate_for_local(&job.spec) {
             let lines: Vec<String> = errors.iter().map(|e| format!("  - {e}")).collect();
             anyhow::bail!("{}: invalid MergeJob:\n{}", path.display(), lines.join("\n"));
         }

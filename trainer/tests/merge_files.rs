@@ -182,3 +182,32 @@ fn a_model_file_passed_as_a_vector_is_refused() {
     let e = f.merge(&[ShardVector { shard: "oops".into(), path: f.base.clone() }], MergeMethod::DataVector, HeadStrategy::Mean).unwrap_err();
     assert!(e.contains("is a model file, expected data-vector"), "{e}");
 }
+
+#[test]
+fn batch_norm_statistics_are_averaged_so_a_merged_variance_never_goes_negative() {
+    // Two hospitals whose variances both fell from the base's 1.0 to 0.2: λ·Στ with λ = 1 would
+    // give 1.0 - 0.8 - 0.8 = -0.6 (NaN logits in eval mode); the shards' mean is 0.2.
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.safetensors");
+    let tensors = |var: f32, mean: f32, w: f32| vec![("bn.running_var", vec![2], vec![var; 2]), ("bn.running_mean", vec![2], vec![mean; 2]), ("conv.weight", vec![2], vec![w; 2]), ("fc.bias", vec![2], vec![0.0; 2])];
+    write(&base, &tensors(1.0, 0.0, 1.0), &meta(ArtifactKind::Model, "", &CLASSES, vec![]));
+    let digest = file_digest(&base).unwrap();
+    let vectors: Vec<ShardVector> = ["a", "b"]
+        .iter()
+        .map(|shard| {
+            let path = dir.path().join(format!("{shard}.safetensors"));
+            let mut m = meta(ArtifactKind::Vector, &digest, &CLASSES, vec![1, 1]);
+            m.shard = Some(shard.to_string());
+            write(&path, &tensors(-0.8, 0.5, 0.5), &m);
+            ShardVector { shard: shard.to_string(), path }
+        })
+        .collect();
+    let opts = MergeOptions { method: MergeMethod::DataVector, lambda: 1.0, heads: HeadStrategy::Mean, ties_density: 1.0, dare_drop_rate: 0.0, seed: 1, pretrained_only: false };
+    let out = dir.path().join("merged.safetensors");
+    merge_files(&base, &vectors, &opts, &out).unwrap();
+    let f = MappedFile::open(&out).unwrap();
+    let merged: BTreeMap<String, Vec<f32>> = f.tensors().map(|t| (t.name.clone(), f.f32(&t.name).unwrap())).collect();
+    assert_eq!(merged["bn.running_var"], vec![0.2; 2], "the mean of the shards' variances");
+    assert_eq!(merged["bn.running_mean"], vec![0.5; 2]);
+    assert_eq!(merged["conv.weight"], vec![2.0; 2], "weights still get base + λ·Στ");
+}

@@ -49,6 +49,9 @@ pub enum MergeError {
     /// Nothing to merge.
     #[error("no vectors to merge")]
     NoVectors,
+    /// A merged batch-norm running variance is not positive: the model would give NaN.
+    #[error("merged {tensor}: running variance {value} at index {index} is not positive; refusing to publish a model that gives NaN")]
+    InvalidVariance { tensor: String, index: usize, value: f32 },
     /// Reading or writing a file failed.
     #[error(transparent)]
     St(#[from] StError),
@@ -303,6 +306,15 @@ impl<'a> TensorMerger<'a> {
             return linear_combination(vec![0f32; len], name, vectors, files, &self.head_scales, base.path());
         }
         let pre = base.f32(name)?;
+        if is_bn_statistic(name) {
+            // Running statistics estimate the data's moments; they are not weights. Adding
+            // λ·Στ to them can drive a variance negative (NaN logits in eval mode); the shards'
+            // mean is always a valid estimate (restoration recomputes them in any case).
+            let n = vectors.len().max(1) as f32;
+            let scale = if self.opts.pretrained_only { 0.0 } else { 1.0 / n };
+            let merged = linear_combination(pre, name, vectors, files, &vec![scale; vectors.len()], base.path())?;
+            return check_variance(name, merged);
+        }
         if let Some(scales) = &self.body_scales {
             return linear_combination(pre, name, vectors, files, scales, base.path());
         }
@@ -319,6 +331,21 @@ impl<'a> TensorMerger<'a> {
             MergeMethod::DataVector | MergeMethod::ParamsMean => unreachable!("linear methods have body scales"),
         })
     }
+}
+
+/// Whether `name` is a batch-norm running statistic (torchvision and efficientnet_pytorch names).
+fn is_bn_statistic(name: &str) -> bool {
+    name.ends_with(".running_mean") || name.ends_with(".running_var")
+}
+
+/// Refuses a running variance that is not positive (a model with it gives NaN in eval mode).
+fn check_variance(name: &str, values: Vec<f32>) -> Result<Vec<f32>, MergeError> {
+    if name.ends_with(".running_var") {
+        if let Some((index, value)) = values.iter().enumerate().find(|(_, v)| !(**v > 0.0)) {
+            return Err(MergeError::InvalidVariance { tensor: name.into(), index, value: *value });
+        }
+    }
+    Ok(values)
 }
 
 /// What the writer thread writes next: merged values, or bytes kept from the base.

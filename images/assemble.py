@@ -31,8 +31,18 @@ class DockerfileError(Exception):
     pass
 
 
-def final_stage(path):
-    """(line number, instruction, argument) of the final stage, continuation lines joined."""
+# What a base image provides beyond the C runtime (which comes from the binaries' ldd closure):
+# files taken from this machine. distroless/cc ships CA certificates; debian-slim does not (the
+# trainer's Dockerfile installs ca-certificates itself).
+BASE_FILES = {
+    "gcr.io/distroless/cc-debian12": ["/etc/ssl/certs/ca-certificates.crt"],
+    "debian": [],
+    "nvidia/cuda": [],
+}
+
+
+def instructions(path):
+    """(line number, instruction, argument) of every instruction, continuation lines joined."""
     lines, buf, start = [], "", 0
     with open(path) as f:
         for n, raw in enumerate(f, 1):
@@ -48,10 +58,17 @@ def final_stage(path):
             instr, _, arg = buf.strip().partition(" ")
             lines.append((start, instr.upper(), arg.strip()))
             buf = ""
+    return lines
+
+
+def final_stage(path):
+    """The ARG defaults declared before the first FROM, and the final stage's instructions."""
+    lines = instructions(path)
     froms = [i for i, (_, instr, _) in enumerate(lines) if instr == "FROM"]
     if not froms:
         raise DockerfileError(f"{path}: no FROM")
-    return lines[froms[-1] + 1:]
+    global_args = dict(arg.partition("=")[::2] for _, instr, arg in lines[: froms[0]] if instr == "ARG")
+    return global_args, lines[froms[-1]:]
 
 
 def parse_env(arg):
@@ -65,9 +82,18 @@ def plan(dockerfile, sources):
     """The image's config and the files it holds: {path in image: local path or bytes}."""
     config = {"Env": [], "User": "", "Entrypoint": None, "Cmd": None, "WorkingDir": "/", "ExposedPorts": {}}
     files, packages, users = {}, [], []
-    for n, instr, arg in final_stage(dockerfile):
+    args, stage = final_stage(dockerfile)
+    for n, instr, arg in stage:
         where = f"{dockerfile}:{n}"
-        if instr == "COPY":
+        if instr == "FROM":
+            base = arg.split()[0]
+            base = args.get(base.strip("${}"), base) if base.startswith("$") else base
+            known = [k for k in BASE_FILES if base.split(":")[0] == k or base.split(":")[0].startswith(k + "/")]
+            if not known:
+                raise DockerfileError(f"{where}: unknown base image {base}: say in BASE_FILES what it provides")
+            for f in BASE_FILES[known[0]]:
+                files[f] = f
+        elif instr == "COPY":
             words = shlex.split(arg)
             if not words or not words[0].startswith("--from="):
                 raise DockerfileError(f"{where}: only COPY --from=<stage> is supported: {arg}")
@@ -108,7 +134,10 @@ def plan(dockerfile, sources):
                     continue
                 else:
                     raise DockerfileError(f"{where}: cannot follow RUN {command.strip()!r} without an engine")
-        elif instr in ("ARG", "LABEL"):
+        elif instr == "ARG":
+            name, _, default = arg.partition("=")
+            args[name] = default or args.get(name, "")
+        elif instr == "LABEL":
             continue
         else:
             raise DockerfileError(f"{where}: unsupported instruction {instr}")
@@ -134,6 +163,8 @@ def plan(dockerfile, sources):
 
 
 def is_elf(path):
+    if not os.path.isfile(path):
+        return False
     with open(path, "rb") as f:
         return f.read(4) == b"\x7fELF"
 

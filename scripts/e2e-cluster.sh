@@ -11,9 +11,15 @@ source scripts/env.sh
 share="$(bash scripts/install-on-node.sh)"
 export MEDMERGE_E2E_TRAINER_IMAGE=localhost/medmerge/trainer:dev-cpu MEDMERGE_E2E_ARTIFACTS_SHARE="$share"
 status=0
-cargo test -q -p medmerge-operator --test cluster -- --ignored --test-threads=1 || status=$?
+# E2E_FILTER runs some scenarios only (a test-name substring).
+cargo test -q -p medmerge-operator --test cluster -- --ignored --test-threads=1 ${E2E_FILTER:-} || status=$?
 if [ "$status" -ne 0 ]; then
   echo "e2e-cluster: failed; the operator's log:" >&2
-  kubectl -n medmerge logs deployment/medmerge --tail=80 >&2 || true
+  kubectl -n medmerge logs deployment/medmerge --tail=40 >&2 || true
+  # The last lines of every stage pod that failed.
+  kubectl get pods -A -l app.kubernetes.io/managed-by=medmerge --field-selector=status.phase=Failed \
+    -o jsonpath='{range .items[*]}{.metadata.namespace} {.metadata.name}{"\n"}{end}' | while read -r ns pod; do
+    echo "--- $ns/$pod" >&2; kubectl -n "$ns" logs "$pod" --tail=15 >&2 || true
+  done
 fi
 exit "$status"

@@ -9,7 +9,7 @@ use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Patch, PatchParams};
+use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::store::{WriterDropped, Writer};
@@ -228,15 +228,23 @@ async fn create_stage_jobs(mj: &MergeJob, ctx: &Context, ns: &str, generation: i
     let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), ns);
     cms.patch(&cm_name, &apply, &Patch::Apply(&cm)).await.map_err(kube_err(format!("applying ConfigMap {ns}/{cm_name}")))?;
     let jobs_api: Api<Job> = Api::namespaced(ctx.client.clone(), ns);
+    let mut created = 0;
     for stage in &decision.create {
         let mut job = stage_job(mj, generation, stage);
         exclude_shards(&mut job, &decision.excluded_shards());
         let job_name = job.metadata.name.clone().unwrap_or_default();
-        jobs_api.patch(&job_name, &apply, &Patch::Apply(&job)).await.map_err(kube_err(format!("applying Job {ns}/{job_name}")))?;
+        // Create, never apply: the Job cache can lag behind a reconcile, and a Job that exists
+        // (409) must not be touched or reported as started again.
+        match jobs_api.create(&PostParams { field_manager: Some(MANAGER.into()), ..Default::default() }, &job).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(status)) if status.code == 409 => continue,
+            Err(error) => return Err(kube_err(format!("creating Job {ns}/{job_name}"))(error)),
+        }
+        created += 1;
         info!(stage = %stage.name(), job = %job_name, "stage Job created");
         publish(ctx, mj, EventType::Normal, "StageStarted", "CreateJob", format!("started stage {} as Job {job_name}", stage.name())).await;
     }
-    ctx.metrics.jobs_created(decision.create.len());
+    ctx.metrics.jobs_created(created);
     Ok(())
 }
 

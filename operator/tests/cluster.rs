@@ -96,6 +96,14 @@ async fn namespace(client: &Client, ns: &str) {
     .await;
 }
 
+/// A new bucket on the test's S3 server, reached with the admin credentials.
+async fn bucket(name: &str) -> Store {
+    let endpoint = env("MEDMERGE_S3_ENDPOINT");
+    let store = Store::s3(S3Config { bucket: name.into(), endpoint: Some(endpoint), region: "us-east-1".into(), path_style: true, credentials: None, max_attempts: 3, attempt_timeout: None }).await;
+    store.create_bucket().await.unwrap();
+    store
+}
+
 async fn secret(client: &Client, ns: &str, name: &str, data: Value) {
     create(&Api::<Secret>::namespaced(client.clone(), ns), json!({"metadata": {"name": name}, "stringData": data})).await;
 }
@@ -255,8 +263,7 @@ async fn on_s3_a_mergejob_survives_its_operator_pod_waits_for_a_late_hospital_dr
     // Each hospital's images on its own volume: a PVC for hospital-1, hostPath for the others.
     host_claim(&client, ns, "hospital-1-data", &volumes.join("shard-1"), "ReadOnlyMany").await;
 
-    let store = Store::s3(S3Config { bucket: BUCKET.into(), endpoint: Some(endpoint.clone()), region: "us-east-1".into(), path_style: true, credentials: None, max_attempts: 3, attempt_timeout: None }).await;
-    store.create_bucket().await.unwrap();
+    let store = bucket(BUCKET).await;
     let partner = tokio::spawn(partner_hospital(client.clone(), ns.into(), store.clone(), work.join("split/shard-4.csv"), work.join("partner")));
 
     let host = |part: &str| json!({"hostPath": {"path": volumes.join(part), "type": "Directory"}});
@@ -457,8 +464,7 @@ async fn the_cluster_example_runs_as_written_once_its_volumes_secrets_labels_and
         secret(&client, ns, &format!("hospital-{h}-data"), json!({"token": h})).await;
     }
     secret(&client, ns, "medmerge-s3", json!({"AWS_ACCESS_KEY_ID": env("AWS_ACCESS_KEY_ID"), "AWS_SECRET_ACCESS_KEY": env("AWS_SECRET_ACCESS_KEY")})).await;
-    let store = Store::s3(S3Config { bucket: "medmerge".into(), endpoint: Some(endpoint.clone()), region: "us-east-1".into(), path_style: true, credentials: None, max_attempts: 3, attempt_timeout: None }).await;
-    store.create_bucket().await.unwrap();
+    let store = bucket("medmerge").await;
     // The node: every hospital's and the coordinator's label, and GPUs advertised as an extended
     // resource (no device here; the trainer falls back to the CPU).
     let node = env("MEDMERGE_NODE_NAME");

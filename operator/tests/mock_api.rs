@@ -83,7 +83,7 @@ async fn a_new_mergejob_gets_its_spec_configmap_the_init_job_an_event_and_a_stat
         // Jobs come from the cache: the first call is already the spec ConfigMap.
         let cm = expect(&mut handle, Method::PATCH, "/api/v1/namespaces/radiology/configmaps/retina-g1-spec?&force=true&fieldManager=medmerge-operator", json!({"metadata": {}})).await;
         assert!(cm["data"]["mergejob.yaml"].as_str().unwrap().contains("creds-a"));
-        let job = expect(&mut handle, Method::PATCH, "/apis/batch/v1/namespaces/radiology/jobs/retina-g1-init?&force=true&fieldManager=medmerge-operator", json!({"metadata": {}})).await;
+        let job = expect(&mut handle, Method::POST, "/apis/batch/v1/namespaces/radiology/jobs?&fieldManager=medmerge-operator", json!({"metadata": {}})).await;
         assert_eq!(job["metadata"]["ownerReferences"][0]["uid"], "u-1");
         let volumes = job["spec"]["template"]["spec"]["volumes"].to_string();
         assert!(!volumes.contains("creds-a"), "the coordinator's init Job must not see a shard's secret");
@@ -116,7 +116,8 @@ async fn a_finished_init_job_in_the_cache_starts_the_hospitals_training() {
     let server = tokio::spawn(async move {
         let mut handle = pin!(handle);
         expect(&mut handle, Method::PATCH, "/api/v1/namespaces/radiology/configmaps/retina-g1-spec?", json!({"metadata": {}})).await;
-        let job = expect(&mut handle, Method::PATCH, "/apis/batch/v1/namespaces/radiology/jobs/retina-g1-finetune-a?", json!({"metadata": {}})).await;
+        let job = expect(&mut handle, Method::POST, "/apis/batch/v1/namespaces/radiology/jobs?", json!({"metadata": {}})).await;
+        assert_eq!(job["metadata"]["name"], "retina-g1-finetune-a");
         let volumes = job["spec"]["template"]["spec"]["volumes"].to_string();
         assert!(volumes.contains("creds-a"), "shard a's training Job mounts shard a's secret: {volumes}");
     });

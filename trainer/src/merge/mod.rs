@@ -49,8 +49,8 @@ pub enum MergeError {
     /// Nothing to merge.
     #[error("no vectors to merge")]
     NoVectors,
-    /// A merged batch-norm running variance is not positive: the model would give NaN.
-    #[error("merged {tensor}: running variance {value} at index {index} is not positive; refusing to publish a model that gives NaN")]
+    /// A merged batch-norm running variance is negative: the model would give NaN.
+    #[error("merged {tensor}: running variance {value} at index {index} is negative; refusing to publish a model that gives NaN")]
     InvalidVariance { tensor: String, index: usize, value: f32 },
     /// Reading or writing a file failed.
     #[error(transparent)]
@@ -338,10 +338,11 @@ fn is_bn_statistic(name: &str) -> bool {
     name.ends_with(".running_mean") || name.ends_with(".running_var")
 }
 
-/// Refuses a running variance that is not positive (a model with it gives NaN in eval mode).
+/// Refuses a negative running variance (a model with it gives NaN in eval mode). Zero is valid:
+/// batch norm adds its epsilon, and pretrained models have dead channels with variance 0.
 fn check_variance(name: &str, values: Vec<f32>) -> Result<Vec<f32>, MergeError> {
     if name.ends_with(".running_var") {
-        if let Some((index, value)) = values.iter().enumerate().find(|(_, v)| !(**v > 0.0)) {
+        if let Some((index, value)) = values.iter().enumerate().find(|(_, v)| !(**v >= 0.0)) {
             return Err(MergeError::InvalidVariance { tensor: name.into(), index, value: *value });
         }
     }
@@ -389,4 +390,19 @@ fn finite_view<'a>(file: &'a MappedFile, name: &str, shard: &str) -> Result<std:
         return Err(MergeError::NonFinite { shard: shard.into(), tensor: name.into() });
     }
     Ok(tau)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_negative_running_variance_is_refused_by_tensor_and_index_but_zero_is_kept() {
+        let e = check_variance("layer1.0.bn1.running_var", vec![0.5, 0.0, -0.25]).unwrap_err().to_string();
+        assert!(e.contains("layer1.0.bn1.running_var") && e.contains("-0.25 at index 2"), "{e}");
+        assert_eq!(check_variance("_bn0.running_var", vec![0.0, 1.0]).unwrap(), vec![0.0, 1.0]);
+        assert!(check_variance("layer1.0.bn1.running_var", vec![f32::NAN]).is_err());
+        assert_eq!(check_variance("_bn0.running_mean", vec![-3.0]).unwrap(), vec![-3.0], "means may be negative");
+        assert!(is_bn_statistic("_blocks.0._bn1.running_var") && !is_bn_statistic("_blocks.0._bn1.weight"));
+    }
 }

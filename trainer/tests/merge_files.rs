@@ -207,7 +207,7 @@ fn batch_norm_statistics_are_averaged_so_a_merged_variance_never_goes_negative()
     merge_files(&base, &vectors, &opts, &out).unwrap();
     let f = MappedFile::open(&out).unwrap();
     let merged: BTreeMap<String, Vec<f32>> = f.tensors().map(|t| (t.name.clone(), f.f32(&t.name).unwrap())).collect();
-    assert_eq!(merged["bn.running_var"], vec![0.2; 2], "the mean of the shards' variances");
+    assert!(merged["bn.running_var"].iter().all(|v| (v - 0.2).abs() < 1e-6), "the mean of the shards' variances: {:?}", merged["bn.running_var"]);
     assert_eq!(merged["bn.running_mean"], vec![0.5; 2]);
     assert_eq!(merged["conv.weight"], vec![2.0; 2], "weights still get base + λ·Στ");
 }

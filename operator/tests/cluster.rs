@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, PersistentVolume, PersistentVolumeClaim, Pod, Secret};
-use k8s_openapi::api::events::v1::Event;
 use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use medmerge_crds::{ArtifactLayout, MergeJob, MergeJobStatus};
@@ -193,16 +192,24 @@ async fn look_inside(client: &Client, ns: &str, stage: &str, limit: Duration) ->
     }
 }
 
-/// How many times the operator started each stage (its StageStarted Events, with repeats).
-async fn stage_starts(client: &Client, ns: &str) -> BTreeMap<String, i32> {
-    let mut starts = BTreeMap::new();
-    for e in Api::<Event>::namespaced(client.clone(), ns).list(&ListParams::default()).await.unwrap().items {
-        if e.reason.as_deref() == Some("StageStarted") {
-            let stage = e.note.as_deref().unwrap_or_default().split_whitespace().nth(2).unwrap_or_default().to_string();
-            *starts.entry(stage).or_default() += 1 + e.series.map_or(0, |s| s.count.max(1) - 1);
+/// Every Job that existed in `ns` while it ran, by name: the UIDs seen (a Job created again
+/// after being deleted shows a second UID). Polls every 250 ms; a stage Job lives longer than
+/// that (its pod's run, plus `ttlSecondsAfterFinished`).
+fn watch_jobs(client: &Client, ns: &str) -> std::sync::Arc<std::sync::Mutex<BTreeMap<String, std::collections::BTreeSet<String>>>> {
+    let seen: std::sync::Arc<std::sync::Mutex<BTreeMap<String, std::collections::BTreeSet<String>>>> = Default::default();
+    let (jobs, record) = (Api::<Job>::namespaced(client.clone(), ns), seen.clone());
+    tokio::spawn(async move {
+        loop {
+            if let Ok(list) = jobs.list(&ListParams::default()).await {
+                let mut seen = record.lock().unwrap();
+                for job in list.items {
+                    seen.entry(job.name_any()).or_default().insert(job.uid().unwrap_or_default());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
         }
-    }
-    starts
+    });
+    seen
 }
 
 fn operator_pod(client: &Client) -> Api<Pod> {
@@ -289,6 +296,7 @@ async fn on_s3_a_mergejob_survives_its_operator_pod_waits_for_a_late_hospital_dr
         }
     });
     let mjs: Api<MergeJob> = Api::namespaced(client.clone(), ns);
+    let created = watch_jobs(&client, ns);
     create(&mjs, mj).await;
 
     // Inside a hospital's training pod: its own data and Secret only, not root, read-only root.
@@ -334,10 +342,11 @@ async fn on_s3_a_mergejob_survives_its_operator_pod_waits_for_a_late_hospital_dr
     let collect_logs = kubectl(&["-n", ns, "logs", "job/fundus-g1-collect-partner"]);
     assert!(collect_logs.contains("waiting for the hospital's vector"), "{collect_logs}");
 
-    // No stage ran twice across the operator's restart; the failing shard's Job ran two pods.
-    let starts = stage_starts(&client, ns).await;
-    assert!(starts.values().all(|n| *n == 1), "stages started more than once: {starts:?}");
-    assert!(starts.contains_key("evaluate"), "{starts:?}");
+    // No stage ran twice across the operator's restart: each Job created once, one pod each;
+    // the failing shard's Job ran two.
+    let created = created.lock().unwrap().clone();
+    assert!(created.values().all(|uids| uids.len() == 1), "Jobs created again: {created:?}");
+    assert!(created.contains_key("fundus-g1-evaluate"), "{created:?}");
     for job in jobs.list(&ListParams::default()).await.unwrap().items {
         let s = job.status.clone().unwrap_or_default();
         let pods = s.succeeded.unwrap_or(0) + s.failed.unwrap_or(0) + s.active.unwrap_or(0);
@@ -392,6 +401,7 @@ async fn on_a_shared_claim_a_mergejob_outlives_its_ttl_deleted_jobs_and_a_deadli
         }
     });
     let mjs: Api<MergeJob> = Api::namespaced(client.clone(), ns);
+    let created = watch_jobs(&client, ns);
     create(&mjs, mj).await;
     let status = final_status(&mjs, "local", Duration::from_secs(900)).await;
     assert_eq!(status.phase.as_deref(), Some("Succeeded"), "{status:#?}");
@@ -406,8 +416,9 @@ async fn on_a_shared_claim_a_mergejob_outlives_its_ttl_deleted_jobs_and_a_deadli
     // The TTL controller deleted finished Jobs during the run; no stage ran again for it.
     let jobs: Api<Job> = Api::namespaced(client.clone(), ns);
     eventually("every finished Job deleted by the TTL controller", Duration::from_secs(120), || async { jobs.list(&ListParams::default()).await.unwrap().items.is_empty() }).await;
-    let starts = stage_starts(&client, ns).await;
-    assert!(starts.values().all(|n| *n == 1), "stages started again after their Jobs were deleted: {starts:?}");
+    let created = created.lock().unwrap().clone();
+    assert!(created.values().all(|uids| uids.len() == 1), "Jobs created again after the TTL controller deleted them: {created:?}");
+    assert_eq!(created.len(), 9, "init, 2 x finetune, collect, merge, 2 x restore, restore-combine, evaluate: {created:?}");
     let status = mjs.get_status("local").await.unwrap().status.unwrap();
     assert!(status.stages.iter().any(|s| s.name == "evaluate" && s.state == "Succeeded"), "{:?}", status.stages);
 

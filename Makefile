@@ -36,6 +36,10 @@ test-report:
 e2e-cluster:
 	bash scripts/with-node.sh bash scripts/with-s3.sh bash scripts/e2e-cluster.sh
 
+## A MergeJob on the real node: apply -> Succeeded, pod start latency, operator RSS.
+bench-node: build
+	bash bench/node-e2e.sh
+
 ## The operator and trainer images (docker-archive tarballs in ~/.cache/medmerge/images).
 images: build
 	bash scripts/build-images.sh

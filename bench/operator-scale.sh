@@ -13,9 +13,7 @@ if [ -z "${MEDMERGE_E2E_SA_TOKEN:-}" ]; then exec bash scripts/with-apiserver.sh
 source scripts/env.sh
 N="${MERGEJOBS:-500}"
 kubectl apply --server-side -f crds/mergejob.yaml >/dev/null
-# A just-created CRD has no conditions yet, and `kubectl wait` fails on that instead of waiting.
-for _ in $(seq 1 120); do kubectl wait --for condition=established --timeout=60s crd/mergejobs.medmerge.io >/dev/null 2>&1 && break; sleep 0.5; done
-kubectl wait --for condition=established --timeout=5s crd/mergejobs.medmerge.io >/dev/null
+bash scripts/wait-for-crd.sh >/dev/null
 sa_kubeconfig="$(bash scripts/install-chart.sh 2>/dev/null)"
 cargo build -q --workspace --bins --examples
 port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"

@@ -18,6 +18,7 @@ Usage: assemble.py DOCKERFILE TAG OUT.tar --source SRC=LOCAL [...]
 """
 import argparse
 import hashlib
+import io
 import json
 import os
 import shlex
@@ -212,7 +213,6 @@ def add(tf, name, data=None, local=None, mode=0o755):
     else:
         info.size = len(data)
         info.mode = mode
-        import io
         tf.addfile(info, io.BytesIO(data))
 
 

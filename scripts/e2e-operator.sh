@@ -17,9 +17,7 @@ eventually() {
 }
 
 kubectl apply --server-side -f crds/mergejob.yaml
-# A just-created CRD has no conditions yet, and `kubectl wait` fails on that instead of waiting.
-for _ in $(seq 1 120); do kubectl wait --for condition=established --timeout=60s crd/mergejobs.medmerge.io >/dev/null 2>&1 && break; sleep 0.5; done
-kubectl wait --for condition=established --timeout=5s crd/mergejobs.medmerge.io
+bash scripts/wait-for-crd.sh
 # Discovery lags the Established condition by a moment.
 for _ in $(seq 1 30); do explain="$(kubectl explain mergejob.spec.shards 2>/dev/null)" && break; sleep 1; done
 [ -n "${explain:-}" ] || { kubectl explain mergejob.spec.shards; exit 1; }

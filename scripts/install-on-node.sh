@@ -55,9 +55,7 @@ helm="$(bash scripts/setup-helm.sh)"
   --set networkPolicy.enabled=true --set "networkPolicy.s3.ports={${MEDMERGE_S3_ENDPOINT##*:}}" \
   --set "extraEnv[0].name=KUBERNETES_SERVICE_HOST" --set "extraEnv[0].value=$MEDMERGE_NODE_IP" \
   --set "extraEnv[1].name=KUBERNETES_SERVICE_PORT" --set-string "extraEnv[1].value=6443" >&2
-# A just-created CRD has no conditions yet, and `kubectl wait` fails on that instead of waiting.
-for _ in $(seq 1 120); do kubectl wait --for condition=established --timeout=60s crd/mergejobs.medmerge.io >/dev/null 2>&1 && break; sleep 0.5; done
-kubectl wait --for condition=established --timeout=5s crd/mergejobs.medmerge.io >/dev/null
+bash scripts/wait-for-crd.sh >/dev/null
 if ! kubectl -n medmerge rollout status deployment/medmerge --timeout=180s >&2; then
   kubectl -n medmerge describe pods >&2; kubectl -n medmerge logs deployment/medmerge --tail=50 >&2 || true; exit 1
 fi

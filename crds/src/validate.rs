@@ -193,8 +193,7 @@ fn validate_placement(spec: &MergeJobSpec) -> Vec<SpecError> {
             errors.push(err(format!("cluster.stageOverrides.{key}"), format!("unknown stage kind; one of {}", kinds.join(", "))));
         }
     }
-    let sources = spec.shards.iter().enumerate().filter_map(|(i, s)| s.data.as_ref().map(|d| (format!("shards[{i}].data"), d))).chain([("evaluation.data".to_string(), &spec.evaluation.data)]);
-    for (field, data) in sources {
+    for (field, data) in data_sources(spec) {
         if let Some(volume) = &data.volume {
             if volume.sources() != 1 {
                 errors.push(err(format!("{field}.volume"), "set exactly one of persistentVolumeClaim, hostPath, nfs, csi"));
@@ -210,6 +209,12 @@ fn validate_placement(spec: &MergeJobSpec) -> Vec<SpecError> {
         }
     }
     errors
+}
+
+/// Every image set of a spec with its field path: each shard's `data`, then `evaluation.data`.
+fn data_sources(spec: &MergeJobSpec) -> impl Iterator<Item = (String, &crate::spec::DataSource)> {
+    let shards = spec.shards.iter().enumerate().filter_map(|(i, s)| s.data.as_ref().map(|d| (format!("shards[{i}].data"), d)));
+    shards.chain([("evaluation.data".to_string(), &spec.evaluation.data)])
 }
 
 /// Whether `path` is relative and stays inside its root (no `..`, not absolute).
@@ -255,10 +260,9 @@ pub fn validate_for_cluster(spec: &MergeJobSpec) -> Result<(), Vec<SpecError>> {
 /// which only the operator can mount (a path would otherwise be read from the wrong place).
 pub fn validate_for_local(spec: &MergeJobSpec) -> Result<(), Vec<SpecError>> {
     let mut errors = validate(spec).err().unwrap_or_default();
-    let sources = spec.shards.iter().enumerate().filter_map(|(i, s)| s.data.as_ref().map(|d| (format!("shards[{i}].data.volume"), d))).chain([("evaluation.data.volume".to_string(), &spec.evaluation.data)]);
-    for (field, data) in sources {
+    for (field, data) in data_sources(spec) {
         if data.volume.is_some() {
-            errors.push(err(field, "a cluster volume, mounted by the operator; on one machine remove it and give data.path on this machine"));
+            errors.push(err(format!("{field}.volume"), "a cluster volume, mounted by the operator; on one machine remove it and give data.path on this machine"));
         }
     }
     if spec.storage.local.as_ref().is_some_and(|l| l.persistent_volume_claim.is_some()) {

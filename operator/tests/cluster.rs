@@ -56,15 +56,18 @@ fn make_data(dir: &Path) -> PathBuf {
     let split = dir.join("split");
     run_trainer(&["split", "--data", images.to_str().unwrap(), "--out", split.to_str().unwrap(), "--shards", "4", "--test-fraction", "0.25", "--seed", "7"]);
     for part in ["shard-1", "shard-2", "shard-3", "shard-4", "test"] {
-        let manifest = std::fs::read_to_string(split.join(format!("{part}.csv"))).unwrap();
-        for line in manifest.lines().skip(1) {
-            let (path, label) = line.rsplit_once(',').unwrap();
-            let to = dir.join("volumes").join(part).join(label);
-            std::fs::create_dir_all(&to).unwrap();
-            std::fs::copy(path, to.join(Path::new(path).file_name().unwrap())).unwrap();
-        }
+        image_folder(&split.join(format!("{part}.csv")), &dir.join("volumes").join(part));
     }
     dir.join("volumes")
+}
+
+/// Copies the images of a `path,label` manifest into a self-contained ImageFolder at `to`.
+fn image_folder(manifest: &Path, to: &Path) {
+    for line in std::fs::read_to_string(manifest).unwrap().lines().skip(1) {
+        let (path, label) = line.rsplit_once(',').unwrap();
+        std::fs::create_dir_all(to.join(label)).unwrap();
+        std::fs::copy(path, to.join(label).join(Path::new(path).file_name().unwrap())).unwrap();
+    }
 }
 
 async fn create<K>(api: &Api<K>, value: Value) -> K
@@ -460,11 +463,7 @@ async fn the_cluster_example_runs_as_written_once_its_volumes_secrets_labels_and
     let parts = [("shard-1", Some("hospital-a-images")), ("shard-2", Some("hospital-b-images")), ("shard-3", Some("hospital-c-images")), ("test", Some("coordinator-test")), ("shard-4", None)];
     for (part, claim) in parts {
         let by_class = work.join("by-class").join(part);
-        for line in std::fs::read_to_string(work.join(format!("split/{part}.csv"))).unwrap().lines().skip(1) {
-            let (path, label) = line.rsplit_once(',').unwrap();
-            std::fs::create_dir_all(by_class.join(label)).unwrap();
-            std::fs::copy(path, by_class.join(label).join(Path::new(path).file_name().unwrap())).unwrap();
-        }
+        image_folder(&work.join(format!("split/{part}.csv")), &by_class);
         let volume = work.join("volumes").join(part);
         renamed_classes(&by_class, &volume, &classes);
         if let Some(claim) = claim {

@@ -1,51 +1,94 @@
 #!/usr/bin/env bash
-# Reproduces the paper's comparison on a real ImageFolder (default ../shared/data/eye-fundus):
-# 4 equal random shards + a stratified 20 % test set, EfficientNet-Lite0 ImageNet at 128 px,
-# Adam 1e-4, 3 epochs, batch 32, class-weighted CE, random flips, seed 3315.
-# Writes bench/results/paper-table.{md,json}. About 30-40 minutes on 2 CPU cores.
+# The method against its baselines and a control, for every restoration, on IID hospitals
+# (4 equal random shards), label-skewed hospitals (Dirichlet 0.5), size-skewed hospitals
+# (50/25/15/10 %) and an imbalanced variant of the set (classes subsampled to 70/15/10/5 %,
+# equal shards), each over several seeds (a seed draws the test set, the shards, the head and the
+# shuffles). EfficientNet-Lite0 ImageNet, Adam 1e-4, batch 32, class-weighted CE, random flips.
+#
+#   DATA=<ImageFolder> IMAGE_SIZE=96 EPOCHS=3 SEEDS="1 2 3" SPLITS="iid dirichlet size imbalanced"
+#
+# Writes bench/results/paper-table.{md,json}. Every step's output is kept in $BENCH_WORK, so an
+# interrupted run resumes where it stopped. About 90 minutes on 2 CPU cores with the defaults.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
-DATA="${DATA:-../shared/data/eye-fundus}"
-DATA="$(cd "$DATA" && pwd)"
-WORK="${BENCH_WORK:-$MEDMERGE_CACHE/bench-paper}"
-SIZE="${IMAGE_SIZE:-128}"
+DATA="$(cd "${DATA:-../shared/data/eye-fundus}" && pwd)"
+SIZE="${IMAGE_SIZE:-96}"
 EPOCHS="${EPOCHS:-3}"
+SEEDS="${SEEDS:-1 2 3}"
+SPLITS="${SPLITS:-iid dirichlet size imbalanced}"
+WORK="${BENCH_WORK:-$MEDMERGE_CACHE/bench-paper}/$(basename "$DATA")-${SIZE}px-${EPOCHS}ep"
 T="$CARGO_TARGET_DIR/debug/medmerge-trainer"
-mkdir -p "$WORK" bench/results
+OUT="${BENCH_OUT:-bench/results/paper-table}"
+mkdir -p "$WORK" "$(dirname "$OUT")"
 started=$(date +%s)
-"$T" split --data "$DATA" --out "$WORK/split" --shards 4 --test-fraction 0.2 --seed 3315
-cat > "$WORK/paper.yaml" <<YAML
-apiVersion: medmerge.io/v1alpha1
-kind: MergeJob
-metadata: {name: paper-table}
-spec:
-  model: {architecture: efficientnet-lite0, weights: imagenet, imageSize: $SIZE}
-  shards:
-$(for i in 1 2 3 4; do echo "    - {name: shard-$i, data: {path: split/shard-$i.csv}}"; done)
-  training: {epochs: $EPOCHS, batchSize: 32, optimizer: adam, learningRate: 0.0001, seed: 3315, classWeighting: true, augment: {flip: true}}
-  merge: {method: dataVector, lambda: 0.5, heads: mean, baselines: [paramsMean, randomVector, pretrainedRestored, shardModels, fullTraining]}
-  restore: {mode: bnRecalibrate}
-  evaluation: {data: {path: split/test.csv}}
-  storage: {local: {path: artifacts}}
-YAML
-"$T" pipeline "$WORK/paper.yaml"
-RUN="$WORK/artifacts/runs/local/paper-table/g1"
-V=(); for i in 1 2 3 4; do V+=(--vector "shard-$i=$RUN/shards/shard-$i/vector.safetensors"); done
-SH=(); for i in 1 2 3 4; do SH+=(--data "$WORK/split/shard-$i.csv"); done
-X="$WORK/extra"; mkdir -p "$X"
-# Rows beyond the pipeline's: lambda 1.0, no restoration, and the paper's one-epoch restoration
-# (for the data vector, the parameter mean and the no-vector control).
-[ -f "$X/dv1.0-merged.safetensors" ] || "$T" merge --base "$RUN/base/model.safetensors" "${V[@]}" --lambda 1.0 --out "$X/dv1.0-merged.safetensors"
-[ -f "$X/dv1.0-bn.safetensors" ] || "$T" restore --model "$X/dv1.0-merged.safetensors" --mode bn-recalibrate "${SH[@]}" --out "$X/dv1.0-bn.safetensors"
-[ -f "$X/pm-none.safetensors" ] || cp "$RUN/merged/params-mean/model.safetensors" "$X/pm-none.safetensors"
-[ -f "$X/dv0.5-none.safetensors" ] || cp "$RUN/merged/data-vector/model.safetensors" "$X/dv0.5-none.safetensors"
-for m in data-vector params-mean pretrained-restored; do
-  [ -f "$X/$m-epoch.safetensors" ] || "$T" restore --model "$RUN/merged/$m/model.safetensors" --mode finetune-epoch --lr 0.0001 "${SH[@]}" --out "$X/$m-epoch.safetensors"
+log() { echo "[$(( $(date +%s) - started ))s] $*" >&2; }
+# Run "$@" unless its output file (the argument after --out) exists already.
+once() {
+  local out="" prev=""
+  for a in "$@"; do [ "$prev" = "--out" ] && out="$a"; prev="$a"; done
+  [ -n "$out" ] && [ -e "$out" ] && return 0
+  log "$*" ; "$@" > /dev/null
+}
+
+for seed in $SEEDS; do
+  B="$WORK/seed-$seed"; mkdir -p "$B"
+  TRAIN=(--epochs "$EPOCHS" --batch-size 32 --lr 0.0001 --seed "$seed")
+  once "$T" init --data "$DATA" --image-size "$SIZE" --seed "$seed" --out "$B/base.safetensors"
+  for kind in $SPLITS; do
+    D="$B/$kind"; M="$D/models"; mkdir -p "$M"
+    case "$kind" in
+      iid) skew=() ;;
+      dirichlet) skew=(--dirichlet 0.5) ;;
+      size) skew=(--sizes 50,25,15,10) ;;
+      imbalanced) skew=(--class-fractions 70,15,10,5) ;;
+      *) echo "unknown split kind $kind (iid, dirichlet, size, imbalanced)" >&2; exit 2 ;;
+    esac
+    [ -f "$D/split/test.csv" ] || { log "split $kind seed $seed"; "$T" split --data "$DATA" --out "$D/split" --shards 4 --seed "$seed" "${skew[@]}" > "$D/split.txt"; }
+    V=(); SH=()
+    for i in 1 2 3 4; do
+      once "$T" finetune --base "$B/base.safetensors" --data "$D/split/shard-$i.csv" --shard "shard-$i" --out "$D/vector-$i.safetensors" "${TRAIN[@]}"
+      V+=(--vector "shard-$i=$D/vector-$i.safetensors"); SH+=(--data "$D/split/shard-$i.csv")
+      # A shard's own model: the mean of one vector is that vector.
+      once "$T" merge --base "$B/base.safetensors" --vector "shard-$i=$D/vector-$i.safetensors" --method params-mean --out "$M/shard-$i.safetensors"
+    done
+    # Full training sees the union of the shards, which for iid, dirichlet and size is the same
+    # set (the test set depends only on the seed): trained once per seed and set.
+    pool="$B/full-$([ "$kind" = imbalanced ] && echo imbalanced || echo balanced)"
+    if [ ! -f "$pool/model.safetensors" ]; then
+      mkdir -p "$pool"
+      { head -n1 "$D/split/shard-1.csv"; for i in 1 2 3 4; do tail -n +2 "$D/split/shard-$i.csv"; done; } > "$pool/all.csv"
+      once "$T" finetune --base "$B/base.safetensors" --data "$pool/all.csv" --shard all --out "$pool/vector.safetensors" "${TRAIN[@]}"
+      once "$T" merge --base "$B/base.safetensors" --vector "all=$pool/vector.safetensors" --method params-mean --out "$pool/model.safetensors"
+    fi
+    once "$T" merge --base "$B/base.safetensors" "${V[@]}" --method data-vector --lambda 0.5 --out "$M/dv.safetensors"
+    once "$T" merge --base "$B/base.safetensors" "${V[@]}" --method params-mean --out "$M/pm.safetensors"
+    once "$T" merge --base "$B/base.safetensors" "${V[@]}" --method params-mean --pretrained-only --out "$M/control.safetensors"
+    R=(restore "${SH[@]}" "${TRAIN[@]}")
+    for mode in bn-recalibrate closed-form-head averaged-epoch finetune-epoch; do
+      once "$T" "${R[@]}" --model "$M/dv.safetensors" --mode "$mode" --out "$M/dv-$mode.safetensors"
+    done
+    # averaged-epoch-head = the head round on top of averaged-epoch (closed-form-head's BN round
+    # recomputes the same statistics), which saves training the epoch twice.
+    once "$T" "${R[@]}" --model "$M/dv-averaged-epoch.safetensors" --mode closed-form-head --out "$M/dv-averaged-epoch-head.safetensors"
+    for base in pm control; do
+      once "$T" "${R[@]}" --model "$M/$base.safetensors" --mode averaged-epoch --out "$M/$base-averaged-epoch.safetensors"
+      once "$T" "${R[@]}" --model "$M/$base-averaged-epoch.safetensors" --mode closed-form-head --out "$M/$base-averaged-epoch-head.safetensors"
+    done
+    once "$T" "${R[@]}" --model "$M/pm.safetensors" --mode bn-recalibrate --out "$M/pm-bn-recalibrate.safetensors"
+    once "$T" "${R[@]}" --model "$M/control.safetensors" --mode finetune-epoch --out "$M/control-finetune-epoch.safetensors"
+    EV=()
+    for m in dv dv-bn-recalibrate dv-closed-form-head dv-averaged-epoch dv-averaged-epoch-head dv-finetune-epoch \
+             pm pm-bn-recalibrate pm-averaged-epoch pm-averaged-epoch-head control-averaged-epoch-head control-finetune-epoch \
+             shard-1 shard-2 shard-3 shard-4; do
+      EV+=(--model "$M/$m.safetensors")
+    done
+    EV+=(--model "$pool/model.safetensors")
+    [ -f "$D/eval.json" ] || { log "evaluate $kind seed $seed"; "$T" evaluate --data "$D/split/test.csv" --json "$D/eval.json" "${EV[@]}" > "$D/eval.txt"; }
+  done
 done
-"$T" evaluate --data "$WORK/split/test.csv" --json "$X/extra.json" \
-  --model "$X/dv1.0-bn.safetensors" --model "$X/dv0.5-none.safetensors" --model "$X/pm-none.safetensors" \
-  --model "$X/data-vector-epoch.safetensors" --model "$X/params-mean-epoch.safetensors" --model "$X/pretrained-restored-epoch.safetensors"
 elapsed=$(( $(date +%s) - started ))
-python3 bench/paper_table.py "$RUN/eval/metrics.json" "$X/extra.json" "$elapsed" "DATA=$DATA IMAGE_SIZE=$SIZE EPOCHS=$EPOCHS make bench-paper" > bench/results/paper-table.md
-cat bench/results/paper-table.md
+python3 bench/paper_table.py "$WORK" "$elapsed" "$OUT" \
+  "DATA=$DATA IMAGE_SIZE=$SIZE EPOCHS=$EPOCHS SEEDS=\"$SEEDS\" SPLITS=\"$SPLITS\" bash bench/paper-table.sh" \
+  "$SIZE" "$EPOCHS" "$SEEDS" "$SPLITS"
+cat "$OUT.md"

@@ -3,6 +3,8 @@
 //! Keys are `/`-separated and relative to the store's root; the local directory store and the S3
 //! store both use them unchanged.
 
+use crate::spec::RestoreRound;
+
 /// The artifact keys of one run (one MergeJob generation).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ArtifactLayout {
@@ -59,14 +61,21 @@ impl ArtifactLayout {
         self.key(&format!("merged/{candidate}/model.safetensors"))
     }
 
-    /// Batch-norm statistics that shard `shard` computed for `candidate`.
-    pub fn restore_stats(&self, candidate: &str, shard: &str) -> String {
-        self.key(&format!("restore/{candidate}/{shard}/bn-stats.safetensors"))
+    /// What shard `shard` produced in `candidate`'s restoration round `round`: a model (epoch,
+    /// chain), batch-norm moments (bn) or per-class feature statistics (head).
+    pub fn restore_part(&self, candidate: &str, round: RestoreRound, shard: &str) -> String {
+        let file = match round {
+            RestoreRound::Epoch | RestoreRound::Chain => "model",
+            RestoreRound::BnMoments => "bn-stats",
+            RestoreRound::HeadStatistics => "head-stats",
+        };
+        self.key(&format!("restore/{candidate}/{}/{shard}/{file}.safetensors", round.as_str()))
     }
 
-    /// The model after `candidate`'s restoration epoch on shard `shard`.
-    pub fn restore_step(&self, candidate: &str, shard: &str) -> String {
-        self.key(&format!("restore/{candidate}/{shard}/model.safetensors"))
+    /// The model after `candidate`'s restoration round `round` (the last round writes
+    /// [`ArtifactLayout::restored`] instead).
+    pub fn restore_round(&self, candidate: &str, round: RestoreRound) -> String {
+        self.key(&format!("restore/{candidate}/{}/model.safetensors", round.as_str()))
     }
 
     /// A merged model after restoration: what is evaluated and shipped.

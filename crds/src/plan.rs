@@ -7,7 +7,7 @@
 use std::collections::BTreeSet;
 
 use crate::layout::ArtifactLayout;
-use crate::spec::{Baseline, MergeJobSpec, MergeMethod, RestoreMode};
+use crate::spec::{Baseline, MergeJobSpec, MergeMethod, RestoreMode, RestoreRound};
 
 /// A model evaluated at the end of a run.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -51,10 +51,11 @@ pub enum Stage {
     FullTraining,
     /// Merge vectors into one candidate model.
     Merge { candidate: String },
-    /// One shard's part of a candidate's restoration.
-    Restore { candidate: String, shard: String },
-    /// Combine the shards' restoration parts into the restored model.
-    RestoreCombine { candidate: String },
+    /// One shard's part of one round of a candidate's restoration.
+    Restore { candidate: String, round: RestoreRound, shard: String },
+    /// Combine the shards' parts of one restoration round into the round's model (no round:
+    /// publish the merged model unrestored).
+    RestoreCombine { candidate: String, round: Option<RestoreRound> },
     /// Evaluate every candidate on the held-out set.
     Evaluate,
 }
@@ -68,8 +69,9 @@ impl Stage {
             Stage::Collect { shard } => format!("collect-{shard}"),
             Stage::FullTraining => "full-training".into(),
             Stage::Merge { candidate } => format!("merge-{candidate}"),
-            Stage::Restore { candidate, shard } => format!("restore-{candidate}-{shard}"),
-            Stage::RestoreCombine { candidate } => format!("restore-{candidate}"),
+            Stage::Restore { candidate, round, shard } => format!("restore-{candidate}-{}-{shard}", round.as_str()),
+            Stage::RestoreCombine { candidate, round: Some(round) } => format!("restore-{candidate}-{}", round.as_str()),
+            Stage::RestoreCombine { candidate, round: None } => format!("restore-{candidate}"),
             Stage::Evaluate => "evaluate".into(),
         }
     }
@@ -189,46 +191,33 @@ impl StagePlan {
     }
 }
 
+/// The stages of `candidate`'s restoration: per round, a part per shard (all in parallel, except
+/// the chain, where each shard starts from the previous one's model) and a combine stage. Each
+/// round reads the previous round's model; the last writes the restored model.
 fn restore_stages(mode: RestoreMode, candidate: &str, shards: &[&str], layout: &ArtifactLayout) -> Vec<PlannedStage> {
-    let merged = layout.merged(candidate);
-    let combine = |reads: Vec<String>| PlannedStage {
-        stage: Stage::RestoreCombine { candidate: candidate.into() },
-        reads,
-        writes: vec![layout.restored(candidate)],
-    };
-    match mode {
-        RestoreMode::None => vec![combine(vec![merged])],
-        RestoreMode::BnRecalibrate => {
-            let mut stages: Vec<PlannedStage> = shards
-                .iter()
-                .map(|s| PlannedStage {
-                    stage: Stage::Restore { candidate: candidate.into(), shard: (*s).into() },
-                    reads: vec![merged.clone()],
-                    writes: vec![layout.restore_stats(candidate, s)],
-                })
-                .collect();
-            let mut reads = vec![merged.clone()];
-            reads.extend(shards.iter().map(|s| layout.restore_stats(candidate, s)));
-            stages.push(combine(reads));
-            stages
-        }
-        RestoreMode::FinetuneEpoch => {
-            // Shard after shard: each epoch starts from the previous shard's result.
-            let mut previous = merged;
-            let mut stages = Vec::new();
-            for s in shards {
-                let out = layout.restore_step(candidate, s);
-                stages.push(PlannedStage {
-                    stage: Stage::Restore { candidate: candidate.into(), shard: (*s).into() },
-                    reads: vec![previous.clone()],
-                    writes: vec![out.clone()],
-                });
-                previous = out;
-            }
-            stages.push(combine(vec![previous]));
-            stages
-        }
+    let mut input = layout.merged(candidate);
+    let rounds = mode.rounds();
+    if rounds.is_empty() {
+        // No restoration: the combine stage publishes the merged model as the restored one.
+        let stage = Stage::RestoreCombine { candidate: candidate.into(), round: None };
+        return vec![PlannedStage { stage, reads: vec![input], writes: vec![layout.restored(candidate)] }];
     }
+    let mut stages = Vec::new();
+    for (i, &round) in rounds.iter().enumerate() {
+        let output = if i + 1 == rounds.len() { layout.restored(candidate) } else { layout.restore_round(candidate, round) };
+        let mut combine_reads = vec![input.clone()];
+        let mut previous = input.clone();
+        for s in shards {
+            let part = layout.restore_part(candidate, round, s);
+            let reads = if round == RestoreRound::Chain { vec![previous.clone()] } else { vec![input.clone()] };
+            stages.push(PlannedStage { stage: Stage::Restore { candidate: candidate.into(), round, shard: (*s).into() }, reads, writes: vec![part.clone()] });
+            previous = part.clone();
+            combine_reads.push(part);
+        }
+        stages.push(PlannedStage { stage: Stage::RestoreCombine { candidate: candidate.into(), round: Some(round) }, reads: combine_reads, writes: vec![output.clone()] });
+        input = output;
+    }
+    stages
 }
 
 #[cfg(test)]
@@ -311,8 +300,8 @@ mod tests {
                 Stage::Finetune { shard: "a".into() },
                 Stage::Collect { shard: "ext".into() },
                 Stage::Merge { candidate: c.clone() },
-                Stage::Restore { candidate: c.clone(), shard: "a".into() },
-                Stage::RestoreCombine { candidate: c },
+                Stage::Restore { candidate: c.clone(), round: RestoreRound::BnMoments, shard: "a".into() },
+                Stage::RestoreCombine { candidate: c, round: Some(RestoreRound::BnMoments) },
                 Stage::Evaluate,
             ]
         );
@@ -322,8 +311,30 @@ mod tests {
     fn finetune_epoch_restoration_chains_shard_after_shard() {
         let l = layout();
         let plan = StagePlan::new(&spec(&[("a", false), ("b", false)], RestoreMode::FinetuneEpoch, vec![]), &l);
-        let step_b = plan.stages.iter().find(|p| p.stage == Stage::Restore { candidate: "data-vector".into(), shard: "b".into() }).unwrap();
-        assert_eq!(step_b.reads, vec![l.restore_step("data-vector", "a")]);
+        let step_b = plan.stages.iter().find(|p| p.stage == Stage::Restore { candidate: "data-vector".into(), round: RestoreRound::Chain, shard: "b".into() }).unwrap();
+        assert_eq!(step_b.reads, vec![l.restore_part("data-vector", RestoreRound::Chain, "a")]);
+    }
+
+    #[test]
+    fn parallel_restoration_rounds_let_every_shard_work_at_once_and_feed_the_next_round() {
+        let l = layout();
+        let plan = StagePlan::new(&spec(&[("a", false), ("b", false)], RestoreMode::AveragedEpochHead, vec![]), &l);
+        let c = "data-vector";
+        let mut done = BTreeSet::from([l.merged(c)]);
+        for (round, input, output) in [
+            (RestoreRound::Epoch, l.merged(c), l.restore_round(c, RestoreRound::Epoch)),
+            (RestoreRound::BnMoments, l.restore_round(c, RestoreRound::Epoch), l.restore_round(c, RestoreRound::BnMoments)),
+            (RestoreRound::HeadStatistics, l.restore_round(c, RestoreRound::BnMoments), l.restored(c)),
+        ] {
+            let ready: Vec<_> = plan.ready(&done).into_iter().filter(|p| matches!(p.stage, Stage::Restore { .. })).cloned().collect();
+            let shards: Vec<_> = ready.iter().map(|p| p.stage.clone()).collect();
+            assert_eq!(shards, ["a", "b"].map(|s| Stage::Restore { candidate: c.into(), round, shard: s.into() }), "both shards at once in {round:?}");
+            assert!(ready.iter().all(|p| p.reads == vec![input.clone()]), "{round:?} reads {input}");
+            done.extend(ready.iter().flat_map(|p| p.writes.clone()));
+            let combine = plan.ready(&done).into_iter().find(|p| matches!(p.stage, Stage::RestoreCombine { .. })).cloned().expect("combine ready");
+            assert_eq!(combine.writes, vec![output.clone()]);
+            done.insert(output);
+        }
     }
 
     #[test]

@@ -509,7 +509,8 @@ pub enum Baseline {
 pub struct RestoreSpec {
     /// How batch-norm state is restored.
     pub mode: RestoreMode,
-    /// Learning rate of the finetuneEpoch mode (defaults to training.learningRate).
+    /// Learning rate of the modes that train (finetuneEpoch, averagedEpoch, averagedEpochHead;
+    /// defaults to training.learningRate).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub learning_rate: Option<f64>,
 }
@@ -520,7 +521,9 @@ impl Default for RestoreSpec {
     }
 }
 
-/// Restoration modes.
+/// Restoration modes. Every mode but `finetuneEpoch` runs as rounds in which all hospitals work
+/// at the same time on their own data and only aggregates leave them; no hospital waits for
+/// another's result.
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum RestoreMode {
@@ -528,17 +531,60 @@ pub enum RestoreMode {
     /// counts, sums and sums of squares leave the shard; they are combined exactly.
     #[default]
     BnRecalibrate,
-    /// One training epoch on each shard in turn (the paper's restoration).
+    /// `bnRecalibrate`, then a classification head fitted in closed form (shrinkage LDA) from
+    /// each shard's per-class counts and feature sums and its feature Gram matrix, computed with
+    /// the recalibrated backbone.
+    ClosedFormHead,
+    /// One training epoch on every shard at the same time, each from the merged model; the
+    /// shards' models are averaged (weighted by images), then `bnRecalibrate`.
+    AveragedEpoch,
+    /// `averagedEpoch`, then the closed-form head of `closedFormHead`.
+    AveragedEpochHead,
+    /// One training epoch on each shard in turn, the model travelling from shard to shard (the
+    /// paper's restoration; hospitals wait on each other).
     FinetuneEpoch,
     /// No restoration.
     None,
 }
 
+/// One round of a restoration: what each shard computes from the round's input model, and what
+/// the coordinator combines it into.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RestoreRound {
+    /// Every shard trains one epoch from the input; the models are averaged.
+    Epoch,
+    /// Every shard reports batch-norm input moments; they set the running statistics.
+    BnMoments,
+    /// Every shard reports per-class feature statistics; they fit the classification head.
+    HeadStatistics,
+    /// Shard after shard, one epoch each, the model passed along (the paper's chain).
+    Chain,
+}
+
+impl RestoreRound {
+    /// kebab-case name used in stage names and artifact keys.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RestoreRound::Epoch => "epoch",
+            RestoreRound::BnMoments => "bn",
+            RestoreRound::HeadStatistics => "head",
+            RestoreRound::Chain => "chain",
+        }
+    }
+}
+
 impl RestoreMode {
+    /// Every mode, in documentation order.
+    pub const ALL: [RestoreMode; 6] =
+        [Self::BnRecalibrate, Self::ClosedFormHead, Self::AveragedEpoch, Self::AveragedEpochHead, Self::FinetuneEpoch, Self::None];
+
     /// kebab-case name used in artifact keys and reports.
     pub fn as_str(self) -> &'static str {
         match self {
             RestoreMode::BnRecalibrate => "bn-recalibrate",
+            RestoreMode::ClosedFormHead => "closed-form-head",
+            RestoreMode::AveragedEpoch => "averaged-epoch",
+            RestoreMode::AveragedEpochHead => "averaged-epoch-head",
             RestoreMode::FinetuneEpoch => "finetune-epoch",
             RestoreMode::None => "none",
         }
@@ -546,7 +592,25 @@ impl RestoreMode {
 
     /// Parses the kebab-case name.
     pub fn parse(name: &str) -> Option<Self> {
-        [Self::BnRecalibrate, Self::FinetuneEpoch, Self::None].into_iter().find(|m| m.as_str() == name)
+        Self::ALL.into_iter().find(|m| m.as_str() == name)
+    }
+
+    /// The rounds this mode runs, in order.
+    pub fn rounds(self) -> &'static [RestoreRound] {
+        use RestoreRound::*;
+        match self {
+            RestoreMode::BnRecalibrate => &[BnMoments],
+            RestoreMode::ClosedFormHead => &[BnMoments, HeadStatistics],
+            RestoreMode::AveragedEpoch => &[Epoch, BnMoments],
+            RestoreMode::AveragedEpochHead => &[Epoch, BnMoments, HeadStatistics],
+            RestoreMode::FinetuneEpoch => &[Chain],
+            RestoreMode::None => &[],
+        }
+    }
+
+    /// Whether any round trains (and so uses `restore.learningRate`).
+    pub fn trains(self) -> bool {
+        self.rounds().iter().any(|r| matches!(r, RestoreRound::Epoch | RestoreRound::Chain))
     }
 }
 

@@ -285,9 +285,9 @@ mod tests {
     fn restoration_follows_the_merge_then_evaluation() {
         let mut j = jobs(&[("init", Succeeded), ("finetune-a", Succeeded), ("finetune-b", Succeeded), ("finetune-c", Succeeded), ("merge-data-vector", Succeeded)]);
         let d = decide("mj", "ns", 1, &spec(""), &j);
-        assert_eq!(names(&d), vec!["restore-data-vector-a", "restore-data-vector-b", "restore-data-vector-c"]);
+        assert_eq!(names(&d), vec!["restore-data-vector-bn-a", "restore-data-vector-bn-b", "restore-data-vector-bn-c"]);
         assert_eq!(d.phase, Phase::Restoring);
-        for s in ["restore-data-vector-a", "restore-data-vector-b", "restore-data-vector-c", "restore-data-vector"] {
+        for s in ["restore-data-vector-bn-a", "restore-data-vector-bn-b", "restore-data-vector-bn-c", "restore-data-vector-bn"] {
             j.jobs.insert(s.into(), Succeeded);
         }
         let d = decide("mj", "ns", 1, &spec(""), &j);

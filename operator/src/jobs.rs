@@ -293,6 +293,7 @@ pub fn stage_job(mj: &MergeJob, generation: i64, stage: &Stage) -> Job {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use medmerge_crds::RestoreRound;
 
     fn mergejob() -> MergeJob {
         let mut mj: MergeJob = serde_yaml::from_str(
@@ -326,7 +327,7 @@ spec:
         assert_eq!(secrets(&a), vec!["creds-a"]);
         let pod = a.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
         assert_eq!(pod.node_selector.as_ref().unwrap()["site"], "a");
-        let b_restore = stage_job(&mj, 2, &Stage::Restore { candidate: "data-vector".into(), shard: "hospital-b".into() });
+        let b_restore = stage_job(&mj, 2, &Stage::Restore { candidate: "data-vector".into(), round: RestoreRound::BnMoments, shard: "hospital-b".into() });
         assert_eq!(secrets(&b_restore), vec!["creds-b"]);
         let env = pod.containers[0].env.clone().unwrap();
         assert!(env.iter().any(|e| e.name == "MEDMERGE_SHARD_CREDENTIALS_DIR" && e.value.as_deref() == Some(SHARD_SECRET_DIR)), "the trainer is told where its shard's credentials are");
@@ -335,7 +336,7 @@ spec:
     #[test]
     fn coordinator_stages_see_no_shard_secret() {
         let mj = mergejob();
-        for stage in [Stage::Init, Stage::Merge { candidate: "data-vector".into() }, Stage::RestoreCombine { candidate: "data-vector".into() }, Stage::Evaluate] {
+        for stage in [Stage::Init, Stage::Merge { candidate: "data-vector".into() }, Stage::RestoreCombine { candidate: "data-vector".into(), round: Some(RestoreRound::BnMoments) }, Stage::Evaluate] {
             assert!(secrets(&stage_job(&mj, 2, &stage)).is_empty(), "{}", stage.name());
         }
     }
@@ -462,7 +463,7 @@ storage: {local: {path: runs, persistentVolumeClaim: artifacts}}
         let claim = pod.volumes.iter().flatten().find(|v| v.name == "data-hospital-a").unwrap().persistent_volume_claim.clone().unwrap();
         assert_eq!((claim.claim_name.as_str(), claim.read_only), ("a-data", Some(true)));
         assert_eq!(pod.service_account_name.as_deref(), Some("hospital-a"), "the shard's own identity");
-        let restore_b = mounts(&stage_job(&mj, 2, &Stage::Restore { candidate: "data-vector".into(), shard: "hospital-b".into() }));
+        let restore_b = mounts(&stage_job(&mj, 2, &Stage::Restore { candidate: "data-vector".into(), round: RestoreRound::BnMoments, shard: "hospital-b".into() }));
         assert!(restore_b.iter().any(|(n, _, ro)| n == "data-hospital-b" && *ro) && !restore_b.iter().any(|(n, _, _)| n == "data-hospital-a"), "{restore_b:?}");
         for stage in [Stage::Init, Stage::Merge { candidate: "data-vector".into() }, Stage::Collect { shard: "hospital-a".into() }] {
             assert!(!mounts(&stage_job(&mj, 2, &stage)).iter().any(|(n, _, _)| n.starts_with("data-") || n == "evaluation-data"), "{}", stage.name());

@@ -213,9 +213,9 @@ mod tests {
             ("finetune-a", Succeeded),
             ("finetune-b", Succeeded),
             ("merge-data-vector", Succeeded),
-            ("restore-data-vector-a", Succeeded),
-            ("restore-data-vector-b", Succeeded),
-            ("restore-data-vector", Succeeded),
+            ("restore-data-vector-bn-a", Succeeded),
+            ("restore-data-vector-bn-b", Succeeded),
+            ("restore-data-vector-bn", Succeeded),
             ("evaluate", Succeeded),
         ]);
         let done = status(&MergeJobStatus::default(), &all, 5_000);

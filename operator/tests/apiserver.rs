@@ -168,17 +168,17 @@ async fn a_mergejob_drives_every_stage_as_jobs_and_records_results() {
     h.finish("retina-g1-merge-data-vector", true).await;
     h.finish("retina-g1-merge-params-mean", true).await;
 
-    let restores = ["restore-data-vector-a", "restore-data-vector-b", "restore-params-mean-a", "restore-params-mean-b"];
+    let restores = ["restore-data-vector-bn-a", "restore-data-vector-bn-b", "restore-params-mean-bn-a", "restore-params-mean-bn-b"];
     let merges = ["merge-data-vector", "merge-params-mean"];
     let all: Vec<&str> = with(&merges).into_iter().chain(restores).collect();
     h.expect_stages("retina", 1, &all).await;
     for stage in restores {
         h.finish(&format!("retina-g1-{stage}"), true).await;
     }
-    let all: Vec<&str> = all.into_iter().chain(["restore-data-vector", "restore-params-mean"]).collect();
+    let all: Vec<&str> = all.into_iter().chain(["restore-data-vector-bn", "restore-params-mean-bn"]).collect();
     h.expect_stages("retina", 1, &all).await;
-    h.finish("retina-g1-restore-data-vector", true).await;
-    h.finish("retina-g1-restore-params-mean", true).await;
+    h.finish("retina-g1-restore-data-vector-bn", true).await;
+    h.finish("retina-g1-restore-params-mean-bn", true).await;
 
     let all: Vec<&str> = all.into_iter().chain(["evaluate"]).collect();
     h.expect_stages("retina", 1, &all).await;

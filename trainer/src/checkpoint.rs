@@ -16,6 +16,8 @@ pub enum ArtifactKind {
     Vector,
     /// Batch-norm moments a shard computed for restoration.
     BnStats,
+    /// Per-class feature statistics a shard computed for the closed-form head.
+    HeadStats,
 }
 
 impl ArtifactKind {
@@ -24,6 +26,7 @@ impl ArtifactKind {
             ArtifactKind::Model => "model",
             ArtifactKind::Vector => "data-vector",
             ArtifactKind::BnStats => "bn-stats",
+            ArtifactKind::HeadStats => "head-stats",
         }
     }
 }

@@ -12,11 +12,12 @@ use medmerge_trainer::checkpoint::{ArtifactKind, ArtifactMeta};
 use medmerge_trainer::data::Dataset;
 use medmerge_trainer::evaluate::{evaluate, predict};
 use medmerge_trainer::explain::{explain_images, mean_fundus_fraction, ExplainOptions};
-use medmerge_trainer::merge::{merge_files, write_vector, MergeOptions, ShardVector};
+use medmerge_trainer::merge::{merge_checked, write_vector, MergeOptions, ShardVector};
 use medmerge_trainer::metrics::argmax;
 use medmerge_trainer::model::Network;
 use medmerge_trainer::pipeline::{init_base, Job, Runner};
 use medmerge_trainer::report::{CandidateResult, EvalReport};
+use medmerge_trainer::restore::rounds::restore_in_process;
 use medmerge_trainer::restore::{apply_moments, collect_moments, combine_moments, load_moments, save_moments};
 use medmerge_trainer::st::{write_atomic, MappedFile};
 use medmerge_trainer::{split, synth, train};
@@ -159,8 +160,15 @@ enum Command {
         #[arg(long, default_value_t = 3315)]
         seed: u64,
         /// Label-skewed (non-IID) shards with this Dirichlet concentration instead of equal random ones.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "sizes")]
         dirichlet: Option<f64>,
+        /// Size-skewed shards with these relative sizes, comma-separated (one per shard, e.g. 50,25,15,10).
+        #[arg(long, value_delimiter = ',')]
+        sizes: Vec<f64>,
+        /// Before splitting, subsample the classes (in label order) to these relative
+        /// proportions, comma-separated (e.g. 70,15,10,5): an imbalanced variant.
+        #[arg(long, value_delimiter = ',')]
+        class_fractions: Vec<f64>,
     },
     /// Generate a small labelled image set (shapes) for demos and tests.
     Synth {
@@ -176,6 +184,9 @@ enum Command {
         /// Image side in pixels.
         #[arg(long, default_value_t = 64)]
         size: u32,
+        /// Per-pixel noise, in grey levels (0-255).
+        #[arg(long, default_value_t = 20)]
+        noise: i16,
         /// Seed.
         #[arg(long, default_value_t = 1)]
         seed: u64,
@@ -322,24 +333,21 @@ struct RestoreArgs {
     /// Merged model.
     #[arg(long)]
     model: PathBuf,
-    /// bn-recalibrate, finetune-epoch, none.
+    /// bn-recalibrate, closed-form-head, averaged-epoch, averaged-epoch-head, finetune-epoch, none.
     #[arg(long, default_value = "bn-recalibrate")]
     mode: String,
     /// Shard images, in order (repeatable).
     #[arg(long = "data")]
     data: Vec<PathBuf>,
-    /// Pre-computed moments from `bn-stats` (repeatable; bn-recalibrate only).
+    /// Pre-computed moments from `bn-stats` (repeatable; bn-recalibrate only, instead of --data).
     #[arg(long = "stats")]
     stats: Vec<PathBuf>,
-    /// Learning rate for finetune-epoch.
-    #[arg(long, default_value_t = 1e-4)]
-    lr: f64,
-    /// Batch size.
-    #[arg(long, default_value_t = 32)]
-    batch_size: u32,
     /// Output model.
     #[arg(long)]
     out: PathBuf,
+    /// Training settings of the modes that train (one epoch per shard; --epochs is ignored).
+    #[command(flatten)]
+    training: TrainingArgs,
 }
 
 fn device(name: &str) -> anyhow::Result<Device> {
@@ -427,7 +435,7 @@ fn main() -> anyhow::Result<()> {
                 seed: a.seed,
                 pretrained_only: a.pretrained_only,
             };
-            merge_files(&a.base, &vectors, &opts, &a.out)?;
+            merge_checked(&a.base, &vectors, &opts, &a.out, dev)?;
             println!("merged model written to {}", a.out.display());
         }
         Command::BnStats { model, data, out, batch_size } => {
@@ -438,28 +446,32 @@ fn main() -> anyhow::Result<()> {
             println!("batch-norm moments written to {}", out.display());
         }
         Command::Restore(a) => {
-            let mode = RestoreMode::parse(&a.mode).with_context(|| format!("--mode {}: expected bn-recalibrate, finetune-epoch or none", a.mode))?;
-            let mut net = Network::load(&a.model, dev)?;
-            let sets = a.data.iter().map(|d| Dataset::open(d, Some(&net.classes))).collect::<Result<Vec<_>, _>>()?;
-            match mode {
-                RestoreMode::None => {}
-                RestoreMode::BnRecalibrate => {
-                    let mut parts = a.stats.iter().map(|s| load_moments(s)).collect::<Result<Vec<_>, _>>()?;
-                    for ds in &sets {
-                        parts.push(collect_moments(&net, ds, a.batch_size as usize, dev)?);
-                    }
-                    anyhow::ensure!(!parts.is_empty(), "bn-recalibrate needs --data or --stats");
-                    apply_moments(&net, &combine_moments(&parts), &a.model.display().to_string())?;
-                }
-                RestoreMode::FinetuneEpoch => {
-                    anyhow::ensure!(!sets.is_empty(), "finetune-epoch needs --data");
-                    let t = TrainingSpec { epochs: 1, batch_size: a.batch_size, learning_rate: a.lr, ..TrainingSpec::default() };
-                    for (i, ds) in sets.iter().enumerate() {
-                        train::train(&mut net, ds, &t, dev, &format!("restore shard {}", i + 1))?;
-                    }
-                }
+            let modes: Vec<&str> = RestoreMode::ALL.iter().map(|m| m.as_str()).collect();
+            let mode = RestoreMode::parse(&a.mode).with_context(|| format!("--mode {}: expected one of {}", a.mode, modes.join(", ")))?;
+            if !a.stats.is_empty() {
+                anyhow::ensure!(mode == RestoreMode::BnRecalibrate && a.data.is_empty(), "--stats goes with --mode bn-recalibrate and no --data");
+                let net = Network::load(&a.model, dev)?;
+                let parts = a.stats.iter().map(|s| load_moments(s)).collect::<Result<Vec<_>, _>>()?;
+                apply_moments(&net, &combine_moments(&parts), &a.model.display().to_string())?;
+                net.check_valid().with_context(|| format!("restored {}", a.out.display()))?;
+                net.save(&a.out, &model_meta(&a.model)?)?;
+            } else {
+                anyhow::ensure!(mode == RestoreMode::None || !a.data.is_empty(), "--mode {}: needs --data (one per shard)", a.mode);
+                let classes = Network::load(&a.model, dev)?.classes;
+                let shards = a
+                    .data
+                    .iter()
+                    .enumerate()
+                    .map(|(i, d)| Ok((format!("shard-{}", i + 1), Dataset::open(d, Some(&classes))?)))
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                let mut work = a.out.as_os_str().to_owned();
+                work.push(".parts");
+                let work = PathBuf::from(work);
+                let training = TrainingSpec { epochs: 1, validation_fraction: 0.0, ..a.training.spec()? };
+                let result = restore_in_process(mode, &a.model, &shards, &training, dev, &work, &a.out);
+                let _ = std::fs::remove_dir_all(&work);
+                result.with_context(|| format!("restoring {} ({})", a.model.display(), mode.as_str()))?;
             }
-            net.save(&a.out, &model_meta(&a.model)?)?;
             println!("restored model written to {}", a.out.display());
         }
         Command::Evaluate { models, data, json, batch_size } => {
@@ -520,14 +532,28 @@ fn main() -> anyhow::Result<()> {
             let mean = mean_fundus_fraction(&done).map(|f| format!("{:.1} %", 100.0 * f)).unwrap_or_else(|| "n/a".into());
             println!("explained {} images into {}; heat inside the fundus disc: {mean}", done.len(), out.display());
         }
-        Command::Split { data, out, shards, test_fraction, seed, dirichlet } => {
+        Command::Split { data, out, shards, test_fraction, seed, dirichlet, sizes, class_fractions } => {
             anyhow::ensure!(shards >= 1, "--shards must be at least 1");
             anyhow::ensure!((0.0..1.0).contains(&test_fraction), "--test-fraction must be in [0, 1)");
-            if let Some(a) = dirichlet {
-                anyhow::ensure!(a > 0.0, "--dirichlet must be positive");
+            let positive = |v: &[f64]| v.iter().all(|x| x.is_finite() && *x >= 0.0) && v.iter().sum::<f64>() > 0.0;
+            let skew = match (dirichlet, sizes.is_empty()) {
+                (Some(a), _) => {
+                    anyhow::ensure!(a.is_finite() && a > 0.0, "--dirichlet must be positive");
+                    split::Skew::Dirichlet(a)
+                }
+                (None, false) => {
+                    anyhow::ensure!(sizes.len() == shards && positive(&sizes), "--sizes needs {shards} non-negative numbers (one per shard), not all 0");
+                    split::Skew::Sizes(sizes)
+                }
+                (None, true) => split::Skew::Equal,
+            };
+            let mut ds = Dataset::open(&data, None)?;
+            if !class_fractions.is_empty() {
+                let k = ds.classes.len();
+                anyhow::ensure!(class_fractions.len() == k && positive(&class_fractions), "--class-fractions needs {k} non-negative numbers (one per class: {}), not all 0", ds.classes.join(", "));
+                ds = ds.subset(&split::subsample_classes(&ds, &class_fractions, seed));
             }
-            let ds = Dataset::open(&data, None)?;
-            let s = split::split(&ds, shards, test_fraction, seed, dirichlet);
+            let s = split::split(&ds, shards, test_fraction, seed, &skew);
             ds.subset(&s.test).write_manifest(&out.join("test.csv"))?;
             for (i, idx) in s.shards.iter().enumerate() {
                 let sub = ds.subset(idx);
@@ -536,8 +562,8 @@ fn main() -> anyhow::Result<()> {
             }
             println!("test: {} images; manifests in {}", s.test.len(), out.display());
         }
-        Command::Synth { out, classes, per_class, size, seed } => {
-            synth::generate(&out, classes, per_class, size, seed)?;
+        Command::Synth { out, classes, per_class, size, noise, seed } => {
+            synth::generate_noisy(&out, classes, per_class, size, seed, noise)?;
             println!("generated {} classes x {per_class} images of {size}px in {}", classes.clamp(2, 4), out.display());
         }
     }

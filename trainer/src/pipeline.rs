@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use medmerge_crds::plan::{Candidate, CandidateKind, PlannedStage};
-use medmerge_crds::{validate_for_local, ArtifactLayout, MergeJob, MergeJobSpec, ModelSpec, RestoreMode, Stage, StagePlan, WeightsSource};
+use medmerge_crds::{validate_for_local, ArtifactLayout, MergeJob, MergeJobSpec, ModelSpec, Stage, StagePlan, WeightsSource};
 use tch::Device;
 use tracing::info;
 
@@ -20,11 +20,11 @@ use crate::checkpoint::{ArtifactKind, ArtifactMeta};
 use crate::data::Dataset;
 use crate::clinical::{explain_sample, heat_study, roc_and_operating_point};
 use crate::evaluate::{predict, score};
-use crate::merge::{merge_files, shard_model, MergeOptions, ShardVector};
+use crate::merge::{merge_checked, shard_model, MergeOptions, ShardVector};
 use crate::metrics::cosine;
 use crate::model::{builtin_weights_path, ModelError, Network, BUILTIN_WEIGHTS_HINT};
 use crate::report::{CandidateResult, EvalReport, LayerSimilarity};
-use crate::restore::{apply_moments, collect_moments, combine_moments, load_moments, save_moments};
+use crate::restore::rounds::{combine, epoch_settings, shard_part};
 use crate::st::{write_atomic, MappedFile};
 use crate::train::train;
 use medmerge_store::{BlockingStore, S3Config};
@@ -304,7 +304,6 @@ impl Runner {
     fn execute(&self, planned: &PlannedStage) -> anyhow::Result<()> {
         let spec = self.job.spec();
         let l = &self.layout;
-        let bs = spec.training.batch_size as usize;
         match &planned.stage {
             Stage::Init => {
                 let net = init_base(&spec.model, &self.classes, self.device, spec.model.weights_path.as_deref().map(|p| self.job.resolve(p)))?;
@@ -325,6 +324,7 @@ impl Runner {
                 let base = self.path(&l.base());
                 let mut net = Network::load(&base, self.device)?;
                 let report = train(&mut net, &data, &spec.training, self.device, shard)?;
+                net.check_valid()?;
                 crate::merge::write_vector(&net, &base, shard, report.class_counts.clone(), &self.path(&l.shard_vector(shard)))?;
                 write_atomic(&self.path(&l.shard_metrics(shard)), &serde_json::to_vec_pretty(&report)?)?;
             }
@@ -348,6 +348,7 @@ impl Runner {
                 let mut net = Network::load(&self.path(&l.base()), self.device)?;
                 let report = train(&mut net, &all, &spec.training, self.device, "full-training")?;
                 let meta = ArtifactMeta { class_counts: report.class_counts, ..self.base_meta()? };
+                net.check_valid()?;
                 net.save(&self.path(&l.full_training()), &meta)?;
             }
             Stage::Merge { candidate } => {
@@ -364,43 +365,19 @@ impl Runner {
                     seed: spec.merge.seed,
                     pretrained_only: c.kind == CandidateKind::PretrainedRestored,
                 };
-                merge_files(&self.path(&l.base()), &self.vectors(), &opts, &self.path(&l.merged(candidate)))?;
+                merge_checked(&self.path(&l.base()), &self.vectors(), &opts, &self.path(&l.merged(candidate)), self.device)?;
             }
-            Stage::Restore { candidate, shard } => {
+            Stage::Restore { round, shard, .. } => {
                 let data = self.shard_data(shard)?;
-                let input = self.path(&planned.reads[0]);
-                let net = Network::load(&input, self.device)?;
-                match spec.restore.mode {
-                    RestoreMode::BnRecalibrate => {
-                        let moments = collect_moments(&net, &data, bs, self.device)?;
-                        let meta = ArtifactMeta { shard: Some(shard.clone()), ..self.base_meta()? };
-                        save_moments(&self.path(&l.restore_stats(candidate, shard)), &moments, &meta)?;
-                    }
-                    RestoreMode::FinetuneEpoch => {
-                        let mut net = net;
-                        let mut t = spec.training.clone();
-                        t.epochs = 1;
-                        t.validation_fraction = 0.0;
-                        t.learning_rate = spec.restore.learning_rate.unwrap_or(t.learning_rate);
-                        train(&mut net, &data, &t, self.device, &format!("restore {candidate} on {shard}"))?;
-                        let meta = ArtifactMeta::from_map(&input, MappedFile::open(&input)?.metadata(), ArtifactKind::Model)?;
-                        net.save(&self.path(&l.restore_step(candidate, shard)), &meta)?;
-                    }
-                    RestoreMode::None => unreachable!("no per-shard restore stage without restoration"),
-                }
+                let training = epoch_settings(&spec.training, &spec.restore);
+                shard_part(*round, &self.path(&planned.reads[0]), &data, shard, &training, self.device, &self.path(&planned.writes[0]))?;
             }
-            Stage::RestoreCombine { candidate } => {
-                let out = self.path(&l.restored(candidate));
-                if spec.restore.mode == RestoreMode::BnRecalibrate {
-                    let merged = self.path(&l.merged(candidate));
-                    let net = Network::load(&merged, self.device)?;
-                    let parts = planned.reads[1..].iter().map(|k| load_moments(&self.path(k))).collect::<Result<Vec<_>, _>>()?;
-                    apply_moments(&net, &combine_moments(&parts), &merged.display().to_string())?;
-                    let meta = ArtifactMeta::from_map(&merged, MappedFile::open(&merged)?.metadata(), ArtifactKind::Model)?;
-                    net.save(&out, &meta)?;
-                } else {
-                    write_atomic(&out, &std::fs::read(self.path(&planned.reads[0]))?)?;
-                }
+            Stage::RestoreCombine { round: Some(round), .. } => {
+                let parts: Vec<PathBuf> = planned.reads[1..].iter().map(|k| self.path(k)).collect();
+                combine(*round, &self.path(&planned.reads[0]), &parts, self.device, &self.path(&planned.writes[0]))?;
+            }
+            Stage::RestoreCombine { round: None, .. } => {
+                write_atomic(&self.path(&planned.writes[0]), &std::fs::read(self.path(&planned.reads[0]))?)?;
             }
             Stage::Evaluate => {
                 let report = self.evaluate_all()?;

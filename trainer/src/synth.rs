@@ -13,19 +13,25 @@ pub const CLASSES: [&str; 4] = ["disc", "square", "stripes", "cross"];
 /// [`CLASSES`]) as an ImageFolder under `out`. Each class is a shape drawn with random position,
 /// size, colour and noise, so a model has to learn shape, not a constant colour.
 pub fn generate(out: &Path, classes: usize, per_class: usize, size: u32, seed: u64) -> std::io::Result<()> {
+    generate_noisy(out, classes, per_class, size, seed, 20)
+}
+
+/// [`generate`] with per-pixel noise of up to ±`noise` grey levels (20 in [`generate`]); more
+/// noise makes the shapes harder to tell apart, so small hospitals stay well below 100 %.
+pub fn generate_noisy(out: &Path, classes: usize, per_class: usize, size: u32, seed: u64, noise: i16) -> std::io::Result<()> {
     let mut rng = StdRng::seed_from_u64(seed);
     for (c, name) in CLASSES.iter().take(classes.clamp(2, CLASSES.len())).enumerate() {
         let dir = out.join(name);
         std::fs::create_dir_all(&dir)?;
         for i in 0..per_class {
-            let img = draw(c, size, &mut rng);
+            let img = draw(c, size, noise.clamp(0, 255), &mut rng);
             img.save(dir.join(format!("{name}-{i:04}.png"))).map_err(std::io::Error::other)?;
         }
     }
     Ok(())
 }
 
-fn draw(class: usize, size: u32, rng: &mut StdRng) -> RgbImage {
+fn draw(class: usize, size: u32, noise: i16, rng: &mut StdRng) -> RgbImage {
     let s = size as f32;
     let (cx, cy) = (rng.random_range(0.35..0.65) * s, rng.random_range(0.35..0.65) * s);
     let r = rng.random_range(0.18..0.3) * s;
@@ -40,9 +46,9 @@ fn draw(class: usize, size: u32, rng: &mut StdRng) -> RgbImage {
             2 => dx.abs() <= r * 1.2 && dy.abs() <= r * 1.2 && ((y as f32 / (r / 2.5)) as i32) % 2 == 0,
             _ => (dx.abs() <= r / 3.0 && dy.abs() <= r * 1.2) || (dy.abs() <= r / 3.0 && dx.abs() <= r * 1.2),
         };
-        let noise = |rng: &mut StdRng| rng.random_range(-20i16..=20);
+        let jitter = |rng: &mut StdRng| rng.random_range(-noise..=noise);
         let base = if inside { fg } else { [bg, bg, bg] };
-        *p = Rgb([0, 1, 2].map(|i| (base[i] as i16 + noise(rng)).clamp(0, 255) as u8));
+        *p = Rgb([0, 1, 2].map(|i| (base[i] as i16 + jitter(rng)).clamp(0, 255) as u8));
     }
     img
 }

@@ -114,3 +114,46 @@ fn the_shipped_imagenet_lite0_checkpoint_imports_completely() {
     assert_eq!(tensor_to_vec(&net.vs.variables()["_conv_stem.weight"]).unwrap(), stem);
     assert_eq!(file.tensors().filter(|t| !t.name.starts_with("_fc.")).count(), net.named_tensors().len() - 2);
 }
+
+#[test]
+fn a_model_with_a_negative_running_variance_or_a_nan_weight_is_refused_naming_the_layer() {
+    let net = Network::new(Architecture::Resnet18, &classes(), 32, Device::Cpu, 5);
+    net.check_valid().expect("a fresh network is valid");
+    let vars = net.vs.variables();
+    let mut var = vars["layer2.0.bn1.running_var"].shallow_clone();
+    tch::no_grad(|| var.get(3).fill_(-0.5));
+    let msg = net.check_valid().unwrap_err().to_string();
+    assert!(msg.contains("layer2.0.bn1") && msg.contains("negative"), "{msg}");
+    tch::no_grad(|| var.get(3).fill_(1.0));
+    let mut w = vars["layer3.1.conv2.weight"].shallow_clone();
+    tch::no_grad(|| w.get(0).fill_(f64::NAN));
+    let msg = net.check_valid().unwrap_err().to_string();
+    assert!(msg.contains("layer3.1.conv2.weight"), "{msg}");
+}
+
+#[test]
+fn shards_head_statistics_add_up_to_those_of_the_pooled_images_and_fit_a_head() {
+    use medmerge_trainer::restore::head;
+    let dir = tempfile::tempdir().unwrap();
+    synth::generate(dir.path(), 3, 8, 32, 4).unwrap();
+    let data = Dataset::open(dir.path(), None).unwrap();
+    let net = Network::new(Architecture::Resnet18, &data.classes, 32, Device::Cpu, 2);
+    let (a, b): (Vec<usize>, Vec<usize>) = (0..data.samples.len()).partition(|i| i % 3 == 0);
+    let parts = vec![
+        head::collect_class_features(&net, &data.subset(&a), 5, Device::Cpu).unwrap(),
+        head::collect_class_features(&net, &data.subset(&b), 7, Device::Cpu).unwrap(),
+    ];
+    let path = dir.path().join("part.safetensors");
+    let meta = ArtifactMeta { kind: ArtifactKind::Model, arch: net.arch, classes: data.classes.clone(), image_size: 32, base_digest: String::new(), shard: None, class_counts: vec![], multi_label: false };
+    head::save(&path, &parts[0], &meta).unwrap();
+    let first = head::load(&path).unwrap();
+    let combined = head::combine(vec![first, parts.into_iter().nth(1).unwrap()]).unwrap();
+    let pooled = head::collect_class_features(&net, &data, 4, Device::Cpu).unwrap();
+    assert_eq!(combined.counts, pooled.counts);
+    assert!(combined.sums.allclose(&pooled.sums, 1e-6, 1e-9, false));
+    assert!(combined.gram.allclose(&pooled.gram, 1e-6, 1e-9, false));
+    let (w, bias, present) = head::fit_lda(&combined, head::SHRINKAGE).unwrap();
+    head::apply_head(&net, &w, &bias, &present).unwrap();
+    assert_eq!(tensor_to_vec(&net.vs.variables()["fc.weight"]).unwrap(), tensor_to_vec(&w).unwrap());
+    net.check_valid().unwrap();
+}

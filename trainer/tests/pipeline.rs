@@ -59,8 +59,32 @@ fn finetune_epoch_restoration_chains_through_every_shard() {
     let report = Runner::new(Job::load(&job).unwrap(), Device::Cpu).unwrap().run().unwrap();
     assert_eq!(report.candidates.len(), 1);
     let run = dir.path().join("out/runs/local/tiny/g1");
-    assert!(run.join("restore/data-vector/h0/model.safetensors").exists());
-    assert!(run.join("restore/data-vector/h1/model.safetensors").exists());
+    assert!(run.join("restore/data-vector/chain/h0/model.safetensors").exists());
+    assert!(run.join("restore/data-vector/chain/h1/model.safetensors").exists());
+}
+
+#[test]
+fn every_parallel_restoration_mode_runs_its_rounds_and_publishes_a_valid_model() {
+    for (mode, parts) in [
+        ("closedFormHead", &["bn/h0/bn-stats", "head/h1/head-stats"][..]),
+        ("averagedEpoch", &["epoch/h0/model", "epoch/model", "bn/h1/bn-stats"][..]),
+        ("averagedEpochHead", &["epoch/h1/model", "bn/model", "head/h0/head-stats"][..]),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let job = write_job(dir.path(), &format!("  restore: {{mode: {mode}}}\n  merge: {{baselines: []}}\n"), 2);
+        let report = Runner::new(Job::load(&job).unwrap(), Device::Cpu).unwrap().run().unwrap();
+        assert!(report.candidates[0].description.contains(&medmerge_crds::RestoreMode::parse(&kebab(mode)).unwrap().as_str().to_string()), "{mode}");
+        let run = dir.path().join("out/runs/local/tiny/g1");
+        for part in parts {
+            assert!(run.join(format!("restore/data-vector/{part}.safetensors")).exists(), "{mode}: {part}");
+        }
+        let restored = medmerge_trainer::model::Network::load(&run.join("restored/data-vector/model.safetensors"), Device::Cpu).unwrap();
+        restored.check_valid().unwrap();
+    }
+}
+
+fn kebab(camel: &str) -> String {
+    camel.chars().flat_map(|c| if c.is_uppercase() { vec!['-', c.to_ascii_lowercase()] } else { vec![c] }).collect()
 }
 
 #[test]

@@ -182,6 +182,22 @@ fn check_base_digest(v: &ShardVector, claim: &str, digest: &str) -> Result<(), M
     Ok(())
 }
 
+/// [`merge_files`], then the merged model loaded and checked ([`Network::check_valid`]) before it
+/// is published at `out`: a model that fails is refused and `out` is left as it was.
+pub fn merge_checked(base_path: &Path, vectors: &[ShardVector], opts: &MergeOptions, out: &Path, device: Device) -> Result<(), MergeError> {
+    let mut unchecked = out.as_os_str().to_owned();
+    unchecked.push(format!(".tmp-{}-unchecked", std::process::id()));
+    let unchecked = PathBuf::from(unchecked);
+    let result = merge_files(base_path, vectors, opts, &unchecked).and_then(|()| {
+        Network::load(&unchecked, device)?.check_valid()?;
+        std::fs::rename(&unchecked, out).map_err(|source| StError::Write { path: out.into(), source }.into())
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_file(&unchecked);
+    }
+    result
+}
+
 /// Merges `vectors` onto the base at `base_path` and writes a complete model to `out`.
 ///
 /// Hashing the base costs as much as merging a few vectors, so it runs on its own thread while

@@ -33,6 +33,9 @@ pub enum ModelError {
     /// A libtorch error while loading a `.pth` file.
     #[error("cannot load {path} as a PyTorch zip checkpoint (legacy pickles must be converted to safetensors first): {source}")]
     Pth { path: PathBuf, #[source] source: tch::TchError },
+    /// The model is not usable (refused before anything publishes it).
+    #[error("invalid model: {what}")]
+    Invalid { what: String },
     /// A libtorch operation failed.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
@@ -118,6 +121,50 @@ impl Network {
             Body::ResNet(m) => m.tap_names(),
             Body::Mobile(m) => m.tap_names(),
         }
+    }
+
+    /// The pooled features the classification head sees, `[N, d]`, in eval mode (running
+    /// batch-norm statistics, no dropout).
+    pub fn pooled_features(&self, x: &Tensor) -> Tensor {
+        let last = self.tap_names().pop().unwrap_or_default();
+        let mut tap = Tap::at(&last);
+        let logits = self.forward_tapped(x, false, &mut tap);
+        // Every architecture taps its last convolutional block; pooling it gives the head's input.
+        tap.take().map(|t| t.adaptive_avg_pool2d([1, 1]).flatten(1, -1)).unwrap_or(logits)
+    }
+
+    /// The head's weight `[classes, d]` and bias `[classes]`.
+    pub fn head(&self) -> Option<(Tensor, Tensor)> {
+        let prefix = self.head_prefix();
+        let vars = self.vs.variables();
+        Some((vars.get(&format!("{prefix}weight"))?.shallow_clone(), vars.get(&format!("{prefix}bias"))?.shallow_clone()))
+    }
+
+    /// Refuses a model that would give wrong answers: a batch-norm running variance that is
+    /// negative or not finite, any non-finite weight, or non-finite logits for a probe batch in
+    /// eval mode. Every model a stage publishes goes through this.
+    pub fn check_valid(&self) -> Result<(), ModelError> {
+        for bn in &self.bns {
+            let var = &bn.inner.running_var;
+            let bad = var.lt(0.0).logical_or(&var.isfinite().logical_not()).sum(Kind::Int64).int64_value(&[]);
+            if bad > 0 {
+                let min = var.min().double_value(&[]);
+                return Err(ModelError::Invalid { what: format!("batch-norm layer {} has {bad} running variances that are negative or not finite (smallest {min})", bn.name) });
+            }
+        }
+        for (name, t) in self.named_tensors() {
+            if t.isfinite().all().int64_value(&[]) == 0 {
+                return Err(ModelError::Invalid { what: format!("tensor {name} holds NaN or Inf") });
+            }
+        }
+        let device = self.vs.device();
+        let size = self.image_size as i64;
+        let probe = Tensor::f_randn([2, 3, size, size], (Kind::Float, device))?;
+        let logits = tch::no_grad(|| self.forward_t(&probe, false));
+        if logits.isfinite().all().int64_value(&[]) == 0 {
+            return Err(ModelError::Invalid { what: "a probe batch gives non-finite logits in eval mode".into() });
+        }
+        Ok(())
     }
 
     /// The batch-norm layers, in forward order.

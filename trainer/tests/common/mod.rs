@@ -16,7 +16,7 @@ pub fn write_job_with_storage(dir: &Path, extra_spec: &str, shards: usize, stora
     let data = dir.join("images");
     synth::generate(&data, 3, 24, 32, 7).unwrap();
     let ds = medmerge_trainer::data::Dataset::open(&data, None).unwrap();
-    let s = split::split(&ds, shards, 0.25, 1, None);
+    let s = split::split(&ds, shards, 0.25, 1, &split::Skew::Equal);
     ds.subset(&s.test).write_manifest(&dir.join("test.csv")).unwrap();
     let mut shard_yaml = String::new();
     for (i, idx) in s.shards.iter().enumerate() {

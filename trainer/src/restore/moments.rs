@@ -1,9 +1,7 @@
-//! Restoring batch-norm state of a merged model.
-//!
-//! `bn-recalibrate`: each shard runs the merged model over its images (batch statistics, as in
-//! training) and records, per batch-norm layer and channel, the count, sum and sum of squares of
-//! the layer's inputs. Only these moments leave the shard. Added over shards they give exactly
-//! the mean and variance a single pass over all shards' batches would have seen.
+//! Batch-norm recalibration: each shard runs the merged model over its images (batch statistics,
+//! as in training) and records, per batch-norm layer and channel, the count, sum and sum of
+//! squares of the layer's inputs. Only these moments leave the shard. Added over shards they give
+//! exactly the mean and variance a single pass over all shards' batches would have seen.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -11,33 +9,11 @@ use std::path::Path;
 use safetensors::tensor::Dtype;
 use tch::{Device, Kind, Tensor};
 
+use super::RestoreError;
 use crate::checkpoint::{ArtifactKind, ArtifactMeta};
-use crate::data::{BatchLoader, DataError, Dataset};
-use crate::model::{ModelError, Network};
-use crate::st::{MappedFile, StError, StreamWriter, TensorMeta};
-
-/// Errors during restoration.
-#[derive(Debug, thiserror::Error)]
-pub enum RestoreError {
-    /// Reading a shard's images failed.
-    #[error(transparent)]
-    Data(#[from] DataError),
-    /// Model I/O failed.
-    #[error(transparent)]
-    Model(#[from] ModelError),
-    /// Stats file I/O failed.
-    #[error(transparent)]
-    St(#[from] StError),
-    /// Stats from a shard do not fit the model.
-    #[error("{path}: batch-norm statistics for layer {layer:?} are missing or have the wrong size")]
-    Stats { path: String, layer: String },
-    /// Metadata is wrong.
-    #[error(transparent)]
-    Meta(#[from] crate::checkpoint::MetaError),
-    /// A libtorch operation failed.
-    #[error("libtorch: {0}")]
-    Torch(#[from] tch::TchError),
-}
+use crate::data::{BatchLoader, Dataset};
+use crate::model::Network;
+use crate::st::{MappedFile, StreamWriter, TensorMeta};
 
 /// Per-layer moments: `(count, sum per channel, sum of squares per channel)`.
 pub type LayerMoments = BTreeMap<String, (f64, Vec<f64>, Vec<f64>)>;

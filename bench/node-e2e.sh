@@ -41,6 +41,7 @@ spec:
     - {name: c, data: {path: ., volume: {hostPath: {path: $work/volumes/shard-3}}}}
   training: {epochs: 2, batchSize: 16, learningRate: 0.001}
   merge: {baselines: []}
+  restore: {mode: bnRecalibrate}
   evaluation: {data: {path: ., volume: {hostPath: {path: $work/volumes/test}}}, explainImages: 0}
   storage: {s3: {bucket: medmerge-bench, endpoint: "$MEDMERGE_S3_ENDPOINT", credentialsSecret: bucket}}
   cluster: {image: localhost/medmerge/trainer:dev-cpu, imagePullPolicy: Never}

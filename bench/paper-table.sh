@@ -76,10 +76,9 @@ for seed in $SEEDS; do
       once "$T" "${R[@]}" --model "$M/$base-averaged-epoch.safetensors" --mode closed-form-head --out "$M/$base-averaged-epoch-head.safetensors"
     done
     once "$T" "${R[@]}" --model "$M/pm.safetensors" --mode bn-recalibrate --out "$M/pm-bn-recalibrate.safetensors"
-    once "$T" "${R[@]}" --model "$M/control.safetensors" --mode finetune-epoch --out "$M/control-finetune-epoch.safetensors"
     EV=()
     for m in dv dv-bn-recalibrate dv-closed-form-head dv-averaged-epoch dv-averaged-epoch-head dv-finetune-epoch \
-             pm pm-bn-recalibrate pm-averaged-epoch pm-averaged-epoch-head control-averaged-epoch-head control-finetune-epoch \
+             pm pm-bn-recalibrate pm-averaged-epoch pm-averaged-epoch-head control-averaged-epoch-head \
              shard-1 shard-2 shard-3 shard-4; do
       EV+=(--model "$M/$m.safetensors")
     done

@@ -23,7 +23,6 @@ ROWS = [
     ("pm-bn-recalibrate", "parameter mean + BN recalibration"),
     ("pm", "parameter mean, no restoration"),
     ("control-averaged-epoch-head", "control: pretrained + averaged heads + averaged epoch + closed-form head (no vectors)"),
-    ("control-finetune-epoch", "control: pretrained + averaged heads + one epoch per shard in turn (no vectors)"),
     ("best-shard", "best single hospital (of 4, per seed)"),
     ("full", "full training (all shards pooled; needs the data in one place)"),
 ]

@@ -314,7 +314,7 @@ evaluation: {data: {path: test}}
         assert_eq!(validate(&s), Ok(()));
         assert_eq!(s.merge.lambda, 0.5);
         assert_eq!(s.training.seed, 3315);
-        assert_eq!(s.restore.mode, RestoreMode::BnRecalibrate);
+        assert_eq!(s.restore.mode, RestoreMode::AveragedEpochHead);
     }
 
     #[test]

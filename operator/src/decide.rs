@@ -284,11 +284,17 @@ mod tests {
     #[test]
     fn restoration_follows_the_merge_then_evaluation() {
         let mut j = jobs(&[("init", Succeeded), ("finetune-a", Succeeded), ("finetune-b", Succeeded), ("finetune-c", Succeeded), ("merge-data-vector", Succeeded)]);
-        let d = decide("mj", "ns", 1, &spec(""), &j);
-        assert_eq!(names(&d), vec!["restore-data-vector-bn-a", "restore-data-vector-bn-b", "restore-data-vector-bn-c"]);
-        assert_eq!(d.phase, Phase::Restoring);
-        for s in ["restore-data-vector-bn-a", "restore-data-vector-bn-b", "restore-data-vector-bn-c", "restore-data-vector-bn"] {
-            j.jobs.insert(s.into(), Succeeded);
+        // The default restoration: an epoch, batch-norm and head round, every shard at once in each.
+        for round in ["epoch", "bn", "head"] {
+            let d = decide("mj", "ns", 1, &spec(""), &j);
+            let parts: Vec<String> = ["a", "b", "c"].iter().map(|s| format!("restore-data-vector-{round}-{s}")).collect();
+            assert_eq!((names(&d), d.phase), (parts.clone(), Phase::Restoring));
+            for p in parts {
+                j.jobs.insert(p, Succeeded);
+            }
+            let d = decide("mj", "ns", 1, &spec(""), &j);
+            assert_eq!(names(&d), vec![format!("restore-data-vector-{round}")]);
+            j.jobs.insert(format!("restore-data-vector-{round}"), Succeeded);
         }
         let d = decide("mj", "ns", 1, &spec(""), &j);
         assert_eq!((names(&d), d.phase), (vec!["evaluate".to_string()], Phase::Evaluating));

@@ -208,16 +208,11 @@ mod tests {
 
     #[test]
     fn a_finished_run_is_ready_with_a_completion_time_that_does_not_move() {
-        let all = observed(&[
-            ("init", Succeeded),
-            ("finetune-a", Succeeded),
-            ("finetune-b", Succeeded),
-            ("merge-data-vector", Succeeded),
-            ("restore-data-vector-bn-a", Succeeded),
-            ("restore-data-vector-bn-b", Succeeded),
-            ("restore-data-vector-bn", Succeeded),
-            ("evaluate", Succeeded),
-        ]);
+        let mut stages = vec!["init".to_string(), "finetune-a".into(), "finetune-b".into(), "merge-data-vector".into(), "evaluate".into()];
+        for round in ["epoch", "bn", "head"] {
+            stages.extend(["-a", "-b", ""].map(|shard| format!("restore-data-vector-{round}{shard}")));
+        }
+        let all = observed(&stages.iter().map(|s| (s.as_str(), Succeeded)).collect::<Vec<_>>());
         let done = status(&MergeJobStatus::default(), &all, 5_000);
         assert_eq!((done.phase.as_deref(), get(&done, "Ready").status.as_str(), get(&done, "Progressing").status.as_str()), (Some("Succeeded"), "True", "False"));
         let again = status(&done, &all, 6_000);

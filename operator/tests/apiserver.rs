@@ -70,6 +70,8 @@ impl Harness {
             "shards": [{"name": "a", "data": {"path": "s3://data/a/"}}, {"name": "b", "data": {"path": "s3://data/b/"}}, {"name": "c", "data": {"path": "s3://data/c/"}}],
             "evaluation": {"data": {"path": "s3://data/test/"}},
             "merge": {"baselines": ["paramsMean"]},
+            // One restoration round keeps the stage sequence short; rounds are the plan's business.
+            "restore": {"mode": "bnRecalibrate"},
             // The operator sees the artifacts claim at the store's parent directory.
             "storage": {"local": {"path": self.store.file_name().unwrap().to_str().unwrap(), "persistentVolumeClaim": "artifacts"}},
         });

@@ -421,7 +421,7 @@ async fn on_a_shared_claim_a_mergejob_outlives_its_ttl_deleted_jobs_and_a_deadli
     eventually("every finished Job deleted by the TTL controller", Duration::from_secs(120), || async { jobs.list(&ListParams::default()).await.unwrap().items.is_empty() }).await;
     let created = created.lock().unwrap().clone();
     assert!(created.values().all(|uids| uids.len() == 1), "Jobs created again after the TTL controller deleted them: {created:?}");
-    assert_eq!(created.len(), 9, "init, 2 x finetune, collect, merge, 2 x restore, restore-combine, evaluate: {created:?}");
+    assert_eq!(created.len(), 15, "init, 2 x finetune, collect, merge, 3 restoration rounds of 2 shards + combine, evaluate: {created:?}");
     let status = mjs.get_status("local").await.unwrap().status.unwrap();
     assert!(status.stages.iter().any(|s| s.name == "evaluate" && s.state == "Succeeded"), "{:?}", status.stages);
 

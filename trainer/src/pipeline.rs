@@ -129,15 +129,7 @@ impl Runner {
         let plan = StagePlan::new(job.spec(), &layout);
         let root = job.store_root();
         let remote = job.remote_store()?;
-        let classes = if job.spec().model.classes.is_empty() {
-            let first = job.spec().shards.iter().find_map(|s| s.data.as_ref()).map(|d| job.data_path(&d.path, crate::remote_data::shard_credentials()?)).transpose()?;
-            match first {
-                Some(p) => Dataset::open(&p, None)?.classes,
-                None => anyhow::bail!("spec.model.classes: required when no shard has data to read class names from"),
-            }
-        } else {
-            job.spec().model.classes.clone()
-        };
+        let classes = if job.spec().model.classes.is_empty() { classes_in_data(&job)? } else { job.spec().model.classes.clone() };
         Ok(Runner { job, layout, plan, root, classes, device, remote })
     }
 
@@ -486,6 +478,29 @@ impl Runner {
         }
         Ok(out)
     }
+}
+
+/// Without `model.classes`: every class name found in any shard's images or the evaluation set
+/// (sorted; multi-label columns keep their first-seen order). Hospitals with label-skewed data
+/// may lack a class the others have; the first shard alone would silently drop it.
+fn classes_in_data(job: &Job) -> anyhow::Result<Vec<String>> {
+    let spec = job.spec();
+    let mut names: Vec<String> = Vec::new();
+    let mut any_shard = false;
+    for (what, d) in spec.shards.iter().filter_map(|s| s.data.as_ref().map(|d| (format!("shard {}", s.name), d))).chain([("evaluation data".to_string(), &spec.evaluation.data)]) {
+        any_shard |= what != "evaluation data";
+        let path = job.data_path(&d.path, crate::remote_data::shard_credentials()?).map_err(|e| e.context(what.clone()))?;
+        for class in Dataset::open(&path, None).map_err(|e| anyhow::anyhow!("{what}: {e}"))?.classes {
+            if !names.contains(&class) {
+                names.push(class);
+            }
+        }
+    }
+    anyhow::ensure!(any_shard, "spec.model.classes: required when no shard has data to read class names from");
+    if !spec.model.multi_label {
+        names.sort();
+    }
+    Ok(names)
 }
 
 /// Builds the base network (`theta_pre`) for `m`: pretrained weights plus a new seeded head.

@@ -204,3 +204,18 @@ fn a_collect_stage_waits_for_a_late_hospital_vector_and_names_it_when_it_never_c
     let collected = std::fs::read(dir.path().join("out/runs/local/tiny/g1/shards/h2/vector.safetensors")).unwrap();
     assert_eq!(collected, b"uploaded by the hospital");
 }
+
+#[test]
+fn a_class_the_first_hospital_lacks_is_still_a_class_of_the_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = write_job(dir.path(), "  merge: {baselines: []}\n  restore: {mode: bnRecalibrate}\n", 2);
+    // Hospital h0 loses every image of the last class; h1 and the test set keep theirs.
+    let s0 = dir.path().join("s0.csv");
+    let text = std::fs::read_to_string(&s0).unwrap();
+    let kept: Vec<&str> = text.lines().filter(|l| !l.ends_with(",stripes")).collect();
+    assert!(kept.len() < text.lines().count(), "the fixture has the class to drop");
+    std::fs::write(&s0, kept.join("\n") + "\n").unwrap();
+    let runner = Runner::new(Job::load(&job).unwrap(), Device::Cpu).unwrap();
+    let report = runner.run().unwrap();
+    assert_eq!(report.classes, vec!["disc", "square", "stripes"]);
+}

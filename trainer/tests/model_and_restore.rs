@@ -120,13 +120,13 @@ fn a_model_with_a_negative_running_variance_or_a_nan_weight_is_refused_naming_th
     let net = Network::new(Architecture::Resnet18, &classes(), 32, Device::Cpu, 5);
     net.check_valid().expect("a fresh network is valid");
     let vars = net.vs.variables();
-    let mut var = vars["layer2.0.bn1.running_var"].shallow_clone();
-    tch::no_grad(|| var.get(3).fill_(-0.5));
+    let var = vars["layer2.0.bn1.running_var"].shallow_clone();
+    let _ = tch::no_grad(|| var.get(3).fill_(-0.5));
     let msg = net.check_valid().unwrap_err().to_string();
     assert!(msg.contains("layer2.0.bn1") && msg.contains("negative"), "{msg}");
-    tch::no_grad(|| var.get(3).fill_(1.0));
-    let mut w = vars["layer3.1.conv2.weight"].shallow_clone();
-    tch::no_grad(|| w.get(0).fill_(f64::NAN));
+    let _ = tch::no_grad(|| var.get(3).fill_(1.0));
+    let w = vars["layer3.1.conv2.weight"].shallow_clone();
+    let _ = tch::no_grad(|| w.get(0).fill_(f64::NAN));
     let msg = net.check_valid().unwrap_err().to_string();
     assert!(msg.contains("layer3.1.conv2.weight"), "{msg}");
 }

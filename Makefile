@@ -49,14 +49,16 @@ crds:
 	$(ENV) cargo run -q -p medmerge-crds --bin crdgen > crds/mergejob.yaml
 	cp crds/mergejob.yaml charts/medmerge/crds/mergejob.yaml
 
-## Reproduce the paper's table on ../shared/data/eye-fundus (DATA=... to change).
+## Every restoration against the baselines and a control on ../shared/data/eye-fundus (DATA=...),
+## IID, Dirichlet, size-skewed and imbalanced hospitals over seeds (IMAGE_SIZE, EPOCHS, SEEDS,
+## SPLITS); resumes from its cache. About 90 minutes alone on 2 cores at the defaults.
 bench-paper: build
 	DATA="$(DATA)" bash bench/paper-table.sh
 
 ## Every benchmark, side by side with its alternative; rewrites bench/results/*.md. Training
 ## throughput vs PyTorch, merge scale (ResNet50 and a 1 GB model) vs a load-everything PyTorch
 ## merge and mergekit, operator scale against a real kube-apiserver, Grad-CAM on real photographs
-## (runs bench-paper first if needed). About an hour; ~25 GB of scratch disk at its peak.
+## (runs the paper's MergeJob first if needed). About an hour; ~25 GB of scratch disk at its peak.
 bench: build
 	bash bench/train-throughput.sh
 	bash bench/merge-scale.sh

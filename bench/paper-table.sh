@@ -5,7 +5,7 @@
 # equal shards), each over several seeds (a seed draws the test set, the shards, the head and the
 # shuffles). EfficientNet-Lite0 ImageNet, Adam 1e-4, batch 32, class-weighted CE, random flips.
 #
-#   DATA=<ImageFolder> IMAGE_SIZE=96 EPOCHS=3 SEEDS="1 2 3" SPLITS="iid dirichlet size imbalanced"
+#   DATA=<ImageFolder> IMAGE_SIZE=64 EPOCHS=3 SEEDS="1 2 3" SPLITS="iid dirichlet size imbalanced"
 #
 # Writes bench/results/paper-table.{md,json}. Every step's output is kept in $BENCH_WORK, so an
 # interrupted run resumes where it stopped. About 90 minutes on 2 CPU cores with the defaults.
@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
 DATA="$(cd "${DATA:-../shared/data/eye-fundus}" && pwd)"
-SIZE="${IMAGE_SIZE:-96}"
+SIZE="${IMAGE_SIZE:-64}"
 EPOCHS="${EPOCHS:-3}"
 SEEDS="${SEEDS:-1 2 3}"
 SPLITS="${SPLITS:-iid dirichlet size imbalanced}"

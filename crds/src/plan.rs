@@ -7,7 +7,7 @@
 use std::collections::BTreeSet;
 
 use crate::layout::ArtifactLayout;
-use crate::spec::{Baseline, MergeJobSpec, MergeMethod, RestoreMode, RestoreRound};
+use crate::spec::{Baseline, MergeJobSpec, MergeMethod, RestoreRound};
 
 /// A model evaluated at the end of a run.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -161,7 +161,7 @@ impl StagePlan {
                     let mut reads = vec![layout.base()];
                     reads.extend(vectors.iter().cloned());
                     stages.push(PlannedStage { stage: Stage::Merge { candidate: c.id.clone() }, reads, writes: vec![layout.merged(&c.id)] });
-                    stages.extend(restore_stages(spec.restore.mode, &c.id, &restoring_shards, layout));
+                    stages.extend(restore_stages(&spec.restore.mode.rounds_for(spec.model.multi_label), &c.id, &restoring_shards, layout));
                     eval_reads.push(layout.restored(&c.id));
                 }
             }
@@ -194,9 +194,8 @@ impl StagePlan {
 /// The stages of `candidate`'s restoration: per round, a part per shard (all in parallel, except
 /// the chain, where each shard starts from the previous one's model) and a combine stage. Each
 /// round reads the previous round's model; the last writes the restored model.
-fn restore_stages(mode: RestoreMode, candidate: &str, shards: &[&str], layout: &ArtifactLayout) -> Vec<PlannedStage> {
+fn restore_stages(rounds: &[RestoreRound], candidate: &str, shards: &[&str], layout: &ArtifactLayout) -> Vec<PlannedStage> {
     let mut input = layout.merged(candidate);
-    let rounds = mode.rounds();
     if rounds.is_empty() {
         // No restoration: the combine stage publishes the merged model as the restored one.
         let stage = Stage::RestoreCombine { candidate: candidate.into(), round: None };

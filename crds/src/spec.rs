@@ -532,12 +532,13 @@ pub enum RestoreMode {
     BnRecalibrate,
     /// `bnRecalibrate`, then a classification head fitted in closed form (shrinkage LDA) from
     /// each shard's per-class counts and feature sums and its feature Gram matrix, computed with
-    /// the recalibrated backbone.
+    /// the recalibrated backbone (multi-label models skip the head round).
     ClosedFormHead,
     /// One training epoch on every shard at the same time, each from the merged model; the
     /// shards' models are averaged (weighted by images), then `bnRecalibrate`.
     AveragedEpoch,
-    /// `averagedEpoch`, then the closed-form head of `closedFormHead`: the default, the best
+    /// `averagedEpoch`, then the closed-form head of `closedFormHead` (multi-label models skip the
+    /// head round): the default, the best
     /// measured restoration that keeps hospitals independent (bench/results/paper-table.md).
     #[default]
     AveragedEpochHead,
@@ -607,6 +608,12 @@ impl RestoreMode {
             RestoreMode::FinetuneEpoch => &[Chain],
             RestoreMode::None => &[],
         }
+    }
+
+    /// The rounds for a model that is multi-label or not: multi-label models skip the head round
+    /// (the closed-form head needs one class per image).
+    pub fn rounds_for(self, multi_label: bool) -> Vec<RestoreRound> {
+        self.rounds().iter().copied().filter(|r| !(multi_label && *r == RestoreRound::HeadStatistics)).collect()
     }
 
     /// Whether any round trains (and so uses `restore.learningRate`).

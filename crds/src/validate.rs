@@ -3,7 +3,7 @@
 
 use std::collections::BTreeSet;
 
-use crate::spec::{Architecture, Baseline, MergeJobSpec, RestoreMode, RestoreRound, StageKind, WeightsSource};
+use crate::spec::{Architecture, Baseline, MergeJobSpec, RestoreMode, StageKind, WeightsSource};
 
 /// One problem with a spec.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -113,9 +113,6 @@ pub fn validate(spec: &MergeJobSpec) -> Result<(), Vec<SpecError>> {
     let with_data = spec.shards.iter().filter(|s| s.data.is_some()).count();
     if spec.restore.mode != RestoreMode::None && with_data == 0 && !spec.shards.is_empty() {
         errors.push(err("restore.mode", format!("{} needs at least one shard with data; use none", spec.restore.mode.as_str())));
-    }
-    if spec.model.multi_label && spec.restore.mode.rounds().contains(&RestoreRound::HeadStatistics) {
-        errors.push(err("restore.mode", format!("{} fits a one-class-per-image head; multi-label models use bnRecalibrate or averagedEpoch", spec.restore.mode.as_str())));
     }
     if let Some(lr) = spec.restore.learning_rate {
         if !(lr.is_finite() && lr > 0.0) {

@@ -31,7 +31,9 @@ fn a_tiny_mergejob_runs_end_to_end_and_reports_every_candidate() {
         let bytes = std::fs::read(run.join("eval").join(plot)).unwrap();
         assert_eq!(&bytes[1..4], b"PNG", "{plot} is a PNG");
     }
-    assert!(run.join("restore/data-vector/h0/bn-stats.safetensors").exists());
+    for part in ["epoch/h0/model", "bn/h1/bn-stats", "head/h0/head-stats"] {
+        assert!(run.join(format!("restore/data-vector/{part}.safetensors")).exists(), "the default's rounds: {part}");
+    }
     // The clinical view: ROC per class, the operating point, Grad-CAM for every model.
     let clinical = &report.clinical;
     assert_eq!(clinical.roc.iter().map(|r| r.class.as_str()).collect::<Vec<_>>(), report.classes.iter().map(String::as_str).collect::<Vec<_>>());

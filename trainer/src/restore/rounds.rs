@@ -74,7 +74,8 @@ pub fn combine(round: RestoreRound, input: &Path, parts: &[PathBuf], device: Dev
 pub fn restore_in_process(mode: RestoreMode, input: &Path, shards: &[(String, Dataset)], training: &TrainingSpec, device: Device, work: &Path, out: &Path) -> Result<(), RestoreError> {
     std::fs::create_dir_all(work).map_err(|source| StError::Write { path: work.into(), source })?;
     let mut current = input.to_path_buf();
-    for &round in mode.rounds() {
+    let multi_label = shards.first().is_some_and(|(_, d)| d.multi_label);
+    for round in mode.rounds_for(multi_label) {
         let mut parts = Vec::new();
         for (name, data) in shards {
             let from = if round == RestoreRound::Chain { parts.last().unwrap_or(&current).clone() } else { current.clone() };

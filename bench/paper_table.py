@@ -93,7 +93,12 @@ for kind in splits:
 
 json.dump(result, open(out + ".json", "w"), indent=2)
 with open(out + ".md", "w") as f:
-    f.write(f"# Merging and restoration on {os.path.basename(work).split('-')[0]}: IID and non-IID hospitals, {len(seeds)} seeds\n\n")
+    f.write(f"# Merging and restoration on {os.path.basename(work).rsplit('-', 2)[0]}: IID and non-IID hospitals\n\n")
+    done = {k: v["seeds"] for k, v in result["splits"].items()}
+    missing = [f"{k} seed {s}" for k in splits for s in seeds if s not in done.get(k, [])]
+    if missing:
+        f.write(f"**Incomplete**: seeds {', '.join(seeds)} were asked for; not yet run: {', '.join(missing)}. "
+                "The same command resumes from its cache.\n\n")
     f.write(f"Command: `{command}` ({elapsed // 60} min on {os.cpu_count()} CPU cores, {platform.machine()}; "
             "a resumed run counts only its own time).\n\n")
     f.write(f"EfficientNet-Lite0 (ImageNet), {size} px, {epochs} epochs per hospital, Adam 1e-4, batch 32, class-weighted "

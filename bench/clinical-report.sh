@@ -61,11 +61,14 @@ print(f"Command: `bash bench/clinical-report.sh` (evaluate stage of the `make be
       f"Grad-CAM of the predicted class at the last conv block on {n} evenly spaced held-out images per model; "
       f"the fundus disc is every pixel brighter than the black border (max channel > 20) and covers "
       f"{100 * disc:.1f} % of the pixels on average, which is what a heatmap spread evenly over the picture would score. Evaluate stage: {seconds} s on 2 CPU cores.\n")
-print("| model | accuracy | macro AUROC | heat inside the fundus disc |\n|---|---|---|---|")
+print("Deletion / insertion: area under the explained class's probability as the hottest pixels are "
+      "replaced by the mean colour (lower is better) or revealed on a blurred copy (higher is better).\n")
+print("| model | accuracy | macro AUROC | heat inside the foreground | deletion AUC | insertion AUC |\n|---|---|---|---|---|---|")
+num = lambda v: "n/a" if v is None else f"{v:.3f}"
 for c in r["candidates"]:
     m = c["metrics"]
-    auc = "n/a" if m.get("macro_auroc") is None else f"{m['macro_auroc']:.3f}"
-    print(f"| {c['description']} | {pct(m['accuracy'])} | {auc} | {pct(c.get('fundus_fraction'))} |")
+    heat = c.get("foreground_fraction", c.get("fundus_fraction"))
+    print(f"| {c['description']} | {pct(m['accuracy'])} | {num(m.get('macro_auroc'))} | {pct(heat)} | {num(c.get('deletion_auc'))} | {num(c.get('insertion_auc'))} |")
 cl = r["clinical"]
 print(f"\nMerged model ({r['candidates'][0]['description']}), one class against the rest, operating point p >= {cl['operating_point']}:\n")
 print("| class | AUROC | sensitivity | specificity |\n|---|---|---|---|")

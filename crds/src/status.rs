@@ -123,9 +123,16 @@ pub struct ResultsStatus {
     /// numbers at the operating point, confusion matrix, ROC curves, Grad-CAM gallery, settings.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub html_report: Option<String>,
-    /// Share of the merged model's Grad-CAM heat inside the fundus disc (explained images).
+    /// Share of the merged model's Grad-CAM heat inside the images' foreground (explained images).
+    #[serde(default, skip_serializing_if = "Option::is_none", alias = "fundusHeat")]
+    pub foreground_heat: Option<f64>,
+    /// Mean area under the merged model's Grad-CAM deletion curves (lower: its maps point at
+    /// what it uses).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fundus_heat: Option<f64>,
+    pub deletion_auc: Option<f64>,
+    /// Mean area under its insertion curves (higher: its maps point at what it uses).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub insertion_auc: Option<f64>,
     /// Every other evaluated model (baselines and each shard alone), for comparison.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub baselines: Vec<CandidateSummary>,

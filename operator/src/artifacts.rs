@@ -124,7 +124,10 @@ pub fn results_from_report(bytes: &[u8], spec: &MergeJobSpec, layout: &ArtifactL
         model,
         report: Some(key.clone()),
         html_report: Some(layout.eval_html()),
-        fundus_heat: candidates[0].get("fundus_fraction").and_then(Value::as_f64),
+        // Reports from before the foreground measure call it fundus_fraction.
+        foreground_heat: number(&candidates[0], "foreground_fraction").or_else(|| number(&candidates[0], "fundus_fraction")),
+        deletion_auc: number(&candidates[0], "deletion_auc"),
+        insertion_auc: number(&candidates[0], "insertion_auc"),
         baselines: candidates[1..].iter().map(summary).collect::<Result<_, _>>()?,
     })
 }

@@ -1,6 +1,6 @@
 //! The clinical view of an evaluation: ROC curves and an operating point from the predicted
 //! probabilities, and Grad-CAM over a sample of held-out images (the share of heat inside the
-//! fundus disc, and a gallery of correct and wrong predictions).
+//! foreground, deletion and insertion areas, and a gallery of correct and wrong predictions).
 
 use std::path::{Path, PathBuf};
 
@@ -8,10 +8,10 @@ use tch::Device;
 
 use crate::data::Dataset;
 use crate::evaluate::is_case;
-use crate::explain::{for_each_heatmap, fundus_mask, mass_inside, write_overlay, ExplainError, ExplainOptions};
+use crate::explain::{faithfulness, for_each_heatmap, foreground_fraction, mean, write_overlay, ExplainError, ExplainOptions};
 use crate::metrics::{at_threshold, binary_auroc, roc_curve};
 use crate::model::Network;
-use crate::report::{Clinical, GalleryImage, RocCurve};
+use crate::report::{Clinical, GalleryImage, HeatMeasures, RocCurve};
 
 /// Overlays of correct predictions, and as many of wrong ones, in the gallery.
 pub const GALLERY_PER_KIND: usize = 4;
@@ -41,8 +41,8 @@ pub fn explain_sample(data: &Dataset, n: usize) -> Vec<(PathBuf, Option<usize>)>
 /// What Grad-CAM found for one model over a sample.
 #[derive(Debug, Default)]
 pub struct HeatStudy {
-    /// Mean share of heat inside the fundus disc.
-    pub fundus_fraction: Option<f64>,
+    /// Means over the sample (the foreground share over images that have a foreground).
+    pub measures: HeatMeasures,
     /// Overlays written (only when a gallery directory was given).
     pub gallery: Vec<GalleryImage>,
 }
@@ -50,24 +50,27 @@ pub struct HeatStudy {
 /// Grad-CAM of `net`'s predicted class on `sample`. With `gallery_dir`, the first
 /// [`GALLERY_PER_KIND`] correct and wrong predictions are written there as `gradcam-NN.png`.
 pub fn heat_study(net: &Network, sample: &[(PathBuf, Option<usize>)], gallery_dir: Option<&Path>, device: Device) -> Result<HeatStudy, ExplainError> {
-    let mut fractions = Vec::new();
+    let (mut fractions, mut deletion, mut insertion) = (Vec::new(), Vec::new(), Vec::new());
     let mut gallery = Vec::new();
     let (mut correct, mut wrong) = (0, 0);
     for_each_heatmap(net, sample, &ExplainOptions::default(), device, |i, picture, map| {
-        fractions.extend(mass_inside(&map.cam, &fundus_mask(picture)));
+        fractions.extend(foreground_fraction(picture, &map.cam));
+        let curves = faithfulness(net, picture, &map, device)?;
+        deletion.push(curves.deletion_auc());
+        insertion.push(curves.insertion_auc());
         let (Some(dir), Some(label)) = (gallery_dir, sample[i].1) else { return Ok(()) };
         let count = if label == map.predicted { &mut correct } else { &mut wrong };
         if *count < GALLERY_PER_KIND {
             *count += 1;
             let name = format!("gradcam-{:02}.png", gallery.len());
-            let e = write_overlay(net, &sample[i], picture, &map, dir.join(&name))?;
+            let e = write_overlay(net, &sample[i], picture, &map, &curves, dir.join(&name))?;
             let image = e.image.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
-            gallery.push(GalleryImage { overlay: name, image, label: e.label.unwrap_or_default(), predicted: e.predicted, probability: e.probability, fundus_fraction: e.fundus_fraction });
+            gallery.push(GalleryImage { overlay: name, image, label: e.label.unwrap_or_default(), predicted: e.predicted, probability: e.probability, heat: e.heat });
         }
         Ok(())
     })?;
-    let fundus_fraction = (!fractions.is_empty()).then(|| fractions.iter().sum::<f64>() / fractions.len() as f64);
-    Ok(HeatStudy { fundus_fraction, gallery })
+    let measures = HeatMeasures { foreground_fraction: mean(fractions), deletion_auc: mean(deletion), insertion_auc: mean(insertion) };
+    Ok(HeatStudy { measures, gallery })
 }
 
 #[cfg(test)]

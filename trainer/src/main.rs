@@ -11,12 +11,12 @@ use medmerge_crds::{Architecture, AugmentSpec, HeadStrategy, MergeMethod, ModelS
 use medmerge_trainer::checkpoint::{ArtifactKind, ArtifactMeta};
 use medmerge_trainer::data::Dataset;
 use medmerge_trainer::evaluate::{evaluate, predict};
-use medmerge_trainer::explain::{explain_images, mean_fundus_fraction, ExplainOptions};
+use medmerge_trainer::explain::{explain_images, mean, ExplainOptions};
 use medmerge_trainer::merge::{merge_checked, write_vector, MergeOptions, ShardVector};
 use medmerge_trainer::metrics::argmax;
 use medmerge_trainer::model::Network;
 use medmerge_trainer::pipeline::{init_base, Job, Runner};
-use medmerge_trainer::report::{CandidateResult, EvalReport};
+use medmerge_trainer::report::{CandidateResult, EvalReport, HeatMeasures};
 use medmerge_trainer::restore::rounds::restore_in_process;
 use medmerge_trainer::restore::{apply_moments, collect_moments, combine_moments, load_moments, save_moments};
 use medmerge_trainer::st::{write_atomic, MappedFile};
@@ -123,7 +123,8 @@ enum Command {
         explain: Option<PathBuf>,
     },
     /// Grad-CAM: writes each image with a heatmap of where the model looked, plus
-    /// explanations.csv (prediction, explained class, share of heat inside the fundus disc).
+    /// explanations.csv (prediction, explained class, share of heat inside the image's
+    /// foreground, areas under the deletion and insertion curves).
     Explain {
         /// Model file.
         #[arg(long)]
@@ -484,7 +485,7 @@ fn main() -> anyhow::Result<()> {
                 n = ds.samples.len();
                 classes = net.classes.clone();
                 let metrics = evaluate(&net, &ds, batch_size, dev)?;
-                candidates.push(CandidateResult { id: m.display().to_string(), description: m.display().to_string(), metrics, fundus_fraction: None });
+                candidates.push(CandidateResult { id: m.display().to_string(), description: m.display().to_string(), metrics, heat: Default::default() });
             }
             let report = EvalReport { job: String::new(), run: String::new(), classes, test_images: n, candidates, similarity: vec![], spec: serde_json::Value::Null, clinical: Default::default() };
             println!("{}", report.table());
@@ -523,14 +524,24 @@ fn main() -> anyhow::Result<()> {
             let (ds, labelled) = prediction_inputs(&input, &net)?;
             let images: Vec<(PathBuf, Option<usize>)> = if labelled { ds.samples.iter().map(|s| (s.path.clone(), Some(s.label))).collect() } else { unlabelled(&ds) };
             let done = explain_images(&net, &images, &out, &ExplainOptions { layer, class }, dev)?;
-            let mut csv = String::from("image,label,predicted,probability,explained,fundus_fraction,overlay\n");
+            let mut csv = String::from("image,label,predicted,probability,explained,foreground_fraction,deletion_auc,insertion_auc,overlay\n");
+            let cell = |v: Option<f64>| v.map(|f| format!("{f:.4}")).unwrap_or_default();
             for e in &done {
-                let fraction = e.fundus_fraction.map(|f| format!("{f:.4}")).unwrap_or_default();
-                csv.push_str(&format!("{},{},{},{:.6},{},{fraction},{}\n", e.image.display(), e.label.as_deref().unwrap_or(""), e.predicted, e.probability, e.explained, e.overlay.display()));
+                let h = &e.heat;
+                let measures = [h.foreground_fraction, h.deletion_auc, h.insertion_auc].map(cell).join(",");
+                csv.push_str(&format!("{},{},{},{:.6},{},{measures},{}\n", e.image.display(), e.label.as_deref().unwrap_or(""), e.predicted, e.probability, e.explained, e.overlay.display()));
             }
             write_atomic(&out.join("explanations.csv"), csv.as_bytes())?;
-            let mean = mean_fundus_fraction(&done).map(|f| format!("{:.1} %", 100.0 * f)).unwrap_or_else(|| "n/a".into());
-            println!("explained {} images into {}; heat inside the fundus disc: {mean}", done.len(), out.display());
+            let summary = |pick: fn(&HeatMeasures) -> Option<f64>| mean(done.iter().filter_map(|e| pick(&e.heat)));
+            let show = |v: Option<f64>, pct: bool| v.map_or("n/a".into(), |v| if pct { format!("{:.1} %", 100.0 * v) } else { format!("{v:.3}") });
+            println!(
+                "explained {} images into {}; heat inside the foreground: {}; deletion AUC: {}; insertion AUC: {}",
+                done.len(),
+                out.display(),
+                show(summary(|h| h.foreground_fraction), true),
+                show(summary(|h| h.deletion_auc), false),
+                show(summary(|h| h.insertion_auc), false)
+            );
         }
         Command::Split { data, out, shards, test_fraction, seed, dirichlet, sizes, class_fractions } => {
             anyhow::ensure!(shards >= 1, "--shards must be at least 1");

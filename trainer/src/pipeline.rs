@@ -431,8 +431,8 @@ impl Runner {
                 view.gallery = heat.gallery;
                 clinical = Some(view);
             }
-            info!(candidate = %c.id, accuracy = metrics.accuracy, macro_f1 = metrics.macro_f1, fundus_heat = ?heat.fundus_fraction, "evaluated");
-            candidates.push(CandidateResult { id: c.id.clone(), description, metrics, fundus_fraction: heat.fundus_fraction });
+            info!(candidate = %c.id, accuracy = metrics.accuracy, macro_f1 = metrics.macro_f1, foreground_heat = ?heat.measures.foreground_fraction, deletion_auc = ?heat.measures.deletion_auc, "evaluated");
+            candidates.push(CandidateResult { id: c.id.clone(), description, metrics, heat: heat.measures });
         }
         Ok(EvalReport {
             job: self.job.job.metadata.name.clone().unwrap_or_default(),

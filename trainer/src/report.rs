@@ -14,9 +14,32 @@ pub struct CandidateResult {
     pub description: String,
     /// Its metrics on the held-out set.
     pub metrics: Metrics,
-    /// Share of its Grad-CAM heat inside the fundus disc over the explained images.
+    /// What its Grad-CAM maps say over the explained images.
+    #[serde(flatten)]
+    pub heat: HeatMeasures,
+}
+
+/// What Grad-CAM maps say about where a model looked (for many images: their means).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct HeatMeasures {
+    /// Share of heat inside the image's foreground (images with a plain background only).
+    #[serde(default, alias = "fundus_fraction")]
+    pub foreground_fraction: Option<f64>,
+    /// Area under the deletion curve: the explained class's probability as the hottest pixels
+    /// are removed (lower: the map points at what the model uses).
     #[serde(default)]
-    pub fundus_fraction: Option<f64>,
+    pub deletion_auc: Option<f64>,
+    /// Area under the insertion curve: the probability as the hottest pixels are revealed on a
+    /// blurred copy (higher: the map points at what the model uses).
+    #[serde(default)]
+    pub insertion_auc: Option<f64>,
+}
+
+impl HeatMeasures {
+    /// Whether any measure was taken.
+    pub fn is_empty(&self) -> bool {
+        self.foreground_fraction.is_none() && self.deletion_auc.is_none() && self.insertion_auc.is_none()
+    }
 }
 
 /// One class's ROC curve (one class against the rest).
@@ -43,8 +66,9 @@ pub struct GalleryImage {
     pub predicted: String,
     /// Probability of the predicted class.
     pub probability: f32,
-    /// Share of heat inside the fundus disc.
-    pub fundus_fraction: Option<f64>,
+    /// What its map says.
+    #[serde(flatten)]
+    pub heat: HeatMeasures,
 }
 
 impl GalleryImage {
@@ -137,9 +161,13 @@ impl EvalReport {
             }
             md.push_str(". Per-layer values are in metrics.json.\n\n![per-layer cosine similarity](similarity.png)\n");
         }
-        let heat: Vec<String> = self.candidates.iter().filter_map(|c| c.fundus_fraction.map(|f| format!("{}: {:.1} %", c.id, 100.0 * f))).collect();
-        if !heat.is_empty() {
-            md.push_str(&format!("\n## Grad-CAM\n\nShare of heat inside the fundus disc: {}. Overlays and ROC curves are in report.html.\n", heat.join(", ")));
+        if self.candidates.iter().any(|c| !c.heat.is_empty()) {
+            md.push_str("\n## Grad-CAM\n\nPer model, over the explained images: the share of heat inside the image's foreground, and the areas under the deletion (lower is better) and insertion (higher is better) curves of the explained class's probability as the hottest pixels are removed or revealed. Overlays and ROC curves are in report.html.\n\n| model | heat in foreground | deletion AUC | insertion AUC |\n|---|---|---|---|\n");
+            let value = |v: Option<f64>, pct: bool| v.map_or("n/a".into(), |v| if pct { format!("{:.1} %", 100.0 * v) } else { format!("{v:.3}") });
+            for c in &self.candidates {
+                let h = &c.heat;
+                md.push_str(&format!("| {} | {} | {} | {} |\n", c.id, value(h.foreground_fraction, true), value(h.deletion_auc, false), value(h.insertion_auc, false)));
+            }
         }
         md
     }

@@ -2,8 +2,12 @@
 //!
 //! The heatmap of a layer is the ReLU of its activation maps weighted by the spatially averaged
 //! gradient of the class score with respect to them, upsampled to the input and scaled to [0, 1].
-//! Overlays are written as PNG; for fundus photographs the share of heatmap mass inside the
-//! fundus disc (not on the black border) says whether the model looks at the retina.
+//! Overlays are written as PNG. Two measures say whether a map means anything: the share of its
+//! mass inside the image's foreground ([`foreground`]) and how fast the model's confidence falls
+//! as the hottest pixels are deleted, or rises as they are revealed ([`faithfulness`]).
+
+pub mod faithfulness;
+pub mod foreground;
 
 use std::path::{Path, PathBuf};
 
@@ -13,11 +17,13 @@ use tch::{Device, Kind, Tensor};
 
 use crate::data::{load_resized, normalise, DataError};
 use crate::model::{tensor_to_vec, Network, Tap};
+use crate::report::HeatMeasures;
+
+pub use faithfulness::Curves;
+pub use foreground::{foreground_fraction, foreground_mask, mass_inside};
 
 /// Images per forward/backward pass.
 const BATCH: usize = 8;
-/// A pixel whose brightest channel is at most this is border, not fundus.
-const BORDER_LEVEL: u8 = 20;
 
 /// Errors explaining predictions.
 #[derive(Debug, thiserror::Error)]
@@ -76,8 +82,9 @@ pub struct ExplainedImage {
     pub probability: f32,
     /// The class the heatmap explains.
     pub explained: String,
-    /// Share of heatmap mass inside the fundus disc (bright pixels), if the image has any.
-    pub fundus_fraction: Option<f64>,
+    /// Heat inside the foreground, deletion and insertion areas of its map.
+    #[serde(flatten)]
+    pub heat: HeatMeasures,
 }
 
 /// The layer Grad-CAM will use: `wanted` if the network has it, else the last conv block.
@@ -134,20 +141,6 @@ pub fn grad_cam(net: &Network, images: &[RgbImage], layer: &str, class: Option<u
         .collect())
 }
 
-/// The fundus disc of a photograph: pixels brighter than the black border around it.
-pub fn fundus_mask(img: &RgbImage) -> Vec<bool> {
-    img.pixels().map(|p| p.0.iter().copied().max().unwrap_or(0) > BORDER_LEVEL).collect()
-}
-
-/// Share of `cam`'s mass on pixels where `mask` holds; `None` when either is empty.
-pub fn mass_inside(cam: &[f32], mask: &[bool]) -> Option<f64> {
-    let total: f64 = cam.iter().map(|&v| f64::from(v)).sum();
-    if total <= 0.0 || !mask.iter().any(|&m| m) {
-        return None;
-    }
-    Some(cam.iter().zip(mask).filter(|(_, &m)| m).map(|(&v, _)| f64::from(v)).sum::<f64>() / total)
-}
-
 /// The jet colour map at `v` in [0, 1].
 fn jet(v: f32) -> [f32; 3] {
     let c = |x: f32| (1.5 - (4.0 * v - x).abs()).clamp(0.0, 1.0);
@@ -188,8 +181,21 @@ pub fn for_each_heatmap(
     Ok(())
 }
 
-/// Writes `picture` with `map` laid over it to `file` and describes it.
-pub fn write_overlay(net: &Network, (image, label): &(PathBuf, Option<usize>), picture: &RgbImage, map: &Heatmap, file: PathBuf) -> Result<ExplainedImage, ExplainError> {
+/// The deletion and insertion curves of `map` over `picture`, scored by `net` in eval mode.
+pub fn faithfulness(net: &Network, picture: &RgbImage, map: &Heatmap, device: Device) -> Result<Curves, ExplainError> {
+    let class = map.explained as i64;
+    let probability = |batch: &Tensor| {
+        tch::no_grad(|| {
+            let logits = net.forward_t(&batch.to_device(device), false);
+            let probs = if net.multi_label { logits.sigmoid() } else { logits.softmax(-1, Kind::Float) };
+            probs.f_select(1, class)
+        })
+    };
+    Ok(faithfulness::curves(picture, &map.cam, probability)?)
+}
+
+/// Writes `picture` with `map` laid over it to `file` and describes it, with its `curves`.
+pub fn write_overlay(net: &Network, (image, label): &(PathBuf, Option<usize>), picture: &RgbImage, map: &Heatmap, curves: &Curves, file: PathBuf) -> Result<ExplainedImage, ExplainError> {
     overlay(picture, &map.cam).save(&file).map_err(|e| ExplainError::Write { path: file.clone(), message: e.to_string() })?;
     Ok(ExplainedImage {
         image: image.clone(),
@@ -198,7 +204,7 @@ pub fn write_overlay(net: &Network, (image, label): &(PathBuf, Option<usize>), p
         predicted: net.classes[map.predicted].clone(),
         probability: map.probability,
         explained: net.classes[map.explained].clone(),
-        fundus_fraction: mass_inside(&map.cam, &fundus_mask(picture)),
+        heat: HeatMeasures { foreground_fraction: foreground_fraction(picture, &map.cam), deletion_auc: Some(curves.deletion_auc()), insertion_auc: Some(curves.insertion_auc()) },
     })
 }
 
@@ -208,7 +214,8 @@ pub fn explain_images(net: &Network, images: &[(PathBuf, Option<usize>)], out_di
     std::fs::create_dir_all(out_dir).map_err(|e| ExplainError::Write { path: out_dir.into(), message: e.to_string() })?;
     let mut out = Vec::with_capacity(images.len());
     for_each_heatmap(net, images, opts, device, |i, picture, map| {
-        out.push(write_overlay(net, &images[i], picture, &map, out_dir.join(overlay_name(&images[i].0, i)))?);
+        let curves = faithfulness(net, picture, &map, device)?;
+        out.push(write_overlay(net, &images[i], picture, &map, &curves, out_dir.join(overlay_name(&images[i].0, i)))?);
         Ok(())
     })?;
     Ok(out)
@@ -220,31 +227,16 @@ fn overlay_name(image: &Path, index: usize) -> String {
     format!("{index:04}-{stem}.gradcam.png")
 }
 
-/// The mean share of heatmap mass inside the fundus over `explained` (images with a disc).
-pub fn mean_fundus_fraction(explained: &[ExplainedImage]) -> Option<f64> {
-    let values: Vec<f64> = explained.iter().filter_map(|e| e.fundus_fraction).collect();
-    (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
+/// The mean of `values`; `None` when there are none.
+pub fn mean(values: impl IntoIterator<Item = f64>) -> Option<f64> {
+    let (sum, n) = values.into_iter().fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
+    (n > 0).then(|| sum / n as f64)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use medmerge_crds::Architecture;
-
-    #[test]
-    fn mass_inside_counts_only_masked_pixels() {
-        assert_eq!(mass_inside(&[1.0, 3.0, 0.0, 4.0], &[true, false, true, true]), Some(5.0 / 8.0));
-        assert_eq!(mass_inside(&[0.0, 0.0], &[true, true]), None);
-        assert_eq!(mass_inside(&[1.0, 1.0], &[false, false]), None);
-    }
-
-    #[test]
-    fn the_fundus_mask_excludes_the_black_border() {
-        let mut img = RgbImage::from_pixel(3, 1, Rgb([0, 0, 0]));
-        img.put_pixel(1, 0, Rgb([120, 40, 10]));
-        img.put_pixel(2, 0, Rgb([12, 15, 9]));
-        assert_eq!(fundus_mask(&img), vec![false, true, false]);
-    }
 
     #[test]
     fn the_overlay_is_hot_where_the_map_is_high() {
@@ -317,7 +309,9 @@ mod tests {
             assert!(e.overlay.exists());
             assert_eq!(image::open(&e.overlay).unwrap().width(), 32);
             assert_eq!(e.explained, e.predicted);
-            assert!(e.fundus_fraction.is_some_and(|f| (0.0..=1.0).contains(&f)));
+            let h = &e.heat;
+            assert!(h.foreground_fraction.is_some_and(|f| (0.0..=1.0).contains(&f)));
+            assert!([h.deletion_auc, h.insertion_auc].iter().all(|a| a.is_some_and(|a| (0.0..=1.0).contains(&a))));
         }
         assert_eq!(done[1].label.as_deref(), Some("b"));
         let e = explain_images(&net, &inputs, &out, &ExplainOptions { layer: Some("nope".into()), class: None }, Device::Cpu).unwrap_err();

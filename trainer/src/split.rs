@@ -60,31 +60,14 @@ pub fn split(data: &Dataset, shards: usize, test_fraction: f64, seed: u64, skew:
         Skew::Sizes(sizes) => {
             let mut rest: Vec<usize> = rest_by_class.concat();
             rest.shuffle(&mut rng);
-            let total: f64 = sizes.iter().take(out.len()).sum();
-            let (n, shards) = (rest.len(), out.len());
-            let mut start = 0;
-            let mut acc = 0.0;
-            for (s, part) in out.iter_mut().enumerate() {
-                acc += sizes.get(s).copied().unwrap_or(0.0) / total;
-                let end = if s + 1 == shards { n } else { ((acc * n as f64).round() as usize).min(n) };
-                part.extend_from_slice(&rest[start..end.max(start)]);
-                start = end.max(start);
-            }
+            let weights: Vec<f64> = (0..out.len()).map(|s| sizes.get(s).copied().unwrap_or(0.0)).collect();
+            deal_in_proportion(&rest, &weights, &mut out);
         }
         Skew::Dirichlet(alpha) => {
             let gamma = Gamma::new(*alpha, 1.0).expect("alpha validated positive");
             for idx in rest_by_class {
-                let w: Vec<f64> = (0..out.len()).map(|_| gamma.sample(&mut rng)).collect();
-                let total: f64 = w.iter().sum();
-                let mut start = 0;
-                let mut acc = 0.0;
-                let n = out.len();
-                for (s, wi) in w.iter().enumerate() {
-                    acc += wi / total;
-                    let end = if s + 1 == n { idx.len() } else { ((acc * idx.len() as f64).round() as usize).min(idx.len()) };
-                    out[s].extend_from_slice(&idx[start..end.max(start)]);
-                    start = end.max(start);
-                }
+                let weights: Vec<f64> = (0..out.len()).map(|_| gamma.sample(&mut rng)).collect();
+                deal_in_proportion(&idx, &weights, &mut out);
             }
         }
     }
@@ -92,6 +75,20 @@ pub fn split(data: &Dataset, shards: usize, test_fraction: f64, seed: u64, skew:
         s.sort_unstable();
     }
     Split { test, shards: out }
+}
+
+/// Cuts `items` into consecutive runs in proportion to `weights` (one per part, summing to more
+/// than 0) and appends run `s` to `parts[s]`; the last part takes what rounding leaves.
+fn deal_in_proportion(items: &[usize], weights: &[f64], parts: &mut [Vec<usize>]) {
+    let total: f64 = weights.iter().sum();
+    let (n, last) = (items.len(), parts.len().saturating_sub(1));
+    let (mut start, mut acc) = (0, 0.0);
+    for (s, (part, w)) in parts.iter_mut().zip(weights).enumerate() {
+        acc += w / total;
+        let end = if s == last { n } else { ((acc * n as f64).round() as usize).min(n) }.max(start);
+        part.extend_from_slice(&items[start..end]);
+        start = end;
+    }
 }
 
 /// Indices of a random subset of `data` whose classes (in label order) are in the proportions

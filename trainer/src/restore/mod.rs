@@ -38,6 +38,9 @@ pub enum RestoreError {
     /// The closed-form head cannot be fitted.
     #[error("closed-form head: {0}")]
     Head(String),
+    /// A round that combines the shards' parts got none.
+    #[error("restoration round {round}: no shard produced a part to combine")]
+    NoParts { round: &'static str },
     /// A restoration epoch failed.
     #[error(transparent)]
     Train(#[from] crate::train::TrainError),

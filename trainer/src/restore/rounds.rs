@@ -74,8 +74,16 @@ pub fn combine(round: RestoreRound, input: &Path, parts: &[PathBuf], device: Dev
 pub fn restore_in_process(mode: RestoreMode, input: &Path, shards: &[(String, Dataset)], training: &TrainingSpec, device: Device, work: &Path, out: &Path) -> Result<(), RestoreError> {
     std::fs::create_dir_all(work).map_err(|source| StError::Write { path: work.into(), source })?;
     let mut current = input.to_path_buf();
-    let multi_label = shards.first().is_some_and(|(_, d)| d.multi_label);
-    for round in mode.rounds_for(multi_label) {
+    let rounds = {
+        let net = Network::load(input, device)?;
+        let rounds = mode.rounds_for(net.multi_label);
+        if rounds.is_empty() {
+            // Published as it is: checked here, as every round's output is.
+            net.check_valid()?;
+        }
+        rounds
+    };
+    for round in rounds {
         let mut parts = Vec::new();
         for (name, data) in shards {
             let from = if round == RestoreRound::Chain { parts.last().unwrap_or(&current).clone() } else { current.clone() };
@@ -86,10 +94,6 @@ pub fn restore_in_process(mode: RestoreMode, input: &Path, shards: &[(String, Da
         let next = work.join(format!("{}.safetensors", round.as_str()));
         combine(round, &current, &parts, device, &next)?;
         current = next;
-    }
-    if current == input {
-        let net = Network::load(input, device)?;
-        net.check_valid()?;
     }
     let bytes = std::fs::read(&current).map_err(|source| StError::Open { path: current.clone(), source })?;
     write_atomic(out, &bytes).map_err(|source| StError::Write { path: out.into(), source })?;

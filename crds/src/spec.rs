@@ -323,7 +323,8 @@ pub struct TrainingSpec {
     pub seed: u64,
     /// Weight the cross-entropy by inverse class frequency of the shard.
     pub class_weighting: bool,
-    /// Fraction of each shard held out to pick the best epoch (0 keeps the last epoch).
+    /// Fraction of each shard held out to pick the epoch with the best balanced accuracy (mean
+    /// recall over the classes, so a majority class cannot carry it); 0 keeps the last epoch.
     #[schemars(range(min = 0.0, max = 0.5))]
     pub validation_fraction: f64,
     /// Random augmentation applied to training images.

@@ -263,7 +263,7 @@ struct TrainingArgs {
     /// Seed.
     #[arg(long, default_value_t = 3315)]
     seed: u64,
-    /// Held-out fraction for picking the best epoch.
+    /// Held-out fraction for picking the epoch with the best balanced accuracy (0: the last).
     #[arg(long, default_value_t = 0.0)]
     validation_fraction: f64,
     /// Disable class-weighted cross-entropy.

@@ -40,6 +40,10 @@ pub struct EpochLog {
     pub train_accuracy: f64,
     /// Accuracy on the held-out validation part, when there is one.
     pub validation_accuracy: Option<f64>,
+    /// Balanced accuracy (mean recall over the classes present) on the validation part: what
+    /// picks the best epoch, so that a majority class cannot carry it.
+    #[serde(default)]
+    pub validation_balanced_accuracy: Option<f64>,
     /// Training images per second.
     pub images_per_second: f64,
 }
@@ -115,8 +119,8 @@ pub fn learning_rate(schedule: Schedule, peak: f64, step: usize, total: usize) -
     }
 }
 
-/// Fine-tunes `net` on `data` with `spec`; keeps the best epoch by validation accuracy when
-/// `spec.validationFraction > 0`, else the last.
+/// Fine-tunes `net` on `data` with `spec`; keeps the best epoch by validation balanced accuracy
+/// when `spec.validationFraction > 0`, else the last.
 pub fn train(net: &mut Network, data: &Dataset, spec: &TrainingSpec, device: Device, label: &str) -> Result<TrainReport, TrainError> {
     let mut rng = StdRng::seed_from_u64(spec.seed);
     let mut all: Vec<usize> = (0..data.samples.len()).collect();
@@ -183,20 +187,17 @@ pub fn train(net: &mut Network, data: &Dataset, spec: &TrainingSpec, device: Dev
         if !loss.is_finite() {
             return Err(TrainError::Diverged { label: label.into(), epoch, loss });
         }
-        let validation_accuracy = if val.samples.is_empty() {
-            None
-        } else {
-            Some(crate::evaluate::evaluate(net, &val, batch, device)?.accuracy)
-        };
+        let validation = if val.samples.is_empty() { None } else { Some(crate::evaluate::evaluate(net, &val, batch, device)?) };
         let log = EpochLog {
             epoch,
             loss,
             train_accuracy: correct as f64 / seen.max(1) as f64,
-            validation_accuracy,
+            validation_accuracy: validation.as_ref().map(|m| m.accuracy),
+            validation_balanced_accuracy: validation.as_ref().map(|m| m.balanced_accuracy),
             images_per_second: seen as f64 / started.elapsed().as_secs_f64(),
         };
-        info!(shard = %label, epoch, loss = log.loss, train_accuracy = log.train_accuracy, validation_accuracy = ?log.validation_accuracy, images_per_second = log.images_per_second, "epoch done");
-        if let Some(acc) = validation_accuracy {
+        info!(shard = %label, epoch, loss = log.loss, train_accuracy = log.train_accuracy, validation_accuracy = ?log.validation_accuracy, validation_balanced_accuracy = ?log.validation_balanced_accuracy, images_per_second = log.images_per_second, "epoch done");
+        if let Some(acc) = log.validation_balanced_accuracy {
             if best.as_ref().is_none_or(|(b, _, _)| acc > *b) {
                 best = Some((acc, epoch, net.named_tensors().iter().map(|(_, t)| t.copy()).collect()));
             }

@@ -157,3 +157,19 @@ fn shards_head_statistics_add_up_to_those_of_the_pooled_images_and_fit_a_head() 
     assert_eq!(tensor_to_vec(&net.vs.variables()["fc.weight"]).unwrap(), tensor_to_vec(&w).unwrap());
     net.check_valid().unwrap();
 }
+
+#[test]
+fn with_a_validation_hold_out_the_epoch_with_the_best_balanced_accuracy_is_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    synth::generate(dir.path(), 3, 12, 32, 6).unwrap();
+    let data = Dataset::open(dir.path(), None).unwrap();
+    let mut net = Network::new(Architecture::Resnet18, &data.classes, 32, Device::Cpu, 3);
+    let spec = medmerge_crds::TrainingSpec { epochs: 4, batch_size: 6, learning_rate: 1e-3, validation_fraction: 0.3, ..Default::default() };
+    let report = medmerge_trainer::train::train(&mut net, &data, &spec, Device::Cpu, "test").unwrap();
+    let balanced: Vec<f64> = report.epochs.iter().map(|e| e.validation_balanced_accuracy.expect("every epoch is validated")).collect();
+    let best = balanced.iter().copied().fold(f64::MIN, f64::max);
+    // The first epoch reaching the best balanced accuracy is the one kept.
+    let first_best = balanced.iter().position(|&b| b == best).unwrap() as u32 + 1;
+    assert_eq!(report.best_epoch, first_best, "balanced accuracies per epoch: {balanced:?}");
+    assert!(report.epochs.iter().all(|e| e.validation_accuracy.is_some()));
+}

@@ -128,6 +128,7 @@ pub fn results_from_report(bytes: &[u8], spec: &MergeJobSpec, layout: &ArtifactL
         foreground_heat: number(&candidates[0], "foreground_fraction").or_else(|| number(&candidates[0], "fundus_fraction")),
         deletion_auc: number(&candidates[0], "deletion_auc"),
         insertion_auc: number(&candidates[0], "insertion_auc"),
+        deletion_gain: number(&candidates[0], "deletion_gain"),
         baselines: candidates[1..].iter().map(summary).collect::<Result<_, _>>()?,
     })
 }
@@ -185,6 +186,18 @@ mod tests {
         let err = results_from_report(br#"{"candidates": []}"#, &spec(), &layout).unwrap_err().to_string();
         assert!(err.contains("runs/ns/mj/g2/eval/metrics.json") && err.contains("no candidates"), "{err}");
         assert!(results_from_report(b"not json", &spec(), &layout).is_err());
+    }
+
+    #[test]
+    fn the_merged_models_grad_cam_measures_reach_status_and_old_reports_still_read() {
+        let layout = ArtifactLayout::new("runs", "ns", "mj", 1);
+        let report = br#"{"candidates": [{"id": "data-vector", "metrics": {"accuracy": 0.8},
+            "foreground_fraction": 0.9, "deletion_auc": 0.3, "insertion_auc": 0.6, "deletion_gain": 0.05}]}"#;
+        let r = results_from_report(report, &spec(), &layout).unwrap();
+        assert_eq!((r.foreground_heat, r.deletion_auc, r.insertion_auc, r.deletion_gain), (Some(0.9), Some(0.3), Some(0.6), Some(0.05)));
+        let old = br#"{"candidates": [{"id": "data-vector", "metrics": {"accuracy": 0.8}, "fundus_fraction": 0.7}]}"#;
+        let r = results_from_report(old, &spec(), &layout).unwrap();
+        assert_eq!((r.foreground_heat, r.deletion_auc), (Some(0.7), None));
     }
 
     #[test]

@@ -50,7 +50,7 @@ pub struct HeatStudy {
 /// Grad-CAM of `net`'s predicted class on `sample`. With `gallery_dir`, the first
 /// [`GALLERY_PER_KIND`] correct and wrong predictions are written there as `gradcam-NN.png`.
 pub fn heat_study(net: &Network, sample: &[(PathBuf, Option<usize>)], gallery_dir: Option<&Path>, device: Device) -> Result<HeatStudy, ExplainError> {
-    let (mut fractions, mut deletion, mut insertion) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut fractions, mut deletion, mut insertion, mut gain) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut gallery = Vec::new();
     let (mut correct, mut wrong) = (0, 0);
     for_each_heatmap(net, sample, &ExplainOptions::default(), device, |i, picture, map| {
@@ -58,6 +58,7 @@ pub fn heat_study(net: &Network, sample: &[(PathBuf, Option<usize>)], gallery_di
         let curves = faithfulness(net, picture, &map, device)?;
         deletion.push(curves.deletion_auc());
         insertion.push(curves.insertion_auc());
+        gain.push(curves.deletion_gain());
         let (Some(dir), Some(label)) = (gallery_dir, sample[i].1) else { return Ok(()) };
         let count = if label == map.predicted { &mut correct } else { &mut wrong };
         if *count < GALLERY_PER_KIND {
@@ -69,7 +70,7 @@ pub fn heat_study(net: &Network, sample: &[(PathBuf, Option<usize>)], gallery_di
         }
         Ok(())
     })?;
-    let measures = HeatMeasures { foreground_fraction: mean(fractions), deletion_auc: mean(deletion), insertion_auc: mean(insertion) };
+    let measures = HeatMeasures { foreground_fraction: mean(fractions), deletion_auc: mean(deletion), insertion_auc: mean(insertion), deletion_gain: mean(gain) };
     Ok(HeatStudy { measures, gallery })
 }
 

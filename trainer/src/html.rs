@@ -65,12 +65,12 @@ pub fn to_html(report: &EvalReport, dir: &Path) -> String {
         desc = escape(&p.description),
     );
 
-    h.push_str("<section id=\"results\"><h2>Results of every model</h2><table><tr><th>model</th><th>accuracy</th><th>balanced accuracy</th><th>macro-F1</th><th>macro AUROC</th><th>Grad-CAM heat in foreground</th><th>deletion AUC (lower is better)</th><th>insertion AUC (higher is better)</th></tr>");
+    h.push_str("<section id=\"results\"><h2>Results of every model</h2><table><tr><th>model</th><th>accuracy</th><th>balanced accuracy</th><th>macro-F1</th><th>macro AUROC</th><th>Grad-CAM heat in foreground</th><th>deletion AUC (lower is better)</th><th>insertion AUC (higher is better)</th><th>deletion gain over random order</th></tr>");
     for (i, r) in report.candidates.iter().enumerate() {
         let m = &r.metrics;
         let _ = write!(
             h,
-            "<tr{}><td>{}</td><td>{}</td><td>{}</td><td>{:.3}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr{}><td>{}</td><td>{}</td><td>{}</td><td>{:.3}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             if i == 0 { " class=\"primary\"" } else { "" },
             escape(&r.description),
             pct(m.accuracy),
@@ -79,7 +79,8 @@ pub fn to_html(report: &EvalReport, dir: &Path) -> String {
             opt(m.macro_auroc, |a| format!("{a:.3}")),
             opt(r.heat.foreground_fraction, pct),
             opt(r.heat.deletion_auc, auc),
-            opt(r.heat.insertion_auc, auc)
+            opt(r.heat.insertion_auc, auc),
+            opt(r.heat.deletion_gain, auc)
         );
     }
     h.push_str("</table>");
@@ -146,11 +147,12 @@ pub fn to_html(report: &EvalReport, dir: &Path) -> String {
     } else {
         let _ = write!(
             h,
-            "<p>Heatmaps of the predicted class from layer <code>{}</code>; red is where the evidence was. Over the explained images: share of heat inside the image's foreground {}; as the hottest pixels are removed, the area under the probability curve is {} (deletion, lower is better), and as they are revealed on a blurred copy {} (insertion, higher is better).</p>",
+            "<p>Heatmaps of the predicted class from layer <code>{}</code>; red is where the evidence was. Over the explained images: share of heat inside the image's foreground {}; as the hottest pixels are removed, the area under the probability curve is {} (deletion, lower is better), and as they are revealed on a blurred copy {} (insertion, higher is better); deleting in the maps' order beats a random order by {} (about 0: the maps are noise to the model).</p>",
             escape(c.explain_layer.as_deref().unwrap_or("?")),
             opt(p.heat.foreground_fraction, pct),
             opt(p.heat.deletion_auc, auc),
-            opt(p.heat.insertion_auc, auc)
+            opt(p.heat.insertion_auc, auc),
+            opt(p.heat.deletion_gain, auc)
         );
         for (title, correct) in [("Correct predictions", true), ("Wrong predictions", false)] {
             let items: Vec<_> = c.gallery.iter().filter(|g| g.correct() == correct).collect();
@@ -194,13 +196,13 @@ mod tests {
 
     fn report() -> EvalReport {
         let metrics = classification_metrics(&[vec![0.8, 0.2], vec![0.3, 0.7], vec![0.6, 0.4]], &[0, 1, 1], 2);
-        let gallery = vec![GalleryImage { overlay: "gradcam-00.png".into(), image: "eye<1>.jpg".into(), label: "a".into(), predicted: "a".into(), probability: 0.8, heat: HeatMeasures { foreground_fraction: Some(0.9), deletion_auc: Some(0.2), insertion_auc: Some(0.7) } }];
+        let gallery = vec![GalleryImage { overlay: "gradcam-00.png".into(), image: "eye<1>.jpg".into(), label: "a".into(), predicted: "a".into(), probability: 0.8, heat: HeatMeasures { foreground_fraction: Some(0.9), deletion_auc: Some(0.2), insertion_auc: Some(0.7), deletion_gain: Some(0.1) } }];
         EvalReport {
             job: "retina".into(),
             run: "runs/x/g1".into(),
             classes: vec!["a".into(), "b".into()],
             test_images: 3,
-            candidates: vec![CandidateResult { id: "data-vector".into(), description: "data vector λ=0.5".into(), metrics, heat: HeatMeasures { foreground_fraction: Some(0.9), deletion_auc: Some(0.25), insertion_auc: Some(0.75) } }],
+            candidates: vec![CandidateResult { id: "data-vector".into(), description: "data vector λ=0.5".into(), metrics, heat: HeatMeasures { foreground_fraction: Some(0.9), deletion_auc: Some(0.25), insertion_auc: Some(0.75), deletion_gain: Some(0.125) } }],
             similarity: vec![],
             spec: serde_json::json!({"merge": {"lambda": 0.5}}),
             clinical: Clinical { operating_point: 0.5, sensitivity: vec![Some(1.0), Some(0.5)], specificity: vec![Some(0.5), Some(1.0)], gallery, ..Default::default() },
@@ -216,7 +218,7 @@ mod tests {
         }
         assert!(html.contains("eye&lt;1&gt;.jpg") && !html.contains("eye<1>"));
         assert!(html.contains("data vector λ=0.5") && html.contains("90.0 %"));
-        assert!(html.contains("<td>0.250</td><td>0.750</td>"), "deletion and insertion areas per model");
+        assert!(html.contains("<td>0.250</td><td>0.750</td><td>0.125</td>"), "deletion and insertion areas and the gain per model");
         assert!(html.contains("roc.png was not drawn"), "missing figures are said, not silently dropped");
         assert!(html.contains("&quot;lambda&quot;: 0.5"), "the settings are shown");
     }

@@ -524,23 +524,24 @@ fn main() -> anyhow::Result<()> {
             let (ds, labelled) = prediction_inputs(&input, &net)?;
             let images: Vec<(PathBuf, Option<usize>)> = if labelled { ds.samples.iter().map(|s| (s.path.clone(), Some(s.label))).collect() } else { unlabelled(&ds) };
             let done = explain_images(&net, &images, &out, &ExplainOptions { layer, class }, dev)?;
-            let mut csv = String::from("image,label,predicted,probability,explained,foreground_fraction,deletion_auc,insertion_auc,overlay\n");
+            let mut csv = String::from("image,label,predicted,probability,explained,foreground_fraction,deletion_auc,insertion_auc,deletion_gain,overlay\n");
             let cell = |v: Option<f64>| v.map(|f| format!("{f:.4}")).unwrap_or_default();
             for e in &done {
                 let h = &e.heat;
-                let measures = [h.foreground_fraction, h.deletion_auc, h.insertion_auc].map(cell).join(",");
+                let measures = [h.foreground_fraction, h.deletion_auc, h.insertion_auc, h.deletion_gain].map(cell).join(",");
                 csv.push_str(&format!("{},{},{},{:.6},{},{measures},{}\n", e.image.display(), e.label.as_deref().unwrap_or(""), e.predicted, e.probability, e.explained, e.overlay.display()));
             }
             write_atomic(&out.join("explanations.csv"), csv.as_bytes())?;
             let summary = |pick: fn(&HeatMeasures) -> Option<f64>| mean(done.iter().filter_map(|e| pick(&e.heat)));
             let show = |v: Option<f64>, pct: bool| v.map_or("n/a".into(), |v| if pct { format!("{:.1} %", 100.0 * v) } else { format!("{v:.3}") });
             println!(
-                "explained {} images into {}; heat inside the foreground: {}; deletion AUC: {}; insertion AUC: {}",
+                "explained {} images into {}; heat inside the foreground: {}; deletion AUC: {}; insertion AUC: {}; deletion gain over a random order: {}",
                 done.len(),
                 out.display(),
                 show(summary(|h| h.foreground_fraction), true),
                 show(summary(|h| h.deletion_auc), false),
-                show(summary(|h| h.insertion_auc), false)
+                show(summary(|h| h.insertion_auc), false),
+                show(summary(|h| h.deletion_gain), false)
             );
         }
         Command::Split { data, out, shards, test_fraction, seed, dirichlet, sizes, class_fractions } => {

@@ -204,7 +204,7 @@ pub fn write_overlay(net: &Network, (image, label): &(PathBuf, Option<usize>), p
         predicted: net.classes[map.predicted].clone(),
         probability: map.probability,
         explained: net.classes[map.explained].clone(),
-        heat: HeatMeasures { foreground_fraction: foreground_fraction(picture, &map.cam), deletion_auc: Some(curves.deletion_auc()), insertion_auc: Some(curves.insertion_auc()) },
+        heat: HeatMeasures { foreground_fraction: foreground_fraction(picture, &map.cam), deletion_auc: Some(curves.deletion_auc()), insertion_auc: Some(curves.insertion_auc()), deletion_gain: Some(curves.deletion_gain()) },
     })
 }
 
@@ -312,6 +312,7 @@ mod tests {
             let h = &e.heat;
             assert!(h.foreground_fraction.is_some_and(|f| (0.0..=1.0).contains(&f)));
             assert!([h.deletion_auc, h.insertion_auc].iter().all(|a| a.is_some_and(|a| (0.0..=1.0).contains(&a))));
+            assert!(h.deletion_gain.is_some_and(|g| (-1.0..=1.0).contains(&g)));
         }
         assert_eq!(done[1].label.as_deref(), Some("b"));
         let e = explain_images(&net, &inputs, &out, &ExplainOptions { layer: Some("nope".into()), class: None }, Device::Cpu).unwrap_err();

@@ -2,7 +2,7 @@
 # Do the Grad-CAM measures tell good models from bad? For models of one seed of `make bench-paper`
 # (64 px eye-fundus, from its cache: run that first), `medmerge-trainer explain` on every 4th
 # held-out image: share of heat inside the foreground, deletion and insertion AUC, and the
-# deletion gain over a random pixel order.
+# deletion gain (coldest-first minus hottest-first deletion area).
 #
 #   SEED=1 SPLIT=iid bash bench/gradcam-faithfulness.sh
 #
@@ -25,7 +25,7 @@ started=$(date +%s)
   echo "# Grad-CAM faithfulness: does it tell good models from bad?"
   echo
   echo "Command: \`SEED=$SEED SPLIT=$SPLIT bash bench/gradcam-faithfulness.sh\` (models from \`make bench-paper\`: EfficientNet-Lite0, 64 px, 3 epochs, $SPLIT shards of eye-fundus, seed $SEED). \`medmerge-trainer explain\` on $n evenly spaced held-out images per model, Grad-CAM of the predicted class at the last conv block."
-  echo "Heat in foreground: share of heat on pixels that differ from the corners' plain background. Deletion / insertion AUC: area under the predicted class's probability as the hottest 1/16, 2/16, … of the pixels are replaced by the mean colour (lower is better) or revealed on a blurred copy (higher is better); Petsiuk et al. 2018. Deletion gain: the same deletion in a fixed random pixel order, minus the map's area (about 0: the map is noise to the model)."
+  echo "Heat in foreground: share of heat on pixels that differ from the corners' plain background. Deletion / insertion AUC: area under the predicted class's probability as the hottest 1/16, 2/16, … of the pixels are replaced by the mean colour (lower is better) or revealed on a blurred copy (higher is better); Petsiuk et al. 2018. Deletion gain: the deletion area with the coldest pixels first minus with the hottest first (area between the curves; about 0: the map is noise to the model)."
   echo
   echo "| model | accuracy | mean confidence | heat in foreground | deletion AUC | insertion AUC | insertion − deletion | deletion gain |"
   echo "|---|---|---|---|---|---|---|---|"

@@ -133,8 +133,8 @@ pub struct ResultsStatus {
     /// Mean area under its insertion curves (higher: its maps point at what it uses).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub insertion_auc: Option<f64>,
-    /// Mean deletion area in a random pixel order minus its maps' (about 0: the maps are noise
-    /// to the model).
+    /// Mean deletion area with its maps' coldest pixels first minus hottest first (about 0: the
+    /// maps are noise to the model).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deletion_gain: Option<f64>,
     /// Every other evaluated model (baselines and each shard alone), for comparison.

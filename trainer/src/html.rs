@@ -65,7 +65,7 @@ pub fn to_html(report: &EvalReport, dir: &Path) -> String {
         desc = escape(&p.description),
     );
 
-    h.push_str("<section id=\"results\"><h2>Results of every model</h2><table><tr><th>model</th><th>accuracy</th><th>balanced accuracy</th><th>macro-F1</th><th>macro AUROC</th><th>Grad-CAM heat in foreground</th><th>deletion AUC (lower is better)</th><th>insertion AUC (higher is better)</th><th>deletion gain over random order</th></tr>");
+    h.push_str("<section id=\"results\"><h2>Results of every model</h2><table><tr><th>model</th><th>accuracy</th><th>balanced accuracy</th><th>macro-F1</th><th>macro AUROC</th><th>Grad-CAM heat in foreground</th><th>deletion AUC (lower is better)</th><th>insertion AUC (higher is better)</th><th>deletion gain (coldest-first − hottest-first)</th></tr>");
     for (i, r) in report.candidates.iter().enumerate() {
         let m = &r.metrics;
         let _ = write!(
@@ -147,7 +147,7 @@ pub fn to_html(report: &EvalReport, dir: &Path) -> String {
     } else {
         let _ = write!(
             h,
-            "<p>Heatmaps of the predicted class from layer <code>{}</code>; red is where the evidence was. Over the explained images: share of heat inside the image's foreground {}; as the hottest pixels are removed, the area under the probability curve is {} (deletion, lower is better), and as they are revealed on a blurred copy {} (insertion, higher is better); deleting in the maps' order beats a random order by {} (about 0: the maps are noise to the model).</p>",
+            "<p>Heatmaps of the predicted class from layer <code>{}</code>; red is where the evidence was. Over the explained images: share of heat inside the image's foreground {}; as the hottest pixels are removed, the area under the probability curve is {} (deletion, lower is better), and as they are revealed on a blurred copy {} (insertion, higher is better); deleting the coldest pixels first keeps {} more area than deleting the hottest first (about 0: the maps are noise to the model).</p>",
             escape(c.explain_layer.as_deref().unwrap_or("?")),
             opt(p.heat.foreground_fraction, pct),
             opt(p.heat.deletion_auc, auc),

@@ -1,6 +1,7 @@
 //! `medmerge-trainer`: every deep-learning stage of medmerge as a subcommand, plus `pipeline`,
 //! which runs a whole MergeJob in process.
 
+mod stdout;
 mod store_cli;
 
 use std::path::{Path, PathBuf};
@@ -21,6 +22,7 @@ use medmerge_trainer::restore::rounds::restore_in_process;
 use medmerge_trainer::restore::{apply_moments, collect_moments, combine_moments, load_moments, save_moments};
 use medmerge_trainer::st::{write_atomic, MappedFile};
 use medmerge_trainer::{split, synth, train};
+use stdout::say;
 use tch::Device;
 
 /// Fine-tune, merge, restore and evaluate image classifiers from data vectors.
@@ -384,15 +386,15 @@ fn main() -> anyhow::Result<()> {
             let runner = Runner::new(job, dev)?;
             if plan {
                 for (name, state) in runner.status()? {
-                    println!("{state:8} {name}");
+                    say!("{state:8} {name}");
                 }
             } else if let Some(stage) = stage {
                 runner.wait_for_vector(&stage, std::time::Duration::from_secs(wait_for_vector))?;
                 runner.run_stage(&stage)?;
             } else {
                 let report = runner.run()?;
-                println!("{}", report.table());
-                println!("artifacts: {}", report.run);
+                say!("{}", report.table());
+                say!("artifacts: {}", report.run);
             }
         }
         Command::Init(a) => {
@@ -411,14 +413,14 @@ fn main() -> anyhow::Result<()> {
             let net = init_base(&model, &classes, dev, weights_path.map(PathBuf::from))?;
             let meta = ArtifactMeta { kind: ArtifactKind::Model, arch, classes, image_size: a.image_size, base_digest: String::new(), shard: None, class_counts: vec![], multi_label: a.multi_label };
             net.save(&a.out, &meta)?;
-            println!("base model written to {}", a.out.display());
+            say!("base model written to {}", a.out.display());
         }
         Command::Finetune(a) => {
             let mut net = Network::load(&a.base, dev)?;
             let data = Dataset::open(&a.data, Some(&net.classes))?;
             let report = train::train(&mut net, &data, &a.training.spec()?, dev, &a.shard)?;
             write_vector(&net, &a.base, &a.shard, report.class_counts.clone(), &a.out)?;
-            println!("data vector of shard {} written to {} (best epoch {})", a.shard, a.out.display(), report.best_epoch);
+            say!("data vector of shard {} written to {} (best epoch {})", a.shard, a.out.display(), report.best_epoch);
         }
         Command::Merge(a) => {
             let vectors = a
@@ -437,14 +439,14 @@ fn main() -> anyhow::Result<()> {
                 pretrained_only: a.pretrained_only,
             };
             merge_checked(&a.base, &vectors, &opts, &a.out, dev)?;
-            println!("merged model written to {}", a.out.display());
+            say!("merged model written to {}", a.out.display());
         }
         Command::BnStats { model, data, out, batch_size } => {
             let net = Network::load(&model, dev)?;
             let ds = Dataset::open(&data, Some(&net.classes))?;
             let moments = collect_moments(&net, &ds, batch_size, dev)?;
             save_moments(&out, &moments, &model_meta(&model)?)?;
-            println!("batch-norm moments written to {}", out.display());
+            say!("batch-norm moments written to {}", out.display());
         }
         Command::Restore(a) => {
             let modes: Vec<&str> = RestoreMode::ALL.iter().map(|m| m.as_str()).collect();
@@ -473,7 +475,7 @@ fn main() -> anyhow::Result<()> {
                 let _ = std::fs::remove_dir_all(&work);
                 result.with_context(|| format!("restoring {} ({})", a.model.display(), mode.as_str()))?;
             }
-            println!("restored model written to {}", a.out.display());
+            say!("restored model written to {}", a.out.display());
         }
         Command::Evaluate { models, data, json, batch_size } => {
             let mut candidates = Vec::new();
@@ -488,7 +490,7 @@ fn main() -> anyhow::Result<()> {
                 candidates.push(CandidateResult { id: m.display().to_string(), description: m.display().to_string(), metrics, heat: Default::default() });
             }
             let report = EvalReport { job: String::new(), run: String::new(), classes, test_images: n, candidates, similarity: vec![], spec: serde_json::Value::Null, clinical: Default::default() };
-            println!("{}", report.table());
+            say!("{}", report.table());
             if let Some(j) = json {
                 write_atomic(&j, &serde_json::to_vec_pretty(&report)?)?;
             }
@@ -516,7 +518,7 @@ fn main() -> anyhow::Result<()> {
             }
             match out {
                 Some(o) => write_atomic(&o, csv.as_bytes())?,
-                None => print!("{csv}"),
+                None => say!("{}", csv.strip_suffix('\n').unwrap_or(&csv)),
             }
         }
         Command::Explain { model, input, out, layer, class } => {
@@ -534,8 +536,8 @@ fn main() -> anyhow::Result<()> {
             write_atomic(&out.join("explanations.csv"), csv.as_bytes())?;
             let summary = |pick: fn(&HeatMeasures) -> Option<f64>| mean(done.iter().filter_map(|e| pick(&e.heat)));
             let show = |v: Option<f64>, pct: bool| v.map_or("n/a".into(), |v| if pct { format!("{:.1} %", 100.0 * v) } else { format!("{v:.3}") });
-            println!(
-                "explained {} images into {}; heat inside the foreground: {}; deletion AUC: {}; insertion AUC: {}; deletion gain over a random order: {}",
+            say!(
+                "explained {} images into {}; heat inside the foreground: {}; deletion AUC: {}; insertion AUC: {}; deletion gain (coldest-first − hottest-first): {}",
                 done.len(),
                 out.display(),
                 show(summary(|h| h.foreground_fraction), true),
@@ -570,13 +572,13 @@ fn main() -> anyhow::Result<()> {
             for (i, idx) in s.shards.iter().enumerate() {
                 let sub = ds.subset(idx);
                 sub.write_manifest(&out.join(format!("shard-{}.csv", i + 1)))?;
-                println!("shard-{}: {} images, per class {:?}", i + 1, idx.len(), sub.class_counts());
+                say!("shard-{}: {} images, per class {:?}", i + 1, idx.len(), sub.class_counts());
             }
-            println!("test: {} images; manifests in {}", s.test.len(), out.display());
+            say!("test: {} images; manifests in {}", s.test.len(), out.display());
         }
         Command::Synth { out, classes, per_class, size, noise, seed } => {
             synth::generate_noisy(&out, classes, per_class, size, seed, noise)?;
-            println!("generated {} classes x {per_class} images of {size}px in {}", classes.clamp(2, 4), out.display());
+            say!("generated {} classes x {per_class} images of {size}px in {}", classes.clamp(2, 4), out.display());
         }
     }
     Ok(())

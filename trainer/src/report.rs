@@ -33,8 +33,9 @@ pub struct HeatMeasures {
     /// blurred copy (higher: the map points at what the model uses).
     #[serde(default)]
     pub insertion_auc: Option<f64>,
-    /// The same deletion in a random pixel order, minus the map's deletion area: how much faster
-    /// than chance the map's order removes the evidence (about 0: the map is noise to the model).
+    /// Deletion area with the coldest pixels first minus with the hottest first (the area between
+    /// the curves): how much more the hot pixels matter to the model than the cold (about 0: the
+    /// map is noise to the model).
     #[serde(default)]
     pub deletion_gain: Option<f64>,
 }
@@ -166,7 +167,7 @@ impl EvalReport {
             md.push_str(". Per-layer values are in metrics.json.\n\n![per-layer cosine similarity](similarity.png)\n");
         }
         if self.candidates.iter().any(|c| !c.heat.is_empty()) {
-            md.push_str("\n## Grad-CAM\n\nPer model, over the explained images: the share of heat inside the image's foreground, the areas under the deletion (lower is better) and insertion (higher is better) curves of the explained class's probability as the hottest pixels are removed or revealed, and the deletion gain over a random pixel order (about 0: the maps are noise to the model). Overlays and ROC curves are in report.html.\n\n| model | heat in foreground | deletion AUC | insertion AUC | deletion gain |\n|---|---|---|---|---|\n");
+            md.push_str("\n## Grad-CAM\n\nPer model, over the explained images: the share of heat inside the image's foreground, the areas under the deletion (lower is better) and insertion (higher is better) curves of the explained class's probability as the hottest pixels are removed or revealed, and the deletion gain: coldest-first minus hottest-first deletion area (about 0: the maps are noise to the model). Overlays and ROC curves are in report.html.\n\n| model | heat in foreground | deletion AUC | insertion AUC | deletion gain |\n|---|---|---|---|---|\n");
             let value = |v: Option<f64>, pct: bool| v.map_or("n/a".into(), |v| if pct { format!("{:.1} %", 100.0 * v) } else { format!("{v:.3}") });
             for c in &self.candidates {
                 let h = &c.heat;

@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 use medmerge_store::{BlockingStore, S3Config};
 
+use crate::stdout::say;
+
 /// Where the store is.
 #[derive(Args)]
 pub struct StoreArgs {
@@ -71,16 +73,16 @@ pub fn run(args: StoreArgs) -> anyhow::Result<()> {
     match args.action {
         StoreAction::Ls { prefix } => {
             for key in store.list(&prefix)? {
-                println!("{key}");
+                say!("{key}");
             }
         }
         StoreAction::Put { file, key } => {
             let digest = store.put_file(&key, &file)?;
-            println!("{} sha256:{digest}", store.location(&key));
+            say!("{} sha256:{digest}", store.location(&key));
         }
         StoreAction::Get { key, file } => {
             store.get_file(&key, &file)?;
-            println!("{}", file.display());
+            say!("{}", file.display());
         }
     }
     Ok(())

@@ -36,7 +36,7 @@ for seed in $SEEDS; do
   TRAIN=(--epochs "$EPOCHS" --batch-size 32 --lr 0.0001 --seed "$seed")
   once "$T" init --data "$DATA" --image-size "$SIZE" --seed "$seed" --out "$B/base.safetensors"
   for kind in $SPLITS; do
-    D="$B/$kind"; M="$D/models"; mkdir -p "$M"
+    D="$B/$kind"; M="$D/models"; mkdir -p "$M"; kind_started=$(date +%s)
     case "$kind" in
       iid) skew=() ;;
       dirichlet) skew=(--dirichlet 0.5) ;;
@@ -62,6 +62,7 @@ for seed in $SEEDS; do
       once "$T" merge --base "$B/base.safetensors" --vector "all=$pool/vector.safetensors" --method params-mean --out "$pool/model.safetensors"
     fi
     once "$T" merge --base "$B/base.safetensors" "${V[@]}" --method data-vector --lambda 0.5 --out "$M/dv.safetensors"
+    once "$T" merge --base "$B/base.safetensors" "${V[@]}" --method data-vector --lambda 1.0 --out "$M/dv1.safetensors"
     once "$T" merge --base "$B/base.safetensors" "${V[@]}" --method params-mean --out "$M/pm.safetensors"
     once "$T" merge --base "$B/base.safetensors" "${V[@]}" --method params-mean --pretrained-only --out "$M/control.safetensors"
     R=(restore "${SH[@]}" "${TRAIN[@]}")
@@ -71,19 +72,23 @@ for seed in $SEEDS; do
     # averaged-epoch-head = the head round on top of averaged-epoch (closed-form-head's BN round
     # recomputes the same statistics), which saves training the epoch twice.
     once "$T" "${R[@]}" --model "$M/dv-averaged-epoch.safetensors" --mode closed-form-head --out "$M/dv-averaged-epoch-head.safetensors"
-    for base in pm control; do
+    for base in dv1 pm control; do
       once "$T" "${R[@]}" --model "$M/$base.safetensors" --mode averaged-epoch --out "$M/$base-averaged-epoch.safetensors"
       once "$T" "${R[@]}" --model "$M/$base-averaged-epoch.safetensors" --mode closed-form-head --out "$M/$base-averaged-epoch-head.safetensors"
     done
     once "$T" "${R[@]}" --model "$M/pm.safetensors" --mode bn-recalibrate --out "$M/pm-bn-recalibrate.safetensors"
     EV=()
-    for m in dv dv-bn-recalibrate dv-closed-form-head dv-averaged-epoch dv-averaged-epoch-head dv-finetune-epoch \
+    for m in dv dv-bn-recalibrate dv-closed-form-head dv-averaged-epoch dv-averaged-epoch-head dv-finetune-epoch dv1-averaged-epoch-head \
              pm pm-bn-recalibrate pm-averaged-epoch pm-averaged-epoch-head control-averaged-epoch-head \
              shard-1 shard-2 shard-3 shard-4; do
       EV+=(--model "$M/$m.safetensors")
     done
     EV+=(--model "$pool/model.safetensors")
-    [ -f "$D/eval.json" ] || { log "evaluate $kind seed $seed"; "$T" evaluate --data "$D/split/test.csv" --json "$D/eval.json" "${EV[@]}" > "$D/eval.txt"; }
+    if [ ! -f "$D/eval.json" ]; then
+      log "evaluate $kind seed $seed"; "$T" evaluate --data "$D/split/test.csv" --json "$D/eval.json" "${EV[@]}" > "$D/eval.txt"
+      # Wall time of the run that finished this split and seed (the total a resumed run reports).
+      echo $(( $(date +%s) - kind_started )) > "$D/seconds"
+    fi
   done
 done
 elapsed=$(( $(date +%s) - started ))

@@ -13,6 +13,7 @@ seeds, splits = seeds.split(), splits.split()
 
 ROWS = [
     ("dv-averaged-epoch-head", "data vector λ 0.5 + averaged epoch + closed-form head (parallel)"),
+    ("dv1-averaged-epoch-head", "data vector λ 1.0 + averaged epoch + closed-form head (parallel)"),
     ("dv-averaged-epoch", "data vector λ 0.5 + averaged epoch (parallel)"),
     ("dv-closed-form-head", "data vector λ 0.5 + BN recalibration + closed-form head (parallel, no training)"),
     ("dv-bn-recalibrate", "data vector λ 0.5 + BN recalibration (parallel, no training)"),
@@ -99,8 +100,10 @@ with open(out + ".md", "w") as f:
     if missing:
         f.write(f"**Incomplete**: seeds {', '.join(seeds)} were asked for; not yet run: {', '.join(missing)}. "
                 "The same command resumes from its cache.\n\n")
-    f.write(f"Command: `{command}` ({elapsed // 60} min on {os.cpu_count()} CPU cores, {platform.machine()}; "
-            "a resumed run counts only its own time).\n\n")
+    steps = [os.path.join(work, f"seed-{s}", k, "seconds") for k in splits for s in seeds]
+    total = sum(int(open(p).read()) for p in steps if os.path.exists(p))
+    f.write(f"Command: `{command}` ({max(total, elapsed) // 60} min on {os.cpu_count()} CPU cores, {platform.machine()}, "
+            "summed over the runs that computed the table's steps).\n\n")
     f.write(f"EfficientNet-Lite0 (ImageNet), {size} px, {epochs} epochs per hospital, Adam 1e-4, batch 32, class-weighted "
             "cross-entropy, random flips; a stratified 20 % test set per seed. Restoration epochs use the same settings "
             "for one epoch. Mean ± sd over seeds; the last column is the headline metric minus that of the best single "

@@ -7,6 +7,8 @@ cargo build --workspace --bins
 cargo test --workspace --no-fail-fast -- --test-threads="${TEST_THREADS:-2}"
 # The HTML report rendered by a real headless browser (Debian chromium, installed once).
 MEDMERGE_CHROMIUM="$(bash scripts/setup-chromium.sh)" cargo test --workspace --test report_browser -- --ignored
+# The chart's Argo CD health check, in a real Lua interpreter.
+bash scripts/test-argocd-health.sh
 # The artifact store and the pipeline against a real S3 server (SeaweedFS, cached).
 bash scripts/test-s3.sh
 # The operator against a real etcd + kube-apiserver (built once from source and cached).

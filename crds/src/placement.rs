@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Affinity, CSIVolumeSource, EnvFromSource, EnvVar, HostPathVolumeSource, LocalObjectReference, NFSVolumeSource, PersistentVolumeClaimVolumeSource,
-    ResourceRequirements, Toleration, Volume, VolumeMount,
+    Affinity, CSIVolumeSource, EnvFromSource, EnvVar, HostPathVolumeSource, LocalObjectReference, NFSVolumeSource, PersistentVolumeClaimVolumeSource, ResourceRequirements, Toleration, Volume,
+    VolumeMount,
 };
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -116,8 +116,7 @@ pub enum StageKind {
 
 impl StageKind {
     /// Every kind, in plan order.
-    pub const ALL: [StageKind; 7] =
-        [StageKind::Init, StageKind::Finetune, StageKind::Collect, StageKind::FullTraining, StageKind::Merge, StageKind::Restore, StageKind::Evaluate];
+    pub const ALL: [StageKind; 7] = [StageKind::Init, StageKind::Finetune, StageKind::Collect, StageKind::FullTraining, StageKind::Merge, StageKind::Restore, StageKind::Evaluate];
 
     /// The camelCase name `cluster.stageOverrides` uses as a key.
     pub fn as_str(self) -> &'static str {

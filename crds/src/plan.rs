@@ -115,9 +115,7 @@ pub fn candidates(spec: &MergeJobSpec) -> Vec<Candidate> {
             Baseline::RandomVector => push(merged(MergeMethod::RandomVector)),
             Baseline::Ties => push(merged(MergeMethod::Ties)),
             Baseline::Dare => push(merged(MergeMethod::Dare)),
-            Baseline::PretrainedRestored => {
-                push(Candidate { id: "pretrained-restored".into(), kind: CandidateKind::PretrainedRestored })
-            }
+            Baseline::PretrainedRestored => push(Candidate { id: "pretrained-restored".into(), kind: CandidateKind::PretrainedRestored }),
             Baseline::FullTraining => push(Candidate { id: "full-training".into(), kind: CandidateKind::FullTraining }),
             Baseline::ShardModels => {
                 for s in &spec.shards {
@@ -138,11 +136,7 @@ impl StagePlan {
             let stage = if s.vector.is_some() {
                 PlannedStage { stage: Stage::Collect { shard: s.name.clone() }, reads: vec![], writes: vec![layout.shard_vector(&s.name)] }
             } else {
-                PlannedStage {
-                    stage: Stage::Finetune { shard: s.name.clone() },
-                    reads: vec![layout.base()],
-                    writes: vec![layout.shard_vector(&s.name), layout.shard_metrics(&s.name)],
-                }
+                PlannedStage { stage: Stage::Finetune { shard: s.name.clone() }, reads: vec![layout.base()], writes: vec![layout.shard_vector(&s.name), layout.shard_metrics(&s.name)] }
             };
             stages.push(stage);
         }
@@ -174,10 +168,7 @@ impl StagePlan {
 
     /// Stages whose inputs all exist and whose outputs do not, in plan order.
     pub fn ready(&self, exists: &BTreeSet<String>) -> Vec<&PlannedStage> {
-        self.stages
-            .iter()
-            .filter(|p| !p.writes.iter().all(|w| exists.contains(w)) && p.reads.iter().all(|r| exists.contains(r)))
-            .collect()
+        self.stages.iter().filter(|p| !p.writes.iter().all(|w| exists.contains(w)) && p.reads.iter().all(|r| exists.contains(r))).collect()
     }
 
     /// Whether every stage's outputs exist.
@@ -354,10 +345,8 @@ mod tests {
 
     #[test]
     fn every_stage_of_a_full_plan_eventually_runs() {
-        let plan = StagePlan::new(
-            &spec(&[("a", false), ("b", false), ("c", true)], RestoreMode::FinetuneEpoch, vec![Baseline::FullTraining, Baseline::RandomVector, Baseline::ShardModels]),
-            &layout(),
-        );
+        let plan =
+            StagePlan::new(&spec(&[("a", false), ("b", false), ("c", true)], RestoreMode::FinetuneEpoch, vec![Baseline::FullTraining, Baseline::RandomVector, Baseline::ShardModels]), &layout());
         assert_eq!(run_to_completion(&plan).len(), plan.stages.len());
     }
 }

@@ -229,9 +229,7 @@ impl Architecture {
 
     /// Parses the kebab-case name.
     pub fn parse(name: &str) -> Option<Self> {
-        [Self::EfficientnetLite0, Self::Resnet18, Self::Resnet34, Self::Resnet50, Self::EfficientnetB0, Self::MobilenetV2]
-            .into_iter()
-            .find(|a| a.as_str() == name)
+        [Self::EfficientnetLite0, Self::Resnet18, Self::Resnet34, Self::Resnet50, Self::EfficientnetB0, Self::MobilenetV2].into_iter().find(|a| a.as_str() == name)
     }
 }
 
@@ -465,9 +463,7 @@ impl MergeMethod {
 
     /// Parses the kebab-case name.
     pub fn parse(name: &str) -> Option<Self> {
-        [Self::DataVector, Self::ParamsMean, Self::RandomVector, Self::Ties, Self::Dare]
-            .into_iter()
-            .find(|m| m.as_str() == name)
+        [Self::DataVector, Self::ParamsMean, Self::RandomVector, Self::Ties, Self::Dare].into_iter().find(|m| m.as_str() == name)
     }
 }
 
@@ -578,8 +574,7 @@ impl RestoreRound {
 
 impl RestoreMode {
     /// Every mode, in documentation order.
-    pub const ALL: [RestoreMode; 6] =
-        [Self::BnRecalibrate, Self::ClosedFormHead, Self::AveragedEpoch, Self::AveragedEpochHead, Self::FinetuneEpoch, Self::None];
+    pub const ALL: [RestoreMode; 6] = [Self::BnRecalibrate, Self::ClosedFormHead, Self::AveragedEpoch, Self::AveragedEpochHead, Self::FinetuneEpoch, Self::None];
 
     /// kebab-case name used in artifact keys and reports.
     pub fn as_str(self) -> &'static str {

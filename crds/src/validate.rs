@@ -21,11 +21,7 @@ fn err(field: impl Into<String>, message: impl Into<String>) -> SpecError {
 
 /// Whether `s` is a DNS label of at most `max` characters.
 pub fn is_dns_label(s: &str, max: usize) -> bool {
-    !s.is_empty()
-        && s.len() <= max
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
+    !s.is_empty() && s.len() <= max && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') && !s.starts_with('-') && !s.ends_with('-')
 }
 
 /// Checks everything about a spec that can be checked without I/O. Returns every problem found.
@@ -33,10 +29,7 @@ pub fn validate(spec: &MergeJobSpec) -> Result<(), Vec<SpecError>> {
     let mut errors = Vec::new();
     let m = &spec.model;
     if m.weights == WeightsSource::Imagenet && m.architecture != Architecture::EfficientnetLite0 {
-        errors.push(err(
-            "model.weights",
-            format!("imagenet weights ship only for efficientnet-lite0; for {} use weights: file with weightsPath, or random", m.architecture.as_str()),
-        ));
+        errors.push(err("model.weights", format!("imagenet weights ship only for efficientnet-lite0; for {} use weights: file with weightsPath, or random", m.architecture.as_str())));
     }
     if m.weights == WeightsSource::File && m.weights_path.as_deref().unwrap_or("").is_empty() {
         errors.push(err("model.weightsPath", "required when model.weights is file"));
@@ -127,10 +120,7 @@ pub fn validate(spec: &MergeJobSpec) -> Result<(), Vec<SpecError>> {
             errors.push(err("cluster.minShards", format!("{min} must be between 1 and the number of shards ({})", spec.shards.len())));
         }
     }
-    let positive = [
-        ("cluster.activeDeadlineSeconds", spec.cluster.active_deadline_seconds),
-        ("cluster.stragglerDeadlineSeconds", spec.cluster.straggler_deadline_seconds),
-    ];
+    let positive = [("cluster.activeDeadlineSeconds", spec.cluster.active_deadline_seconds), ("cluster.stragglerDeadlineSeconds", spec.cluster.straggler_deadline_seconds)];
     for (field, value) in positive {
         if let Some(v) = value.filter(|v| *v <= 0) {
             errors.push(err(field, format!("{v} must be a positive number of seconds")));
@@ -241,10 +231,7 @@ pub fn validate_for_cluster(spec: &MergeJobSpec) -> Result<(), Vec<SpecError>> {
         errors.push(err("evaluation.data", format!("{:?} is a path on no volume: on a cluster give data.volume or an s3:// path", spec.evaluation.data.path)));
     }
     if spec.storage.local.as_ref().is_some_and(|l| l.persistent_volume_claim.is_none()) {
-        errors.push(err(
-            "storage.local.persistentVolumeClaim",
-            "required on a cluster: a ReadWriteMany claim every stage pod mounts (or use storage.s3)",
-        ));
+        errors.push(err("storage.local.persistentVolumeClaim", "required on a cluster: a ReadWriteMany claim every stage pod mounts (or use storage.s3)"));
     }
     if spec.model.classes.is_empty() {
         errors.push(err("model.classes", "required on a cluster: coordinator pods never see a hospital's images to read class names from"));
@@ -361,7 +348,8 @@ evaluation: {data: {path: test}}
             ("cluster.resources.memory", |s| s.cluster.resources.memory = Some("16 GB".into())),
             ("cluster.resources.cpu", |s| s.cluster.resources.cpu = Some("four".into())),
             ("merge.baselines", |s| {
-                s.shards[1] = ShardSpec { name: "b".into(), data: None, vector: Some("v".into()), secret_ref: None, node_selector: Default::default(), tolerations: vec![], pod_overrides: Default::default() };
+                s.shards[1] =
+                    ShardSpec { name: "b".into(), data: None, vector: Some("v".into()), secret_ref: None, node_selector: Default::default(), tolerations: vec![], pod_overrides: Default::default() };
                 s.merge.baselines = vec![Baseline::FullTraining];
             }),
         ];

@@ -138,11 +138,8 @@ pub fn shard_summary(bytes: &[u8]) -> (Option<u64>, Option<f64>) {
     let Ok(report) = serde_json::from_slice::<Value>(bytes) else { return (None, None) };
     let samples = report.get("class_counts").and_then(Value::as_array).map(|c| c.iter().filter_map(Value::as_u64).sum());
     let best = report.get("best_epoch").and_then(Value::as_u64);
-    let accuracy = report
-        .get("epochs")
-        .and_then(Value::as_array)
-        .and_then(|epochs| epochs.iter().find(|e| e.get("epoch").and_then(Value::as_u64) == best))
-        .and_then(|e| number(e, "validation_accuracy"));
+    let accuracy =
+        report.get("epochs").and_then(Value::as_array).and_then(|epochs| epochs.iter().find(|e| e.get("epoch").and_then(Value::as_u64) == best)).and_then(|e| number(e, "validation_accuracy"));
     (samples, accuracy)
 }
 

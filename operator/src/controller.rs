@@ -12,7 +12,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::store::{WriterDropped, Writer};
+use kube::runtime::reflector::store::{Writer, WriterDropped};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -146,17 +146,7 @@ async fn reconcile_inner(mj: &MergeJob, ctx: &Context) -> Result<Action, Reconci
     let layout = ArtifactLayout::new(&mj.spec.storage.prefix, &ns, &name, generation);
     let shard_facts = read_shard_facts(mj, ctx, &previous, generation, &decision, &layout).await;
     let results = if decision.phase == Phase::Succeeded { read_results(mj, ctx, &layout).await } else { None };
-    let status = build_status(&StatusInputs {
-        previous: &previous,
-        generation,
-        spec: &mj.spec,
-        layout: &layout,
-        decision: &decision,
-        jobs: &seen,
-        shard_facts: &shard_facts,
-        results,
-        now,
-    });
+    let status = build_status(&StatusInputs { previous: &previous, generation, spec: &mj.spec, layout: &layout, decision: &decision, jobs: &seen, shard_facts: &shard_facts, results, now });
     // An unchanged status is not written: server-side apply is the costliest call an idle
     // reconcile would make, and at hundreds of MergeJobs the API server is the bottleneck.
     if mj.status.as_ref() != Some(&status) {
@@ -328,14 +318,7 @@ pub fn error_policy(mj: Arc<MergeJob>, error: &ReconcileError, _ctx: Arc<Context
 /// Runs the controller until a shutdown signal arrives or `stop` completes, feeding `cache`
 /// (whose [`Store`] is `ctx.jobs`) from the watch on managed Jobs and reconciling at most
 /// `concurrency` MergeJobs at once.
-pub async fn run(
-    mjs: Api<MergeJob>,
-    jobs: Api<Job>,
-    cache: Writer<Job>,
-    ctx: Arc<Context>,
-    concurrency: u16,
-    stop: impl std::future::Future<Output = ()> + Send + Sync + 'static,
-) {
+pub async fn run(mjs: Api<MergeJob>, jobs: Api<Job>, cache: Writer<Job>, ctx: Arc<Context>, concurrency: u16, stop: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
     let job_changes = watcher(jobs, watcher::Config::default().labels(MANAGED_JOBS))
         .default_backoff()
         // Field-manager bookkeeping is most of a Job's size and none of what the operator reads.

@@ -180,8 +180,7 @@ pub fn decide(name: &str, namespace: &str, generation: i64, spec: &MergeJobSpec,
     let mut effective = spec.clone();
     effective.shards.retain(|s| !excluded.contains(&s.name.as_str()));
     let plan = StagePlan::new(&effective, &ArtifactLayout::new(&spec.storage.prefix, namespace, name, generation));
-    let done: BTreeSet<String> =
-        plan.stages.iter().filter(|p| state(&p.stage) == Some(JobState::Succeeded)).flat_map(|p| p.writes.iter().cloned()).collect();
+    let done: BTreeSet<String> = plan.stages.iter().filter(|p| state(&p.stage) == Some(JobState::Succeeded)).flat_map(|p| p.writes.iter().cloned()).collect();
     if let Some(p) = plan.stages.iter().find(|p| shard_of(&p.stage).is_none() && state(&p.stage) == Some(JobState::Failed)) {
         let message = format!("stage {} failed after {} retries; see its Job's logs", p.stage.name(), spec.cluster.backoff_limit);
         return decision(vec![], Phase::Failed, "StageFailed", message);

@@ -9,8 +9,8 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec,
-    PodTemplateSpec, SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext, Toleration, Volume, VolumeMount,
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec,
+    SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext, Toleration, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
@@ -186,16 +186,8 @@ pub fn stage_job(mj: &MergeJob, generation: i64, stage: &Stage) -> Job {
     labels.insert(LABEL_STAGE.into(), stage.name());
 
     let mut volumes = vec![
-        Volume {
-            name: "mergejob".into(),
-            config_map: Some(ConfigMapVolumeSource { name: child_name(&name, generation, "spec"), ..Default::default() }),
-            ..Default::default()
-        },
-        Volume {
-            name: "tmp".into(),
-            empty_dir: Some(EmptyDirVolumeSource { size_limit: cluster.scratch_size_limit.clone().map(Quantity), ..Default::default() }),
-            ..Default::default()
-        },
+        Volume { name: "mergejob".into(), config_map: Some(ConfigMapVolumeSource { name: child_name(&name, generation, "spec"), ..Default::default() }), ..Default::default() },
+        Volume { name: "tmp".into(), empty_dir: Some(EmptyDirVolumeSource { size_limit: cluster.scratch_size_limit.clone().map(Quantity), ..Default::default() }), ..Default::default() },
     ];
     let mut mounts = vec![
         VolumeMount { name: "mergejob".into(), mount_path: "/etc/medmerge".into(), read_only: Some(true), ..Default::default() },
@@ -415,10 +407,7 @@ spec:
         mj.spec.storage.local = None;
         mj.spec.storage.s3 = Some(medmerge_crds::S3Storage { bucket: "b".into(), endpoint: None, region: "r".into(), path_style: true, credentials_secret: Some("bucket-creds".into()) });
         let env = stage_job(&mj, 2, &Stage::Merge { candidate: "data-vector".into() }).spec.unwrap().template.spec.unwrap().containers[0].env.clone().unwrap();
-        let refs: Vec<(String, String)> = env
-            .iter()
-            .filter_map(|e| e.value_from.as_ref().and_then(|v| v.secret_key_ref.as_ref()).map(|r| (e.name.clone(), r.name.clone())))
-            .collect();
+        let refs: Vec<(String, String)> = env.iter().filter_map(|e| e.value_from.as_ref().and_then(|v| v.secret_key_ref.as_ref()).map(|r| (e.name.clone(), r.name.clone()))).collect();
         assert_eq!(refs, vec![("AWS_ACCESS_KEY_ID".to_string(), "bucket-creds".to_string()), ("AWS_SECRET_ACCESS_KEY".to_string(), "bucket-creds".to_string())]);
         assert!(env.iter().all(|e| e.value.as_deref() != Some("bucket-creds")), "credentials are referenced, never copied into the Job");
     }

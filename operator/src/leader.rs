@@ -59,10 +59,7 @@ impl LeaderElector {
         let now = Timestamp::now();
         match self.api.get_opt(&self.name).await? {
             None => {
-                let lease = Lease {
-                    metadata: ObjectMeta { name: Some(self.name.clone()), ..Default::default() },
-                    spec: Some(held_by(None, &self.identity, self.duration, now)),
-                };
+                let lease = Lease { metadata: ObjectMeta { name: Some(self.name.clone()), ..Default::default() }, spec: Some(held_by(None, &self.identity, self.duration, now)) };
                 match self.api.create(&PostParams::default(), &lease).await {
                     Ok(_) => Ok(true),
                     Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),

@@ -99,10 +99,7 @@ pub fn observe_jobs(jobs: &[Job], now: Timestamp) -> GenerationJobs {
     let labelled: Vec<(&String, &Job)> = jobs.iter().filter_map(|j| stage_of(j).map(|s| (s, j))).collect();
     let started = labelled.iter().filter_map(|(_, j)| j.metadata.creation_timestamp.as_ref().map(|t| t.0)).min();
     GenerationJobs {
-        observed: Observed {
-            jobs: labelled.iter().map(|(s, j)| ((*s).clone(), job_state(j))).collect(),
-            running_for: started.map(|t| (now.as_second() - t.as_second()).max(0)),
-        },
+        observed: Observed { jobs: labelled.iter().map(|(s, j)| ((*s).clone(), job_state(j))).collect(), running_for: started.map(|t| (now.as_second() - t.as_second()).max(0)) },
         attempts: labelled.iter().map(|(s, j)| ((*s).clone(), job_attempts(j))).collect(),
         started,
         failures: labelled.iter().filter_map(|(s, j)| job_failure(j).map(|f| ((*s).clone(), f))).collect(),

@@ -43,15 +43,9 @@ pub fn build_status(i: &StatusInputs) -> MergeJobStatus {
     let (ready, total) = d.shards_ready();
     let same_generation = i.previous.observed_generation == Some(i.generation);
     let previous_conditions: &[Condition] = if same_generation { &i.previous.conditions } else { &[] };
-    let conditions = conditions(d, &i.jobs.observed, i.generation)
-        .into_iter()
-        .map(|(type_, status, reason, message)| condition(previous_conditions, type_, status, reason, message, i.generation, i.now))
-        .collect();
-    let completion_time = if d.phase.is_terminal() {
-        same_generation.then(|| i.previous.completion_time.clone()).flatten().or_else(|| Some(i.now.to_string()))
-    } else {
-        None
-    };
+    let conditions =
+        conditions(d, &i.jobs.observed, i.generation).into_iter().map(|(type_, status, reason, message)| condition(previous_conditions, type_, status, reason, message, i.generation, i.now)).collect();
+    let completion_time = if d.phase.is_terminal() { same_generation.then(|| i.previous.completion_time.clone()).flatten().or_else(|| Some(i.now.to_string())) } else { None };
     MergeJobStatus {
         phase: Some(d.phase.as_str().into()),
         observed_generation: Some(i.generation),
@@ -107,7 +101,12 @@ fn conditions(d: &Decision, observed: &Observed, generation: i64) -> Vec<Conditi
     let (ready, total) = d.shards_ready();
     let healthy = total - d.excluded_shards().len();
     let mut rows: Vec<ConditionRow> = vec![
-        ("Ready", d.phase == Phase::Succeeded, d.reason.into(), if d.phase == Phase::Succeeded { format!("generation {generation} finished; results are in status.results") } else { d.message.clone() }),
+        (
+            "Ready",
+            d.phase == Phase::Succeeded,
+            d.reason.into(),
+            if d.phase == Phase::Succeeded { format!("generation {generation} finished; results are in status.results") } else { d.message.clone() },
+        ),
         ("Progressing", running, if running { "StagesRunning".into() } else { d.reason.into() }, d.message.clone()),
         ("Failed", d.phase == Phase::Failed, d.reason.into(), if d.phase == Phase::Failed { d.message.clone() } else { "nothing has failed".into() }),
     ];
@@ -159,17 +158,7 @@ mod tests {
         let layout = ArtifactLayout::new("runs", "ns", "mj", 1);
         let decision = decide("mj", "ns", 1, &spec, &jobs.observed);
         let facts: ShardFacts = [("a".to_string(), (Some(120), Some(0.8)))].into();
-        build_status(&StatusInputs {
-            previous,
-            generation: 1,
-            spec: &spec,
-            layout: &layout,
-            decision: &decision,
-            jobs,
-            shard_facts: &facts,
-            results: None,
-            now: Timestamp::from_second(now).unwrap(),
-        })
+        build_status(&StatusInputs { previous, generation: 1, spec: &spec, layout: &layout, decision: &decision, jobs, shard_facts: &facts, results: None, now: Timestamp::from_second(now).unwrap() })
     }
 
     fn get<'a>(s: &'a MergeJobStatus, type_: &str) -> &'a Condition {

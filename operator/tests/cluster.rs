@@ -80,12 +80,18 @@ where
 /// A hostPath PersistentVolume pre-bound to claim `ns/claim`, and that claim.
 async fn host_claim(client: &Client, ns: &str, claim: &str, path: &Path, mode: &str) {
     let pv = format!("{ns}-{claim}");
-    create(&Api::<PersistentVolume>::all(client.clone()), json!({"metadata": {"name": pv}, "spec": {
+    create(
+        &Api::<PersistentVolume>::all(client.clone()),
+        json!({"metadata": {"name": pv}, "spec": {
         "capacity": {"storage": "1Gi"}, "accessModes": [mode], "storageClassName": "",
-        "hostPath": {"path": path, "type": "Directory"}, "claimRef": {"namespace": ns, "name": claim}}}))
+        "hostPath": {"path": path, "type": "Directory"}, "claimRef": {"namespace": ns, "name": claim}}}),
+    )
     .await;
-    create(&Api::<PersistentVolumeClaim>::namespaced(client.clone(), ns), json!({"metadata": {"name": claim}, "spec": {
-        "accessModes": [mode], "storageClassName": "", "volumeName": pv, "resources": {"requests": {"storage": "1Gi"}}}}))
+    create(
+        &Api::<PersistentVolumeClaim>::namespaced(client.clone(), ns),
+        json!({"metadata": {"name": claim}, "spec": {
+        "accessModes": [mode], "storageClassName": "", "volumeName": pv, "resources": {"requests": {"storage": "1Gi"}}}}),
+    )
     .await;
 }
 
@@ -240,7 +246,26 @@ async fn partner_hospital(client: Client, ns: String, store: Store, shard_data: 
     let base = work.join("base.safetensors");
     store.get_file(&base_key, &base).await.unwrap();
     let vector = work.join("vector.safetensors");
-    let args = ["finetune", "--base", base.to_str().unwrap(), "--data", shard_data.to_str().unwrap(), "--shard", "partner", "--out", vector.to_str().unwrap(), "--epochs", "2", "--batch-size", "8", "--lr", "0.001", "--threads", "1"].map(String::from);
+    let args = [
+        "finetune",
+        "--base",
+        base.to_str().unwrap(),
+        "--data",
+        shard_data.to_str().unwrap(),
+        "--shard",
+        "partner",
+        "--out",
+        vector.to_str().unwrap(),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--lr",
+        "0.001",
+        "--threads",
+        "1",
+    ]
+    .map(String::from);
     tokio::task::spawn_blocking(move || run_trainer(&args.iter().map(String::as_str).collect::<Vec<_>>())).await.unwrap();
     store.put_file(PARTNER_VECTOR, &vector).await.unwrap();
 }
@@ -365,10 +390,8 @@ async fn on_s3_a_mergejob_survives_its_operator_pod_waits_for_a_late_hospital_dr
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     eventually("its pods deleted", Duration::from_secs(120), || async { pods.list(&ListParams::default()).await.unwrap().items.is_empty() }).await;
     let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
-    eventually("its spec ConfigMap deleted", Duration::from_secs(60), || async {
-        config_maps.list(&ListParams::default()).await.unwrap().items.iter().all(|cm| !cm.name_any().starts_with("fundus"))
-    })
-    .await;
+    eventually("its spec ConfigMap deleted", Duration::from_secs(60), || async { config_maps.list(&ListParams::default()).await.unwrap().items.iter().all(|cm| !cm.name_any().starts_with("fundus")) })
+        .await;
     assert!(store.list(&format!("runs/{ns}/fundus/")).await.unwrap().is_empty(), "cleanup: Delete removes the run's artifacts");
     assert!(store.exists(PARTNER_VECTOR).await.unwrap(), "the hospital's own upload is not the run's to delete");
 }
@@ -498,7 +521,24 @@ async fn the_cluster_example_runs_as_written_once_its_volumes_secrets_labels_and
         let base = work2.join("base.safetensors");
         store2.get_file(&base_key, &base).await.unwrap();
         let vector = work2.join("partner.safetensors");
-        let args = ["finetune", "--base", base.to_str().unwrap(), "--data", work2.join("volumes/shard-4").to_str().unwrap(), "--shard", "partner-clinic", "--out", vector.to_str().unwrap(), "--epochs", "1", "--batch-size", "8", "--threads", "1"].map(String::from);
+        let args = [
+            "finetune",
+            "--base",
+            base.to_str().unwrap(),
+            "--data",
+            work2.join("volumes/shard-4").to_str().unwrap(),
+            "--shard",
+            "partner-clinic",
+            "--out",
+            vector.to_str().unwrap(),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--threads",
+            "1",
+        ]
+        .map(String::from);
         tokio::task::spawn_blocking(move || run_trainer(&args.iter().map(String::as_str).collect::<Vec<_>>())).await.unwrap();
         store2.put_file(&partner_vector, &vector).await.unwrap();
     });

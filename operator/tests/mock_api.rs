@@ -5,12 +5,12 @@ use std::pin::pin;
 use std::sync::Arc;
 
 use http::{Method, Request, Response};
+use k8s_openapi::api::batch::v1::Job;
 use kube::client::Body;
+use kube::runtime::watcher;
 use kube::Client;
 use medmerge_crds::MergeJob;
 use medmerge_operator::artifacts::ArtifactStore;
-use k8s_openapi::api::batch::v1::Job;
-use kube::runtime::watcher;
 use medmerge_operator::controller::{self, reconcile, Context};
 use medmerge_operator::telemetry::Metrics;
 use serde_json::{json, Value};
@@ -89,7 +89,13 @@ async fn a_new_mergejob_gets_its_spec_configmap_the_init_job_an_event_and_a_stat
         assert!(!volumes.contains("creds-a"), "the coordinator's init Job must not see a shard's secret");
         let event = expect(&mut handle, Method::POST, "/apis/events.k8s.io/v1/namespaces/radiology/events", json!({"metadata": {}})).await;
         assert_eq!(event["reason"], "StageStarted");
-        let status = expect(&mut handle, Method::PATCH, "/apis/medmerge.io/v1alpha1/namespaces/radiology/mergejobs/retina/status?&force=true&fieldManager=medmerge-operator", serde_json::to_value(mergejob(Value::Null)).unwrap()).await;
+        let status = expect(
+            &mut handle,
+            Method::PATCH,
+            "/apis/medmerge.io/v1alpha1/namespaces/radiology/mergejobs/retina/status?&force=true&fieldManager=medmerge-operator",
+            serde_json::to_value(mergejob(Value::Null)).unwrap(),
+        )
+        .await;
         assert_eq!((status["status"]["phase"].as_str(), status["status"]["observedGeneration"].as_i64()), (Some("Training"), Some(1)));
         assert_eq!(status["status"]["shardsReady"], "0/1");
         let transition = expect(&mut handle, Method::POST, "/apis/events.k8s.io/v1/namespaces/radiology/events", json!({"metadata": {}})).await;

@@ -44,15 +44,7 @@ impl S3Config {
     /// The bucket a MergeJob's `storage.s3` names, with credentials from the standard AWS chain,
     /// five attempts per request and the default attempt timeout.
     pub fn from_spec(spec: &medmerge_crds::S3Storage) -> S3Config {
-        S3Config {
-            bucket: spec.bucket.clone(),
-            endpoint: spec.endpoint.clone(),
-            region: spec.region.clone(),
-            path_style: spec.path_style,
-            credentials: None,
-            max_attempts: 5,
-            attempt_timeout: None,
-        }
+        S3Config { bucket: spec.bucket.clone(), endpoint: spec.endpoint.clone(), region: spec.region.clone(), path_style: spec.path_style, credentials: None, max_attempts: 5, attempt_timeout: None }
     }
 }
 
@@ -115,29 +107,13 @@ impl S3Store {
         if bytes.len() >= MULTIPART_THRESHOLD {
             self.put_multipart(key, &bytes, &digest).await?;
         } else {
-            self.client
-                .put_object()
-                .bucket(&self.bucket)
-                .key(key)
-                .metadata(DIGEST_METADATA, &digest)
-                .body(ByteStream::from(bytes))
-                .send()
-                .await
-                .map_err(|e| self.error(key, "put", e))?;
+            self.client.put_object().bucket(&self.bucket).key(key).metadata(DIGEST_METADATA, &digest).body(ByteStream::from(bytes)).send().await.map_err(|e| self.error(key, "put", e))?;
         }
         Ok(digest)
     }
 
     async fn put_multipart(&self, key: &str, bytes: &[u8], digest: &str) -> Result<()> {
-        let upload = self
-            .client
-            .create_multipart_upload()
-            .bucket(&self.bucket)
-            .key(key)
-            .metadata(DIGEST_METADATA, digest)
-            .send()
-            .await
-            .map_err(|e| self.error(key, "start multipart upload", e))?;
+        let upload = self.client.create_multipart_upload().bucket(&self.bucket).key(key).metadata(DIGEST_METADATA, digest).send().await.map_err(|e| self.error(key, "start multipart upload", e))?;
         let id = upload.upload_id().unwrap_or_default().to_string();
         let result = self.upload_parts(key, &id, bytes).await;
         if result.is_err() {

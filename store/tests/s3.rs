@@ -72,14 +72,7 @@ async fn a_corrupted_object_is_refused_naming_bucket_and_key() {
     // Someone overwrites the bytes but keeps the old digest: what a bit flip at rest looks like.
     let digest = medmerge_store::sha256_hex(&safetensors_bytes());
     let raw = raw_client().await;
-    raw.put_object()
-        .bucket(BUCKET)
-        .key("corrupt/vector.safetensors")
-        .metadata("sha256", digest)
-        .body(b"not the vector".to_vec().into())
-        .send()
-        .await
-        .unwrap();
+    raw.put_object().bucket(BUCKET).key("corrupt/vector.safetensors").metadata("sha256", digest).body(b"not the vector".to_vec().into()).send().await.unwrap();
     let err = store.get("corrupt/vector.safetensors").await.unwrap_err();
     assert!(matches!(err, StoreError::DigestMismatch { .. }), "{err}");
     assert!(err.to_string().contains("s3://medmerge-test/corrupt/vector.safetensors"), "{err}");

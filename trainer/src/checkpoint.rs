@@ -42,7 +42,11 @@ pub enum MetaError {
     Kind { path: String, found: String, expected: &'static str },
     /// Reading the file for its digest failed.
     #[error("cannot read {path} to compute its digest: {source}")]
-    Digest { path: String, #[source] source: std::io::Error },
+    Digest {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Metadata carried by every medmerge tensor file.

@@ -196,13 +196,25 @@ mod tests {
 
     fn report() -> EvalReport {
         let metrics = classification_metrics(&[vec![0.8, 0.2], vec![0.3, 0.7], vec![0.6, 0.4]], &[0, 1, 1], 2);
-        let gallery = vec![GalleryImage { overlay: "gradcam-00.png".into(), image: "eye<1>.jpg".into(), label: "a".into(), predicted: "a".into(), probability: 0.8, heat: HeatMeasures { foreground_fraction: Some(0.9), deletion_auc: Some(0.2), insertion_auc: Some(0.7), deletion_gain: Some(0.1) } }];
+        let gallery = vec![GalleryImage {
+            overlay: "gradcam-00.png".into(),
+            image: "eye<1>.jpg".into(),
+            label: "a".into(),
+            predicted: "a".into(),
+            probability: 0.8,
+            heat: HeatMeasures { foreground_fraction: Some(0.9), deletion_auc: Some(0.2), insertion_auc: Some(0.7), deletion_gain: Some(0.1) },
+        }];
         EvalReport {
             job: "retina".into(),
             run: "runs/x/g1".into(),
             classes: vec!["a".into(), "b".into()],
             test_images: 3,
-            candidates: vec![CandidateResult { id: "data-vector".into(), description: "data vector λ=0.5".into(), metrics, heat: HeatMeasures { foreground_fraction: Some(0.9), deletion_auc: Some(0.25), insertion_auc: Some(0.75), deletion_gain: Some(0.125) } }],
+            candidates: vec![CandidateResult {
+                id: "data-vector".into(),
+                description: "data vector λ=0.5".into(),
+                metrics,
+                heat: HeatMeasures { foreground_fraction: Some(0.9), deletion_auc: Some(0.25), insertion_auc: Some(0.75), deletion_gain: Some(0.125) },
+            }],
             similarity: vec![],
             spec: serde_json::json!({"merge": {"lambda": 0.5}}),
             clinical: Clinical { operating_point: 0.5, sensitivity: vec![Some(1.0), Some(0.5)], specificity: vec![Some(0.5), Some(1.0)], gallery, ..Default::default() },

@@ -461,12 +461,7 @@ fn main() -> anyhow::Result<()> {
             } else {
                 anyhow::ensure!(mode == RestoreMode::None || !a.data.is_empty(), "--mode {}: needs --data (one per shard)", a.mode);
                 let classes = Network::load(&a.model, dev)?.classes;
-                let shards = a
-                    .data
-                    .iter()
-                    .enumerate()
-                    .map(|(i, d)| Ok((format!("shard-{}", i + 1), Dataset::open(d, Some(&classes))?)))
-                    .collect::<anyhow::Result<Vec<_>>>()?;
+                let shards = a.data.iter().enumerate().map(|(i, d)| Ok((format!("shard-{}", i + 1), Dataset::open(d, Some(&classes))?))).collect::<anyhow::Result<Vec<_>>>()?;
                 let mut work = a.out.as_os_str().to_owned();
                 work.push(".parts");
                 let work = PathBuf::from(work);
@@ -508,11 +503,8 @@ fn main() -> anyhow::Result<()> {
             let mut csv = format!("image,predicted,{}{heat_column}\n", net.classes.iter().map(|c| format!("p_{c}")).collect::<Vec<_>>().join(","));
             for (i, (s, p)) in ds.samples.iter().zip(&probs).enumerate() {
                 let ps: Vec<String> = p.iter().map(|v| format!("{v:.6}")).collect();
-                let predicted = if net.multi_label {
-                    net.classes.iter().zip(p).filter(|(_, &v)| v >= 0.5).map(|(c, _)| c.as_str()).collect::<Vec<_>>().join("|")
-                } else {
-                    net.classes[argmax(p)].clone()
-                };
+                let predicted =
+                    if net.multi_label { net.classes.iter().zip(p).filter(|(_, &v)| v >= 0.5).map(|(c, _)| c.as_str()).collect::<Vec<_>>().join("|") } else { net.classes[argmax(p)].clone() };
                 let heat = heatmaps.as_ref().map(|h| format!(",{}", h[i].overlay.display())).unwrap_or_default();
                 csv.push_str(&format!("{},{predicted},{}{heat}\n", s.path.display(), ps.join(",")));
             }

@@ -225,14 +225,7 @@ mod tests {
     fn metrics_match_a_hand_computed_three_class_example() {
         // labels:    0 0 0 1 1 2
         // predicted: 0 0 1 1 2 2
-        let probs = vec![
-            vec![0.8, 0.1, 0.1],
-            vec![0.6, 0.3, 0.1],
-            vec![0.3, 0.5, 0.2],
-            vec![0.1, 0.7, 0.2],
-            vec![0.2, 0.3, 0.5],
-            vec![0.1, 0.1, 0.8],
-        ];
+        let probs = vec![vec![0.8, 0.1, 0.1], vec![0.6, 0.3, 0.1], vec![0.3, 0.5, 0.2], vec![0.1, 0.7, 0.2], vec![0.2, 0.3, 0.5], vec![0.1, 0.1, 0.8]];
         let labels = vec![0, 0, 0, 1, 1, 2];
         let m = classification_metrics(&probs, &labels, 3);
         assert_eq!(m.confusion, vec![vec![2, 1, 0], vec![0, 1, 1], vec![0, 0, 1]]);

@@ -17,8 +17,8 @@ use tch::Device;
 use tracing::info;
 
 use crate::checkpoint::{ArtifactKind, ArtifactMeta};
-use crate::data::Dataset;
 use crate::clinical::{explain_sample, heat_study, roc_and_operating_point};
+use crate::data::Dataset;
 use crate::evaluate::{predict, score};
 use crate::merge::{merge_checked, shard_model, MergeOptions, ShardVector};
 use crate::metrics::cosine;
@@ -71,7 +71,11 @@ impl Job {
     /// A path from the spec, relative to the YAML file's directory.
     pub fn resolve(&self, p: &str) -> PathBuf {
         let p = Path::new(p);
-        if p.is_absolute() { p.into() } else { self.dir.join(p) }
+        if p.is_absolute() {
+            p.into()
+        } else {
+            self.dir.join(p)
+        }
     }
 
     /// The artifact layout of this run.

@@ -19,8 +19,7 @@ pub enum PlotError {
     Draw { path: PathBuf, message: String },
 }
 
-const FONT_CANDIDATES: [&str; 3] =
-    ["/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "/usr/share/fonts/dejavu/DejaVuSans.ttf", "/usr/share/fonts/TTF/DejaVuSans.ttf"];
+const FONT_CANDIDATES: [&str; 3] = ["/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "/usr/share/fonts/dejavu/DejaVuSans.ttf", "/usr/share/fonts/TTF/DejaVuSans.ttf"];
 
 fn ensure_font() -> Result<(), PlotError> {
     static REGISTERED: OnceLock<bool> = OnceLock::new();
@@ -156,18 +155,23 @@ fn confusion(report: &EvalReport, path: &Path) -> Result<(), PlotError> {
         .x_labels(k)
         .y_labels(k)
         .x_label_formatter(&|v| label(v, false))
-        .y_label_formatter(&|v| label(v, true)).x_desc("predicted").y_desc("true").draw().map_err(|x| e(x.to_string()))?;
+        .y_label_formatter(&|v| label(v, true))
+        .x_desc("predicted")
+        .y_desc("true")
+        .draw()
+        .map_err(|x| e(x.to_string()))?;
     let max = m.iter().flatten().copied().max().unwrap_or(1).max(1) as f64;
     for (t, row) in m.iter().enumerate() {
         for (p, &count) in row.iter().enumerate() {
             let y = k - 1 - t;
             let shade = 255 - (200.0 * count as f64 / max) as u8;
             chart
-                .draw_series(std::iter::once(Rectangle::new([(SegmentValue::Exact(p), SegmentValue::Exact(y)), (SegmentValue::Exact(p + 1), SegmentValue::Exact(y + 1))], RGBColor(shade, shade, 255).filled())))
+                .draw_series(std::iter::once(Rectangle::new(
+                    [(SegmentValue::Exact(p), SegmentValue::Exact(y)), (SegmentValue::Exact(p + 1), SegmentValue::Exact(y + 1))],
+                    RGBColor(shade, shade, 255).filled(),
+                )))
                 .map_err(|x| e(x.to_string()))?;
-            chart
-                .draw_series(std::iter::once(Text::new(count.to_string(), (SegmentValue::CenterOf(p), SegmentValue::CenterOf(y)), ("sans-serif", 20))))
-                .map_err(|x| e(x.to_string()))?;
+            chart.draw_series(std::iter::once(Text::new(count.to_string(), (SegmentValue::CenterOf(p), SegmentValue::CenterOf(y)), ("sans-serif", 20)))).map_err(|x| e(x.to_string()))?;
         }
     }
     root.present().map_err(|x| e(x.to_string()))

@@ -171,7 +171,14 @@ impl EvalReport {
             let value = |v: Option<f64>, pct: bool| v.map_or("n/a".into(), |v| if pct { format!("{:.1} %", 100.0 * v) } else { format!("{v:.3}") });
             for c in &self.candidates {
                 let h = &c.heat;
-                md.push_str(&format!("| {} | {} | {} | {} | {} |\n", c.id, value(h.foreground_fraction, true), value(h.deletion_auc, false), value(h.insertion_auc, false), value(h.deletion_gain, false)));
+                md.push_str(&format!(
+                    "| {} | {} | {} | {} | {} |\n",
+                    c.id,
+                    value(h.foreground_fraction, true),
+                    value(h.deletion_auc, false),
+                    value(h.insertion_auc, false),
+                    value(h.deletion_gain, false)
+                ));
             }
         }
         md

@@ -14,7 +14,11 @@ use safetensors::tensor::{Dtype, SafeTensors};
 pub enum StError {
     /// The file could not be opened or read.
     #[error("cannot read {path}: {source}")]
-    Open { path: PathBuf, #[source] source: std::io::Error },
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// The header is not valid safetensors.
     #[error("{path} is not a valid safetensors file: {message}")]
     Format { path: PathBuf, message: String },
@@ -26,7 +30,11 @@ pub enum StError {
     Dtype { path: PathBuf, name: String, dtype: String },
     /// Writing failed.
     #[error("cannot write {path}: {source}")]
-    Write { path: PathBuf, #[source] source: std::io::Error },
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// The writer was fed something other than what its header promised.
     #[error("writing {path}: {message}")]
     Protocol { path: PathBuf, message: String },
@@ -70,11 +78,7 @@ impl MappedFile {
         // SAFETY: artifacts are published by rename and never modified in place afterwards.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| StError::Open { path: path.into(), source })?;
         let (header_len, meta) = SafeTensors::read_metadata(&map).map_err(|e| StError::Format { path: path.into(), message: e.to_string() })?;
-        let tensors = meta
-            .tensors()
-            .into_iter()
-            .map(|(name, info)| (name.clone(), (TensorMeta { name, dtype: info.dtype, shape: info.shape.clone() }, info.data_offsets)))
-            .collect();
+        let tensors = meta.tensors().into_iter().map(|(name, info)| (name.clone(), (TensorMeta { name, dtype: info.dtype, shape: info.shape.clone() }, info.data_offsets))).collect();
         let metadata = meta.metadata().clone().unwrap_or_default().into_iter().collect();
         Ok(MappedFile { path: path.into(), map, data_start: 8 + header_len, tensors, metadata })
     }
@@ -199,10 +203,7 @@ impl StreamWriter {
         let mut offset = 0usize;
         for t in &tensors {
             let n = t.nbytes();
-            header.insert(
-                t.name.clone(),
-                serde_json::json!({"dtype": dtype_name(t.dtype), "shape": t.shape, "data_offsets": [offset, offset + n]}),
-            );
+            header.insert(t.name.clone(), serde_json::json!({"dtype": dtype_name(t.dtype), "shape": t.shape, "data_offsets": [offset, offset + n]}));
             offset += n;
         }
         let mut header = serde_json::to_vec(&serde_json::Value::Object(header)).expect("json serialises");
@@ -220,10 +221,7 @@ impl StreamWriter {
     pub fn write(&mut self, name: &str, bytes: &[u8]) -> Result<(), StError> {
         let next = self.pending.pop_front().ok_or_else(|| StError::Protocol { path: self.path.clone(), message: format!("unexpected extra tensor {name:?}") })?;
         if next.name != name || next.nbytes() != bytes.len() {
-            return Err(StError::Protocol {
-                path: self.path.clone(),
-                message: format!("expected {:?} ({} bytes), got {name:?} ({} bytes)", next.name, next.nbytes(), bytes.len()),
-            });
+            return Err(StError::Protocol { path: self.path.clone(), message: format!("expected {:?} ({} bytes), got {name:?} ({} bytes)", next.name, next.nbytes(), bytes.len()) });
         }
         let out = self.out.as_mut().expect("writer open until finish");
         out.write_all(bytes).map_err(|source| StError::Write { path: self.path.clone(), source })
@@ -287,10 +285,7 @@ mod tests {
     fn a_streamed_file_reads_back_with_its_metadata() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.safetensors");
-        let metas = vec![
-            TensorMeta { name: "b".into(), dtype: Dtype::F32, shape: vec![2] },
-            TensorMeta { name: "a".into(), dtype: Dtype::F32, shape: vec![1, 3] },
-        ];
+        let metas = vec![TensorMeta { name: "b".into(), dtype: Dtype::F32, shape: vec![2] }, TensorMeta { name: "a".into(), dtype: Dtype::F32, shape: vec![1, 3] }];
         let md = BTreeMap::from([("kind".to_string(), "model".to_string())]);
         let mut w = StreamWriter::create(&path, metas, &md).unwrap();
         w.write("b", &f32_to_bytes(&[1.0, 2.0])).unwrap();

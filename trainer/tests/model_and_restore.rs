@@ -139,12 +139,10 @@ fn shards_head_statistics_add_up_to_those_of_the_pooled_images_and_fit_a_head() 
     let data = Dataset::open(dir.path(), None).unwrap();
     let net = Network::new(Architecture::Resnet18, &data.classes, 32, Device::Cpu, 2);
     let (a, b): (Vec<usize>, Vec<usize>) = (0..data.samples.len()).partition(|i| i % 3 == 0);
-    let parts = vec![
-        head::collect_class_features(&net, &data.subset(&a), 5, Device::Cpu).unwrap(),
-        head::collect_class_features(&net, &data.subset(&b), 7, Device::Cpu).unwrap(),
-    ];
+    let parts = vec![head::collect_class_features(&net, &data.subset(&a), 5, Device::Cpu).unwrap(), head::collect_class_features(&net, &data.subset(&b), 7, Device::Cpu).unwrap()];
     let path = dir.path().join("part.safetensors");
-    let meta = ArtifactMeta { kind: ArtifactKind::Model, arch: net.arch, classes: data.classes.clone(), image_size: 32, base_digest: String::new(), shard: None, class_counts: vec![], multi_label: false };
+    let meta =
+        ArtifactMeta { kind: ArtifactKind::Model, arch: net.arch, classes: data.classes.clone(), image_size: 32, base_digest: String::new(), shard: None, class_counts: vec![], multi_label: false };
     head::save(&path, &parts[0], &meta).unwrap();
     let first = head::load(&path).unwrap();
     let combined = head::combine(vec![first, parts.into_iter().nth(1).unwrap()]).unwrap();

@@ -41,7 +41,10 @@ fn a_tiny_mergejob_runs_end_to_end_and_reports_every_candidate() {
     assert_eq!((clinical.operating_point, clinical.sensitivity.len()), (0.5, 3));
     assert!(!clinical.gallery.is_empty() && clinical.gallery.len() <= 8);
     let in_unit = |v: Option<f64>| v.is_some_and(|f| (0.0..=1.0).contains(&f));
-    assert!(report.candidates.iter().all(|c| in_unit(c.heat.foreground_fraction) && in_unit(c.heat.deletion_auc) && in_unit(c.heat.insertion_auc) && c.heat.deletion_gain.is_some()), "Grad-CAM measures for every model");
+    assert!(
+        report.candidates.iter().all(|c| in_unit(c.heat.foreground_fraction) && in_unit(c.heat.deletion_auc) && in_unit(c.heat.insertion_auc) && c.heat.deletion_gain.is_some()),
+        "Grad-CAM measures for every model"
+    );
     let html = std::fs::read_to_string(run.join("eval/report.html")).unwrap();
     for id in medmerge_trainer::html::SECTIONS {
         assert!(html.contains(&format!("<section id=\"{id}\">")), "report.html lacks {id}");

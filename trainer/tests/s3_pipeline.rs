@@ -14,7 +14,16 @@ fn a_mergejob_runs_stage_by_stage_through_an_s3_bucket() {
     let _turn = ENV.lock().unwrap_or_else(|e| e.into_inner());
     let endpoint = std::env::var("MEDMERGE_S3_ENDPOINT").expect("set by scripts/with-s3.sh");
     let bucket = "medmerge-pipeline";
-    let store = BlockingStore::s3(S3Config { bucket: bucket.into(), endpoint: Some(endpoint.clone()), region: "us-east-1".into(), path_style: true, credentials: None, max_attempts: 3, attempt_timeout: None }).unwrap();
+    let store = BlockingStore::s3(S3Config {
+        bucket: bucket.into(),
+        endpoint: Some(endpoint.clone()),
+        region: "us-east-1".into(),
+        path_style: true,
+        credentials: None,
+        max_attempts: 3,
+        attempt_timeout: None,
+    })
+    .unwrap();
     store.create_bucket().unwrap();
 
     let dir = tempfile::tempdir().unwrap();
@@ -33,7 +42,15 @@ fn a_mergejob_runs_stage_by_stage_through_an_s3_bucket() {
     }
 
     let keys = store.list("runs/local/tiny/g1").unwrap();
-    for key in ["base/model.safetensors", "shards/h0/vector.safetensors", "shards/h1/metrics.json", "merged/data-vector/model.safetensors", "restored/params-mean/model.safetensors", "eval/metrics.json", "eval/report.md"] {
+    for key in [
+        "base/model.safetensors",
+        "shards/h0/vector.safetensors",
+        "shards/h1/metrics.json",
+        "merged/data-vector/model.safetensors",
+        "restored/params-mean/model.safetensors",
+        "eval/metrics.json",
+        "eval/report.md",
+    ] {
         assert!(keys.contains(&format!("runs/local/tiny/g1/{key}")), "{key} missing from the bucket: {keys:?}");
     }
     assert!(!keys.iter().any(|k| k.contains(".tmp-")), "no temporary files are published");
@@ -62,7 +79,8 @@ fn upload_shard(store: &BlockingStore, csv: &std::path::Path, prefix: &str) {
 fn shard_images_are_read_from_s3_with_the_shards_own_credentials_only() {
     let _turn = ENV.lock().unwrap_or_else(|e| e.into_inner());
     let endpoint = std::env::var("MEDMERGE_S3_ENDPOINT").unwrap();
-    let config = |bucket: &str| S3Config { bucket: bucket.into(), endpoint: Some(endpoint.clone()), region: "us-east-1".into(), path_style: true, credentials: None, max_attempts: 3, attempt_timeout: None };
+    let config =
+        |bucket: &str| S3Config { bucket: bucket.into(), endpoint: Some(endpoint.clone()), region: "us-east-1".into(), path_style: true, credentials: None, max_attempts: 3, attempt_timeout: None };
     let scans = BlockingStore::s3(config("medmerge-test")).unwrap();
     scans.create_bucket().unwrap();
     BlockingStore::s3(config("medmerge-data-run")).unwrap().create_bucket().unwrap();

@@ -13,7 +13,11 @@ pub use loader::{Batch, BatchLoader};
 pub enum DataError {
     /// The data location is missing or unreadable.
     #[error("cannot read data at {path}: {source}")]
-    Read { path: PathBuf, #[source] source: std::io::Error },
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// No images were found.
     #[error("no images (.jpg, .jpeg, .png) found in {path}")]
     Empty { path: PathBuf },
@@ -25,7 +29,11 @@ pub enum DataError {
     Manifest { path: PathBuf, line: usize, message: String },
     /// An image cannot be decoded.
     #[error("cannot decode image {path}: {source}")]
-    Decode { path: PathBuf, #[source] source: ::image::ImageError },
+    Decode {
+        path: PathBuf,
+        #[source]
+        source: ::image::ImageError,
+    },
 }
 
 /// One labelled image.
@@ -81,10 +89,7 @@ impl Dataset {
         let classes: Vec<String> = classes.map(<[String]>::to_vec).unwrap_or_else(|| names.clone());
         let mut samples = Vec::new();
         for (folder, name) in folders.iter().zip(&names) {
-            let label = classes
-                .iter()
-                .position(|c| c == name)
-                .ok_or_else(|| DataError::UnknownClass { path: folder.clone(), class: name.clone(), known: classes.clone() })?;
+            let label = classes.iter().position(|c| c == name).ok_or_else(|| DataError::UnknownClass { path: folder.clone(), class: name.clone(), known: classes.clone() })?;
             samples.extend(sorted_entries(folder)?.into_iter().filter(|p| is_image(p)).map(|path| Sample { path, label, targets: vec![] }));
         }
         Ok(Dataset { source: dir.into(), classes, samples, multi_label: false })
@@ -103,9 +108,7 @@ impl Dataset {
             if line.is_empty() || (i == 0 && line.eq_ignore_ascii_case("path,label")) {
                 continue;
             }
-            let (p, label) = line
-                .rsplit_once(',')
-                .ok_or_else(|| DataError::Manifest { path: file.into(), line: i + 1, message: format!("expected `path,label`, got {line:?}") })?;
+            let (p, label) = line.rsplit_once(',').ok_or_else(|| DataError::Manifest { path: file.into(), line: i + 1, message: format!("expected `path,label`, got {line:?}") })?;
             let p = PathBuf::from(p.trim());
             rows.push((if p.is_absolute() { p } else { base.join(p) }, label.trim().to_string()));
         }

@@ -204,7 +204,12 @@ pub fn write_overlay(net: &Network, (image, label): &(PathBuf, Option<usize>), p
         predicted: net.classes[map.predicted].clone(),
         probability: map.probability,
         explained: net.classes[map.explained].clone(),
-        heat: HeatMeasures { foreground_fraction: foreground_fraction(picture, &map.cam), deletion_auc: Some(curves.deletion_auc()), insertion_auc: Some(curves.insertion_auc()), deletion_gain: Some(curves.deletion_gain()) },
+        heat: HeatMeasures {
+            foreground_fraction: foreground_fraction(picture, &map.cam),
+            deletion_auc: Some(curves.deletion_auc()),
+            insertion_auc: Some(curves.insertion_auc()),
+            deletion_gain: Some(curves.deletion_gain()),
+        },
     })
 }
 

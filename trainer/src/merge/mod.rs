@@ -109,13 +109,7 @@ pub fn write_vector(net: &Network, base_path: &Path, shard: &str, class_counts: 
         };
         tensors.push((name, v));
     }
-    let meta = ArtifactMeta {
-        kind: ArtifactKind::Vector,
-        base_digest: file_digest(base_path)?,
-        shard: Some(shard.into()),
-        class_counts,
-        ..base_meta
-    };
+    let meta = ArtifactMeta { kind: ArtifactKind::Vector, base_digest: file_digest(base_path)?, shard: Some(shard.into()), class_counts, ..base_meta };
     crate::model::write_tensors(out, &tensors, &meta.to_map())?;
     Ok(())
 }
@@ -157,12 +151,7 @@ fn open_vector(v: &ShardVector, base: &MappedFile, base_meta: &ArtifactMeta) -> 
     for t in base.tensors() {
         let mine = file.meta(&t.name).expect("name sets are equal");
         if mine.shape != t.shape || mine.dtype != t.dtype {
-            return Err(MergeError::TensorMismatch {
-                shard,
-                tensor: t.name.clone(),
-                found: format!("{:?} {:?}", mine.dtype, mine.shape),
-                expected: format!("{:?} {:?}", t.dtype, t.shape),
-            });
+            return Err(MergeError::TensorMismatch { shard, tensor: t.name.clone(), found: format!("{:?} {:?}", mine.dtype, mine.shape), expected: format!("{:?} {:?}", t.dtype, t.shape) });
         }
     }
     Ok((meta, file))
@@ -306,13 +295,7 @@ impl<'a> TensorMerger<'a> {
                 MergeMethod::RandomVector | MergeMethod::Ties | MergeMethod::Dare => None,
             }
         };
-        TensorMerger {
-            head_prefix,
-            head_scales: head_weights.iter().map(|w| (w / total) as f32).collect(),
-            body_scales: body_scale.map(|s| vec![s; n]),
-            opts,
-            rng: StdRng::seed_from_u64(opts.seed),
-        }
+        TensorMerger { head_prefix, head_scales: head_weights.iter().map(|w| (w / total) as f32).collect(), body_scales: body_scale.map(|s| vec![s; n]), opts, rng: StdRng::seed_from_u64(opts.seed) }
     }
 
     fn merge(&mut self, name: &str, base: &MappedFile, vectors: &[ShardVector], files: &mut [MappedFile]) -> Result<Vec<f32>, MergeError> {

@@ -48,17 +48,7 @@ impl Bn {
             m.count += (x.size()[0] * x.size()[2] * x.size()[3]) as f64;
             m.sum += xd.sum_dim_intlist(dims.as_slice(), false, Kind::Double);
             m.sum_sq += xd.square().sum_dim_intlist(dims.as_slice(), false, Kind::Double);
-            return Tensor::batch_norm(
-                x,
-                self.inner.ws.as_ref(),
-                self.inner.bs.as_ref(),
-                None::<&Tensor>,
-                None::<&Tensor>,
-                true,
-                0.1,
-                self.eps,
-                false,
-            );
+            return Tensor::batch_norm(x, self.inner.ws.as_ref(), self.inner.bs.as_ref(), None::<&Tensor>, None::<&Tensor>, true, 0.1, self.eps, false);
         }
         drop(guard);
         x.apply_t(&self.inner, train)

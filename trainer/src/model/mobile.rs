@@ -128,10 +128,7 @@ impl TorchvisionMobile {
                 let depthwise = ConvBn::new(&bp / off, mid, mid, k, stride, mid, bns);
                 let squeeze = (c_in / 4).max(1);
                 let sp = &bp / (off + 1);
-                let se = SqueezeExcite {
-                    fc1: nn::conv2d(&sp / "fc1", mid, squeeze, 1, Default::default()),
-                    fc2: nn::conv2d(&sp / "fc2", squeeze, mid, 1, Default::default()),
-                };
+                let se = SqueezeExcite { fc1: nn::conv2d(&sp / "fc1", mid, squeeze, 1, Default::default()), fc2: nn::conv2d(&sp / "fc2", squeeze, mid, 1, Default::default()) };
                 let project = ConvBn::new(&bp / (off + 2), mid, c_out, 1, 1, 1, bns);
                 blocks.push(InvertedResidual { expand, depthwise, se: Some(se), project, residual: stride == 1 && c_in == c_out, swish: true });
             }

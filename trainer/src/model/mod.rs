@@ -32,7 +32,11 @@ pub enum ModelError {
     NoWeights { path: PathBuf, hint: &'static str },
     /// A libtorch error while loading a `.pth` file.
     #[error("cannot load {path} as a PyTorch zip checkpoint (legacy pickles must be converted to safetensors first): {source}")]
-    Pth { path: PathBuf, #[source] source: tch::TchError },
+    Pth {
+        path: PathBuf,
+        #[source]
+        source: tch::TchError,
+    },
     /// The model is not usable (refused before anything publishes it).
     #[error("invalid model: {what}")]
     Invalid { what: String },
@@ -221,8 +225,7 @@ impl Network {
             let file = MappedFile::open(path)?;
             return self.copy_from(&file, is_backbone);
         }
-        let loaded: BTreeMap<String, Tensor> =
-            Tensor::loadz_multi(path).map_err(|source| ModelError::Pth { path: path.into(), source })?.into_iter().collect();
+        let loaded: BTreeMap<String, Tensor> = Tensor::loadz_multi(path).map_err(|source| ModelError::Pth { path: path.into(), source })?.into_iter().collect();
         let arch = self.arch.as_str();
         for (name, mut var) in self.named_tensors() {
             if !is_backbone(&name) {
@@ -285,10 +288,7 @@ pub fn head_prefix(arch: Architecture) -> &'static str {
 
 /// Writes named tensors (converted to F32 on the CPU) to a safetensors file, atomically.
 pub fn write_tensors(path: &Path, tensors: &[(String, Tensor)], metadata: &BTreeMap<String, String>) -> Result<(), ModelError> {
-    let metas = tensors
-        .iter()
-        .map(|(n, t)| TensorMeta { name: n.clone(), dtype: Dtype::F32, shape: t.size().iter().map(|&d| d as usize).collect() })
-        .collect();
+    let metas = tensors.iter().map(|(n, t)| TensorMeta { name: n.clone(), dtype: Dtype::F32, shape: t.size().iter().map(|&d| d as usize).collect() }).collect();
     let mut w = StreamWriter::create(path, metas, metadata)?;
     for (n, t) in tensors {
         w.write(n, &f32_as_le_bytes(&tensor_to_vec(t)?))?;
@@ -307,9 +307,7 @@ pub fn builtin_weights_path() -> PathBuf {
     if let Ok(p) = std::env::var("MEDMERGE_WEIGHTS") {
         return PathBuf::from(p);
     }
-    let cache = std::env::var("MEDMERGE_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| ".".into())).join(".cache/medmerge"));
+    let cache = std::env::var("MEDMERGE_CACHE").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| ".".into())).join(".cache/medmerge"));
     cache.join("weights/efficientnet-lite0-imagenet.safetensors")
 }
 

@@ -74,13 +74,9 @@ impl ResNet {
                         (conv(&bp / "conv3", width, c_out, 1, 1), bn(&bp / "bn3", c_out)),
                     ]
                 } else {
-                    vec![
-                        (conv(&bp / "conv1", c_in, width, 3, stride), bn(&bp / "bn1", width)),
-                        (conv(&bp / "conv2", width, width, 3, 1), bn(&bp / "bn2", width)),
-                    ]
+                    vec![(conv(&bp / "conv1", c_in, width, 3, stride), bn(&bp / "bn1", width)), (conv(&bp / "conv2", width, width, 3, 1), bn(&bp / "bn2", width))]
                 };
-                let downsample = (stride != 1 || c_in != c_out)
-                    .then(|| (conv(&bp / "downsample" / 0, c_in, c_out, 1, stride), bn(&bp / "downsample" / 1, c_out)));
+                let downsample = (stride != 1 || c_in != c_out).then(|| (conv(&bp / "downsample" / 0, c_in, c_out, 1, stride), bn(&bp / "downsample" / 1, c_out)));
                 layers.push(Block { convs, downsample });
                 c_in = c_out;
             }

@@ -70,10 +70,7 @@ pub fn mean_var(count: f64, sum: &[f64], sum_sq: &[f64]) -> (Vec<f64>, Vec<f64>)
 pub fn apply_moments(net: &Network, moments: &LayerMoments, source: &str) -> Result<(), RestoreError> {
     for bn in net.bns() {
         let channels = bn.inner.running_mean.size()[0] as usize;
-        let (n, s, q) = moments
-            .get(&bn.name)
-            .filter(|(_, s, _)| s.len() == channels)
-            .ok_or_else(|| RestoreError::Stats { path: source.into(), layer: bn.name.clone() })?;
+        let (n, s, q) = moments.get(&bn.name).filter(|(_, s, _)| s.len() == channels).ok_or_else(|| RestoreError::Stats { path: source.into(), layer: bn.name.clone() })?;
         let (mean, var) = mean_var(*n, s, q);
         let dev = bn.inner.running_mean.device();
         let to_t = |v: &[f64]| Tensor::from_slice(v).to_kind(Kind::Float).to_device(dev);

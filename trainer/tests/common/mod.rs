@@ -30,4 +30,3 @@ pub fn write_job_with_storage(dir: &Path, extra_spec: &str, shards: usize, stora
     std::fs::write(&job, yaml).unwrap();
     job
 }
-

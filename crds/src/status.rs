@@ -16,8 +16,9 @@ pub struct MergeJobStatus {
     /// Shards whose vector is available, as "ready/total".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shards_ready: Option<String>,
-    /// Ready, Progressing and Failed, plus one per stage kind (Trained, Merged, Restored,
-    /// Evaluated), each with a reason and a message a person can act on.
+    /// Ready, Progressing, Failed and Queued (stage Jobs waiting for Kueue to admit them), plus one
+    /// per stage kind (Trained, Merged, Restored, Evaluated), each with a reason and a message a
+    /// person can act on.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
@@ -84,7 +85,8 @@ pub struct Condition {
 pub struct ShardStatus {
     /// Shard name.
     pub name: String,
-    /// Pending, Training, Waiting (external vector), Ready, Failed or Dropped.
+    /// Pending, Queued (its Job waits for Kueue's admission), Training, Waiting (external vector),
+    /// Ready, Failed or Dropped.
     pub state: String,
     /// Pods started for the shard's training or collection Job.
     #[serde(default)]

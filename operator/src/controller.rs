@@ -137,7 +137,7 @@ async fn reconcile_inner(mj: &MergeJob, ctx: &Context) -> Result<Action, Reconci
     let now = Timestamp::now();
     let mut seen = observe_jobs(&jobs, now);
     if previous.observed_generation == Some(generation) {
-        seen.remember(&previous, now);
+        seen.remember(&previous);
     }
     let decision = decide(&name, &ns, generation, &mj.spec, &seen.observed);
 

@@ -14,6 +14,9 @@ use medmerge_crds::{validate_for_cluster, ArtifactLayout, MergeJobSpec, Stage, S
 /// What the cluster says about one stage's Job.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum JobState {
+    /// Created suspended and not yet admitted by a queue (Kueue): nothing runs and the straggler
+    /// clock has not started.
+    Queued,
     /// Created and not finished.
     Active,
     /// Completed successfully.
@@ -27,8 +30,10 @@ pub enum JobState {
 pub struct Observed {
     /// Stage name -> state of its Job, for the generation being decided.
     pub jobs: BTreeMap<String, JobState>,
-    /// Seconds since the generation's first Job was created (`None` before that).
-    pub running_for: Option<i64>,
+    /// Stage name -> seconds its Job has been admitted and running (from the Job's `startTime`),
+    /// for unfinished Jobs: the straggler deadline's clock, which waiting in a queue does not
+    /// advance, kept per shard so that shards admitted one after another each get the deadline.
+    pub active_for: BTreeMap<String, i64>,
 }
 
 /// The MergeJob's phase.
@@ -78,6 +83,8 @@ impl Phase {
 pub enum ShardState {
     /// Its Job has not been created yet.
     Pending,
+    /// Its Job waits for a queue (Kueue) to admit it.
+    Queued,
     /// Its training Job is running.
     Training,
     /// Its collection Job is waiting for the hospital's external vector.
@@ -95,6 +102,7 @@ impl ShardState {
     pub fn as_str(self) -> &'static str {
         match self {
             ShardState::Pending => "Pending",
+            ShardState::Queued => "Queued",
             ShardState::Training => "Training",
             ShardState::Waiting => "Waiting",
             ShardState::Ready => "Ready",
@@ -152,6 +160,7 @@ fn shard_state(shard: &medmerge_crds::ShardSpec, job: Option<JobState>, past_dea
         Some(JobState::Failed) => ShardState::Failed,
         _ if past_deadline => ShardState::Dropped,
         None => ShardState::Pending,
+        Some(JobState::Queued) => ShardState::Queued,
         Some(JobState::Active) if shard.vector.is_some() => ShardState::Waiting,
         Some(JobState::Active) => ShardState::Training,
     }
@@ -161,8 +170,9 @@ fn shard_state(shard: &medmerge_crds::ShardSpec, job: Option<JobState>, past_dea
 pub fn decide(name: &str, namespace: &str, generation: i64, spec: &MergeJobSpec, observed: &Observed) -> Decision {
     let state = |stage: &Stage| observed.jobs.get(&stage.name()).copied();
     let deadline = spec.cluster.straggler_deadline_seconds;
-    let past_deadline = matches!((deadline, observed.running_for), (Some(d), Some(t)) if t >= d);
-    let shards: Vec<(String, ShardState)> = spec.shards.iter().map(|s| (s.name.clone(), shard_state(s, state(&vector_stage(s)), past_deadline))).collect();
+    let clock = |shard: &medmerge_crds::ShardSpec| observed.active_for.get(&vector_stage(shard).name()).copied();
+    let past_deadline = |shard: &medmerge_crds::ShardSpec| deadline.zip(clock(shard)).is_some_and(|(d, t)| t >= d);
+    let shards: Vec<(String, ShardState)> = spec.shards.iter().map(|s| (s.name.clone(), shard_state(s, state(&vector_stage(s)), past_deadline(s)))).collect();
     let decision = |create, phase, reason, message: String| Decision { create, phase, reason, message, shards: shards.clone(), recheck_in: None };
     if let Err(errors) = validate_for_cluster(spec) {
         let message = errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
@@ -173,7 +183,7 @@ pub fn decide(name: &str, namespace: &str, generation: i64, spec: &MergeJobSpec,
     let required = spec.cluster.min_shards.map_or(total, |m| m as usize);
     let healthy = total - excluded.len();
     if healthy < required {
-        let why = if past_deadline { " or missed the straggler deadline" } else { "" };
+        let why = if shards.iter().any(|(_, s)| *s == ShardState::Dropped) { " or missed the straggler deadline" } else { "" };
         let message = format!("shards {} failed{why}; {healthy} of {total} remain, {required} required (cluster.minShards)", excluded.join(", "));
         return decision(vec![], Phase::Failed, "QuorumLost", message);
     }
@@ -188,19 +198,21 @@ pub fn decide(name: &str, namespace: &str, generation: i64, spec: &MergeJobSpec,
     if plan.is_complete(&done) {
         return decision(vec![], Phase::Succeeded, "Succeeded", "every stage finished".into());
     }
-    let active: Vec<&Stage> = plan.stages.iter().map(|p| &p.stage).filter(|s| state(s) == Some(JobState::Active)).collect();
+    let active: Vec<&Stage> = plan.stages.iter().map(|p| &p.stage).filter(|s| matches!(state(s), Some(JobState::Active | JobState::Queued))).collect();
+    let queued = active.iter().filter(|s| state(s) == Some(JobState::Queued)).count();
     let create: Vec<Stage> = plan.ready(&done).into_iter().map(|p| p.stage.clone()).filter(|s| state(s).is_none()).collect();
     if spec.cluster.suspend {
         let message = format!("suspended with {} stage Jobs still running", active.len());
         return decision(vec![], Phase::Suspended, "Suspended", message);
     }
     let phase = active.iter().copied().chain(&create).map(phase_of).min().unwrap_or(Phase::Pending);
-    let message = if create.is_empty() { format!("{} stage Jobs running", active.len()) } else { format!("starting {}", create.iter().map(Stage::name).collect::<Vec<_>>().join(", ")) };
-    let waiting_for_shards = shards.iter().any(|(_, s)| matches!(s, ShardState::Pending | ShardState::Training | ShardState::Waiting));
-    let recheck_in = match (deadline, observed.running_for) {
-        (Some(d), Some(t)) if waiting_for_shards && t < d => Some(d - t),
-        _ => None,
+    let message = match (create.is_empty(), queued) {
+        (false, _) => format!("starting {}", create.iter().map(Stage::name).collect::<Vec<_>>().join(", ")),
+        (true, 0) => format!("{} stage Jobs running", active.len()),
+        (true, q) => format!("{} stage Jobs running, {q} waiting for admission by their queue", active.len() - q),
     };
+    let unfinished = spec.shards.iter().filter(|s| state(&vector_stage(s)) == Some(JobState::Active));
+    let recheck_in = deadline.and_then(|d| unfinished.filter_map(clock).map(|t| d - t).filter(|left| *left > 0).min());
     Decision { recheck_in, ..decision(create, phase, "Progressing", message) }
 }
 
@@ -233,7 +245,8 @@ mod tests {
     }
 
     fn jobs(states: &[(&str, JobState)]) -> Observed {
-        Observed { jobs: states.iter().map(|(n, s)| (n.to_string(), *s)).collect(), running_for: Some(60) }
+        let active_for = states.iter().filter(|(_, s)| *s == Active).map(|(n, _)| (n.to_string(), 60)).collect();
+        Observed { jobs: states.iter().map(|(n, s)| (n.to_string(), *s)).collect(), active_for }
     }
 
     fn names(d: &Decision) -> Vec<String> {
@@ -323,8 +336,9 @@ mod tests {
         assert!(d.message.contains("spec.cluster.minShards") && d.create.is_empty());
     }
 
+    /// Every running Job admitted `seconds` ago.
     fn at(mut o: Observed, seconds: i64) -> Observed {
-        o.running_for = Some(seconds);
+        o.active_for.values_mut().for_each(|t| *t = seconds);
         o
     }
 
@@ -353,6 +367,18 @@ mod tests {
         let j = jobs(&[("init", Succeeded), ("finetune-a", Succeeded), ("finetune-b", Active), ("finetune-c", Succeeded)]);
         let d = decide("mj", "ns", 1, &spec("cluster: {minShards: 2}"), &at(j, 1_000_000));
         assert_eq!((names(&d).len(), d.phase, d.recheck_in), (0, Phase::Training, None));
+    }
+
+    #[test]
+    fn a_shard_waiting_in_a_queue_is_never_dropped_and_each_shard_has_its_own_clock() {
+        let mut j = jobs(&[("init", Succeeded), ("finetune-a", Active), ("finetune-b", Queued), ("finetune-c", Active)]);
+        j.active_for.insert("finetune-a".into(), 100);
+        j.active_for.insert("finetune-c".into(), 10);
+        let d = decide("mj", "ns", 1, &spec("cluster: {minShards: 2, stragglerDeadlineSeconds: 60}"), &j);
+        let states: Vec<ShardState> = d.shards.iter().map(|(_, s)| *s).collect();
+        assert_eq!(states, [ShardState::Dropped, ShardState::Queued, ShardState::Training]);
+        assert_eq!((d.phase, d.recheck_in), (Phase::Training, Some(50)), "c's own clock says when to look again");
+        assert!(d.message.contains("1 waiting for admission"), "{}", d.message);
     }
 
     #[test]

@@ -40,6 +40,17 @@ pub const EVALUATION_DATA_DIR: &str = "/var/run/medmerge/evaluation";
 /// operator's view of the same share at the same path).
 pub const ARTIFACTS_DIR: &str = "/var/lib/medmerge/artifacts";
 
+/// Kueue's labels. Set on a MergeJob, they are copied to each of its stage Jobs, which are then
+/// created suspended: Kueue admits (unsuspends) each against its queue's quota and priority.
+pub const KUEUE_LABELS: [&str; 2] = ["kueue.x-k8s.io/queue-name", "kueue.x-k8s.io/priority-class"];
+
+/// The MergeJob's Kueue labels (only on Jobs: on pods, Kueue's pod integration would queue them
+/// a second time).
+fn kueue_labels(mj: &MergeJob) -> BTreeMap<String, String> {
+    let all = mj.metadata.labels.iter().flatten();
+    all.filter(|(k, _)| KUEUE_LABELS.contains(&k.as_str())).map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
 fn labels(mj: &MergeJob, generation: i64) -> BTreeMap<String, String> {
     BTreeMap::from([
         ("app.kubernetes.io/managed-by".into(), "medmerge".into()),
@@ -238,17 +249,22 @@ pub fn stage_job(mj: &MergeJob, generation: i64, stage: &Stage) -> Job {
     };
     let mut node_selector = over.node_selector;
     node_selector.extend(shard.map(|s| s.node_selector.clone()).unwrap_or_default());
+    let queue = kueue_labels(mj);
+    let queued = queue.contains_key(KUEUE_LABELS[0]);
+    let mut job_labels = labels.clone();
+    job_labels.extend(queue);
     let mut tolerations: Vec<Toleration> = cluster.tolerations.iter().chain(shard.map(|s| s.tolerations.as_slice()).unwrap_or_default()).map(toleration).collect();
     tolerations.extend(over.tolerations);
     Job {
         metadata: ObjectMeta {
             name: Some(child_name(&name, generation, &stage.name())),
             namespace: mj.metadata.namespace.clone(),
-            labels: Some(labels.clone()),
+            labels: Some(job_labels),
             owner_references: Some(owner(mj)),
             ..Default::default()
         },
         spec: Some(JobSpec {
+            suspend: queued.then_some(true),
             backoff_limit: Some(cluster.backoff_limit),
             active_deadline_seconds: cluster.active_deadline_seconds,
             ttl_seconds_after_finished: cluster.ttl_seconds_after_finished,
@@ -355,6 +371,27 @@ spec:
         assert_eq!(spec.backoff_limit, Some(3));
         let args = spec.template.spec.as_ref().unwrap().containers[0].args.clone().unwrap();
         assert_eq!(&args[args.len() - 2..], ["--stage", "finetune-hospital-a"]);
+    }
+
+    #[test]
+    fn a_queue_label_reaches_every_stage_job_which_then_waits_suspended_for_kueue() {
+        let mut mj = mergejob();
+        mj.metadata.labels = Some(BTreeMap::from([
+            ("kueue.x-k8s.io/queue-name".to_string(), "gpu".to_string()),
+            ("kueue.x-k8s.io/priority-class".to_string(), "research".to_string()),
+            ("team".to_string(), "radiology".to_string()),
+        ]));
+        for stage in [Stage::Init, Stage::Finetune { shard: "hospital-a".into() }, Stage::Evaluate] {
+            let job = stage_job(&mj, 1, &stage);
+            let labels = job.metadata.labels.unwrap();
+            assert_eq!((labels["kueue.x-k8s.io/queue-name"].as_str(), labels["kueue.x-k8s.io/priority-class"].as_str()), ("gpu", "research"));
+            assert!(!labels.contains_key("team"), "only Kueue's labels are copied");
+            let spec = job.spec.unwrap();
+            assert_eq!(spec.suspend, Some(true), "{}: Kueue unsuspends what it admits", stage.name());
+            assert!(!spec.template.metadata.unwrap().labels.unwrap().contains_key("kueue.x-k8s.io/queue-name"), "pods are not queued twice");
+        }
+        let unqueued = stage_job(&mergejob(), 1, &Stage::Init);
+        assert_eq!(unqueued.spec.unwrap().suspend, None, "without a queue a Job starts at once");
     }
 
     #[test]

@@ -10,7 +10,8 @@ use medmerge_crds::{MergeJobStatus, StageRecord};
 use crate::decide::{JobState, Observed};
 use crate::jobs::LABEL_STAGE;
 
-/// The state of one Job as the Job controller reports it.
+/// The state of one Job as the Job controller reports it. An unfinished suspended Job is queued:
+/// Kueue creates nothing itself, it unsuspends the Jobs it admits.
 pub fn job_state(job: &Job) -> JobState {
     let status = job.status.as_ref();
     let condition = |kind: &str| status.and_then(|s| s.conditions.as_ref()).is_some_and(|cs| cs.iter().any(|c| c.type_ == kind && c.status == "True"));
@@ -18,9 +19,17 @@ pub fn job_state(job: &Job) -> JobState {
         JobState::Succeeded
     } else if condition("Failed") {
         JobState::Failed
+    } else if job.spec.as_ref().and_then(|s| s.suspend) == Some(true) {
+        JobState::Queued
     } else {
         JobState::Active
     }
+}
+
+/// When a Job was admitted: the Job controller's `startTime` (set when it starts or is
+/// unsuspended), or its creation where nothing has stamped one yet.
+fn admitted_at(job: &Job) -> Option<Timestamp> {
+    job.status.as_ref().and_then(|s| s.start_time.as_ref()).or(job.metadata.creation_timestamp.as_ref()).map(|t| t.0)
 }
 
 /// Why a failed Job failed, as the Job controller says (`DeadlineExceeded: Job was active
@@ -60,7 +69,7 @@ impl GenerationJobs {
     /// Adds what the status remembers of the same generation: finished stages whose Jobs are
     /// gone (deleted after `ttlSecondsAfterFinished`, or by hand) count as they finished, and the
     /// run started when the status says if that is earlier than any Job left.
-    pub fn remember(&mut self, previous: &MergeJobStatus, now: Timestamp) {
+    pub fn remember(&mut self, previous: &MergeJobStatus) {
         for record in &previous.stages {
             if self.observed.jobs.contains_key(&record.name) {
                 continue;
@@ -77,7 +86,6 @@ impl GenerationJobs {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        self.observed.running_for = self.started.map(|t| (now.as_second() - t.as_second()).max(0));
     }
 
     /// The finished stages, for the status.
@@ -98,8 +106,10 @@ impl GenerationJobs {
 pub fn observe_jobs(jobs: &[Job], now: Timestamp) -> GenerationJobs {
     let labelled: Vec<(&String, &Job)> = jobs.iter().filter_map(|j| stage_of(j).map(|s| (s, j))).collect();
     let started = labelled.iter().filter_map(|(_, j)| j.metadata.creation_timestamp.as_ref().map(|t| t.0)).min();
+    let active = labelled.iter().filter(|(_, j)| job_state(j) == JobState::Active);
+    let active_for = active.filter_map(|(s, j)| admitted_at(j).map(|t| ((*s).clone(), (now.as_second() - t.as_second()).max(0)))).collect();
     GenerationJobs {
-        observed: Observed { jobs: labelled.iter().map(|(s, j)| ((*s).clone(), job_state(j))).collect(), running_for: started.map(|t| (now.as_second() - t.as_second()).max(0)) },
+        observed: Observed { jobs: labelled.iter().map(|(s, j)| ((*s).clone(), job_state(j))).collect(), active_for },
         attempts: labelled.iter().map(|(s, j)| ((*s).clone(), job_attempts(j))).collect(),
         started,
         failures: labelled.iter().filter_map(|(s, j)| job_failure(j).map(|f| ((*s).clone(), f))).collect(),
@@ -109,7 +119,7 @@ pub fn observe_jobs(jobs: &[Job], now: Timestamp) -> GenerationJobs {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::api::batch::v1::{JobCondition, JobStatus};
+    use k8s_openapi::api::batch::v1::{JobCondition, JobSpec, JobStatus};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 
     fn job(status: JobStatus) -> Job {
@@ -146,7 +156,8 @@ mod tests {
             Job::default(),
         ];
         let seen = observe_jobs(&jobs, Timestamp::from_second(1_500).unwrap());
-        assert_eq!(seen.observed.running_for, Some(500));
+        assert_eq!(seen.started, Some(Timestamp::from_second(1_000).unwrap()));
+        assert_eq!(seen.observed.active_for, BTreeMap::from([("finetune-a".to_string(), 400)]), "only unfinished Jobs run a clock");
         assert_eq!(seen.observed.jobs.len(), 2, "jobs without a stage label are ignored");
         assert_eq!(seen.attempts["finetune-a"], 3);
         assert_eq!(seen.observed.jobs["finetune-a"], JobState::Active);
@@ -155,7 +166,7 @@ mod tests {
     #[test]
     fn a_generation_without_jobs_has_not_started() {
         let seen = observe_jobs(&[], Timestamp::from_second(5).unwrap());
-        assert_eq!((seen.observed.running_for, seen.started), (None, None));
+        assert_eq!((seen.observed.active_for.len(), seen.started), (0, None));
     }
 
     #[test]
@@ -170,15 +181,27 @@ mod tests {
             ],
             ..Default::default()
         };
-        seen.remember(&previous, Timestamp::from_second(2_100).unwrap());
+        seen.remember(&previous);
         assert_eq!(seen.observed.jobs["init"], JobState::Succeeded);
         assert_eq!(seen.observed.jobs["finetune-b"], JobState::Failed);
         assert_eq!(seen.observed.jobs["merge-data-vector"], JobState::Active);
-        assert_eq!(seen.observed.running_for, Some(1_100), "the run started with its first Job, not its oldest Job left");
+        assert_eq!(seen.started, Some(Timestamp::from_second(1_000).unwrap()), "the run started with its first Job, not its oldest Job left");
         let finished = seen.finished();
         assert_eq!(finished.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["finetune-b", "init"]);
         assert_eq!(finished[0].reason.as_deref(), Some("BackoffLimitExceeded"));
         assert_eq!(finished[0].attempts, 3);
+    }
+
+    #[test]
+    fn a_job_kueue_has_not_admitted_is_queued_and_its_clock_starts_at_admission() {
+        let mut queued = staged("finetune-a", 1_000, JobStatus::default());
+        queued.spec = Some(JobSpec { suspend: Some(true), ..Default::default() });
+        let mut admitted = staged("finetune-b", 1_000, JobStatus { start_time: Some(Time(Timestamp::from_second(1_900).unwrap())), active: Some(1), ..Default::default() });
+        admitted.spec = Some(JobSpec { suspend: Some(false), ..Default::default() });
+        let seen = observe_jobs(&[queued, admitted], Timestamp::from_second(2_000).unwrap());
+        assert_eq!(seen.observed.jobs["finetune-a"], JobState::Queued);
+        assert_eq!(seen.observed.jobs["finetune-b"], JobState::Active);
+        assert_eq!(seen.observed.active_for, BTreeMap::from([("finetune-b".to_string(), 100)]), "900 s in the queue do not count");
     }
 
     #[test]

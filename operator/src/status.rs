@@ -110,6 +110,9 @@ fn conditions(d: &Decision, observed: &Observed, generation: i64) -> Vec<Conditi
         ("Progressing", running, if running { "StagesRunning".into() } else { d.reason.into() }, d.message.clone()),
         ("Failed", d.phase == Phase::Failed, d.reason.into(), if d.phase == Phase::Failed { d.message.clone() } else { "nothing has failed".into() }),
     ];
+    let queued = observed.jobs.values().filter(|s| **s == JobState::Queued).count();
+    let queue_message = if queued > 0 { format!("{queued} stage Jobs wait for their queue to admit them") } else { "no stage Job waits for admission".into() };
+    rows.push(("Queued", queued > 0, if queued > 0 { "WaitingForAdmission" } else { "NothingQueued" }.into(), queue_message));
     let trained = ready == healthy && healthy > 0;
     let trained_reason = if trained { "VectorsReady" } else { "WaitingForVectors" };
     rows.push(("Trained", trained, trained_reason.into(), format!("{ready} of {total} shard vectors available")));
@@ -146,7 +149,7 @@ mod tests {
 
     fn observed(states: &[(&str, JobState)]) -> GenerationJobs {
         GenerationJobs {
-            observed: Observed { jobs: states.iter().map(|(n, s)| (n.to_string(), *s)).collect(), running_for: Some(10) },
+            observed: Observed { jobs: states.iter().map(|(n, s)| (n.to_string(), *s)).collect(), active_for: Default::default() },
             attempts: [("finetune-b".to_string(), 3)].into(),
             started: Some(Timestamp::from_second(1_000).unwrap()),
             failures: Default::default(),

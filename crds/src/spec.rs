@@ -97,9 +97,10 @@ pub struct ClusterSpec {
     /// and `merge` on CPU nodes.
     #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub stage_overrides: std::collections::BTreeMap<String, PodOverrides>,
-    /// Seconds from the run's start after which a shard that has not delivered its vector
-    /// (an external hospital, or a training Job still running) is dropped as a straggler;
-    /// `minShards` then decides whether the run goes on. Unset: wait for every shard.
+    /// Seconds from the start of a shard's Job (its admission, when a queue such as Kueue holds
+    /// it first) after which a shard that has not delivered its vector (an external hospital, or
+    /// a training Job still running) is dropped as a straggler; `minShards` then decides whether
+    /// the run goes on. Unset: wait for every shard.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub straggler_deadline_seconds: Option<i64>,
     /// Seconds after a stage Job finishes before Kubernetes deletes it (and its pods).

@@ -6,6 +6,7 @@ use std::time::Duration;
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, Region};
+use aws_credential_types::provider::error::CredentialsError;
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, Delete, ObjectIdentifier};
@@ -77,12 +78,14 @@ impl S3Store {
         format!("s3://{}/{key}", self.bucket)
     }
 
-    /// The server's error code and message when it answered; the whole error chain when it did
-    /// not (connection refused, timeout, ...).
-    fn error<E: std::error::Error + ProvideErrorMetadata>(&self, key: &str, operation: &'static str, e: E) -> StoreError {
+    /// The server's error code and message when it answered; one line saying what to set when
+    /// no credentials were found (the SDK's own report is a multi-line dump of its provider
+    /// chain); the whole error chain otherwise (connection refused, timeout, ...).
+    fn error<E: std::error::Error + ProvideErrorMetadata + 'static>(&self, key: &str, operation: &'static str, e: E) -> StoreError {
         let cause = match (e.code(), e.message()) {
             (Some(code), Some(message)) => format!("{code}: {message}"),
             (Some(code), None) => code.to_string(),
+            _ if no_credentials(&e) => NO_CREDENTIALS.to_string(),
             _ => DisplayErrorContext(&e).to_string(),
         };
         StoreError::S3 { location: self.location(key), operation, cause }
@@ -197,5 +200,49 @@ impl S3Store {
             self.client.delete_objects().bucket(&self.bucket).delete(delete).send().await.map_err(|e| self.error(prefix, "delete", e))?;
         }
         Ok(())
+    }
+}
+
+/// What a user sees when the AWS credential chain finds nothing.
+const NO_CREDENTIALS: &str =
+    "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or a web identity token) for this process, or spec.storage.s3.credentialsSecret in a MergeJob";
+
+/// Whether an error (anywhere in its source chain) is the credential chain finding nothing.
+fn no_credentials(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = next {
+        if matches!(err.downcast_ref::<CredentialsError>(), Some(CredentialsError::CredentialsNotLoaded(_))) {
+            return true;
+        }
+        next = err.source();
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aws_credential_types::provider::{future, ProvideCredentials};
+
+    /// A credential chain that finds nothing, as the default one does on a machine without any.
+    #[derive(Debug)]
+    struct NoCredentials;
+
+    impl ProvideCredentials for NoCredentials {
+        fn provide_credentials<'a>(&'a self) -> future::ProvideCredentials<'a>
+        where
+            Self: 'a,
+        {
+            future::ProvideCredentials::ready(Err(CredentialsError::not_loaded("nothing in the environment")))
+        }
+    }
+
+    #[tokio::test]
+    async fn missing_credentials_are_one_line_naming_the_bucket_and_what_to_set() {
+        let config =
+            aws_sdk_s3::Config::builder().behavior_version(BehaviorVersion::latest()).region(Region::new("us-east-1")).endpoint_url("http://127.0.0.1:9").credentials_provider(NoCredentials).build();
+        let store = S3Store { client: Client::from_conf(config), bucket: "hospital-vectors".into() };
+        let message = store.list("runs/").await.unwrap_err().to_string();
+        assert_eq!(message, format!("s3://hospital-vectors/runs/: list failed: {NO_CREDENTIALS}"));
     }
 }

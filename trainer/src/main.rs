@@ -7,6 +7,7 @@ mod store_cli;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use clap::builder::TypedValueParser;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use medmerge_crds::{Architecture, AugmentSpec, HeadStrategy, MergeMethod, ModelSpec, Optimizer, RestoreMode, Schedule, TrainingSpec, WeightsSource};
 use medmerge_trainer::checkpoint::{ArtifactKind, ArtifactMeta};
@@ -33,7 +34,7 @@ struct Cli {
     #[arg(long, global = true, env = "MEDMERGE_DEVICE", default_value = "auto")]
     device: String,
     /// CPU threads for libtorch (default: all cores).
-    #[arg(long, global = true, env = "MEDMERGE_THREADS")]
+    #[arg(long, global = true, env = "MEDMERGE_THREADS", value_parser = clap::value_parser!(i32).range(1..))]
     threads: Option<i32>,
     /// Log format.
     #[arg(long, global = true, env = "MEDMERGE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -89,7 +90,7 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
         /// Images per batch.
-        #[arg(long, default_value_t = 32)]
+        #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..).map(|n| n as usize))]
         batch_size: usize,
     },
     /// Restore a merged model's batch-norm state.
@@ -106,7 +107,7 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
         /// Images per batch.
-        #[arg(long, default_value_t = 32)]
+        #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..).map(|n| n as usize))]
         batch_size: usize,
     },
     /// Predict classes for images; writes CSV (image, predicted class, per-class probabilities).
@@ -248,7 +249,7 @@ struct TrainingArgs {
     #[arg(long, default_value_t = 3)]
     epochs: u32,
     /// Batch size.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
     batch_size: u32,
     /// Learning rate.
     #[arg(long, default_value_t = 1e-4)]

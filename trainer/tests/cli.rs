@@ -24,3 +24,18 @@ fn a_reader_that_has_gone_away_ends_a_command_quietly_instead_of_a_panic() {
     // The work itself was done before the first line was due.
     assert!(dir.path().join("split/test.csv").exists());
 }
+
+#[test]
+fn zero_threads_or_a_zero_batch_is_refused_by_name_before_anything_runs() {
+    for args in [
+        &["--threads", "0", "evaluate", "--model", "m", "--data", "d"][..],
+        &["evaluate", "--batch-size", "0", "--model", "m", "--data", "d"],
+        &["finetune", "--batch-size", "0", "--base", "b", "--data", "d", "--shard", "s", "--out", "o"],
+    ] {
+        let run = trainer().args(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert_eq!(run.status.code(), Some(2), "{args:?}: {stderr}");
+        let flag = args.iter().find(|a| a.starts_with("--") && args[args.iter().position(|x| x == *a).unwrap() + 1] == "0").unwrap();
+        assert!(stderr.contains(flag) && !stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}

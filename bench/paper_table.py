@@ -12,8 +12,8 @@ elapsed = int(elapsed)
 seeds, splits = seeds.split(), splits.split()
 
 ROWS = [
+    ("dv1-averaged-epoch-head", "**data vector λ 1.0 + averaged epoch + closed-form head (the default; parallel)**"),
     ("dv-averaged-epoch-head", "data vector λ 0.5 + averaged epoch + closed-form head (parallel)"),
-    ("dv1-averaged-epoch-head", "data vector λ 1.0 + averaged epoch + closed-form head (parallel)"),
     ("dv-averaged-epoch", "data vector λ 0.5 + averaged epoch (parallel)"),
     ("dv-closed-form-head", "data vector λ 0.5 + BN recalibration + closed-form head (parallel, no training)"),
     ("dv-bn-recalibrate", "data vector λ 0.5 + BN recalibration (parallel, no training)"),

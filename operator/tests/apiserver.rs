@@ -222,7 +222,7 @@ async fn a_mergejob_drives_every_stage_as_jobs_and_records_results() {
 
     // A finished generation stays finished; a spec edit starts generation 2 beside it.
     let jobs_before = h.stage_jobs("retina", 1).await;
-    h.mergejobs().patch("retina", &PatchParams::default(), &Patch::Merge(json!({"spec": {"merge": {"lambda": 1.0}}}))).await.unwrap();
+    h.mergejobs().patch("retina", &PatchParams::default(), &Patch::Merge(json!({"spec": {"merge": {"lambda": 0.5}}}))).await.unwrap();
     h.expect_stages("retina", 2, &["init"]).await;
     assert_eq!(h.stage_jobs("retina", 1).await, jobs_before, "generation 1's Jobs are left alone");
     assert!(poll(|| async { h.status_of("retina").await["observedGeneration"] == 2 }).await);

@@ -310,7 +310,7 @@ struct MergeArgs {
     #[arg(long, default_value = "data-vector")]
     method: String,
     /// Scale of the summed vectors.
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = 1.0)]
     lambda: f64,
     /// Weight heads by shard sample counts instead of a plain mean.
     #[arg(long)]

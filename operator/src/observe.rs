@@ -106,10 +106,11 @@ impl GenerationJobs {
 pub fn observe_jobs(jobs: &[Job], now: Timestamp) -> GenerationJobs {
     let labelled: Vec<(&String, &Job)> = jobs.iter().filter_map(|j| stage_of(j).map(|s| (s, j))).collect();
     let started = labelled.iter().filter_map(|(_, j)| j.metadata.creation_timestamp.as_ref().map(|t| t.0)).min();
-    let active = labelled.iter().filter(|(_, j)| job_state(j) == JobState::Active);
+    let states: BTreeMap<String, JobState> = labelled.iter().map(|(s, j)| ((*s).clone(), job_state(j))).collect();
+    let active = labelled.iter().filter(|(s, _)| states[*s] == JobState::Active);
     let active_for = active.filter_map(|(s, j)| admitted_at(j).map(|t| ((*s).clone(), (now.as_second() - t.as_second()).max(0)))).collect();
     GenerationJobs {
-        observed: Observed { jobs: labelled.iter().map(|(s, j)| ((*s).clone(), job_state(j))).collect(), active_for },
+        observed: Observed { jobs: states, active_for },
         attempts: labelled.iter().map(|(s, j)| ((*s).clone(), job_attempts(j))).collect(),
         started,
         failures: labelled.iter().filter_map(|(s, j)| job_failure(j).map(|f| ((*s).clone(), f))).collect(),

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The chart's Argo CD health check (charts/medmerge/argocd/health.lua) against every sample
 # status in health_test.yaml, run by a real Lua 5.1 interpreter (the dialect of Argo CD's
-# gopher-lua; Debian's lua5.1, installed once). Fails naming the sample and both health values.
+# gopher-lua; Debian's lua5.1, installed once, with python3-yaml to read the samples). Fails
+# naming the sample and both health values.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=charts/medmerge/argocd
-if ! command -v lua5.1 >/dev/null; then
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq lua5.1 >/dev/null) >&2
+if ! command -v lua5.1 >/dev/null || ! python3 -c 'import yaml' 2>/dev/null; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq lua5.1 python3-yaml >/dev/null) >&2
 fi
 python3 - "$DIR" <<'PY'
 import subprocess, sys, yaml

@@ -5,12 +5,14 @@
 pub mod layout;
 pub mod placement;
 pub mod plan;
+pub mod run;
 pub mod spec;
 pub mod status;
 pub mod validate;
 
 pub use layout::{mergejob_root, ArtifactLayout};
 pub use plan::{Candidate, CandidateKind, Stage, StagePlan};
+pub use run::{run_key, RunDecision};
 pub use spec::*;
 pub use status::{CandidateSummary, Condition, MergeJobStatus, ResultsStatus, ShardStatus, StageRecord};
 pub use validate::{validate, validate_for_cluster, validate_for_local, SpecError};

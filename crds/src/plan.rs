@@ -236,6 +236,7 @@ mod tests {
             evaluation: EvaluationSpec::on(DataSource::at("test")),
             storage: StorageSpec::default(),
             cluster: ClusterSpec::default(),
+            suspend: false,
         }
     }
 

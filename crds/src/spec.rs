@@ -51,6 +51,19 @@ pub struct MergeJobSpec {
     /// How the operator runs stages on a cluster (ignored by the local pipeline).
     #[serde(default)]
     pub cluster: ClusterSpec,
+    /// Pause the run without losing it, as Job, JobSet and TrainJob spell it: active stage Jobs
+    /// are suspended (their pods go, the Jobs and every published artifact stay) and nothing new
+    /// starts; clearing it carries the same run on. `cluster.suspend` is the older spelling and
+    /// still works.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub suspend: bool,
+}
+
+impl MergeJobSpec {
+    /// Whether the run is paused (`suspend`, or the older `cluster.suspend`).
+    pub fn is_suspended(&self) -> bool {
+        self.suspend || self.cluster.suspend
+    }
 }
 
 /// Cluster execution settings.
@@ -72,7 +85,7 @@ pub struct ClusterSpec {
     /// Unset: every shard is required.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub min_shards: Option<u32>,
-    /// Start no new stage Jobs (running ones finish).
+    /// The older spelling of the top-level `suspend` (same effect).
     pub suspend: bool,
     /// GPUs requested (as limits of `gpuResource`) by training, restoration and evaluation
     /// Jobs: 0 or 1 (the trainer uses one device; multi-GPU training is not supported yet).

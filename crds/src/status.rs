@@ -13,6 +13,13 @@ pub struct MergeJobStatus {
     /// The spec generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// The generation that started the current run. Edits that change no result (placement,
+    /// deadlines, `suspend`) continue it, with its Jobs and artifacts; see [`crate::run_key`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<i64>,
+    /// Fingerprint of the spec fields that define the current run's results.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_key: Option<String>,
     /// Shards whose vector is available, as "ready/total".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shards_ready: Option<String>,
@@ -49,7 +56,7 @@ pub struct MergeJobStatus {
 pub struct StageRecord {
     /// Stage name, e.g. `finetune-hospital-a`.
     pub name: String,
-    /// Succeeded or Failed.
+    /// Succeeded, Failed, or Dropped (a straggler's Job the operator stopped).
     pub state: String,
     /// Pods its Job started.
     #[serde(default)]

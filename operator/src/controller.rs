@@ -1,6 +1,11 @@
-//! The reconcile loop: observe (the MergeJob's Jobs of its current generation and what the
-//! artifact store holds) -> decide (pure) -> apply (server-side apply of the spec ConfigMap and
-//! new stage Jobs, then the status), with an Event for every stage transition.
+//! The reconcile loop: observe (the MergeJob's Jobs of its current run and what the artifact
+//! store holds) -> decide (pure) -> apply (server-side apply of the spec ConfigMap and new stage
+//! Jobs, the status, then stopping, pausing or resuming Jobs already there), with an Event for
+//! every stage transition and every Job stopped.
+//!
+//! A run is keyed by the spec fields that change results ([`RunDecision`]): an edit that changes
+//! none continues the current run, its Jobs and artifacts; its number (the generation that
+//! started it) names the Jobs and the artifact keys.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,18 +14,19 @@ use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::store::{Writer, WriterDropped};
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::reflector::store::Writer;
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, Resource, ResourceExt};
-use medmerge_crds::{mergejob_root, ArtifactLayout, CleanupPolicy, MergeJob, MergeJobStatus};
+use medmerge_crds::{mergejob_root, ArtifactLayout, CleanupPolicy, MergeJob, MergeJobStatus, RunDecision};
 use tracing::{info, instrument, warn};
 
 use crate::artifacts::{results_from_report, shard_summary, ArtifactError, ArtifactStore};
-use crate::decide::{decide, Decision, Phase, ShardState};
+use crate::decide::{decide, Decision, JobState, Phase, ShardState};
+use crate::interventions::{interventions, Intervention, PAUSED};
+use crate::job_cache::JobCache;
 use crate::jobs::{exclude_shards, spec_configmap, stage_job, LABEL_GENERATION, LABEL_MERGEJOB};
 use crate::observe::observe_jobs;
 use crate::status::{build_status, ShardFacts, StatusInputs};
@@ -56,8 +62,8 @@ pub enum ReconcileError {
     #[error(transparent)]
     Artifacts(#[from] ArtifactError),
     /// The Job cache stopped before it first filled (the operator is shutting down).
-    #[error("waiting for the Job cache: {0}")]
-    JobCache(#[from] WriterDropped),
+    #[error("the Job watch stopped before the Job cache first filled")]
+    JobCacheStopped,
 }
 
 fn kube_err(action: impl Into<String>) -> impl FnOnce(kube::Error) -> ReconcileError {
@@ -76,32 +82,29 @@ pub struct Context {
     /// Where results are read back from.
     pub artifacts: ArtifactStore,
     /// Every Job the operator manages, kept current by the watch [`run`] feeds it from.
-    pub jobs: Store<Job>,
+    pub jobs: JobCache,
 }
 
 impl Context {
     /// A context whose Events are reported as `instance` of the operator.
-    pub fn new(client: Client, instance: &str, metrics: Arc<Metrics>, artifacts: ArtifactStore, jobs: Store<Job>) -> Self {
+    pub fn new(client: Client, instance: &str, metrics: Arc<Metrics>, artifacts: ArtifactStore, jobs: JobCache) -> Self {
         let reporter = Reporter { controller: MANAGER.into(), instance: Some(instance.into()) };
         Context { recorder: Recorder::new(client.clone(), reporter), client, metrics, artifacts, jobs }
     }
 }
 
-/// An empty Job cache: the [`Store`] goes into the [`Context`], the [`Writer`] to [`run`].
-pub fn job_cache() -> (Store<Job>, Writer<Job>) {
-    reflector::store()
+/// An empty Job cache: the [`JobCache`] goes into the [`Context`], the [`Writer`] to [`run`].
+pub fn job_cache() -> (JobCache, Writer<Job>) {
+    JobCache::new()
 }
 
-/// The Jobs of one MergeJob generation, from the cache.
-fn generation_jobs(cache: &Store<Job>, ns: &str, name: &str, generation: i64) -> Vec<Job> {
-    let generation = generation.to_string();
-    let labelled = |job: &Job, key: &str, value: &str| job.metadata.labels.as_ref().and_then(|l| l.get(key)).is_some_and(|v| v == value);
-    cache
-        .state()
-        .iter()
-        .filter(|job| job.metadata.namespace.as_deref() == Some(ns) && labelled(job, LABEL_MERGEJOB, name) && labelled(job, LABEL_GENERATION, &generation))
-        .map(|job| Job::clone(job))
-        .collect()
+fn labelled(job: &Job, key: &str, value: &str) -> bool {
+    job.metadata.labels.as_ref().and_then(|l| l.get(key)).is_some_and(|v| v == value)
+}
+
+/// Every Job of one MergeJob (all runs), from the cache.
+fn mergejob_jobs(cache: &JobCache, ns: &str, name: &str) -> Vec<Job> {
+    cache.state().iter().filter(|job| job.metadata.namespace.as_deref() == Some(ns) && labelled(job, LABEL_MERGEJOB, name)).map(|job| Job::clone(job)).collect()
 }
 
 /// Reconciles one MergeJob.
@@ -122,9 +125,10 @@ async fn reconcile_inner(mj: &MergeJob, ctx: &Context) -> Result<Action, Reconci
         return Ok(action);
     }
     let previous = mj.status.clone().unwrap_or_default();
+    let run = RunDecision::of(generation, &mj.spec, &previous);
     let terminal = matches!(previous.phase.as_deref(), Some("Succeeded") | Some("Failed"));
-    if previous.observed_generation == Some(generation) && terminal {
-        // A finished generation never re-runs by itself; a spec edit starts the next one.
+    if run.continues && previous.observed_generation == Some(generation) && terminal {
+        // A finished run never re-runs by itself; a result-changing edit starts the next one.
         ctx.metrics.set_phase(&key, previous.phase.as_deref());
         return Ok(Action::await_change());
     }
@@ -132,29 +136,42 @@ async fn reconcile_inner(mj: &MergeJob, ctx: &Context) -> Result<Action, Reconci
     // One watch keeps every managed Job in memory, and the same watch triggers this reconcile, so
     // the cache already holds the change that caused it. Listing Jobs per reconcile instead was
     // most of the API server's work at hundreds of MergeJobs.
-    ctx.jobs.wait_until_ready().await?;
-    let jobs = generation_jobs(&ctx.jobs, &ns, &name, generation);
+    if !ctx.jobs.ready().await {
+        return Err(ReconcileError::JobCacheStopped);
+    }
+    let all_jobs = mergejob_jobs(&ctx.jobs, &ns, &name);
+    let run_label = run.run.to_string();
+    let jobs: Vec<Job> = all_jobs.iter().filter(|job| labelled(job, LABEL_GENERATION, &run_label)).cloned().collect();
     let now = Timestamp::now();
     let mut seen = observe_jobs(&jobs, now);
-    if previous.observed_generation == Some(generation) {
+    if run.continues {
         seen.remember(&previous);
     }
-    let decision = decide(&name, &ns, generation, &mj.spec, &seen.observed);
+    let decision = decide(&name, &ns, run.run, &mj.spec, &seen.observed);
+    let changes = interventions(&all_jobs, run.run, &mj.spec, &decision);
+    // A dropped straggler's stage is remembered as stopped before its Job goes, so that it is not
+    // started again once the Job has left the cache.
+    for change in &changes {
+        if let Intervention::Delete { stage, reason: "StragglerStopped", .. } = change {
+            seen.observed.jobs.insert(stage.clone(), JobState::Stopped);
+        }
+    }
 
-    create_stage_jobs(mj, ctx, &ns, generation, &decision).await?;
+    create_stage_jobs(mj, ctx, &ns, run.run, &decision).await?;
 
-    let layout = ArtifactLayout::new(&mj.spec.storage.prefix, &ns, &name, generation);
-    let shard_facts = read_shard_facts(mj, ctx, &previous, generation, &decision, &layout).await;
+    let layout = ArtifactLayout::new(&mj.spec.storage.prefix, &ns, &name, run.run);
+    let shard_facts = read_shard_facts(mj, ctx, &previous, &run, &decision, &layout).await;
     let results = if decision.phase == Phase::Succeeded { read_results(mj, ctx, &layout).await } else { None };
-    let status = build_status(&StatusInputs { previous: &previous, generation, spec: &mj.spec, layout: &layout, decision: &decision, jobs: &seen, shard_facts: &shard_facts, results, now });
+    let status = build_status(&StatusInputs { previous: &previous, generation, run: &run, spec: &mj.spec, layout: &layout, decision: &decision, jobs: &seen, shard_facts: &shard_facts, results, now });
     // An unchanged status is not written: server-side apply is the costliest call an idle
     // reconcile would make, and at hundreds of MergeJobs the API server is the bottleneck.
     if mj.status.as_ref() != Some(&status) {
         write_status(mj, ctx, &ns, &status).await?;
     }
-    publish_transition(mj, ctx, &previous, generation, &decision).await;
+    apply_interventions(mj, ctx, &ns, &changes).await?;
+    publish_transition(mj, ctx, &previous, &run, &decision).await;
     ctx.metrics.set_phase(&key, Some(decision.phase.as_str()));
-    info!(phase = decision.phase.as_str(), reason = decision.reason, message = %decision.message, "reconciled");
+    info!(run = run.run, phase = decision.phase.as_str(), reason = decision.reason, message = %decision.message, "reconciled");
 
     Ok(if decision.phase.is_terminal() {
         Action::await_change()
@@ -208,19 +225,19 @@ async fn set_finalizer(mj: &MergeJob, ctx: &Context, ns: &str, present: bool) ->
     Ok(())
 }
 
-async fn create_stage_jobs(mj: &MergeJob, ctx: &Context, ns: &str, generation: i64, decision: &Decision) -> Result<(), ReconcileError> {
+async fn create_stage_jobs(mj: &MergeJob, ctx: &Context, ns: &str, run: i64, decision: &Decision) -> Result<(), ReconcileError> {
     if decision.create.is_empty() {
         return Ok(());
     }
     let apply = PatchParams::apply(MANAGER).force();
-    let cm = spec_configmap(mj, generation)?;
+    let cm = spec_configmap(mj, run)?;
     let cm_name = cm.metadata.name.clone().unwrap_or_default();
     let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), ns);
     cms.patch(&cm_name, &apply, &Patch::Apply(&cm)).await.map_err(kube_err(format!("applying ConfigMap {ns}/{cm_name}")))?;
     let jobs_api: Api<Job> = Api::namespaced(ctx.client.clone(), ns);
     let mut created = 0;
     for stage in &decision.create {
-        let mut job = stage_job(mj, generation, stage);
+        let mut job = stage_job(mj, run, stage);
         exclude_shards(&mut job, &decision.excluded_shards());
         let job_name = job.metadata.name.clone().unwrap_or_default();
         // Create, never apply: the Job cache can lag behind a reconcile, and a Job that exists
@@ -240,10 +257,10 @@ async fn create_stage_jobs(mj: &MergeJob, ctx: &Context, ns: &str, generation: i
 
 /// Shard training summaries for shards whose vector is ready; values already in the status
 /// are reused so the store is read once per shard.
-async fn read_shard_facts(mj: &MergeJob, ctx: &Context, previous: &MergeJobStatus, generation: i64, decision: &Decision, layout: &ArtifactLayout) -> ShardFacts {
+async fn read_shard_facts(mj: &MergeJob, ctx: &Context, previous: &MergeJobStatus, run: &RunDecision, decision: &Decision, layout: &ArtifactLayout) -> ShardFacts {
     let mut facts = ShardFacts::new();
     for (shard, state) in &decision.shards {
-        let known = previous.shards.iter().find(|s| &s.name == shard && previous.observed_generation == Some(generation) && s.samples.is_some());
+        let known = previous.shards.iter().find(|s| &s.name == shard && run.continues && s.samples.is_some());
         if let Some(s) = known {
             facts.insert(shard.clone(), (s.samples, s.validation_accuracy));
         } else if *state == ShardState::Ready {
@@ -288,9 +305,49 @@ async fn write_status(mj: &MergeJob, ctx: &Context, ns: &str, status: &MergeJobS
     Ok(())
 }
 
-async fn publish_transition(mj: &MergeJob, ctx: &Context, previous: &MergeJobStatus, generation: i64, decision: &Decision) {
-    let new_generation = previous.observed_generation != Some(generation);
-    if !new_generation && previous.phase.as_deref() == Some(decision.phase.as_str()) {
+/// Stops, pauses and resumes Jobs as [`interventions`] said, with an Event for each Job stopped.
+/// A Job already gone is no error. Where the API server drops `spec.suspend` (Kubernetes before
+/// 1.21), a Job that cannot be paused is deleted instead, and its stage starts again on resume.
+async fn apply_interventions(mj: &MergeJob, ctx: &Context, ns: &str, changes: &[Intervention]) -> Result<(), ReconcileError> {
+    let jobs_api: Api<Job> = Api::namespaced(ctx.client.clone(), ns);
+    let gone = |e: &kube::Error| matches!(e, kube::Error::Api(status) if status.code == 404);
+    for change in changes {
+        let (job, pause) = match change {
+            Intervention::Delete { job, reason, note, .. } => {
+                match jobs_api.delete(job, &DeleteParams::background()).await {
+                    Ok(_) => publish(ctx, mj, EventType::Normal, reason, "StopJob", note.clone()).await,
+                    Err(e) if gone(&e) => {}
+                    Err(e) => return Err(kube_err(format!("deleting Job {ns}/{job}"))(e)),
+                }
+                continue;
+            }
+            Intervention::Pause { job } => (job, true),
+            Intervention::Resume { job } => (job, false),
+        };
+        let patch = serde_json::json!({ "metadata": { "annotations": { PAUSED: pause.then_some("true") } }, "spec": { "suspend": pause } });
+        let patched = match jobs_api.patch(job, &PatchParams::default(), &Patch::Merge(&patch)).await {
+            Ok(patched) => patched,
+            Err(e) if gone(&e) => continue,
+            Err(e) => return Err(kube_err(format!("{} Job {ns}/{job}", if pause { "suspending" } else { "resuming" }))(e)),
+        };
+        let held = patched.spec.as_ref().and_then(|s| s.suspend) == Some(true);
+        if pause && !held {
+            match jobs_api.delete(job, &DeleteParams::background()).await {
+                Err(e) if !gone(&e) => return Err(kube_err(format!("deleting Job {ns}/{job}"))(e)),
+                _ => {}
+            }
+            let note = format!("stopped Job {job} while the MergeJob is suspended: this API server keeps no Job spec.suspend (Kubernetes < 1.21); its stage starts again on resume");
+            publish(ctx, mj, EventType::Normal, "SuspendedJobStopped", "StopJob", note).await;
+        } else {
+            let (reason, note) = if pause { ("JobPaused", format!("suspended Job {job}: its pods stop, it resumes with the MergeJob")) } else { ("JobResumed", format!("resumed Job {job}")) };
+            publish(ctx, mj, EventType::Normal, reason, if pause { "SuspendJob" } else { "ResumeJob" }, note).await;
+        }
+    }
+    Ok(())
+}
+
+async fn publish_transition(mj: &MergeJob, ctx: &Context, previous: &MergeJobStatus, run: &RunDecision, decision: &Decision) {
+    if run.continues && previous.phase.as_deref() == Some(decision.phase.as_str()) {
         return;
     }
     let (kind, reason) = match decision.phase {
@@ -298,7 +355,7 @@ async fn publish_transition(mj: &MergeJob, ctx: &Context, previous: &MergeJobSta
         Phase::Succeeded => (EventType::Normal, "Succeeded"),
         _ => (EventType::Normal, decision.phase.as_str()),
     };
-    let note = format!("generation {generation}: {} ({})", decision.phase.as_str(), decision.message);
+    let note = format!("run {}: {} ({})", run.run, decision.phase.as_str(), decision.message);
     publish(ctx, mj, kind, reason, "Reconcile", note).await;
 }
 

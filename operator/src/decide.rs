@@ -23,6 +23,9 @@ pub enum JobState {
     Succeeded,
     /// Failed after its retries.
     Failed,
+    /// Deleted by the operator because its shard missed the straggler deadline (remembered
+    /// from the status once the Job is gone).
+    Stopped,
 }
 
 /// Everything `decide` needs to know about the cluster, gathered by `observe`.
@@ -53,7 +56,7 @@ pub enum Phase {
     Succeeded,
     /// The run cannot finish; see the message.
     Failed,
-    /// `cluster.suspend` is set.
+    /// `suspend` (or `cluster.suspend`) is set.
     Suspended,
 }
 
@@ -146,7 +149,7 @@ impl Decision {
 }
 
 /// The stage that delivers a shard's vector: training here, or collecting the hospital's upload.
-fn vector_stage(shard: &medmerge_crds::ShardSpec) -> Stage {
+pub fn vector_stage(shard: &medmerge_crds::ShardSpec) -> Stage {
     if shard.vector.is_some() {
         Stage::Collect { shard: shard.name.clone() }
     } else {
@@ -158,6 +161,7 @@ fn shard_state(shard: &medmerge_crds::ShardSpec, job: Option<JobState>, past_dea
     match job {
         Some(JobState::Succeeded) => ShardState::Ready,
         Some(JobState::Failed) => ShardState::Failed,
+        Some(JobState::Stopped) => ShardState::Dropped,
         _ if past_deadline => ShardState::Dropped,
         None => ShardState::Pending,
         Some(JobState::Queued) => ShardState::Queued,
@@ -201,8 +205,8 @@ pub fn decide(name: &str, namespace: &str, generation: i64, spec: &MergeJobSpec,
     let active: Vec<&Stage> = plan.stages.iter().map(|p| &p.stage).filter(|s| matches!(state(s), Some(JobState::Active | JobState::Queued))).collect();
     let queued = active.iter().filter(|s| state(s) == Some(JobState::Queued)).count();
     let create: Vec<Stage> = plan.ready(&done).into_iter().map(|p| p.stage.clone()).filter(|s| state(s).is_none()).collect();
-    if spec.cluster.suspend {
-        let message = format!("suspended with {} stage Jobs still running", active.len());
+    if spec.is_suspended() {
+        let message = format!("suspended: {} unfinished stage Jobs paused, nothing new starts; clear spec.suspend to carry the run on", active.len());
         return decision(vec![], Phase::Suspended, "Suspended", message);
     }
     let phase = active.iter().copied().chain(&create).map(phase_of).min().unwrap_or(Phase::Pending);

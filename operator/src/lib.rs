@@ -2,13 +2,17 @@
 //!
 //! Pure core: what to do next (`decide`), the Jobs that do it (`jobs`, `names`, with the pod
 //! settings layered by `pod_overrides`), how the
-//! cluster's Jobs read in `decide`'s terms (`observe`) and the status to write (`status`).
+//! cluster's Jobs read in `decide`'s terms (`observe`), what to change on Jobs already created
+//! (`interventions`: stop superseded and dropped work, pause and resume) and the status to
+//! write (`status`).
 //! Around it: the reconcile loop (`controller`), results read back from the artifact store
 //! (`artifacts`), leader election (`leader`) and health/metrics (`telemetry`).
 
 pub mod artifacts;
 pub mod controller;
 pub mod decide;
+pub mod interventions;
+pub mod job_cache;
 pub mod jobs;
 pub mod leader;
 pub mod names;

@@ -74,7 +74,11 @@ impl GenerationJobs {
             if self.observed.jobs.contains_key(&record.name) {
                 continue;
             }
-            let state = if record.state == "Succeeded" { JobState::Succeeded } else { JobState::Failed };
+            let state = match record.state.as_str() {
+                "Succeeded" => JobState::Succeeded,
+                "Dropped" => JobState::Stopped,
+                _ => JobState::Failed,
+            };
             self.observed.jobs.insert(record.name.clone(), state);
             self.attempts.insert(record.name.clone(), record.attempts);
             if let Some(reason) = &record.reason {
@@ -90,14 +94,14 @@ impl GenerationJobs {
 
     /// The finished stages, for the status.
     pub fn finished(&self) -> Vec<StageRecord> {
-        let finished = self.observed.jobs.iter().filter(|(_, s)| **s != JobState::Active);
+        let finished = self.observed.jobs.iter().filter_map(|(name, state)| match state {
+            JobState::Succeeded => Some((name, "Succeeded")),
+            JobState::Failed => Some((name, "Failed")),
+            JobState::Stopped => Some((name, "Dropped")),
+            JobState::Queued | JobState::Active => None,
+        });
         finished
-            .map(|(name, state)| StageRecord {
-                name: name.clone(),
-                state: if *state == JobState::Succeeded { "Succeeded" } else { "Failed" }.into(),
-                attempts: self.attempts.get(name).copied().unwrap_or(0),
-                reason: self.failures.get(name).cloned(),
-            })
+            .map(|(name, state)| StageRecord { name: name.clone(), state: state.into(), attempts: self.attempts.get(name).copied().unwrap_or(0), reason: self.failures.get(name).cloned() })
             .collect()
     }
 }

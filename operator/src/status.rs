@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::jiff::Timestamp;
-use medmerge_crds::{ArtifactLayout, Condition, MergeJobSpec, MergeJobStatus, ResultsStatus, ShardStatus};
+use medmerge_crds::{ArtifactLayout, Condition, MergeJobSpec, MergeJobStatus, ResultsStatus, RunDecision, ShardStatus};
 
 use crate::decide::{Decision, JobState, Observed, Phase, ShardState};
 use crate::observe::GenerationJobs;
@@ -21,13 +21,15 @@ pub struct StatusInputs<'a> {
     pub previous: &'a MergeJobStatus,
     /// The generation being reported.
     pub generation: i64,
+    /// The run it belongs to.
+    pub run: &'a RunDecision,
     /// The MergeJob's spec.
     pub spec: &'a MergeJobSpec,
     /// The run's artifact keys.
     pub layout: &'a ArtifactLayout,
     /// What `decide` concluded.
     pub decision: &'a Decision,
-    /// The generation's Jobs.
+    /// The run's Jobs.
     pub jobs: &'a GenerationJobs,
     /// Shard training summaries found in the store.
     pub shard_facts: &'a ShardFacts,
@@ -41,14 +43,17 @@ pub struct StatusInputs<'a> {
 pub fn build_status(i: &StatusInputs) -> MergeJobStatus {
     let d = i.decision;
     let (ready, total) = d.shards_ready();
-    let same_generation = i.previous.observed_generation == Some(i.generation);
-    let previous_conditions: &[Condition] = if same_generation { &i.previous.conditions } else { &[] };
+    // Within one run, conditions keep their transition times and the completion time stays.
+    let same_run = i.run.continues;
+    let previous_conditions: &[Condition] = if same_run { &i.previous.conditions } else { &[] };
     let conditions =
-        conditions(d, &i.jobs.observed, i.generation).into_iter().map(|(type_, status, reason, message)| condition(previous_conditions, type_, status, reason, message, i.generation, i.now)).collect();
-    let completion_time = if d.phase.is_terminal() { same_generation.then(|| i.previous.completion_time.clone()).flatten().or_else(|| Some(i.now.to_string())) } else { None };
+        conditions(d, &i.jobs.observed, i.run.run).into_iter().map(|(type_, status, reason, message)| condition(previous_conditions, type_, status, reason, message, i.generation, i.now)).collect();
+    let completion_time = if d.phase.is_terminal() { same_run.then(|| i.previous.completion_time.clone()).flatten().or_else(|| Some(i.now.to_string())) } else { None };
     MergeJobStatus {
         phase: Some(d.phase.as_str().into()),
         observed_generation: Some(i.generation),
+        run: Some(i.run.run),
+        run_key: Some(i.run.key.clone()),
         shards_ready: Some(format!("{ready}/{total}")),
         conditions,
         shards: shard_statuses(i),
@@ -96,21 +101,17 @@ fn stage_group(observed: &Observed, prefix: &str) -> (bool, bool, bool) {
     (!states.is_empty(), !states.is_empty() && states.iter().all(|s| *s == JobState::Succeeded), states.contains(&JobState::Failed))
 }
 
-fn conditions(d: &Decision, observed: &Observed, generation: i64) -> Vec<ConditionRow> {
+fn conditions(d: &Decision, observed: &Observed, run: i64) -> Vec<ConditionRow> {
     let running = !d.phase.is_terminal() && d.phase != Phase::Suspended;
     let (ready, total) = d.shards_ready();
     let healthy = total - d.excluded_shards().len();
     let mut rows: Vec<ConditionRow> = vec![
-        (
-            "Ready",
-            d.phase == Phase::Succeeded,
-            d.reason.into(),
-            if d.phase == Phase::Succeeded { format!("generation {generation} finished; results are in status.results") } else { d.message.clone() },
-        ),
+        ("Ready", d.phase == Phase::Succeeded, d.reason.into(), if d.phase == Phase::Succeeded { format!("run {run} finished; results are in status.results") } else { d.message.clone() }),
         ("Progressing", running, if running { "StagesRunning".into() } else { d.reason.into() }, d.message.clone()),
         ("Failed", d.phase == Phase::Failed, d.reason.into(), if d.phase == Phase::Failed { d.message.clone() } else { "nothing has failed".into() }),
     ];
-    let queued = observed.jobs.values().filter(|s| **s == JobState::Queued).count();
+    // A suspended run's paused Jobs are suspended too, but no queue holds them.
+    let queued = if d.phase == Phase::Suspended { 0 } else { observed.jobs.values().filter(|s| **s == JobState::Queued).count() };
     let queue_message = if queued > 0 { format!("{queued} stage Jobs wait for their queue to admit them") } else { "no stage Job waits for admission".into() };
     rows.push(("Queued", queued > 0, if queued > 0 { "WaitingForAdmission" } else { "NothingQueued" }.into(), queue_message));
     let trained = ready == healthy && healthy > 0;
@@ -161,7 +162,19 @@ mod tests {
         let layout = ArtifactLayout::new("runs", "ns", "mj", 1);
         let decision = decide("mj", "ns", 1, &spec, &jobs.observed);
         let facts: ShardFacts = [("a".to_string(), (Some(120), Some(0.8)))].into();
-        build_status(&StatusInputs { previous, generation: 1, spec: &spec, layout: &layout, decision: &decision, jobs, shard_facts: &facts, results: None, now: Timestamp::from_second(now).unwrap() })
+        let run = RunDecision::of(1, &spec, previous);
+        build_status(&StatusInputs {
+            previous,
+            generation: 1,
+            run: &run,
+            spec: &spec,
+            layout: &layout,
+            decision: &decision,
+            jobs,
+            shard_facts: &facts,
+            results: None,
+            now: Timestamp::from_second(now).unwrap(),
+        })
     }
 
     fn get<'a>(s: &'a MergeJobStatus, type_: &str) -> &'a Condition {

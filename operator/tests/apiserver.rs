@@ -292,3 +292,55 @@ async fn deleting_a_mergejob_deletes_its_artifacts_only_when_asked() {
     assert!(h.store.join(ArtifactLayout::new("runs", "e2e-cleanup", "keep", 1).base()).exists(), "Retain kept them");
     h.controller.abort();
 }
+
+#[tokio::test]
+#[ignore = "needs a kube-apiserver: run `make e2e-operator`"]
+async fn suspend_and_placement_edits_continue_the_run_and_a_result_edit_stops_the_old_one() {
+    let h = &Harness::start("e2e-runs").await;
+    h.mergejobs().create(&PostParams::default(), &h.mergejob("cornea", json!({}))).await.unwrap();
+    h.expect_stages("cornea", 1, &["init"]).await;
+    h.finish("cornea-g1-init", true).await;
+    let training = ["init", "finetune-a", "finetune-b", "finetune-c"];
+    h.expect_stages("cornea", 1, &training).await;
+    h.finish("cornea-g1-finetune-a", true).await;
+    let finished_uid = h.jobs().get("cornea-g1-finetune-a").await.unwrap().uid();
+    let patch = |spec: serde_json::Value| async move { h.mergejobs().patch("cornea", &PatchParams::default(), &Patch::Merge(json!({ "spec": spec }))).await.unwrap() };
+    let status_is = |generation: i64, phase: &'static str| async move {
+        let s = h.status_of("cornea").await;
+        s["observedGeneration"] == generation && s["phase"] == phase
+    };
+
+    // Suspend: the run stays run 1, nothing new starts, and the unfinished Jobs stop running:
+    // suspended where the API server keeps Job spec.suspend, deleted where it does not (< 1.21).
+    patch(json!({"suspend": true})).await;
+    assert!(poll(|| status_is(2, "Suspended")).await, "phase Suspended at generation 2");
+    assert_eq!(h.status_of("cornea").await["run"], 1);
+    let stopped = |job: &'static str| async move { h.jobs().get_opt(job).await.unwrap().is_none_or(|j| j.spec.and_then(|s| s.suspend) == Some(true)) };
+    assert!(poll(|| async { stopped("cornea-g1-finetune-b").await && stopped("cornea-g1-finetune-c").await }).await, "unfinished Jobs stop");
+    assert!(h.stage_jobs("cornea", 2).await.is_empty(), "a suspend starts no new run");
+
+    // Resume: the same run carries on; the finished stage is not run again.
+    patch(json!({"suspend": false})).await;
+    assert!(poll(|| status_is(3, "Training")).await, "training again at generation 3");
+    h.expect_stages("cornea", 1, &training).await;
+    assert!(poll(|| async { !stopped("cornea-g1-finetune-b").await && !stopped("cornea-g1-finetune-c").await }).await, "unfinished stages run again");
+    assert_eq!(h.jobs().get("cornea-g1-finetune-a").await.unwrap().uid(), finished_uid, "finetune-a is kept, not redone");
+
+    // A placement-only edit applies to the current run.
+    patch(json!({"cluster": {"stragglerDeadlineSeconds": 3600, "backoffLimit": 4}})).await;
+    assert!(poll(|| status_is(4, "Training")).await);
+    assert_eq!(h.status_of("cornea").await["run"], 1);
+    assert!(h.stage_jobs("cornea", 4).await.is_empty(), "no new run for a deadline");
+
+    // A result-changing edit starts run 5 and stops run 1's unfinished Jobs; finished ones stay.
+    patch(json!({"merge": {"lambda": 0.5}})).await;
+    h.expect_stages("cornea", 5, &["init"]).await;
+    assert!(poll(|| async { h.stage_jobs("cornea", 1).await == BTreeSet::from(["init".to_string(), "finetune-a".to_string()]) }).await, "run 1's unfinished Jobs are deleted");
+    assert_eq!(h.status_of("cornea").await["run"], 5);
+    let events: Api<Event> = Api::namespaced(h.client.clone(), "e2e-runs");
+    // Events with one reason form one series (kube's recorder): count its occurrences.
+    let occurrences = |e: &Event| e.series.as_ref().map_or(1, |s| s.count);
+    let superseded = || async { events.list(&ListParams::default()).await.unwrap().items.iter().filter(|e| e.reason.as_deref() == Some("SupersededJobStopped")).map(occurrences).sum::<i32>() >= 2 };
+    assert!(poll(superseded).await, "an Event for each stopped Job");
+    h.controller.abort();
+}

@@ -18,7 +18,8 @@ EPOCHS="${EPOCHS:-3}"
 SEEDS="${SEEDS:-1 2 3}"
 SPLITS="${SPLITS:-iid dirichlet size imbalanced}"
 WORK="${BENCH_WORK:-$MEDMERGE_CACHE/bench-paper}/$(basename "$DATA")-${SIZE}px-${EPOCHS}ep"
-T="$CARGO_TARGET_DIR/debug/medmerge-trainer"
+# MEDMERGE_TRAINER: a copy of the binary, so a rebuild during a long run does not swap it.
+T="${MEDMERGE_TRAINER:-$CARGO_TARGET_DIR/debug/medmerge-trainer}"
 OUT="${BENCH_OUT:-bench/results/paper-table}"
 mkdir -p "$WORK" "$(dirname "$OUT")"
 started=$(date +%s)

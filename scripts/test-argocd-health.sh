@@ -6,10 +6,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=charts/medmerge/argocd
-if ! command -v lua5.1 >/dev/null || ! python3 -c 'import yaml' 2>/dev/null; then
+# Debian's own python3, where python3-yaml installs (make test puts the torch venv's python first).
+PY=/usr/bin/python3
+if ! command -v lua5.1 >/dev/null || ! "$PY" -c 'import yaml' 2>/dev/null; then
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq lua5.1 python3-yaml >/dev/null) >&2
 fi
-python3 - "$DIR" <<'PY'
+"$PY" - "$DIR" <<'PY'
 import subprocess, sys, yaml
 
 def lua(value):

@@ -344,3 +344,30 @@ async fn suspend_and_placement_edits_continue_the_run_and_a_result_edit_stops_th
     assert!(poll(superseded).await, "an Event for each stopped Job");
     h.controller.abort();
 }
+
+#[tokio::test]
+#[ignore = "needs a kube-apiserver: run `make e2e-operator`"]
+async fn a_straggler_past_its_deadline_is_dropped_and_its_job_stopped() {
+    let h = &Harness::start("e2e-straggler").await;
+    let mj = h.mergejob("slow", json!({"cluster": {"minShards": 2, "stragglerDeadlineSeconds": 3}}));
+    h.mergejobs().create(&PostParams::default(), &mj).await.unwrap();
+    h.expect_stages("slow", 1, &["init"]).await;
+    h.finish("slow-g1-init", true).await;
+    h.expect_stages("slow", 1, &["init", "finetune-a", "finetune-b", "finetune-c"]).await;
+    h.finish("slow-g1-finetune-a", true).await;
+    h.finish("slow-g1-finetune-b", true).await;
+
+    // finetune-c never finishes: past the deadline its Job is deleted and the merge goes on.
+    let merging = ["init", "finetune-a", "finetune-b", "merge-data-vector", "merge-params-mean"];
+    h.expect_stages("slow", 1, &merging).await;
+    let status = h.status_of("slow").await;
+    let shard_c = status["shards"].as_array().unwrap().iter().find(|s| s["name"] == "c").unwrap().clone();
+    assert_eq!(shard_c["state"], "Dropped", "{status}");
+    let record = status["stages"].as_array().unwrap().iter().find(|s| s["name"] == "finetune-c").cloned();
+    assert_eq!(record.map(|r| r["state"].clone()), Some(json!("Dropped")), "remembered once its Job is gone");
+    // Still dropped, and not started again, after more reconciles.
+    h.finish("slow-g1-merge-data-vector", true).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!h.stage_jobs("slow", 1).await.contains("finetune-c"), "the dropped shard is not trained again");
+    h.controller.abort();
+}

@@ -156,6 +156,11 @@ pub fn validate(spec: &MergeJobSpec) -> Result<(), Vec<SpecError>> {
         (Some(_), Some(_)) => errors.push(err("storage", "set one of storage.local and storage.s3, not both")),
         _ => {}
     }
+    // The prefix names directories and keys the operator's cleanup deletes: it must stay inside
+    // the store.
+    if spec.storage.prefix.split('/').any(|part| part == ".." || part == ".") || spec.storage.prefix.contains('\\') {
+        errors.push(err("storage.prefix", format!("{:?} must stay inside the store: no '.' or '..' segments, no backslashes", spec.storage.prefix)));
+    }
     if errors.is_empty() {
         Ok(())
     } else {
@@ -335,6 +340,8 @@ evaluation: {data: {path: test}}
             ("evaluation.operatingPoint", |s| s.evaluation.operating_point = f64::NAN),
             ("evaluation.explainImages", |s| s.evaluation.explain_images = 20_000),
             ("storage", |s| s.storage.local = None),
+            ("storage.prefix", |s| s.storage.prefix = "runs/../../etc".into()),
+            ("storage.prefix", |s| s.storage.prefix = "..".into()),
             ("storage", |s| s.storage.s3 = Some(S3Storage { bucket: "b".into(), endpoint: None, region: "r".into(), path_style: true, credentials_secret: None })),
             ("storage.s3.bucket", |s| {
                 s.storage.local = None;

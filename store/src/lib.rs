@@ -8,6 +8,13 @@
 //!   one leaves nothing).
 //! - **Verified content** (S3): every object carries its SHA-256 in metadata; downloads are
 //!   checked against it, and a mismatch is refused naming the bucket and key.
+//! - **No silent replacement**: [`Store::publish`] never replaces an artifact with different
+//!   content (local: a hard link, which fails when the name exists; S3: a conditional PUT,
+//!   `If-None-Match: *`, after a HEAD); publishing identical bytes again is a no-op, so a retried
+//!   stage that reproduces its result succeeds and one that does not is refused, naming both
+//!   digests. [`Store::put`] (a hospital re-uploading a fixed vector) still replaces.
+//! - **Contained keys**: a key with an empty, `.` or `..` segment, a leading `/` or a backslash
+//!   is refused before any I/O, so no key reaches outside the store's root or prefix.
 //! - **Clear failures**: transient errors are retried with backoff by the SDK; what is left
 //!   names the bucket, key and cause.
 
@@ -39,6 +46,24 @@ pub enum StoreError {
         /// Digest of what was downloaded.
         actual: String,
     },
+    /// A different artifact is already published under this key; nothing was replaced.
+    #[error("{location} is already published with different content (published SHA-256 {published}, this one {new}); it was not replaced: another runner produced it, or an earlier attempt of this stage did. Delete it to publish again")]
+    AlreadyPublished {
+        /// `s3://bucket/key` or the local path.
+        location: String,
+        /// Digest of what is there.
+        published: String,
+        /// Digest of what was refused.
+        new: String,
+    },
+    /// The key would leave the store (or is not a key at all).
+    #[error("store key {key:?}: {reason}")]
+    InvalidKey {
+        /// The key as given.
+        key: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
     /// The S3 server refused or could not be reached (after retries).
     #[error("{location}: {operation} failed: {cause}")]
     S3 {
@@ -66,6 +91,34 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 /// Hex SHA-256 of `bytes`.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
+}
+
+/// Refuses keys that could reach outside the store: empty keys or segments, `.` and `..`
+/// segments, a leading `/` (absolute paths) and backslashes (Windows separators).
+pub fn check_key(key: &str) -> Result<()> {
+    let reason = if key.is_empty() {
+        "is empty"
+    } else if key.starts_with('/') {
+        "must be relative (it starts with '/')"
+    } else if key.contains('\\') {
+        "must use '/' as separator (it contains a backslash)"
+    } else if key.contains('\0') {
+        "contains a NUL byte"
+    } else if key.split('/').any(|s| s.is_empty() || s == "." || s == "..") {
+        "must not contain empty, '.' or '..' segments"
+    } else {
+        return Ok(());
+    };
+    Err(StoreError::InvalidKey { key: key.into(), reason })
+}
+
+/// Like [`check_key`], but `""` (the whole store) and a trailing `/` are allowed: prefixes for
+/// listing and removal.
+fn check_prefix(prefix: &str) -> Result<()> {
+    match prefix.trim_end_matches('/') {
+        "" => Ok(()),
+        p => check_key(p),
+    }
 }
 
 /// An artifact store (cheap to clone).
@@ -104,22 +157,49 @@ impl Store {
         }
     }
 
-    /// Publishes `bytes` at `key` atomically; returns their SHA-256.
+    /// Writes `bytes` at `key` atomically, replacing what is there; returns their SHA-256. For
+    /// uploads a person may correct (a hospital's vector); stages use [`Store::publish`].
     pub async fn put(&self, key: &str, bytes: Vec<u8>) -> Result<String> {
+        check_key(key)?;
         match self {
             Store::Local(s) => s.put(key, &bytes).await,
             Store::S3(s) => s.put(key, bytes).await,
         }
     }
 
-    /// Publishes the file at `path` as `key`.
+    /// Writes the file at `path` as `key` (replacing, like [`Store::put`]).
     pub async fn put_file(&self, key: &str, path: &Path) -> Result<String> {
         let bytes = tokio::fs::read(path).await.map_err(|source| StoreError::Io { path: path.into(), source })?;
         self.put(key, bytes).await
     }
 
+    /// Publishes `bytes` at `key` atomically unless something is there already: identical bytes
+    /// are a no-op, different ones are refused with [`StoreError::AlreadyPublished`]. Returns the
+    /// SHA-256.
+    pub async fn publish(&self, key: &str, bytes: Vec<u8>) -> Result<String> {
+        check_key(key)?;
+        match self {
+            Store::Local(s) => s.publish(key, &bytes).await,
+            Store::S3(s) => s.publish(key, bytes).await,
+        }
+    }
+
+    /// Publishes the file at `path` as `key`, like [`Store::publish`]. A local store links the
+    /// file into place (no copy) when it lies on the same filesystem.
+    pub async fn publish_file(&self, key: &str, path: &Path) -> Result<String> {
+        check_key(key)?;
+        if let Store::Local(s) = self {
+            if let Some(digest) = s.publish_link(key, path).await? {
+                return Ok(digest);
+            }
+        }
+        let bytes = tokio::fs::read(path).await.map_err(|source| StoreError::Io { path: path.into(), source })?;
+        self.publish(key, bytes).await
+    }
+
     /// The (verified) content of `key`, or `None` when it does not exist.
     pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        check_key(key)?;
         match self {
             Store::Local(s) => s.get(key).await,
             Store::S3(s) => s.get(key).await,
@@ -134,6 +214,7 @@ impl Store {
 
     /// Whether `key` exists.
     pub async fn exists(&self, key: &str) -> Result<bool> {
+        check_key(key)?;
         match self {
             Store::Local(s) => Ok(s.path(key).is_file()),
             Store::S3(s) => s.exists(key).await,
@@ -142,6 +223,7 @@ impl Store {
 
     /// Every key under `prefix` (a directory-like key; `""` for all), sorted.
     pub async fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        check_prefix(prefix)?;
         match self {
             Store::Local(s) => s.list(prefix).await,
             Store::S3(s) => s.list(prefix).await,
@@ -150,6 +232,7 @@ impl Store {
 
     /// Deletes every object under `prefix`.
     pub async fn remove_prefix(&self, prefix: &str) -> Result<()> {
+        check_prefix(prefix)?;
         match self {
             Store::Local(s) => s.remove_prefix(prefix).await,
             Store::S3(s) => s.remove_prefix(prefix).await,
@@ -195,6 +278,16 @@ impl BlockingStore {
     /// See [`Store::put`].
     pub fn put(&self, key: &str, bytes: Vec<u8>) -> Result<String> {
         self.runtime.block_on(self.store.put(key, bytes))
+    }
+
+    /// See [`Store::publish`].
+    pub fn publish(&self, key: &str, bytes: Vec<u8>) -> Result<String> {
+        self.runtime.block_on(self.store.publish(key, bytes))
+    }
+
+    /// See [`Store::publish_file`].
+    pub fn publish_file(&self, key: &str, path: &Path) -> Result<String> {
+        self.runtime.block_on(self.store.publish_file(key, path))
     }
 
     /// See [`Store::get`].

@@ -21,10 +21,26 @@ pub async fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     if let Some(dir) = path.parent() {
         tokio::fs::create_dir_all(dir).await.map_err(io(dir))?;
     }
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    let tmp = temp_name(path);
     tokio::fs::write(&tmp, bytes).await.map_err(io(&tmp))?;
     tokio::fs::rename(&tmp, path).await.map_err(io(path))
+}
+
+/// A temporary name beside `path` that no other process uses.
+fn temp_name(path: &Path) -> PathBuf {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    path.with_file_name(format!(".{name}.tmp-{}-{n}", std::process::id()))
+}
+
+/// Identical content was already published (fine); different content is refused.
+fn same_or_refused(path: &Path, published: &str, new: String) -> Result<String> {
+    if published == new {
+        Ok(new)
+    } else {
+        Err(StoreError::AlreadyPublished { location: path.display().to_string(), published: published.into(), new })
+    }
 }
 
 impl LocalStore {
@@ -36,6 +52,50 @@ impl LocalStore {
     pub(crate) async fn put(&self, key: &str, bytes: &[u8]) -> Result<String> {
         write_atomic(&self.path(key), bytes).await?;
         Ok(sha256_hex(bytes))
+    }
+
+    /// No-replace publish: the bytes go to a temporary file that is then hard-linked to the
+    /// key's name, which fails atomically when the name exists.
+    pub(crate) async fn publish(&self, key: &str, bytes: &[u8]) -> Result<String> {
+        let path = self.path(key);
+        if let Some(dir) = path.parent() {
+            tokio::fs::create_dir_all(dir).await.map_err(io(dir))?;
+        }
+        let tmp = temp_name(&path);
+        tokio::fs::write(&tmp, bytes).await.map_err(io(&tmp))?;
+        let linked = self.publish_link(key, &tmp).await;
+        let _ = tokio::fs::remove_file(&tmp).await;
+        match linked? {
+            Some(digest) => Ok(digest),
+            // No hard links on this filesystem: check, then rename (a narrow race remains).
+            None => {
+                let digest = sha256_hex(bytes);
+                if let Some(existing) = self.get(key).await? {
+                    return same_or_refused(&path, &sha256_hex(&existing), digest);
+                }
+                write_atomic(&path, bytes).await?;
+                Ok(digest)
+            }
+        }
+    }
+
+    /// Links the file `src` to `key` unless something is there; `None` when the filesystem
+    /// cannot link (another device, no hard links), so the caller copies instead.
+    pub(crate) async fn publish_link(&self, key: &str, src: &Path) -> Result<Option<String>> {
+        let path = self.path(key);
+        if let Some(dir) = path.parent() {
+            tokio::fs::create_dir_all(dir).await.map_err(io(dir))?;
+        }
+        let digest = sha256_hex(&tokio::fs::read(src).await.map_err(io(src))?);
+        match tokio::fs::hard_link(src, &path).await {
+            Ok(()) => Ok(Some(digest)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let existing = tokio::fs::read(&path).await.map_err(io(&path))?;
+                same_or_refused(&path, &sha256_hex(&existing), digest).map(Some)
+            }
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::CrossesDevices | std::io::ErrorKind::Unsupported) || e.raw_os_error() == Some(1) => Ok(None),
+            Err(source) => Err(StoreError::Io { path, source }),
+        }
     }
 
     pub(crate) async fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
@@ -99,6 +159,65 @@ mod tests {
         store.remove_prefix("runs/a").await.unwrap();
         assert!(store.list("runs/a").await.unwrap().is_empty());
         assert_eq!(store.list("").await.unwrap(), ["runs/b/g1/eval/metrics.json"]);
+    }
+
+    #[tokio::test]
+    async fn publishing_never_replaces_different_content_and_identical_content_is_a_no_op() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::local(dir.path().join("store"));
+        let key = "ns/job/g1/shards/a/vector.safetensors";
+        store.publish(key, b"first".to_vec()).await.unwrap();
+        assert_eq!(store.publish(key, b"first".to_vec()).await.unwrap(), crate::sha256_hex(b"first"));
+        let err = store.publish(key, b"second".to_vec()).await.unwrap_err();
+        assert!(matches!(err, StoreError::AlreadyPublished { .. }) && err.to_string().contains("shards/a/vector.safetensors"), "{err}");
+        assert_eq!(store.get(key).await.unwrap().as_deref(), Some(&b"first"[..]));
+        let file = dir.path().join("staged");
+        std::fs::write(&file, b"other").unwrap();
+        assert!(matches!(store.publish_file(key, &file).await, Err(StoreError::AlreadyPublished { .. })));
+        assert_eq!(store.get(key).await.unwrap().as_deref(), Some(&b"first"[..]));
+        // A hospital correcting its upload may replace it.
+        store.put(key, b"fixed".to_vec()).await.unwrap();
+        assert_eq!(store.get(key).await.unwrap().as_deref(), Some(&b"fixed"[..]));
+        assert_eq!(store.list("").await.unwrap(), [key], "no temporary file is left behind");
+    }
+
+    #[tokio::test]
+    async fn two_publishers_racing_for_one_key_leave_exactly_one_of_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::local(dir.path());
+        let tasks: Vec<_> = (0..8u8)
+            .map(|i| {
+                let store = store.clone();
+                tokio::spawn(async move { store.publish("run/merged/model.safetensors", vec![i; 4096]).await })
+            })
+            .collect();
+        let mut won = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(_) => won += 1,
+                Err(StoreError::AlreadyPublished { .. }) => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(won, 1);
+        let bytes = store.get("run/merged/model.safetensors").await.unwrap().unwrap();
+        assert!(bytes.iter().all(|b| *b == bytes[0]), "the published file is one publisher's, whole");
+    }
+
+    #[tokio::test]
+    async fn keys_that_would_leave_the_store_are_refused_before_any_io() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::local(dir.path().join("store"));
+        for key in ["../escape", "a/../../escape", "/etc/passwd", "a//b", "./a", "a\\..\\b", ""] {
+            let err = store.put(key, b"x".to_vec()).await.unwrap_err();
+            assert!(matches!(err, StoreError::InvalidKey { .. }) && err.to_string().contains("store key"), "{key}: {err}");
+            assert!(matches!(store.get(key).await, Err(StoreError::InvalidKey { .. })), "{key}");
+            assert!(matches!(store.publish(key, vec![]).await, Err(StoreError::InvalidKey { .. })), "{key}");
+        }
+        assert!(matches!(store.remove_prefix("..").await, Err(StoreError::InvalidKey { .. })));
+        assert!(matches!(store.list("a/../..").await, Err(StoreError::InvalidKey { .. })));
+        assert!(!dir.path().join("escape").exists());
+        store.list("").await.unwrap();
     }
 
     #[tokio::test]

@@ -18,6 +18,10 @@ use crate::{sha256_hex, Result, StoreError};
 pub const MULTIPART_THRESHOLD: usize = 16 << 20;
 /// Size of each part of a multipart upload (S3's minimum is 5 MiB).
 pub const PART_SIZE: usize = 8 << 20;
+/// Default time one attempt (a whole upload of up to one part) may take.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(300);
+/// Longest wait for the first byte of a response.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Metadata key holding an object's SHA-256 (as `x-amz-meta-sha256`).
 pub const DIGEST_METADATA: &str = "sha256";
 
@@ -58,10 +62,19 @@ pub struct S3Store {
 
 impl S3Store {
     pub(crate) async fn connect(c: S3Config) -> S3Store {
+        let attempt_timeout = c.attempt_timeout.unwrap_or(ATTEMPT_TIMEOUT);
         let mut loader = aws_config::defaults(BehaviorVersion::latest())
             .region(Region::new(if c.region.is_empty() { "us-east-1".to_string() } else { c.region.clone() }))
             .retry_config(RetryConfig::standard().with_max_attempts(c.max_attempts.max(1)).with_initial_backoff(Duration::from_millis(500)))
-            .timeout_config(TimeoutConfig::builder().connect_timeout(Duration::from_secs(5)).operation_attempt_timeout(c.attempt_timeout.unwrap_or(Duration::from_secs(300))).build());
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(5))
+                    // A server that accepts and never answers fails an attempt after this, not
+                    // after the whole attempt time (bounded: attempts x this).
+                    .read_timeout(attempt_timeout.min(RESPONSE_TIMEOUT))
+                    .operation_attempt_timeout(attempt_timeout)
+                    .build(),
+            );
         if let Some(endpoint) = &c.endpoint {
             loader = loader.endpoint_url(endpoint);
         }
@@ -86,7 +99,12 @@ impl S3Store {
             (Some(code), Some(message)) => format!("{code}: {message}"),
             (Some(code), None) => code.to_string(),
             _ if no_credentials(&e) => NO_CREDENTIALS.to_string(),
-            _ => DisplayErrorContext(&e).to_string(),
+            _ => match DisplayErrorContext(&e).to_string() {
+                full if full.contains("timeout") => {
+                    format!("the server did not answer in time on any attempt (timed out; is the endpoint an S3 server, and up?): {}", full.split(" (").next().unwrap_or_default())
+                }
+                full => full,
+            },
         };
         StoreError::S3 { location: self.location(key), operation, cause }
     }
@@ -107,18 +125,64 @@ impl S3Store {
 
     pub(crate) async fn put(&self, key: &str, bytes: Vec<u8>) -> Result<String> {
         let digest = sha256_hex(&bytes);
-        if bytes.len() >= MULTIPART_THRESHOLD {
-            self.put_multipart(key, &bytes, &digest).await?;
-        } else {
-            self.client.put_object().bucket(&self.bucket).key(key).metadata(DIGEST_METADATA, &digest).body(ByteStream::from(bytes)).send().await.map_err(|e| self.error(key, "put", e))?;
-        }
+        self.upload(key, bytes, &digest, false).await?;
         Ok(digest)
     }
 
-    async fn put_multipart(&self, key: &str, bytes: &[u8], digest: &str) -> Result<()> {
+    /// No-replace publish: a HEAD finds most existing objects; the conditional PUT
+    /// (`If-None-Match: *`) closes the race on servers that support it (AWS, MinIO).
+    pub(crate) async fn publish(&self, key: &str, bytes: Vec<u8>) -> Result<String> {
+        let digest = sha256_hex(&bytes);
+        if let Some(published) = self.published_digest(key).await? {
+            return self.same_or_refused(key, published, digest);
+        }
+        match self.upload(key, bytes, &digest, true).await {
+            Err(StoreError::S3 { cause, .. }) if cause.starts_with("PreconditionFailed") || cause.starts_with("ConditionalRequestConflict") => {
+                let published = self.published_digest(key).await?.unwrap_or_default();
+                self.same_or_refused(key, published, digest)
+            }
+            other => other.map(|()| digest),
+        }
+    }
+
+    fn same_or_refused(&self, key: &str, published: String, new: String) -> Result<String> {
+        if published == new {
+            Ok(new)
+        } else {
+            Err(StoreError::AlreadyPublished { location: self.location(key), published, new })
+        }
+    }
+
+    /// The SHA-256 of the object at `key` (from its metadata, or by reading it when it was
+    /// uploaded without), `None` when there is none.
+    async fn published_digest(&self, key: &str) -> Result<Option<String>> {
+        let head = match self.client.head_object().bucket(&self.bucket).key(key).send().await {
+            Ok(h) => h,
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => return Ok(None),
+            Err(e) => return Err(self.error(key, "head", e)),
+        };
+        match head.metadata().and_then(|m| m.get(DIGEST_METADATA)) {
+            Some(d) => Ok(Some(d.clone())),
+            None => Ok(self.get(key).await?.map(|b| sha256_hex(&b))),
+        }
+    }
+
+    async fn upload(&self, key: &str, bytes: Vec<u8>, digest: &str, if_absent: bool) -> Result<()> {
+        if bytes.len() >= MULTIPART_THRESHOLD {
+            return self.put_multipart(key, &bytes, digest, if_absent).await;
+        }
+        let mut put = self.client.put_object().bucket(&self.bucket).key(key).metadata(DIGEST_METADATA, digest).body(ByteStream::from(bytes));
+        if if_absent {
+            put = put.if_none_match("*");
+        }
+        put.send().await.map_err(|e| self.error(key, "put", e))?;
+        Ok(())
+    }
+
+    async fn put_multipart(&self, key: &str, bytes: &[u8], digest: &str, if_absent: bool) -> Result<()> {
         let upload = self.client.create_multipart_upload().bucket(&self.bucket).key(key).metadata(DIGEST_METADATA, digest).send().await.map_err(|e| self.error(key, "start multipart upload", e))?;
         let id = upload.upload_id().unwrap_or_default().to_string();
-        let result = self.upload_parts(key, &id, bytes).await;
+        let result = self.upload_parts(key, &id, bytes, if_absent).await;
         if result.is_err() {
             // Nothing half-published: the parts are discarded and the key never appears.
             let _ = self.client.abort_multipart_upload().bucket(&self.bucket).key(key).upload_id(&id).send().await;
@@ -126,7 +190,7 @@ impl S3Store {
         result
     }
 
-    async fn upload_parts(&self, key: &str, id: &str, bytes: &[u8]) -> Result<()> {
+    async fn upload_parts(&self, key: &str, id: &str, bytes: &[u8], if_absent: bool) -> Result<()> {
         let mut parts = Vec::new();
         for (i, chunk) in bytes.chunks(PART_SIZE).enumerate() {
             let number = i as i32 + 1;
@@ -149,6 +213,7 @@ impl S3Store {
             .key(key)
             .upload_id(id)
             .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build())
+            .set_if_none_match(if_absent.then(|| "*".to_string()))
             .send()
             .await
             .map_err(|e| self.error(key, "complete multipart upload", e))?;
@@ -235,6 +300,31 @@ mod tests {
         {
             future::ProvideCredentials::ready(Err(CredentialsError::not_loaded("nothing in the environment")))
         }
+    }
+
+    #[tokio::test]
+    async fn a_server_that_accepts_and_never_answers_is_a_bounded_error_naming_the_bucket() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        // Accept connections and keep them open without a word.
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for conn in listener.incoming() {
+                held.push(conn);
+            }
+        });
+        let config = S3Config {
+            bucket: "silent".into(),
+            endpoint: Some(endpoint),
+            region: "us-east-1".into(),
+            path_style: true,
+            credentials: Some(("id".into(), "secret".into())),
+            max_attempts: 2,
+            attempt_timeout: Some(Duration::from_millis(500)),
+        };
+        let store = S3Store::connect(config).await;
+        let message = store.list("runs/").await.unwrap_err().to_string();
+        assert!(message.starts_with("s3://silent/runs/: list failed: the server did not answer in time") && message.contains("timed out"), "{message}");
     }
 
     #[tokio::test]

@@ -110,3 +110,38 @@ async fn raw_client() -> aws_sdk_s3::Client {
     let shared = aws_config::defaults(aws_config::BehaviorVersion::latest()).endpoint_url(endpoint()).region(aws_config::Region::new("us-east-1")).load().await;
     aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(&shared).force_path_style(true).build())
 }
+
+#[tokio::test]
+#[ignore = "needs an S3 server: run `make test-s3`"]
+async fn publishing_on_s3_never_replaces_different_content() {
+    let store = admin().await;
+    let key = "runs/ns/publish/g1/merged/model.safetensors";
+    store.remove_prefix("runs/ns/publish").await.unwrap();
+    let first = safetensors_bytes();
+    store.publish(key, first.clone()).await.unwrap();
+    assert_eq!(store.publish(key, first.clone()).await.unwrap(), medmerge_store::sha256_hex(&first), "identical content is a no-op");
+    let err = store.publish(key, b"another result".to_vec()).await.unwrap_err();
+    assert!(matches!(err, StoreError::AlreadyPublished { .. }) && err.to_string().contains(&format!("s3://{BUCKET}/{key}")), "{err}");
+    assert_eq!(store.get(key).await.unwrap(), Some(first));
+    // Racing publishers: exactly one wins or all publish the same bytes.
+    let tasks: Vec<_> = (0..6u8)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move { store.publish("runs/ns/publish/g1/race", vec![i; 1024]).await })
+        })
+        .collect();
+    let mut won = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => won += 1,
+            Err(StoreError::AlreadyPublished { .. }) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let raced = store.get("runs/ns/publish/g1/race").await.unwrap().unwrap();
+    assert!(raced.iter().all(|b| *b == raced[0]));
+    assert!(won >= 1);
+    let err = store.put("runs/../../escape", vec![1]).await.unwrap_err();
+    assert!(matches!(err, StoreError::InvalidKey { .. }), "{err}");
+    store.remove_prefix("runs/ns/publish").await.unwrap();
+}

@@ -118,10 +118,13 @@ impl LocalStore {
             };
             while let Some(entry) = entries.next_entry().await.map_err(io(&dir))? {
                 let path = entry.path();
-                let hidden = entry.file_name().to_string_lossy().starts_with('.');
+                // Hidden names are a runner's own (temporary files, staging, locks), not keys.
+                if entry.file_name().to_string_lossy().starts_with('.') {
+                    continue;
+                }
                 if path.is_dir() {
                     pending.push(path);
-                } else if !hidden {
+                } else {
                     if let Ok(rel) = path.strip_prefix(&self.root) {
                         keys.push(rel.to_string_lossy().replace('\\', "/"));
                     }

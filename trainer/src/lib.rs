@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod model;
 pub mod pipeline;
 pub mod plots;
+pub mod publish;
 pub mod remote_data;
 pub mod report;
 pub mod restore;

@@ -2,10 +2,11 @@
 //! directory (the embedded default) or an S3 bucket.
 //!
 //! The loop asks the stage plan which stages are ready given the artifacts that exist, runs the
-//! first, and repeats. Every artifact is published atomically, so an interrupted run resumes
-//! where it stopped and never reads half a file. With S3, stages work in a local cache: a
-//! stage's inputs are downloaded (SHA-256 verified) before it runs and its outputs uploaded
-//! after, so a stage that fails publishes nothing.
+//! first, and repeats. A stage writes into a private staging directory and its results are then
+//! published without replacing anything (see [`crate::publish`]), so an interrupted run resumes
+//! where it stopped, never reads half a file, and two runners on one MergeJob end with one
+//! consistent run or a clear refusal. With S3, stages read from a local cache: a stage's inputs
+//! are downloaded (SHA-256 verified) before it runs.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -23,6 +24,7 @@ use crate::evaluate::{predict, score};
 use crate::merge::{merge_checked, shard_model, MergeOptions, ShardVector};
 use crate::metrics::cosine;
 use crate::model::{builtin_weights_path, ModelError, Network, BUILTIN_WEIGHTS_HINT};
+use crate::publish::{file_digest, provenance_key, verify_run, Provenance, StageLock, Staging};
 use crate::report::{CandidateResult, EvalReport, LayerSimilarity};
 use crate::restore::rounds::{combine, epoch_settings, shard_part};
 use crate::st::{write_atomic, MappedFile};
@@ -120,7 +122,10 @@ pub struct Runner {
     root: PathBuf,
     classes: Vec<String>,
     device: Device,
+    /// The S3 store when the job uses one (stages then read from the local cache at `root`).
     remote: Option<BlockingStore>,
+    /// Where results are published: `remote`'s bucket, or the local store at `root`.
+    local: BlockingStore,
 }
 
 /// How often `wait_for_vector` looks for an external vector.
@@ -133,8 +138,9 @@ impl Runner {
         let plan = StagePlan::new(job.spec(), &layout);
         let root = job.store_root();
         let remote = job.remote_store()?;
+        let local = BlockingStore::local(&root)?;
         let classes = if job.spec().model.classes.is_empty() { classes_in_data(&job)? } else { job.spec().model.classes.clone() };
-        Ok(Runner { job, layout, plan, root, classes, device, remote })
+        Ok(Runner { job, layout, plan, root, classes, device, remote, local })
     }
 
     fn path(&self, key: &str) -> PathBuf {
@@ -176,31 +182,56 @@ impl Runner {
         Ok(keys)
     }
 
-    /// Runs a stage: inputs fetched first, outputs published after (everything the stage wrote
-    /// next to its declared outputs, e.g. plots, then the declared outputs themselves).
+    /// Runs a stage under its lock (another runner that finished it first leaves nothing to
+    /// do): inputs fetched and their digests taken, the stage run into a staging directory,
+    /// then everything it wrote published without replacing anything, its provenance record
+    /// before the declared outputs.
     fn execute_published(&self, planned: &PlannedStage) -> anyhow::Result<()> {
+        let name = planned.stage.name();
+        let _lock = StageLock::acquire(&self.root, self.layout.root(), &name)?;
+        let exists = self.existing()?;
+        if planned.writes.iter().all(|w| exists.contains(w)) {
+            info!(stage = %name, "another runner finished this stage");
+            return Ok(());
+        }
+        let mut inputs = std::collections::BTreeMap::new();
+        for key in self.inputs_of(planned)? {
+            self.fetch(&key)?;
+            inputs.insert(key.clone(), file_digest(&self.path(&key))?);
+        }
+        let staging = Staging::new(&self.root, &name)?;
+        self.execute(planned, &staging)?;
+        let outputs = staging.keys()?.into_iter().map(|k| Ok((k.clone(), file_digest(&staging.path(&k))?))).collect::<anyhow::Result<_>>()?;
+        let provenance = Provenance { stage: name.clone(), inputs, outputs };
+        let record = provenance_key(self.layout.root(), &name);
+        let publish_to = self.remote.as_ref().unwrap_or(&self.local);
+        write_atomic(&staging.path(&record), &serde_json::to_vec_pretty(&provenance)?)?;
+        let published = staging.publish(publish_to, &planned.writes)?;
         if self.remote.is_some() {
-            for key in self.inputs_of(planned)? {
-                self.fetch(&key)?;
+            // Later stages in this process read the cache: keep what was just uploaded.
+            for key in published.keys() {
+                crate::st::write_atomic(&self.path(key), &std::fs::read(staging.path(key))?)?;
             }
-        }
-        self.execute(planned)?;
-        let Some(remote) = &self.remote else { return Ok(()) };
-        let declared: BTreeSet<&String> = planned.writes.iter().collect();
-        let dirs: BTreeSet<&str> = planned.writes.iter().filter_map(|k| k.rsplit_once('/').map(|(d, _)| d)).collect();
-        for dir in dirs {
-            for entry in std::fs::read_dir(self.path(dir))? {
-                let name = entry?.file_name().to_string_lossy().into_owned();
-                let key = format!("{dir}/{name}");
-                if !name.starts_with('.') && !name.contains(".tmp-") && !declared.contains(&key) && self.path(&key).is_file() {
-                    remote.put_file(&key, &self.path(&key))?;
-                }
-            }
-        }
-        for key in &planned.writes {
-            remote.put_file(key, &self.path(key))?;
         }
         Ok(())
+    }
+
+    /// Every provenance record of this run.
+    fn provenance(&self) -> anyhow::Result<Vec<Provenance>> {
+        let prefix = format!("{}/provenance", self.layout.root());
+        let store = self.remote.as_ref().unwrap_or(&self.local);
+        let mut records = Vec::new();
+        for key in store.list(&prefix)? {
+            let bytes = store.get(&key)?.unwrap_or_default();
+            records.push(serde_json::from_slice(&bytes).map_err(|e| anyhow::anyhow!("{}: not a provenance record: {e}", store.location(&key)))?);
+        }
+        Ok(records)
+    }
+
+    /// Checks that every stage's inputs are still the artifacts published now.
+    fn verify_consistent(&self) -> anyhow::Result<()> {
+        let store = self.remote.as_ref().unwrap_or(&self.local);
+        verify_run(&self.provenance()?, |key| Ok(store.get(key)?.map(|b| medmerge_store::sha256_hex(&b))))
     }
 
     /// Runs every remaining stage; returns the evaluation report.
@@ -297,9 +328,10 @@ impl Runner {
         Ok(ArtifactMeta::from_map(&p, MappedFile::open(&p)?.metadata(), ArtifactKind::Model)?)
     }
 
-    fn execute(&self, planned: &PlannedStage) -> anyhow::Result<()> {
+    fn execute(&self, planned: &PlannedStage, staging: &Staging) -> anyhow::Result<()> {
         let spec = self.job.spec();
         let l = &self.layout;
+        let out = |key: &str| staging.path(key);
         match &planned.stage {
             Stage::Init => {
                 let net = init_base(&spec.model, &self.classes, self.device, spec.model.weights_path.as_deref().map(|p| self.job.resolve(p)))?;
@@ -313,7 +345,7 @@ impl Runner {
                     class_counts: vec![],
                     multi_label: spec.model.multi_label,
                 };
-                net.save(&self.path(&l.base()), &meta)?;
+                net.save(&out(&l.base()), &meta)?;
             }
             Stage::Finetune { shard } => {
                 let data = self.shard_data(shard)?;
@@ -321,8 +353,8 @@ impl Runner {
                 let mut net = Network::load(&base, self.device)?;
                 let report = train(&mut net, &data, &spec.training, self.device, shard)?;
                 net.check_valid()?;
-                crate::merge::write_vector(&net, &base, shard, report.class_counts.clone(), &self.path(&l.shard_vector(shard)))?;
-                write_atomic(&self.path(&l.shard_metrics(shard)), &serde_json::to_vec_pretty(&report)?)?;
+                crate::merge::write_vector(&net, &base, shard, report.class_counts.clone(), &out(&l.shard_vector(shard)))?;
+                write_atomic(&out(&l.shard_metrics(shard)), &serde_json::to_vec_pretty(&report)?)?;
             }
             Stage::Collect { shard } => {
                 let src = spec.shards.iter().find(|s| &s.name == shard).and_then(|s| s.vector.as_ref()).expect("collect stages exist for vector shards");
@@ -334,7 +366,7 @@ impl Runner {
                         std::fs::read(&src).map_err(|e| anyhow::anyhow!("shard {shard}: vector {} is not available: {e}", src.display()))?
                     }
                 };
-                write_atomic(&self.path(&l.shard_vector(shard)), &bytes)?;
+                write_atomic(&out(&l.shard_vector(shard)), &bytes)?;
             }
             Stage::FullTraining => {
                 let mut all = self.shard_data(&spec.shards[0].name)?;
@@ -345,7 +377,7 @@ impl Runner {
                 let report = train(&mut net, &all, &spec.training, self.device, "full-training")?;
                 let meta = ArtifactMeta { class_counts: report.class_counts, ..self.base_meta()? };
                 net.check_valid()?;
-                net.save(&self.path(&l.full_training()), &meta)?;
+                net.save(&out(&l.full_training()), &meta)?;
             }
             Stage::Merge { candidate } => {
                 let c = self.candidate(candidate);
@@ -361,30 +393,35 @@ impl Runner {
                     seed: spec.merge.seed,
                     pretrained_only: c.kind == CandidateKind::PretrainedRestored,
                 };
-                merge_checked(&self.path(&l.base()), &self.vectors(), &opts, &self.path(&l.merged(candidate)), self.device)?;
+                let target = out(&l.merged(candidate));
+                if let Some(dir) = target.parent() {
+                    std::fs::create_dir_all(dir)?;
+                }
+                merge_checked(&self.path(&l.base()), &self.vectors(), &opts, &target, self.device)?;
             }
             Stage::Restore { round, shard, .. } => {
                 let data = self.shard_data(shard)?;
                 let training = epoch_settings(&spec.training, &spec.restore);
-                shard_part(*round, &self.path(&planned.reads[0]), &data, shard, &training, self.device, &self.path(&planned.writes[0]))?;
+                shard_part(*round, &self.path(&planned.reads[0]), &data, shard, &training, self.device, &out(&planned.writes[0]))?;
             }
             Stage::RestoreCombine { round: Some(round), .. } => {
                 let parts: Vec<PathBuf> = planned.reads[1..].iter().map(|k| self.path(k)).collect();
-                combine(*round, &self.path(&planned.reads[0]), &parts, self.device, &self.path(&planned.writes[0]))?;
+                combine(*round, &self.path(&planned.reads[0]), &parts, self.device, &out(&planned.writes[0]))?;
             }
             Stage::RestoreCombine { round: None, .. } => {
-                write_atomic(&self.path(&planned.writes[0]), &std::fs::read(self.path(&planned.reads[0]))?)?;
+                write_atomic(&out(&planned.writes[0]), &std::fs::read(self.path(&planned.reads[0]))?)?;
             }
             Stage::Evaluate => {
-                let report = self.evaluate_all()?;
-                let eval_dir = self.path(&l.eval_metrics()).parent().map(Path::to_path_buf).unwrap_or_default();
+                self.verify_consistent()?;
+                let eval_dir = out(&l.eval_metrics()).parent().map(Path::to_path_buf).unwrap_or_default();
+                let report = self.evaluate_all(&eval_dir)?;
                 // Plots are a convenience: a machine without fonts still gets its numbers.
                 if let Err(e) = crate::plots::write_all(&report, &eval_dir) {
                     tracing::warn!(error = %e, "plots not written");
                 }
-                write_atomic(&self.path(&l.eval_report()), report.to_markdown().as_bytes())?;
-                write_atomic(&self.path(&l.eval_html()), crate::html::to_html(&report, &eval_dir).as_bytes())?;
-                write_atomic(&self.path(&l.eval_metrics()), &serde_json::to_vec_pretty(&report)?)?;
+                write_atomic(&out(&l.eval_report()), report.to_markdown().as_bytes())?;
+                write_atomic(&out(&l.eval_html()), crate::html::to_html(&report, &eval_dir).as_bytes())?;
+                write_atomic(&out(&l.eval_metrics()), &serde_json::to_vec_pretty(&report)?)?;
             }
         }
         Ok(())
@@ -398,14 +435,14 @@ impl Runner {
         self.job.spec().shards.iter().map(|s| ShardVector { shard: s.name.clone(), path: self.path(&self.layout.shard_vector(&s.name)) }).collect()
     }
 
-    fn evaluate_all(&self) -> anyhow::Result<EvalReport> {
+    /// Evaluates every candidate; plots and the Grad-CAM gallery go to `eval_dir`.
+    fn evaluate_all(&self, eval_dir: &Path) -> anyhow::Result<EvalReport> {
         let spec = self.job.spec();
         let l = &self.layout;
         let path = self.job.data_path(&spec.evaluation.data.path, None).map_err(|e| e.context("evaluation data"))?;
         let test = Dataset::open(&path, Some(&self.classes)).map_err(|e| anyhow::anyhow!("evaluation data: {e}"))?;
         let base = self.path(&l.base());
-        let eval_dir = self.path(&l.eval_metrics()).parent().map(Path::to_path_buf).unwrap_or_default();
-        std::fs::create_dir_all(&eval_dir)?;
+        std::fs::create_dir_all(eval_dir)?;
         let sample = explain_sample(&test, spec.evaluation.explain_images as usize);
         let mut candidates = Vec::new();
         let mut clinical = None;
@@ -428,7 +465,7 @@ impl Runner {
             let metrics = score(&probs, &test, self.classes.len());
             // The primary model (first) gets the clinical view: ROC, operating point, gallery.
             let primary = clinical.is_none();
-            let heat = heat_study(&net, &sample, primary.then_some(eval_dir.as_path()), self.device)?;
+            let heat = heat_study(&net, &sample, primary.then_some(eval_dir), self.device)?;
             if primary {
                 let mut view = roc_and_operating_point(&probs, &test, spec.evaluation.operating_point);
                 view.explain_layer = crate::explain::resolve_layer(&net, None).ok().filter(|_| !sample.is_empty());

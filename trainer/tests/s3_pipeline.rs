@@ -115,3 +115,48 @@ fn shard_images_are_read_from_s3_with_the_shards_own_credentials_only() {
     std::env::remove_var("MEDMERGE_SHARD_CREDENTIALS_DIR");
     assert!(err.contains("shard h1") && err.contains("s3://medmerge-test/shard-b/h1") && err.contains("AccessDenied"), "{err}");
 }
+
+#[test]
+#[ignore = "needs an S3 server: run `make test-s3`"]
+fn two_runners_with_separate_caches_on_one_s3_mergejob_end_consistent_or_refused() {
+    let endpoint = std::env::var("MEDMERGE_S3_ENDPOINT").expect("set by scripts/with-s3.sh");
+    let bucket = "medmerge-race";
+    let store = BlockingStore::s3(S3Config {
+        bucket: bucket.into(),
+        endpoint: Some(endpoint.clone()),
+        region: "us-east-1".into(),
+        path_style: true,
+        credentials: None,
+        max_attempts: 3,
+        attempt_timeout: None,
+    })
+    .unwrap();
+    store.create_bucket().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let storage = format!("{{s3: {{bucket: {bucket}, endpoint: \"{endpoint}\"}}}}");
+    let job = common::write_job_with_storage(dir.path(), "  merge: {baselines: []}\n", 2, &storage);
+    // Two machines: nothing shared but the bucket, so no lock between them; publishing decides.
+    let runners: Vec<_> = (0..2)
+        .map(|i| {
+            std::process::Command::new(env!("CARGO_BIN_EXE_medmerge-trainer"))
+                .args(["--threads", "1", "pipeline"])
+                .arg(&job)
+                .env("MEDMERGE_ARTIFACT_CACHE", dir.path().join(format!("machine-{i}")))
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outputs: Vec<_> = runners.into_iter().map(|r| r.wait_with_output().unwrap()).collect();
+    for o in &outputs {
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success() || err.contains("already published with different content"), "a runner failed some other way: {err}");
+    }
+    assert!(outputs.iter().any(|o| o.status.success()), "one runner finishes the run");
+    let run = "runs/local/tiny/g1";
+    let records: Vec<medmerge_trainer::publish::Provenance> =
+        store.list(&format!("{run}/provenance")).unwrap().iter().map(|k| serde_json::from_slice(&store.get(k).unwrap().unwrap()).unwrap()).collect();
+    assert!(records.iter().any(|r| r.stage == "evaluate"));
+    medmerge_trainer::publish::verify_run(&records, |k| Ok(store.get(k)?.map(|b| medmerge_store::sha256_hex(&b)))).unwrap();
+}

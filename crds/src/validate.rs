@@ -3,7 +3,7 @@
 
 use std::collections::BTreeSet;
 
-use crate::spec::{Architecture, Baseline, MergeJobSpec, RestoreMode, StageKind, WeightsSource};
+use crate::spec::{Architecture, Baseline, MergeJobSpec, MergeSpec, RestoreMode, StageKind, TrainingSpec, WeightsSource};
 
 /// One problem with a spec.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -66,43 +66,9 @@ pub fn validate(spec: &MergeJobSpec) -> Result<(), Vec<SpecError>> {
         }
     }
 
-    let t = &spec.training;
-    if t.epochs == 0 {
-        errors.push(err("training.epochs", "must be at least 1"));
-    }
-    if t.batch_size == 0 {
-        errors.push(err("training.batchSize", "must be at least 1"));
-    }
-    if !(t.learning_rate.is_finite() && t.learning_rate > 0.0) {
-        errors.push(err("training.learningRate", format!("{} must be a positive number", t.learning_rate)));
-    }
-    if !(t.weight_decay.is_finite() && t.weight_decay >= 0.0) {
-        errors.push(err("training.weightDecay", "must be zero or positive"));
-    }
-    if !(0.0..0.5).contains(&t.validation_fraction) {
-        errors.push(err("training.validationFraction", format!("{} is outside [0, 0.5)", t.validation_fraction)));
-    }
-    let a = &t.augment;
-    if !(0.0..=1.0).contains(&a.min_scale) || a.min_scale < 0.1 {
-        errors.push(err("training.augment.minScale", format!("{} is outside [0.1, 1]", a.min_scale)));
-    }
-    if !(0.0..=180.0).contains(&a.rotation_degrees) {
-        errors.push(err("training.augment.rotationDegrees", "must be within 0..=180"));
-    }
-    if !(0.0..=1.0).contains(&a.color_jitter) {
-        errors.push(err("training.augment.colorJitter", "must be within 0..=1"));
-    }
-
+    errors.extend(validate_training(&spec.training));
+    errors.extend(validate_merge(&spec.merge));
     let mg = &spec.merge;
-    if !(mg.lambda.is_finite() && (0.0..=4.0).contains(&mg.lambda)) {
-        errors.push(err("merge.lambda", format!("{} is outside [0, 4]", mg.lambda)));
-    }
-    if !(mg.ties_density > 0.0 && mg.ties_density <= 1.0) {
-        errors.push(err("merge.tiesDensity", format!("{} is outside (0, 1]", mg.ties_density)));
-    }
-    if !(0.0..0.99 + f64::EPSILON).contains(&mg.dare_drop_rate) {
-        errors.push(err("merge.dareDropRate", format!("{} is outside [0, 0.99]", mg.dare_drop_rate)));
-    }
     let with_data = spec.shards.iter().filter(|s| s.data.is_some()).count();
     if spec.restore.mode != RestoreMode::None && with_data == 0 && !spec.shards.is_empty() {
         errors.push(err("restore.mode", format!("{} needs at least one shard with data; use none", spec.restore.mode.as_str())));
@@ -166,6 +132,54 @@ pub fn validate(spec: &MergeJobSpec) -> Result<(), Vec<SpecError>> {
     } else {
         Err(errors)
     }
+}
+
+/// The training settings' bounds (`spec.training`, and the trainer's CLI flags, which map onto
+/// the same fields).
+pub fn validate_training(t: &TrainingSpec) -> Vec<SpecError> {
+    let mut errors = Vec::new();
+    if t.epochs == 0 {
+        errors.push(err("training.epochs", "must be at least 1"));
+    }
+    if t.batch_size == 0 {
+        errors.push(err("training.batchSize", "must be at least 1"));
+    }
+    if !(t.learning_rate.is_finite() && t.learning_rate > 0.0) {
+        errors.push(err("training.learningRate", format!("{} must be a positive number", t.learning_rate)));
+    }
+    if !(t.weight_decay.is_finite() && t.weight_decay >= 0.0) {
+        errors.push(err("training.weightDecay", "must be zero or positive"));
+    }
+    if !(0.0..0.5).contains(&t.validation_fraction) {
+        errors.push(err("training.validationFraction", format!("{} is outside [0, 0.5)", t.validation_fraction)));
+    }
+    let a = &t.augment;
+    if !(0.0..=1.0).contains(&a.min_scale) || a.min_scale < 0.1 {
+        errors.push(err("training.augment.minScale", format!("{} is outside [0.1, 1]", a.min_scale)));
+    }
+    if !(0.0..=180.0).contains(&a.rotation_degrees) {
+        errors.push(err("training.augment.rotationDegrees", "must be within 0..=180"));
+    }
+    if !(0.0..=1.0).contains(&a.color_jitter) {
+        errors.push(err("training.augment.colorJitter", "must be within 0..=1"));
+    }
+
+    errors
+}
+
+/// The merge settings' bounds (`spec.merge`, and the `merge` command's flags).
+pub fn validate_merge(mg: &MergeSpec) -> Vec<SpecError> {
+    let mut errors = Vec::new();
+    if !(mg.lambda.is_finite() && (0.0..=4.0).contains(&mg.lambda)) {
+        errors.push(err("merge.lambda", format!("{} is outside [0, 4]", mg.lambda)));
+    }
+    if !(mg.ties_density > 0.0 && mg.ties_density <= 1.0) {
+        errors.push(err("merge.tiesDensity", format!("{} is outside (0, 1]", mg.ties_density)));
+    }
+    if !(0.0..0.99 + f64::EPSILON).contains(&mg.dare_drop_rate) {
+        errors.push(err("merge.dareDropRate", format!("{} is outside [0, 0.99]", mg.dare_drop_rate)));
+    }
+    errors
 }
 
 /// Cluster settings that local runs ignore but must still be well-formed: GPUs, scratch size,

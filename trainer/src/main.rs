@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::builder::TypedValueParser;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use medmerge_crds::{Architecture, AugmentSpec, HeadStrategy, MergeMethod, ModelSpec, Optimizer, RestoreMode, Schedule, TrainingSpec, WeightsSource};
+use medmerge_crds::{
+    validate_merge, validate_training, Architecture, AugmentSpec, HeadStrategy, MergeMethod, MergeSpec, ModelSpec, Optimizer, RestoreMode, Schedule, SpecError, TrainingSpec, WeightsSource,
+};
 use medmerge_trainer::checkpoint::{ArtifactKind, ArtifactMeta};
 use medmerge_trainer::data::Dataset;
 use medmerge_trainer::evaluate::{evaluate, predict};
@@ -280,8 +282,29 @@ struct TrainingArgs {
     mixed_precision: bool,
 }
 
+/// Refuses flag values the spec would refuse, naming the flag (and the spec field with the same
+/// rule): one set of bounds for the CLI and MergeJobs.
+fn check_flags(errors: Vec<SpecError>, flags: &[(&str, &str)]) -> anyhow::Result<()> {
+    let Some(first) = errors.first() else { return Ok(()) };
+    let flag = flags.iter().find(|(field, _)| *field == first.field).map_or("", |(_, flag)| flag);
+    anyhow::bail!("{flag}: {} (the same rule as spec.{})", first.message, first.field)
+}
+
 impl TrainingArgs {
     fn spec(&self) -> anyhow::Result<TrainingSpec> {
+        let spec = self.unchecked()?;
+        let flags = [
+            ("training.epochs", "--epochs"),
+            ("training.batchSize", "--batch-size"),
+            ("training.learningRate", "--lr"),
+            ("training.weightDecay", "--weight-decay"),
+            ("training.validationFraction", "--validation-fraction"),
+        ];
+        check_flags(validate_training(&spec), &flags)?;
+        Ok(spec)
+    }
+
+    fn unchecked(&self) -> anyhow::Result<TrainingSpec> {
         Ok(TrainingSpec {
             epochs: self.epochs,
             batch_size: self.batch_size,
@@ -417,9 +440,10 @@ fn main() -> anyhow::Result<()> {
             say!("base model written to {}", a.out.display());
         }
         Command::Finetune(a) => {
+            let training = a.training.spec()?;
             let mut net = Network::load(&a.base, dev)?;
             let data = Dataset::open(&a.data, Some(&net.classes))?;
-            let report = train::train(&mut net, &data, &a.training.spec()?, dev, &a.shard)?;
+            let report = train::train(&mut net, &data, &training, dev, &a.shard)?;
             write_vector(&net, &a.base, &a.shard, report.class_counts.clone(), &a.out)?;
             say!("data vector of shard {} written to {} (best epoch {})", a.shard, a.out.display(), report.best_epoch);
         }
@@ -430,6 +454,8 @@ fn main() -> anyhow::Result<()> {
                 .map(|v| v.split_once('=').map(|(s, p)| ShardVector { shard: s.into(), path: p.into() }).with_context(|| format!("--vector {v}: expected NAME=PATH")))
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let method = MergeMethod::parse(&a.method).with_context(|| format!("--method {}: unknown merge method", a.method))?;
+            let bounds = MergeSpec { lambda: a.lambda, ties_density: a.ties_density, dare_drop_rate: a.dare_drop_rate, ..MergeSpec::default() };
+            check_flags(validate_merge(&bounds), &[("merge.lambda", "--lambda"), ("merge.tiesDensity", "--ties-density"), ("merge.dareDropRate", "--dare-drop-rate")])?;
             let opts = MergeOptions {
                 method,
                 lambda: a.lambda,

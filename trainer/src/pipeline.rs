@@ -17,6 +17,7 @@ use medmerge_crds::{validate_for_local, ArtifactLayout, MergeJob, MergeJobSpec, 
 use tch::Device;
 use tracing::info;
 
+use crate::checkpoint::file_digest;
 use crate::checkpoint::{ArtifactKind, ArtifactMeta};
 use crate::clinical::{explain_sample, heat_study, roc_and_operating_point};
 use crate::data::Dataset;
@@ -24,7 +25,7 @@ use crate::evaluate::{predict, score};
 use crate::merge::{merge_checked, shard_model, MergeOptions, ShardVector};
 use crate::metrics::cosine;
 use crate::model::{builtin_weights_path, ModelError, Network, BUILTIN_WEIGHTS_HINT};
-use crate::publish::{file_digest, provenance_key, verify_run, Provenance, StageLock, Staging};
+use crate::publish::{provenance_key, verify_run, Provenance, StageLock, Staging};
 use crate::report::{CandidateResult, EvalReport, LayerSimilarity};
 use crate::restore::rounds::{combine, epoch_settings, shard_part};
 use crate::st::{write_atomic, MappedFile};
@@ -43,7 +44,7 @@ impl Job {
     /// Reads and validates a MergeJob YAML file.
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("cannot read MergeJob {}: {e}", path.display()))?;
-        let job: MergeJob = serde_yaml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: not a valid MergeJob: {e}", path.display()))?;
+        let job = parse_strict(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         if let Err(errors) = validate_for_local(&job.spec) {
             let lines: Vec<String> = errors.iter().map(|e| format!("  - {e}")).collect();
             anyhow::bail!("{}: invalid MergeJob:\n{}", path.display(), lines.join("\n"));
@@ -112,6 +113,55 @@ impl Job {
         let Some(s3) = &self.spec().storage.s3 else { return Ok(None) };
         Ok(Some(BlockingStore::s3(S3Config::from_spec(s3))?))
     }
+}
+
+/// The resource type a MergeJob file must declare.
+const API_VERSION: &str = "medmerge.io/v1alpha1";
+
+/// Parses a MergeJob as strictly as the API server would store it: a wrong or missing
+/// `apiVersion`/`kind` and any field the schema does not know (which the API server would
+/// silently prune, e.g. a misspelt `lamda`) are refused, naming the field's path.
+pub fn parse_strict(text: &str) -> anyhow::Result<MergeJob> {
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct TypeMeta {
+        api_version: Option<String>,
+        kind: Option<String>,
+    }
+    let head: TypeMeta = serde_yaml::from_str(text).map_err(|e| anyhow::anyhow!("not a valid MergeJob: {e}"))?;
+    anyhow::ensure!(head.api_version.as_deref() == Some(API_VERSION), "apiVersion {:?} is not {API_VERSION}", head.api_version.unwrap_or_default());
+    anyhow::ensure!(head.kind.as_deref() == Some("MergeJob"), "kind {:?} is not MergeJob", head.kind.unwrap_or_default());
+    let mut unknown = Vec::new();
+    let job: MergeJob = serde_ignored::deserialize(serde_yaml::Deserializer::from_str(text), |path| {
+        let path = kubectl_path(&path.to_string());
+        if path != "apiVersion" && path != "kind" {
+            unknown.push(path);
+        }
+    })
+    .map_err(|e| anyhow::anyhow!("not a valid MergeJob: {e}"))?;
+    anyhow::ensure!(
+        unknown.is_empty(),
+        "unknown field{} {} (not in the MergeJob schema: `kubectl explain mergejob.spec` lists the fields)",
+        if unknown.len() > 1 { "s" } else { "" },
+        unknown.join(", ")
+    );
+    Ok(job)
+}
+
+/// `spec.shards.0.colour` as `kubectl explain` and `validate` write it: `spec.shards[0].colour`.
+fn kubectl_path(dotted: &str) -> String {
+    let mut out = String::new();
+    for segment in dotted.split('.') {
+        if !out.is_empty() && segment.bytes().all(|b| b.is_ascii_digit()) {
+            out.push_str(&format!("[{segment}]"));
+        } else {
+            if !out.is_empty() {
+                out.push('.');
+            }
+            out.push_str(segment);
+        }
+    }
+    out
 }
 
 /// Runs stages of one job until the plan is complete.
@@ -366,7 +416,11 @@ impl Runner {
                         std::fs::read(&src).map_err(|e| anyhow::anyhow!("shard {shard}: vector {} is not available: {e}", src.display()))?
                     }
                 };
-                write_atomic(&out(&l.shard_vector(shard)), &bytes)?;
+                // Checked before it joins the run: a bad upload is refused here, naming the
+                // shard, and (nothing published) a corrected upload is collected on the retry.
+                let staged = out(&l.shard_vector(shard));
+                write_atomic(&staged, &bytes)?;
+                crate::merge::check_vector(&self.path(&l.base()), &ShardVector { shard: shard.clone(), path: staged }).map_err(|e| anyhow::anyhow!("external vector {src} refused: {e}"))?;
             }
             Stage::FullTraining => {
                 let mut all = self.shard_data(&spec.shards[0].name)?;

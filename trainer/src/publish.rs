@@ -14,7 +14,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use medmerge_store::{sha256_hex, BlockingStore};
+use medmerge_store::BlockingStore;
 use serde::{Deserialize, Serialize};
 
 /// Staging directories older than this are removed whoever made them.
@@ -34,11 +34,6 @@ pub struct Provenance {
 /// The key of `stage`'s provenance record in run `run_root`.
 pub fn provenance_key(run_root: &str, stage: &str) -> String {
     format!("{run_root}/provenance/{stage}.json")
-}
-
-/// SHA-256 of a file.
-pub fn file_digest(path: &Path) -> anyhow::Result<String> {
-    Ok(sha256_hex(&std::fs::read(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?))
 }
 
 /// A private directory one stage attempt writes its outputs into, removed when dropped.

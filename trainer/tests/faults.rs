@@ -42,3 +42,56 @@ fn two_runners_on_one_mergejob_end_with_one_consistent_run_or_a_clear_refusal() 
     let again = trainer().arg("pipeline").arg(&job).output().unwrap();
     assert!(again.status.success(), "{}", stderr(&again));
 }
+
+#[test]
+fn a_misspelt_field_or_a_wrong_kind_is_refused_naming_it_instead_of_running_with_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = common::write_job(dir.path(), "  merge: {lamda: 3}\n", 2);
+    let yaml = std::fs::read_to_string(&job).unwrap();
+    std::fs::write(&job, yaml.replace("- {name: h0,", "- {colour: red, name: h0,")).unwrap();
+    let out = trainer().arg("pipeline").arg(&job).arg("--plan").output().unwrap();
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("unknown fields spec.shards[0].colour, spec.merge.lamda"), "{}", stderr(&out));
+
+    for (from, to, expect) in
+        [("kind: MergeJob", "kind: Job", "kind \"Job\" is not MergeJob"), ("apiVersion: medmerge.io/v1alpha1", "apiVersion: batch/v1", "apiVersion \"batch/v1\" is not medmerge.io/v1alpha1")]
+    {
+        std::fs::write(&job, yaml.replace(from, to).replace("  merge: {lamda: 3}\n", "")).unwrap();
+        let out = trainer().arg("pipeline").arg(&job).arg("--plan").output().unwrap();
+        assert!(!out.status.success() && stderr(&out).contains(expect), "{}", stderr(&out));
+    }
+    assert!(!dir.path().join("out").exists(), "nothing was written");
+}
+
+/// A tiny base and one shard's vector made with the CLI, in `dir`.
+fn base_and_vector(dir: &Path) {
+    let run = |args: &[&str]| {
+        let out = trainer().current_dir(dir).args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+    };
+    run(&["synth", "--out", "images", "--classes", "2", "--per-class", "6", "--size", "32"]);
+    run(&["init", "--arch", "resnet18", "--weights", "random", "--data", "images", "--image-size", "32", "--out", "base.safetensors"]);
+    run(&["finetune", "--base", "base.safetensors", "--data", "images", "--shard", "a", "--out", "a.safetensors", "--epochs", "1", "--batch-size", "4"]);
+}
+
+#[test]
+fn cli_flags_follow_the_specs_rules_and_a_vector_given_twice_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    base_and_vector(dir.path());
+    std::fs::copy(dir.path().join("a.safetensors"), dir.path().join("copy.safetensors")).unwrap();
+    let fails = |args: &[&str], expect: &str| {
+        let out = trainer().current_dir(dir.path()).args(args).output().unwrap();
+        assert!(!out.status.success() && stderr(&out).contains(expect), "{args:?}: expected {expect:?}, got {}", stderr(&out));
+    };
+    fails(
+        &["finetune", "--base", "base.safetensors", "--data", "images", "--shard", "z", "--out", "z.safetensors", "--epochs", "0"],
+        "--epochs: must be at least 1 (the same rule as spec.training.epochs)",
+    );
+    fails(&["finetune", "--base", "base.safetensors", "--data", "images", "--shard", "z", "--out", "z.safetensors", "--validation-fraction", "0.9"], "--validation-fraction: 0.9 is outside [0, 0.5)");
+    let merge = ["merge", "--base", "base.safetensors", "--out", "m.safetensors"];
+    fails(&[&merge[..], &["--vector", "a=a.safetensors", "--lambda", "1e30"]].concat(), "--lambda: 1000000000000000000000000000000 is outside [0, 4]");
+    fails(&[&merge[..], &["--vector", "a=a.safetensors", "--lambda=-3"]].concat(), "--lambda: -3 is outside [0, 4]");
+    fails(&[&merge[..], &["--vector", "a=a.safetensors", "--vector", "b=a.safetensors"]].concat(), "vectors of shards a and b are the same vector (both are a.safetensors)");
+    fails(&[&merge[..], &["--vector", "a=a.safetensors", "--vector", "b=copy.safetensors"]].concat(), "identical copies of shard a's vector");
+    assert!(!dir.path().join("m.safetensors").exists() && !dir.path().join("z.safetensors").exists());
+}

@@ -209,9 +209,17 @@ fn a_collect_stage_waits_for_a_late_hospital_vector_and_names_it_when_it_never_c
     });
     runner.wait_for_vector("collect-h2", std::time::Duration::from_secs(2)).unwrap();
     upload.join().unwrap();
+    // What arrived is not a data vector of this base: refused, naming the shard and the file.
+    let refused = format!("{:#}", runner.run_stage("collect-h2").unwrap_err());
+    assert!(refused.contains("external vector incoming/h2.safetensors refused") && refused.contains("not a valid safetensors"), "{refused}");
+    let collected = dir.path().join("out/runs/local/tiny/g1/shards/h2/vector.safetensors");
+    assert!(!collected.exists(), "nothing is published");
+    // The hospital fixes its upload (a real vector of this base); the retry collects it.
+    runner.run_stage("finetune-h0").unwrap();
+    let real = std::fs::read(dir.path().join("out/runs/local/tiny/g1/shards/h0/vector.safetensors")).unwrap();
+    std::fs::write(dir.path().join("incoming/h2.safetensors"), &real).unwrap();
     runner.run_stage("collect-h2").unwrap();
-    let collected = std::fs::read(dir.path().join("out/runs/local/tiny/g1/shards/h2/vector.safetensors")).unwrap();
-    assert_eq!(collected, b"uploaded by the hospital");
+    assert_eq!(std::fs::read(&collected).unwrap(), real);
 }
 
 #[test]

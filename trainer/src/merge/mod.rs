@@ -47,6 +47,8 @@ pub enum MergeError {
     #[error("base {path}: tensor {tensor:?} contains NaN or infinite values")]
     NonFiniteBase { path: PathBuf, tensor: String },
     /// Nothing to merge.
+    #[error("vectors of shards {first} and {second} are the same vector ({why}): it would count twice")]
+    Duplicate { first: String, second: String, why: String },
     #[error("no vectors to merge")]
     NoVectors,
     /// A merged batch-norm running variance is negative: the model would give NaN.
@@ -164,6 +166,47 @@ fn open_checked_vector(v: &ShardVector, base: &MappedFile, digest: &str, base_me
     Ok(opened)
 }
 
+/// The same file given twice, or two files written by the same shard's training (a copied
+/// vector), would add one hospital's vector twice.
+fn refuse_duplicates(vectors: &[ShardVector], opened: &[(ArtifactMeta, MappedFile)]) -> Result<(), MergeError> {
+    for i in 0..vectors.len() {
+        for j in i + 1..vectors.len() {
+            let same_file = matches!((vectors[i].path.canonicalize(), vectors[j].path.canonicalize()), (Ok(a), Ok(b)) if a == b);
+            let written_by = |k: usize| opened[k].0.shard.clone().filter(|s| !s.is_empty());
+            let why = if vectors[i].shard == vectors[j].shard {
+                Some(format!("both are named {}", vectors[i].shard))
+            } else if same_file {
+                Some(format!("both are {}", vectors[i].path.display()))
+            } else if written_by(i).is_some() && written_by(i) == written_by(j) && file_digest(&vectors[i].path)? == file_digest(&vectors[j].path)? {
+                // Hospitals may pick the same --shard name; only identical bytes are a copy.
+                Some(format!("identical copies of shard {}'s vector", written_by(i).unwrap_or_default()))
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return Err(MergeError::Duplicate { first: vectors[i].shard.clone(), second: vectors[j].shard.clone(), why });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Checks a vector that arrived from elsewhere (a hospital's upload) before it joins a run:
+/// a medmerge data vector computed from exactly this base (by SHA-256), with the base's
+/// architecture, classes and tensors, and finite values.
+pub fn check_vector(base_path: &Path, v: &ShardVector) -> Result<(), MergeError> {
+    let base = MappedFile::open(base_path)?;
+    let base_meta = ArtifactMeta::from_map(base_path, base.metadata(), ArtifactKind::Model)?;
+    let (meta, file) = open_vector(v, &base, &base_meta)?;
+    check_base_digest(v, &meta.base_digest, &file_digest(base_path)?)?;
+    for t in file.tensors().filter(|t| t.dtype == safetensors::Dtype::F32) {
+        if file.f32(&t.name)?.iter().any(|x| !x.is_finite()) {
+            return Err(MergeError::NonFinite { shard: v.shard.clone(), tensor: t.name.clone() });
+        }
+    }
+    Ok(())
+}
+
 fn check_base_digest(v: &ShardVector, claim: &str, digest: &str) -> Result<(), MergeError> {
     if claim != digest {
         return Err(MergeError::BaseMismatch { shard: v.shard.clone(), path: v.path.clone(), found: claim.into(), expected: digest.into() });
@@ -201,6 +244,7 @@ pub fn merge_files(base_path: &Path, vectors: &[ShardVector], opts: &MergeOption
     std::thread::scope(|scope| {
         let hashing = scope.spawn(|| file_digest(base_path));
         let opened = vectors.iter().map(|v| open_vector(v, &base, &base_meta)).collect::<Result<Vec<_>, _>>()?;
+        refuse_duplicates(vectors, &opened)?;
         let claims: Vec<String> = opened.iter().map(|(m, _)| m.base_digest.clone()).collect();
         // Vectors that disagree on their base cannot all match it: skip the merge, name the culprits.
         let writer = if claims.iter().all(|c| *c == claims[0]) { Some(stream_merge(base, &base_meta, &claims[0], vectors, opened, opts, out)?) } else { None };

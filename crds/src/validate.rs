@@ -24,6 +24,12 @@ pub fn is_dns_label(s: &str, max: usize) -> bool {
     !s.is_empty() && s.len() <= max && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') && !s.starts_with('-') && !s.ends_with('-')
 }
 
+/// Whether `s` is a DNS subdomain (what Kubernetes requires of most object names): dot-separated
+/// DNS labels, at most 253 characters. Never `.`, `..` or a path.
+pub fn is_dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(|label| is_dns_label(label, 63))
+}
+
 /// Checks everything about a spec that can be checked without I/O. Returns every problem found.
 pub fn validate(spec: &MergeJobSpec) -> Result<(), Vec<SpecError>> {
     let mut errors = Vec::new();

@@ -45,6 +45,12 @@ impl Job {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("cannot read MergeJob {}: {e}", path.display()))?;
         let job = parse_strict(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        // Both name directories of the store, as the API server would insist they be names.
+        for (field, value) in [("metadata.name", &job.metadata.name), ("metadata.namespace", &job.metadata.namespace)] {
+            if let Some(v) = value.as_deref().filter(|v| !medmerge_crds::is_dns_subdomain(v)) {
+                anyhow::bail!("{}: {field} {v:?} must be a DNS subdomain (lowercase letters, digits, '-' and '.', at most 253 characters), as Kubernetes requires", path.display());
+            }
+        }
         if let Err(errors) = validate_for_local(&job.spec) {
             let lines: Vec<String> = errors.iter().map(|e| format!("  - {e}")).collect();
             anyhow::bail!("{}: invalid MergeJob:\n{}", path.display(), lines.join("\n"));
@@ -577,21 +583,42 @@ impl Runner {
 
 /// Without `model.classes`: every class name found in any shard's images or the evaluation set
 /// (sorted; multi-label columns keep their first-seen order). Hospitals with label-skewed data
-/// may lack a class the others have; the first shard alone would silently drop it.
+/// may lack a class the others have; the first shard alone would silently drop it. A class that
+/// some shard has but the evaluation set lacks is refused: most often a mistyped label, which
+/// would otherwise become a class of the model.
 fn classes_in_data(job: &Job) -> anyhow::Result<Vec<String>> {
     let spec = job.spec();
+    let open = |what: &str, path: &str| -> anyhow::Result<Dataset> {
+        let path = job.data_path(path, crate::remote_data::shard_credentials()?).map_err(|e| e.context(what.to_string()))?;
+        Dataset::open(&path, None).map_err(|e| anyhow::anyhow!("{what}: {e}"))
+    };
+    let evaluation = open("evaluation data", &spec.evaluation.data.path)?;
     let mut names: Vec<String> = Vec::new();
     let mut any_shard = false;
-    for (what, d) in spec.shards.iter().filter_map(|s| s.data.as_ref().map(|d| (format!("shard {}", s.name), d))).chain([("evaluation data".to_string(), &spec.evaluation.data)]) {
-        any_shard |= what != "evaluation data";
-        let path = job.data_path(&d.path, crate::remote_data::shard_credentials()?).map_err(|e| e.context(what.clone()))?;
-        for class in Dataset::open(&path, None).map_err(|e| anyhow::anyhow!("{what}: {e}"))?.classes {
-            if !names.contains(&class) {
-                names.push(class);
+    for s in &spec.shards {
+        let Some(d) = &s.data else { continue };
+        any_shard = true;
+        let shard = open(&format!("shard {}", s.name), &d.path)?;
+        for (label, class) in shard.classes.iter().enumerate() {
+            if !evaluation.classes.contains(class) {
+                let example = shard.samples.iter().find(|x| x.label == label).map(|x| x.path.display().to_string()).unwrap_or_default();
+                anyhow::bail!(
+                    "shard {}: class {class:?} (e.g. {example}, in {}) is not in the evaluation data: a mistyped label? If it is a real class, list every class in spec.model.classes",
+                    s.name,
+                    shard.source.display()
+                );
+            }
+            if !names.contains(class) {
+                names.push(class.clone());
             }
         }
     }
     anyhow::ensure!(any_shard, "spec.model.classes: required when no shard has data to read class names from");
+    for class in evaluation.classes {
+        if !names.contains(&class) {
+            names.push(class);
+        }
+    }
     if !spec.model.multi_label {
         names.sort();
     }

@@ -95,3 +95,66 @@ fn cli_flags_follow_the_specs_rules_and_a_vector_given_twice_is_refused() {
     fails(&[&merge[..], &["--vector", "a=a.safetensors", "--vector", "b=copy.safetensors"]].concat(), "identical copies of shard a's vector");
     assert!(!dir.path().join("m.safetensors").exists() && !dir.path().join("z.safetensors").exists());
 }
+
+#[test]
+fn a_name_or_namespace_that_would_leave_the_store_is_refused_and_nothing_is_written_outside() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = common::write_job(dir.path(), "", 2);
+    let yaml = std::fs::read_to_string(&job).unwrap();
+    for (metadata, field) in [("{name: ../../escape}", "metadata.name \"../../escape\""), ("{name: tiny, namespace: /tmp}", "metadata.namespace \"/tmp\""), ("{name: Tiny}", "metadata.name \"Tiny\"")]
+    {
+        std::fs::write(&job, yaml.replace("metadata: {name: tiny}", &format!("metadata: {metadata}"))).unwrap();
+        let out = trainer().arg("pipeline").arg(&job).output().unwrap();
+        assert!(!out.status.success() && stderr(&out).contains(field) && stderr(&out).contains("DNS subdomain"), "{}", stderr(&out));
+    }
+    assert!(!dir.path().join("out").exists() && !dir.path().parent().unwrap().join("escape").exists());
+    // The store CLI refuses the same escapes in keys.
+    let out = trainer().args(["store", "--local"]).arg(dir.path().join("store")).arg("put").arg(&job).arg("../outside").output().unwrap();
+    assert!(!out.status.success() && stderr(&out).contains("store key \"../outside\""), "{}", stderr(&out));
+    assert!(!dir.path().join("outside").exists());
+}
+
+#[test]
+fn a_mistyped_label_is_refused_naming_shard_file_and_line_instead_of_becoming_a_class() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = common::write_job(dir.path(), "", 2);
+    let s1 = dir.path().join("s1.csv");
+    let text = std::fs::read_to_string(&s1).unwrap();
+    let typo = text.replacen(",disc\n", ",dsic\n", 1);
+    assert_ne!(typo, text, "the fixture has a disc row");
+    let line = typo.lines().position(|l| l.ends_with(",dsic")).unwrap() + 1;
+    std::fs::write(&s1, &typo).unwrap();
+    // Classes read from the data: the typo is in no evaluation image.
+    let out = trainer().arg("pipeline").arg(&job).output().unwrap();
+    assert!(!out.status.success() && stderr(&out).contains("shard h1: class \"dsic\"") && stderr(&out).contains("s1.csv"), "{}", stderr(&out));
+    // Classes listed in the spec: the row is named by file and line.
+    let yaml = std::fs::read_to_string(&job).unwrap().replace("imageSize: 32}", "imageSize: 32, classes: [disc, square, stripes]}");
+    std::fs::write(&job, yaml).unwrap();
+    let out = trainer().arg("pipeline").arg(&job).output().unwrap();
+    assert!(!out.status.success() && stderr(&out).contains(&format!("s1.csv, line {line}: class \"dsic\" is not one of the model's classes")), "{}", stderr(&out));
+    assert!(!dir.path().join("out/runs/local/tiny/g1/shards/h1").exists(), "the shard with the bad row published nothing");
+}
+
+#[test]
+fn empty_and_non_image_folders_are_not_classes_and_a_truncated_jpeg_is_named() {
+    use medmerge_trainer::data::{decode_image, Dataset};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("images");
+    medmerge_trainer::synth::generate(&data, 2, 3, 32, 1).unwrap();
+    std::fs::create_dir_all(data.join("empty")).unwrap();
+    std::fs::create_dir_all(data.join("notes")).unwrap();
+    std::fs::write(data.join("notes/readme.txt"), "not an image").unwrap();
+    let ds = Dataset::open(&data, None).unwrap();
+    assert!(!ds.classes.iter().any(|c| c == "empty" || c == "notes"), "{:?}", ds.classes);
+    assert_eq!(ds.classes.len(), 2);
+
+    let img = image::RgbImage::from_fn(64, 64, |x, y| image::Rgb([x as u8 * 4, y as u8 * 4, 128]));
+    let whole = dir.path().join("whole.jpg");
+    img.save(&whole).unwrap();
+    decode_image(&whole, 32, None).unwrap();
+    let bytes = std::fs::read(&whole).unwrap();
+    let cut = dir.path().join("cut.jpg");
+    std::fs::write(&cut, &bytes[..bytes.len() * 2 / 3]).unwrap();
+    let err = decode_image(&cut, 32, None).unwrap_err().to_string();
+    assert!(err.contains("cut.jpg is truncated"), "{err}");
+}

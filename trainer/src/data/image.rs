@@ -27,12 +27,29 @@ pub struct Augment {
 /// Decodes `path`, optionally augments it, resizes it to `size`x`size` and returns normalised
 /// CHW f32 values.
 pub fn decode_image(path: &Path, size: u32, augment: Option<&Augment>) -> Result<Vec<f32>, DataError> {
-    let img = image::open(path).map_err(|source| DataError::Decode { path: path.into(), source })?.to_rgb8();
+    let img = decode_rgb(path)?;
     let img = match augment {
         None => resize(&img, size),
         Some(a) => augmented(img, size, a),
     };
     Ok(normalise(&img))
+}
+
+/// Reads and decodes `path` to RGB, refusing truncated JPEGs. The decoder's default limits
+/// refuse images whose pixels would not fit in 512 MiB (an error, not an abort).
+fn decode_rgb(path: &Path) -> Result<RgbImage, DataError> {
+    let bytes = std::fs::read(path).map_err(|source| DataError::Read { path: path.into(), source })?;
+    if is_truncated_jpeg(&bytes) {
+        return Err(DataError::Truncated { path: path.into() });
+    }
+    Ok(image::load_from_memory(&bytes).map_err(|source| DataError::Decode { path: path.into(), source })?.to_rgb8())
+}
+
+/// A JPEG (starts with SOI) without its EOI marker near the end: the decoder would fill the
+/// missing rows with grey and say nothing. Some writers pad after EOI, so the tail is searched.
+fn is_truncated_jpeg(bytes: &[u8]) -> bool {
+    const TAIL: usize = 1024;
+    bytes.starts_with(&[0xFF, 0xD8]) && !bytes[bytes.len().saturating_sub(TAIL)..].windows(2).any(|w| w == [0xFF, 0xD9])
 }
 
 /// `img` resized to `size`x`size` with a bilinear (triangle) filter whose support widens when
@@ -55,7 +72,7 @@ pub fn resize(img: &RgbImage, size: u32) -> RgbImage {
 /// Decodes `path` and resizes it to `size`x`size` without augmentation or normalisation (what
 /// the network sees, as pixels; Grad-CAM overlays are drawn on it).
 pub fn load_resized(path: &Path, size: u32) -> Result<RgbImage, DataError> {
-    let img = image::open(path).map_err(|source| DataError::Decode { path: path.into(), source })?.to_rgb8();
+    let img = decode_rgb(path)?;
     Ok(resize(&img, size))
 }
 

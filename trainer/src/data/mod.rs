@@ -22,8 +22,11 @@ pub enum DataError {
     #[error("no images (.jpg, .jpeg, .png) found in {path}")]
     Empty { path: PathBuf },
     /// A class folder or manifest label is not one of the model's classes.
-    #[error("{path}: class {class:?} is not one of the model's classes {known:?}")]
-    UnknownClass { path: PathBuf, class: String, known: Vec<String> },
+    #[error("{path}{}: class {class:?} is not one of the model's classes {known:?}", line.map(|l| format!(", line {l}")).unwrap_or_default())]
+    UnknownClass { path: PathBuf, line: Option<usize>, class: String, known: Vec<String> },
+    /// A JPEG file ends before its end-of-image marker (an interrupted copy or download).
+    #[error("image {path} is truncated (no JPEG end-of-image marker): copy it again or remove it")]
+    Truncated { path: PathBuf },
     /// A manifest row is malformed.
     #[error("{path}, line {line}: {message}")]
     Manifest { path: PathBuf, line: usize, message: String },
@@ -84,12 +87,25 @@ impl Dataset {
     }
 
     fn image_folder(dir: &Path, classes: Option<&[String]>) -> Result<Self, DataError> {
-        let folders: Vec<PathBuf> = sorted_entries(dir)?.into_iter().filter(|p| p.is_dir()).collect();
+        let mut folders: Vec<PathBuf> = sorted_entries(dir)?.into_iter().filter(|p| p.is_dir()).collect();
+        if classes.is_none() {
+            // Folder names become classes: one without images (empty, or only other files)
+            // would be a class with no examples, so it is skipped, and said.
+            let mut with_images = Vec::new();
+            for folder in folders {
+                if sorted_entries(&folder)?.iter().any(|p| is_image(p)) {
+                    with_images.push(folder);
+                } else {
+                    tracing::warn!(folder = %folder.display(), "skipped: no .jpg, .jpeg or .png images, so not a class");
+                }
+            }
+            folders = with_images;
+        }
         let names: Vec<String> = folders.iter().map(|f| f.file_name().unwrap_or_default().to_string_lossy().into_owned()).collect();
         let classes: Vec<String> = classes.map(<[String]>::to_vec).unwrap_or_else(|| names.clone());
         let mut samples = Vec::new();
         for (folder, name) in folders.iter().zip(&names) {
-            let label = classes.iter().position(|c| c == name).ok_or_else(|| DataError::UnknownClass { path: folder.clone(), class: name.clone(), known: classes.clone() })?;
+            let label = classes.iter().position(|c| c == name).ok_or_else(|| DataError::UnknownClass { path: folder.clone(), line: None, class: name.clone(), known: classes.clone() })?;
             samples.extend(sorted_entries(folder)?.into_iter().filter(|p| is_image(p)).map(|path| Sample { path, label, targets: vec![] }));
         }
         Ok(Dataset { source: dir.into(), classes, samples, multi_label: false })
@@ -110,7 +126,7 @@ impl Dataset {
             }
             let (p, label) = line.rsplit_once(',').ok_or_else(|| DataError::Manifest { path: file.into(), line: i + 1, message: format!("expected `path,label`, got {line:?}") })?;
             let p = PathBuf::from(p.trim());
-            rows.push((if p.is_absolute() { p } else { base.join(p) }, label.trim().to_string()));
+            rows.push((if p.is_absolute() { p } else { base.join(p) }, label.trim().to_string(), i + 1));
         }
         let classes: Vec<String> = match classes {
             Some(c) => c.to_vec(),
@@ -123,9 +139,9 @@ impl Dataset {
         };
         let samples = rows
             .into_iter()
-            .map(|(path, class)| match classes.iter().position(|c| *c == class) {
+            .map(|(path, class, line)| match classes.iter().position(|c| *c == class) {
                 Some(label) => Ok(Sample { path, label, targets: vec![] }),
-                None => Err(DataError::UnknownClass { path: file.into(), class, known: classes.clone() }),
+                None => Err(DataError::UnknownClass { path: file.into(), line: Some(line), class, known: classes.clone() }),
             })
             .collect::<Result<_, _>>()?;
         Ok(Dataset { source: file.into(), classes, samples, multi_label: false })
@@ -136,7 +152,7 @@ impl Dataset {
         let classes: Vec<String> = classes.map(<[String]>::to_vec).unwrap_or_else(|| columns.iter().map(|c| c.to_string()).collect());
         let order = columns
             .iter()
-            .map(|c| classes.iter().position(|k| k == c).ok_or_else(|| DataError::UnknownClass { path: file.into(), class: c.to_string(), known: classes.clone() }))
+            .map(|c| classes.iter().position(|k| k == c).ok_or_else(|| DataError::UnknownClass { path: file.into(), line: Some(1), class: c.to_string(), known: classes.clone() }))
             .collect::<Result<Vec<_>, _>>()?;
         let mut samples = Vec::new();
         for (i, line) in text.lines().enumerate().skip(1) {

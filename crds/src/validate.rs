@@ -3,7 +3,7 @@
 
 use std::collections::BTreeSet;
 
-use crate::spec::{Architecture, Baseline, MergeJobSpec, MergeSpec, RestoreMode, StageKind, TrainingSpec, WeightsSource};
+use crate::spec::{Architecture, Baseline, MergeJobSpec, MergeSpec, ModelSpec, RestoreMode, StageKind, TrainingSpec, WeightsSource};
 
 /// One problem with a spec.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -33,25 +33,7 @@ pub fn is_dns_subdomain(s: &str) -> bool {
 /// Checks everything about a spec that can be checked without I/O. Returns every problem found.
 pub fn validate(spec: &MergeJobSpec) -> Result<(), Vec<SpecError>> {
     let mut errors = Vec::new();
-    let m = &spec.model;
-    if m.weights == WeightsSource::Imagenet && m.architecture != Architecture::EfficientnetLite0 {
-        errors.push(err("model.weights", format!("imagenet weights ship only for efficientnet-lite0; for {} use weights: file with weightsPath, or random", m.architecture.as_str())));
-    }
-    if m.weights == WeightsSource::File && m.weights_path.as_deref().unwrap_or("").is_empty() {
-        errors.push(err("model.weightsPath", "required when model.weights is file"));
-    }
-    if !(16..=1024).contains(&m.image_size) {
-        errors.push(err("model.imageSize", format!("{} is outside 16..=1024", m.image_size)));
-    }
-    let mut seen_classes = BTreeSet::new();
-    for (i, c) in m.classes.iter().enumerate() {
-        if c.is_empty() || !seen_classes.insert(c) {
-            errors.push(err(format!("model.classes[{i}]"), format!("class {c:?} is empty or repeated")));
-        }
-    }
-    if m.classes.len() == 1 {
-        errors.push(err("model.classes", "a classifier needs at least two classes"));
-    }
+    errors.extend(validate_model(&spec.model));
 
     if spec.shards.is_empty() {
         errors.push(err("shards", "at least one shard is required"));
@@ -138,6 +120,30 @@ pub fn validate(spec: &MergeJobSpec) -> Result<(), Vec<SpecError>> {
     } else {
         Err(errors)
     }
+}
+
+/// The model's bounds (`spec.model`, and the `init` command's flags).
+pub fn validate_model(m: &ModelSpec) -> Vec<SpecError> {
+    let mut errors = Vec::new();
+    if m.weights == WeightsSource::Imagenet && m.architecture != Architecture::EfficientnetLite0 {
+        errors.push(err("model.weights", format!("imagenet weights ship only for efficientnet-lite0; for {} use weights: file with weightsPath, or random", m.architecture.as_str())));
+    }
+    if m.weights == WeightsSource::File && m.weights_path.as_deref().unwrap_or("").is_empty() {
+        errors.push(err("model.weightsPath", "required when model.weights is file"));
+    }
+    if !(16..=1024).contains(&m.image_size) {
+        errors.push(err("model.imageSize", format!("{} is outside 16..=1024", m.image_size)));
+    }
+    let mut seen_classes = BTreeSet::new();
+    for (i, c) in m.classes.iter().enumerate() {
+        if c.is_empty() || !seen_classes.insert(c) {
+            errors.push(err(format!("model.classes[{i}]"), format!("class {c:?} is empty or repeated")));
+        }
+    }
+    if m.classes.len() == 1 {
+        errors.push(err("model.classes", "a classifier needs at least two classes"));
+    }
+    errors
 }
 
 /// The training settings' bounds (`spec.training`, and the trainer's CLI flags, which map onto

@@ -10,7 +10,8 @@ use anyhow::Context;
 use clap::builder::TypedValueParser;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use medmerge_crds::{
-    validate_merge, validate_training, Architecture, AugmentSpec, HeadStrategy, MergeMethod, MergeSpec, ModelSpec, Optimizer, RestoreMode, Schedule, SpecError, TrainingSpec, WeightsSource,
+    validate_merge, validate_model, validate_training, Architecture, AugmentSpec, HeadStrategy, MergeMethod, MergeSpec, ModelSpec, Optimizer, RestoreMode, Schedule, SpecError, TrainingSpec,
+    WeightsSource,
 };
 use medmerge_trainer::checkpoint::{ArtifactKind, ArtifactMeta};
 use medmerge_trainer::data::Dataset;
@@ -286,7 +287,8 @@ struct TrainingArgs {
 /// rule): one set of bounds for the CLI and MergeJobs.
 fn check_flags(errors: Vec<SpecError>, flags: &[(&str, &str)]) -> anyhow::Result<()> {
     let Some(first) = errors.first() else { return Ok(()) };
-    let flag = flags.iter().find(|(field, _)| *field == first.field).map_or("", |(_, flag)| flag);
+    let names = |field: &str| first.field == field || first.field.starts_with(&format!("{field}["));
+    let flag = flags.iter().find(|(field, _)| names(field)).map_or("", |(_, flag)| flag);
     anyhow::bail!("{flag}: {} (the same rule as spec.{})", first.message, first.field)
 }
 
@@ -434,6 +436,7 @@ fn main() -> anyhow::Result<()> {
                 path => (WeightsSource::File, Some(path.to_string())),
             };
             let model = ModelSpec { architecture: arch, weights, weights_path: weights_path.clone(), classes: classes.clone(), image_size: a.image_size, seed: a.seed, multi_label: a.multi_label };
+            check_flags(validate_model(&model), &[("model.imageSize", "--image-size"), ("model.classes", "--classes"), ("model.weights", "--weights")])?;
             let net = init_base(&model, &classes, dev, weights_path.map(PathBuf::from))?;
             let meta = ArtifactMeta { kind: ArtifactKind::Model, arch, classes, image_size: a.image_size, base_digest: String::new(), shard: None, class_counts: vec![], multi_label: a.multi_label };
             net.save(&a.out, &meta)?;

@@ -27,6 +27,9 @@ pub enum TrainError {
     /// The loss diverged.
     #[error("{label}: loss became {loss} in epoch {epoch}; lower the learning rate")]
     Diverged { label: String, epoch: u32, loss: f64 },
+    /// Too few images to train (batch normalisation needs two per batch).
+    #[error("{label}: {images} image(s) is too few to fine-tune (batch normalisation needs at least 2); give this shard more images or leave it out")]
+    TooFewImages { label: String, images: usize },
 }
 
 /// One epoch's numbers.
@@ -122,10 +125,14 @@ pub fn learning_rate(schedule: Schedule, peak: f64, step: usize, total: usize) -
 /// Fine-tunes `net` on `data` with `spec`; keeps the best epoch by validation balanced accuracy
 /// when `spec.validationFraction > 0`, else the last.
 pub fn train(net: &mut Network, data: &Dataset, spec: &TrainingSpec, device: Device, label: &str) -> Result<TrainReport, TrainError> {
+    if data.samples.len() < 2 {
+        return Err(TrainError::TooFewImages { label: label.into(), images: data.samples.len() });
+    }
     let mut rng = StdRng::seed_from_u64(spec.seed);
     let mut all: Vec<usize> = (0..data.samples.len()).collect();
     all.shuffle(&mut rng);
-    let n_val = if spec.validation_fraction > 0.0 { ((all.len() as f64 * spec.validation_fraction).round() as usize).clamp(1, all.len() - 1) } else { 0 };
+    // Two images: nothing to hold out that would leave a batch to train on.
+    let n_val = if spec.validation_fraction > 0.0 && all.len() >= 3 { ((all.len() as f64 * spec.validation_fraction).round() as usize).clamp(1, all.len() - 1) } else { 0 };
     let val = data.subset(&all[..n_val]);
     let train_idx: Vec<usize> = all[n_val..].to_vec();
     let train_set = data.subset(&train_idx);

@@ -158,3 +158,34 @@ fn empty_and_non_image_folders_are_not_classes_and_a_truncated_jpeg_is_named() {
     let err = decode_image(&cut, 32, None).unwrap_err().to_string();
     assert!(err.contains("cut.jpg is truncated"), "{err}");
 }
+
+#[test]
+fn a_one_image_shard_a_classless_or_oversized_model_and_empty_bn_counts_are_errors_not_panics() {
+    use medmerge_trainer::checkpoint::{ArtifactKind, ArtifactMeta};
+    use medmerge_trainer::restore::moments::{load_moments, save_moments};
+    let dir = tempfile::tempdir().unwrap();
+    base_and_vector(dir.path());
+    let fails = |args: &[&str], expect: &str| {
+        let out = trainer().current_dir(dir.path()).args(args).output().unwrap();
+        let err = stderr(&out);
+        assert!(!out.status.success() && err.contains(expect) && !err.contains("panicked"), "{args:?}: expected {expect:?}, got {err}");
+    };
+    // A valid spec (validationFraction > 0) on a shard of one image.
+    let image = std::fs::read_dir(dir.path().join("images/disc")).unwrap().next().unwrap().unwrap().path();
+    std::fs::write(dir.path().join("one.csv"), format!("path,label\n{},disc\n", image.display())).unwrap();
+    fails(&["finetune", "--base", "base.safetensors", "--data", "one.csv", "--shard", "tiny", "--out", "t.safetensors", "--validation-fraction", "0.3"], "tiny: 1 image(s) is too few to fine-tune");
+    fails(&["init", "--arch", "resnet18", "--weights", "random", "--classes", "", "--out", "x.safetensors"], "--classes: class \"\" is empty or repeated");
+    fails(&["init", "--arch", "resnet18", "--weights", "random", "--classes", "a,b", "--image-size", "100000", "--out", "x.safetensors"], "--image-size: 100000 is outside 16..=1024");
+    assert!(!dir.path().join("x.safetensors").exists());
+
+    let meta = ArtifactMeta {
+        kind: ArtifactKind::BnStats,
+        ..ArtifactMeta::from_map(Path::new("base"), medmerge_trainer::st::MappedFile::open(&dir.path().join("base.safetensors")).unwrap().metadata(), ArtifactKind::Model).unwrap()
+    };
+    for count in [0.0, f64::NAN] {
+        let stats = dir.path().join("stats.safetensors");
+        save_moments(&stats, &[("bn1".to_string(), (count, vec![1.0], vec![1.0]))].into(), &meta).unwrap();
+        let err = load_moments(&stats).unwrap_err().to_string();
+        assert!(err.contains("layer \"bn1\"") && err.contains("positive count"), "{err}");
+    }
+}

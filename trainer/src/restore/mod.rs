@@ -30,7 +30,7 @@ pub enum RestoreError {
     #[error(transparent)]
     St(#[from] StError),
     /// Stats from a shard do not fit the model.
-    #[error("{path}: batch-norm statistics for layer {layer:?} are missing or have the wrong size")]
+    #[error("{path}: batch-norm statistics for layer {layer:?} are missing, of the wrong size, or not a positive count with finite sums")]
     Stats { path: String, layer: String },
     /// Per-class feature statistics do not fit the model or each other.
     #[error("{path}: head statistics do not fit: {reason}")]

@@ -110,8 +110,18 @@ pub fn load_moments(path: &Path) -> Result<LayerMoments, RestoreError> {
     let mut out = LayerMoments::new();
     for t in f.tensors() {
         if let Some(layer) = t.name.strip_suffix(".count") {
-            let n = f.f64(&t.name)?[0];
-            out.insert(layer.into(), (n, f.f64(&format!("{layer}.sum"))?, f.f64(&format!("{layer}.sum_sq"))?));
+            let bad = || RestoreError::Stats { path: path.display().to_string(), layer: layer.into() };
+            let (count, sum, sum_sq) = (f.f64(&t.name)?, f.f64(&format!("{layer}.sum"))?, f.f64(&format!("{layer}.sum_sq"))?);
+            // One positive count and finite sums of equal length, or the file is refused: an
+            // empty count would index nothing, a zero one would divide by it.
+            let n = match count.as_slice() {
+                [n] if n.is_finite() && *n > 0.0 => *n,
+                _ => return Err(bad()),
+            };
+            if sum.len() != sum_sq.len() || !sum.iter().chain(&sum_sq).all(|x| x.is_finite()) {
+                return Err(bad());
+            }
+            out.insert(layer.into(), (n, sum, sum_sq));
         }
     }
     Ok(out)

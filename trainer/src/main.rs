@@ -606,25 +606,6 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Every image under `dir` (recursively), unlabelled, for prediction.
-fn unlabelled_folder(dir: &std::path::Path, classes: &[String]) -> anyhow::Result<Dataset> {
-    let mut stack = vec![dir.to_path_buf()];
-    let mut samples = Vec::new();
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).with_context(|| format!("cannot read {}", d.display()))? {
-            let p = e?.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if p.extension().and_then(|x| x.to_str()).is_some_and(|x| matches!(x.to_ascii_lowercase().as_str(), "jpg" | "jpeg" | "png")) {
-                samples.push(medmerge_trainer::data::Sample { path: p, label: 0, targets: vec![] });
-            }
-        }
-    }
-    samples.sort_by(|a, b| a.path.cmp(&b.path));
-    anyhow::ensure!(!samples.is_empty(), "no images found in {}", dir.display());
-    Ok(Dataset { source: dir.into(), classes: classes.to_vec(), samples, multi_label: false })
-}
-
 /// The images `predict` and `explain` read: one image, a folder (searched recursively, no
 /// labels) or a manifest/ImageFolder dataset; the flag says whether labels are real.
 fn prediction_inputs(input: &Path, net: &Network) -> anyhow::Result<(Dataset, bool)> {
@@ -632,7 +613,7 @@ fn prediction_inputs(input: &Path, net: &Network) -> anyhow::Result<(Dataset, bo
         let sample = medmerge_trainer::data::Sample { path: input.into(), label: 0, targets: vec![] };
         Ok((Dataset { source: input.into(), classes: net.classes.clone(), samples: vec![sample], multi_label: false }, false))
     } else if input.is_dir() {
-        Ok((unlabelled_folder(input, &net.classes)?, false))
+        Ok((Dataset::unlabelled(input, &net.classes)?, false))
     } else {
         Ok((Dataset::open(input, Some(&net.classes))?, true))
     }

@@ -189,3 +189,15 @@ fn a_one_image_shard_a_classless_or_oversized_model_and_empty_bn_counts_are_erro
         assert!(err.contains("layer \"bn1\"") && err.contains("positive count"), "{err}");
     }
 }
+
+#[test]
+fn predict_on_a_folder_with_a_symlink_cycle_reads_each_image_once_and_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    base_and_vector(dir.path());
+    let folder = dir.path().join("images/disc");
+    std::os::unix::fs::symlink(dir.path().join("images"), folder.join("loop")).unwrap();
+    let out = trainer().current_dir(dir.path()).args(["predict", "--model", "base.safetensors", "--input", "images", "--out", "p.csv"]).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let rows = std::fs::read_to_string(dir.path().join("p.csv")).unwrap().lines().count() - 1;
+    assert_eq!(rows, 12, "2 classes x 6 images, each once");
+}

@@ -86,6 +86,34 @@ impl Dataset {
         Ok(ds)
     }
 
+    /// Every image under `dir`, recursively and in path order, unlabelled (for prediction).
+    /// Symbolic links are followed, but a directory already visited (a link cycle, or two links
+    /// to one place) is read once.
+    pub fn unlabelled(dir: &Path, classes: &[String]) -> Result<Self, DataError> {
+        let mut visited = std::collections::HashSet::new();
+        let mut pending = vec![dir.to_path_buf()];
+        let mut samples = Vec::new();
+        while let Some(d) = pending.pop() {
+            let real = d.canonicalize().map_err(|source| DataError::Read { path: d.clone(), source })?;
+            if !visited.insert(real) {
+                tracing::warn!(dir = %d.display(), "already read (a symbolic link loop or a second link to it): skipped");
+                continue;
+            }
+            for p in sorted_entries(&d)? {
+                if p.is_dir() {
+                    pending.push(p);
+                } else if is_image(&p) {
+                    samples.push(Sample { path: p, label: 0, targets: vec![] });
+                }
+            }
+        }
+        samples.sort_by(|a, b| a.path.cmp(&b.path));
+        if samples.is_empty() {
+            return Err(DataError::Empty { path: dir.into() });
+        }
+        Ok(Dataset { source: dir.into(), classes: classes.to_vec(), samples, multi_label: false })
+    }
+
     fn image_folder(dir: &Path, classes: Option<&[String]>) -> Result<Self, DataError> {
         let mut folders: Vec<PathBuf> = sorted_entries(dir)?.into_iter().filter(|p| p.is_dir()).collect();
         if classes.is_none() {

@@ -44,7 +44,7 @@ read -ra chart_args <<<"$(kubectl get deployment medmerge -n medmerge -o jsonpat
 port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
 log="$(mktemp)"
 KUBECONFIG="$sa_kubeconfig" "$CARGO_TARGET_DIR/debug/medmerge-operator" --metrics-addr "127.0.0.1:$port" \
-  --lease-namespace medmerge --identity e2e-binary --log-json >"$log" 2>&1 &
+  --lease-namespace medmerge --identity e2e-binary --log-json --allowed-image ghcr.io/medmerge/trainer >"$log" 2>&1 &
 operator=$!
 metrics() { curl -sf "http://127.0.0.1:$port/metrics"; }
 eventually "the operator to be ready" curl -sf "http://127.0.0.1:$port/readyz"
@@ -57,6 +57,10 @@ eventually "the cleanup finalizer" bash -c '[ "$(kubectl get mj fundus -n e2e-rb
 eventually "a StageStarted Event" bash -c 'kubectl get events.events.k8s.io -n e2e-rbac -o jsonpath="{.items[*].reason}" | grep -q StageStarted'
 eventually "MergeJobs by phase in /metrics" bash -c "curl -sf http://127.0.0.1:$port/metrics | grep -q '^medmerge_mergejobs{phase=\"Training\"} [1-9]'"
 metrics | grep -q '^medmerge_reconciles_total [1-9]'
+# An image outside the allowlist: refused before any Job exists, naming the field.
+sed -e 's/namespace: radiology/namespace: e2e-rbac/' -e 's/name: fundus/name: foreign-image/' -e 's|image: ghcr.io/medmerge/trainer:0.1.0|image: docker.io/library/busybox:latest|' examples/cluster.yaml | kubectl apply -f -
+eventually "a foreign image refused as InvalidSpec" bash -c 'kubectl get mj foreign-image -n e2e-rbac -o jsonpath="{.status.phase} {.status.conditions}" | grep -q "^Failed .*spec.cluster.image: .*busybox.* is not an allowed trainer image"'
+if kubectl get jobs -n e2e-rbac -o name | grep -q foreign-image; then echo "a Job was created for a refused image" >&2; exit 1; fi
 kill -TERM "$operator"; wait "$operator"
 if grep -Eiq 'forbidden|"level":"(WARN|ERROR)"' "$log"; then
   echo "the operator hit errors under the chart's RBAC:" >&2; grep -Ei 'forbidden|WARN|ERROR' "$log" >&2; exit 1

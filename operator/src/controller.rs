@@ -25,6 +25,7 @@ use tracing::{info, instrument, warn};
 
 use crate::artifacts::{results_from_report, shard_summary, ArtifactError, ArtifactStore};
 use crate::decide::{decide, Decision, JobState, Phase, ShardState};
+use crate::image_policy::ImagePolicy;
 use crate::interventions::{interventions, Intervention, PAUSED};
 use crate::job_cache::JobCache;
 use crate::jobs::{exclude_shards, spec_configmap, stage_job, LABEL_GENERATION, LABEL_MERGEJOB};
@@ -83,13 +84,20 @@ pub struct Context {
     pub artifacts: ArtifactStore,
     /// Every Job the operator manages, kept current by the watch [`run`] feeds it from.
     pub jobs: JobCache,
+    /// Which trainer images MergeJobs may run.
+    pub images: ImagePolicy,
 }
 
 impl Context {
     /// A context whose Events are reported as `instance` of the operator.
     pub fn new(client: Client, instance: &str, metrics: Arc<Metrics>, artifacts: ArtifactStore, jobs: JobCache) -> Self {
         let reporter = Reporter { controller: MANAGER.into(), instance: Some(instance.into()) };
-        Context { recorder: Recorder::new(client.clone(), reporter), client, metrics, artifacts, jobs }
+        Context { recorder: Recorder::new(client.clone(), reporter), client, metrics, artifacts, jobs, images: ImagePolicy::default() }
+    }
+
+    /// This context with `images` as the trainer image allowlist.
+    pub fn with_image_policy(self, images: ImagePolicy) -> Self {
+        Context { images, ..self }
     }
 }
 
@@ -147,7 +155,10 @@ async fn reconcile_inner(mj: &MergeJob, ctx: &Context) -> Result<Action, Reconci
     if run.continues {
         seen.remember(&previous);
     }
-    let decision = decide(&name, &ns, run.run, &mj.spec, &seen.observed);
+    let decision = match ctx.images.refusal(&mj.spec.cluster.image) {
+        Some(message) => Decision { create: vec![], phase: Phase::Failed, reason: "InvalidSpec", message, shards: vec![], recheck_in: None },
+        None => decide(&name, &ns, run.run, &mj.spec, &seen.observed),
+    };
     let changes = interventions(&all_jobs, run.run, &mj.spec, &decision);
     // A dropped straggler's stage is remembered as stopped before its Job goes, so that it is not
     // started again once the Job has left the cache.

@@ -11,6 +11,7 @@
 pub mod artifacts;
 pub mod controller;
 pub mod decide;
+pub mod image_policy;
 pub mod interventions;
 pub mod job_cache;
 pub mod jobs;

@@ -12,6 +12,7 @@ use kube::{Api, Client};
 use medmerge_crds::MergeJob;
 use medmerge_operator::artifacts::ArtifactStore;
 use medmerge_operator::controller::{self, Context};
+use medmerge_operator::image_policy::ImagePolicy;
 use medmerge_operator::leader::LeaderElector;
 use medmerge_operator::telemetry::{self, Metrics};
 use tracing::info;
@@ -52,6 +53,10 @@ struct Args {
     /// every status lagged by seconds; 8 keeps a burst's p99 under a second on a small server.
     #[arg(long, env = "MEDMERGE_CONCURRENCY", default_value_t = controller::DEFAULT_CONCURRENCY, value_parser = clap::value_parser!(u16).range(1..))]
     concurrency: u16,
+    /// Trainer images MergeJobs may run (repeatable, or comma-separated in the variable): an
+    /// exact reference, a repository (any tag of it) or a prefix ending in `/`. None: any image.
+    #[arg(long = "allowed-image", env = "MEDMERGE_ALLOWED_IMAGES", value_delimiter = ',')]
+    allowed_images: Vec<String>,
 }
 
 #[tokio::main]
@@ -85,7 +90,7 @@ async fn main() -> anyhow::Result<()> {
 
     let artifacts = ArtifactStore::new(args.local_artifacts.clone());
     let (job_store, job_cache) = controller::job_cache();
-    let ctx = Arc::new(Context::new(client.clone(), &identity, metrics.clone(), artifacts, job_store));
+    let ctx = Arc::new(Context::new(client.clone(), &identity, metrics.clone(), artifacts, job_store).with_image_policy(ImagePolicy::new(args.allowed_images.clone())));
     let (mjs, jobs): (Api<MergeJob>, Api<Job>) = match &args.namespace {
         Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns)),
         None => (Api::all(client.clone()), Api::all(client.clone())),

@@ -12,19 +12,7 @@ use tch::Device;
 #[ignore = "needs an S3 server: run `make test-s3`"]
 fn a_mergejob_runs_stage_by_stage_through_an_s3_bucket() {
     let _turn = ENV.lock().unwrap_or_else(|e| e.into_inner());
-    let endpoint = std::env::var("MEDMERGE_S3_ENDPOINT").expect("set by scripts/with-s3.sh");
-    let bucket = "medmerge-pipeline";
-    let store = BlockingStore::s3(S3Config {
-        bucket: bucket.into(),
-        endpoint: Some(endpoint.clone()),
-        region: "us-east-1".into(),
-        path_style: true,
-        credentials: None,
-        max_attempts: 3,
-        attempt_timeout: None,
-    })
-    .unwrap();
-    store.create_bucket().unwrap();
+    let (store, endpoint, bucket) = admin_bucket("medmerge-pipeline");
 
     let dir = tempfile::tempdir().unwrap();
     let storage = format!("{{s3: {{bucket: {bucket}, endpoint: \"{endpoint}\"}}}}");
@@ -60,6 +48,16 @@ fn a_mergejob_runs_stage_by_stage_through_an_s3_bucket() {
     let report = Runner::new(Job::load(&job).unwrap(), Device::Cpu).unwrap().run().unwrap();
     assert_eq!(report.candidates[0].id, "data-vector");
     assert!((0.0..=1.0).contains(&report.candidates[0].metrics.accuracy));
+}
+
+/// The bucket `bucket` on the test server (created), with the admin identity from the
+/// environment, and the server's endpoint.
+fn admin_bucket(bucket: &'static str) -> (BlockingStore, String, &'static str) {
+    let endpoint = std::env::var("MEDMERGE_S3_ENDPOINT").expect("set by scripts/with-s3.sh");
+    let config = S3Config { bucket: bucket.into(), endpoint: Some(endpoint.clone()), region: "us-east-1".into(), path_style: true, credentials: None, max_attempts: 3, attempt_timeout: None };
+    let store = BlockingStore::s3(config).unwrap();
+    store.create_bucket().unwrap();
+    (store, endpoint, bucket)
 }
 
 /// Both tests set process-wide cache variables; they take turns.
@@ -119,19 +117,7 @@ fn shard_images_are_read_from_s3_with_the_shards_own_credentials_only() {
 #[test]
 #[ignore = "needs an S3 server: run `make test-s3`"]
 fn two_runners_with_separate_caches_on_one_s3_mergejob_end_consistent_or_refused() {
-    let endpoint = std::env::var("MEDMERGE_S3_ENDPOINT").expect("set by scripts/with-s3.sh");
-    let bucket = "medmerge-race";
-    let store = BlockingStore::s3(S3Config {
-        bucket: bucket.into(),
-        endpoint: Some(endpoint.clone()),
-        region: "us-east-1".into(),
-        path_style: true,
-        credentials: None,
-        max_attempts: 3,
-        attempt_timeout: None,
-    })
-    .unwrap();
-    store.create_bucket().unwrap();
+    let (store, endpoint, bucket) = admin_bucket("medmerge-race");
     let dir = tempfile::tempdir().unwrap();
     let storage = format!("{{s3: {{bucket: {bucket}, endpoint: \"{endpoint}\"}}}}");
     let job = common::write_job_with_storage(dir.path(), "  merge: {baselines: []}\n", 2, &storage);

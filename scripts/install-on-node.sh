@@ -49,7 +49,7 @@ helm="$(bash scripts/setup-helm.sh)"
 # No kube-proxy on the test node: the operator reaches the API server at the node's address.
 "$helm" install medmerge charts/medmerge -n medmerge \
   --set image.repository=localhost/medmerge/operator --set image.tag=dev --set image.pullPolicy=Never \
-  --set replicaCount=1 --set leaderElection.leaseSeconds=5 --set "trainer.allowedImages={localhost/medmerge/trainer}" \
+  --set replicaCount=1 --set leaderElection.leaseSeconds=5 --set "trainer.allowedImages={localhost/medmerge/trainer,ghcr.io/medmerge/trainer}" \
   --set s3.credentialsSecret=operator-s3 \
   --set localArtifacts.enabled=true --set localArtifacts.persistentVolumeClaim=artifacts \
   --set networkPolicy.enabled=true --set "networkPolicy.s3.ports={${MEDMERGE_S3_ENDPOINT##*:}}" \

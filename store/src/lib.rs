@@ -112,6 +112,16 @@ pub fn check_key(key: &str) -> Result<()> {
     Err(StoreError::InvalidKey { key: key.into(), reason })
 }
 
+/// Publishing found `published` under `location`: identical content is fine (returns `new`),
+/// different content is refused.
+pub(crate) fn same_or_refused(location: String, published: String, new: String) -> Result<String> {
+    if published == new {
+        Ok(new)
+    } else {
+        Err(StoreError::AlreadyPublished { location, published, new })
+    }
+}
+
 /// Like [`check_key`], but `""` (the whole store) and a trailing `/` are allowed: prefixes for
 /// listing and removal.
 fn check_prefix(prefix: &str) -> Result<()> {

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::{sha256_hex, Result, StoreError};
+use crate::{same_or_refused, sha256_hex, Result, StoreError};
 
 /// Keys are `/`-separated paths under `root`.
 #[derive(Clone, Debug)]
@@ -34,15 +34,6 @@ fn temp_name(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.tmp-{}-{n}", std::process::id()))
 }
 
-/// Identical content was already published (fine); different content is refused.
-fn same_or_refused(path: &Path, published: &str, new: String) -> Result<String> {
-    if published == new {
-        Ok(new)
-    } else {
-        Err(StoreError::AlreadyPublished { location: path.display().to_string(), published: published.into(), new })
-    }
-}
-
 impl LocalStore {
     /// The file holding `key`.
     pub fn path(&self, key: &str) -> PathBuf {
@@ -61,17 +52,17 @@ impl LocalStore {
         if let Some(dir) = path.parent() {
             tokio::fs::create_dir_all(dir).await.map_err(io(dir))?;
         }
+        let digest = sha256_hex(bytes);
         let tmp = temp_name(&path);
         tokio::fs::write(&tmp, bytes).await.map_err(io(&tmp))?;
-        let linked = self.publish_link(key, &tmp).await;
+        let linked = self.link_unless_present(&tmp, &path, digest.clone()).await;
         let _ = tokio::fs::remove_file(&tmp).await;
         match linked? {
             Some(digest) => Ok(digest),
             // No hard links on this filesystem: check, then rename (a narrow race remains).
             None => {
-                let digest = sha256_hex(bytes);
                 if let Some(existing) = self.get(key).await? {
-                    return same_or_refused(&path, &sha256_hex(&existing), digest);
+                    return same_or_refused(path.display().to_string(), sha256_hex(&existing), digest);
                 }
                 write_atomic(&path, bytes).await?;
                 Ok(digest)
@@ -87,14 +78,19 @@ impl LocalStore {
             tokio::fs::create_dir_all(dir).await.map_err(io(dir))?;
         }
         let digest = sha256_hex(&tokio::fs::read(src).await.map_err(io(src))?);
-        match tokio::fs::hard_link(src, &path).await {
+        self.link_unless_present(src, &path, digest).await
+    }
+
+    /// Hard-links `src` (whose SHA-256 is `digest`) to `path` unless something is there.
+    async fn link_unless_present(&self, src: &Path, path: &Path, digest: String) -> Result<Option<String>> {
+        match tokio::fs::hard_link(src, path).await {
             Ok(()) => Ok(Some(digest)),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                let existing = tokio::fs::read(&path).await.map_err(io(&path))?;
-                same_or_refused(&path, &sha256_hex(&existing), digest).map(Some)
+                let existing = tokio::fs::read(path).await.map_err(io(path))?;
+                same_or_refused(path.display().to_string(), sha256_hex(&existing), digest).map(Some)
             }
             Err(e) if matches!(e.kind(), std::io::ErrorKind::CrossesDevices | std::io::ErrorKind::Unsupported) || e.raw_os_error() == Some(1) => Ok(None),
-            Err(source) => Err(StoreError::Io { path, source }),
+            Err(source) => Err(StoreError::Io { path: path.into(), source }),
         }
     }
 
@@ -103,7 +99,7 @@ impl LocalStore {
         match tokio::fs::read(&path).await {
             Ok(bytes) => Ok(Some(bytes)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(StoreError::Io { path, source }),
+            Err(source) => Err(StoreError::Io { path: path.into(), source }),
         }
     }
 

@@ -12,7 +12,7 @@ use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, Delete, ObjectIdentifier};
 use aws_sdk_s3::Client;
 
-use crate::{sha256_hex, Result, StoreError};
+use crate::{same_or_refused, sha256_hex, Result, StoreError};
 
 /// Objects at least this large are uploaded in parts.
 pub const MULTIPART_THRESHOLD: usize = 16 << 20;
@@ -134,22 +134,14 @@ impl S3Store {
     pub(crate) async fn publish(&self, key: &str, bytes: Vec<u8>) -> Result<String> {
         let digest = sha256_hex(&bytes);
         if let Some(published) = self.published_digest(key).await? {
-            return self.same_or_refused(key, published, digest);
+            return same_or_refused(self.location(key), published, digest);
         }
         match self.upload(key, bytes, &digest, true).await {
             Err(StoreError::S3 { cause, .. }) if cause.starts_with("PreconditionFailed") || cause.starts_with("ConditionalRequestConflict") => {
                 let published = self.published_digest(key).await?.unwrap_or_default();
-                self.same_or_refused(key, published, digest)
+                same_or_refused(self.location(key), published, digest)
             }
             other => other.map(|()| digest),
-        }
-    }
-
-    fn same_or_refused(&self, key: &str, published: String, new: String) -> Result<String> {
-        if published == new {
-            Ok(new)
-        } else {
-            Err(StoreError::AlreadyPublished { location: self.location(key), published, new })
         }
     }
 

@@ -264,9 +264,13 @@ impl Runner {
         write_atomic(&staging.path(&record), &serde_json::to_vec_pretty(&provenance)?)?;
         let published = staging.publish(publish_to, &planned.writes)?;
         if self.remote.is_some() {
-            // Later stages in this process read the cache: keep what was just uploaded.
+            // Later stages in this process read the cache: keep what was just uploaded (staging
+            // lies inside the cache directory, so this is a rename).
             for key in published.keys() {
-                crate::st::write_atomic(&self.path(key), &std::fs::read(staging.path(key))?)?;
+                if let Some(dir) = self.path(key).parent() {
+                    std::fs::create_dir_all(dir)?;
+                }
+                std::fs::rename(staging.path(key), self.path(key))?;
             }
         }
         Ok(())

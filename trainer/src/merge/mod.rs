@@ -169,9 +169,10 @@ fn open_checked_vector(v: &ShardVector, base: &MappedFile, digest: &str, base_me
 /// The same file given twice, or two files written by the same shard's training (a copied
 /// vector), would add one hospital's vector twice.
 fn refuse_duplicates(vectors: &[ShardVector], opened: &[(ArtifactMeta, MappedFile)]) -> Result<(), MergeError> {
+    let real: Vec<Option<PathBuf>> = vectors.iter().map(|v| v.path.canonicalize().ok()).collect();
     for i in 0..vectors.len() {
         for j in i + 1..vectors.len() {
-            let same_file = matches!((vectors[i].path.canonicalize(), vectors[j].path.canonicalize()), (Ok(a), Ok(b)) if a == b);
+            let same_file = real[i].is_some() && real[i] == real[j];
             let written_by = |k: usize| opened[k].0.shard.clone().filter(|s| !s.is_empty());
             let why = if vectors[i].shard == vectors[j].shard {
                 Some(format!("both are named {}", vectors[i].shard))

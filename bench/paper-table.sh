@@ -9,6 +9,10 @@
 #
 # Writes bench/results/paper-table.{md,json}. Every step's output is kept in $BENCH_WORK, so an
 # interrupted run resumes where it stopped. About 90 minutes on 2 CPU cores with the defaults.
+#
+# ROWS=default-candidates runs, on the same hospitals (sharing the cache), only the candidates
+# for the default restoration against the best hospital and full training, into
+# bench/results/default-candidates.{md,json}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
@@ -20,7 +24,12 @@ SPLITS="${SPLITS:-iid dirichlet size imbalanced}"
 WORK="${BENCH_WORK:-$MEDMERGE_CACHE/bench-paper}/$(basename "$DATA")-${SIZE}px-${EPOCHS}ep"
 # MEDMERGE_TRAINER: a copy of the binary, so a rebuild during a long run does not swap it.
 T="${MEDMERGE_TRAINER:-$CARGO_TARGET_DIR/debug/medmerge-trainer}"
-OUT="${BENCH_OUT:-bench/results/paper-table}"
+ROWS="${ROWS:-paper}"
+case "$ROWS" in
+  paper) OUT="${BENCH_OUT:-bench/results/paper-table}"; EVAL=eval ;;
+  default-candidates) OUT="${BENCH_OUT:-bench/results/default-candidates}"; EVAL=eval-default-candidates ;;
+  *) echo "unknown ROWS=$ROWS (paper, default-candidates)" >&2; exit 2 ;;
+esac
 mkdir -p "$WORK" "$(dirname "$OUT")"
 started=$(date +%s)
 log() { echo "[$(( $(date +%s) - started ))s] $*" >&2; }
@@ -62,38 +71,47 @@ for seed in $SEEDS; do
       once "$T" finetune --base "$B/base.safetensors" --data "$pool/all.csv" --shard all --out "$pool/vector.safetensors" "${TRAIN[@]}"
       once "$T" merge --base "$B/base.safetensors" --vector "all=$pool/vector.safetensors" --method params-mean --out "$pool/model.safetensors"
     fi
-    once "$T" merge --base "$B/base.safetensors" "${V[@]}" --method data-vector --lambda 0.5 --out "$M/dv.safetensors"
-    once "$T" merge --base "$B/base.safetensors" "${V[@]}" --method data-vector --lambda 1.0 --out "$M/dv1.safetensors"
-    once "$T" merge --base "$B/base.safetensors" "${V[@]}" --method params-mean --out "$M/pm.safetensors"
-    once "$T" merge --base "$B/base.safetensors" "${V[@]}" --method params-mean --pretrained-only --out "$M/control.safetensors"
     R=(restore "${SH[@]}" "${TRAIN[@]}")
-    for mode in bn-recalibrate closed-form-head averaged-epoch finetune-epoch; do
-      once "$T" "${R[@]}" --model "$M/dv.safetensors" --mode "$mode" --out "$M/dv-$mode.safetensors"
-    done
-    # averaged-epoch-head = the head round on top of averaged-epoch (closed-form-head's BN round
-    # recomputes the same statistics), which saves training the epoch twice.
-    once "$T" "${R[@]}" --model "$M/dv-averaged-epoch.safetensors" --mode closed-form-head --out "$M/dv-averaged-epoch-head.safetensors"
-    for base in dv1 pm control; do
-      once "$T" "${R[@]}" --model "$M/$base.safetensors" --mode averaged-epoch --out "$M/$base-averaged-epoch.safetensors"
-      once "$T" "${R[@]}" --model "$M/$base-averaged-epoch.safetensors" --mode closed-form-head --out "$M/$base-averaged-epoch-head.safetensors"
-    done
-    once "$T" "${R[@]}" --model "$M/pm.safetensors" --mode bn-recalibrate --out "$M/pm-bn-recalibrate.safetensors"
+    once "$T" merge --base "$B/base.safetensors" "${V[@]}" --method data-vector --lambda 1.0 --out "$M/dv1.safetensors"
+    if [ "$ROWS" = default-candidates ]; then
+      once "$T" merge --base "$B/base.safetensors" "${V[@]}" --method data-vector --lambda 1.5 --out "$M/dv15.safetensors"
+      for base in dv1 dv15 dv1-averaged-epoch; do
+        once "$T" "${R[@]}" --model "$M/$base.safetensors" --mode averaged-epoch --out "$M/$base-averaged-epoch.safetensors"
+        once "$T" "${R[@]}" --model "$M/$base-averaged-epoch.safetensors" --mode closed-form-head --out "$M/$base-averaged-epoch-head.safetensors"
+      done
+      models=(dv1-averaged-epoch-head dv15-averaged-epoch-head dv1-averaged-epoch-averaged-epoch-head)
+    else
+      once "$T" merge --base "$B/base.safetensors" "${V[@]}" --method data-vector --lambda 0.5 --out "$M/dv.safetensors"
+      once "$T" merge --base "$B/base.safetensors" "${V[@]}" --method params-mean --out "$M/pm.safetensors"
+      once "$T" merge --base "$B/base.safetensors" "${V[@]}" --method params-mean --pretrained-only --out "$M/control.safetensors"
+      for mode in bn-recalibrate closed-form-head averaged-epoch finetune-epoch; do
+        once "$T" "${R[@]}" --model "$M/dv.safetensors" --mode "$mode" --out "$M/dv-$mode.safetensors"
+      done
+      # averaged-epoch-head = the head round on top of averaged-epoch (closed-form-head's BN round
+      # recomputes the same statistics), which saves training the epoch twice.
+      once "$T" "${R[@]}" --model "$M/dv-averaged-epoch.safetensors" --mode closed-form-head --out "$M/dv-averaged-epoch-head.safetensors"
+      for base in dv1 pm control; do
+        once "$T" "${R[@]}" --model "$M/$base.safetensors" --mode averaged-epoch --out "$M/$base-averaged-epoch.safetensors"
+        once "$T" "${R[@]}" --model "$M/$base-averaged-epoch.safetensors" --mode closed-form-head --out "$M/$base-averaged-epoch-head.safetensors"
+      done
+      once "$T" "${R[@]}" --model "$M/pm.safetensors" --mode bn-recalibrate --out "$M/pm-bn-recalibrate.safetensors"
+      models=(dv dv-bn-recalibrate dv-closed-form-head dv-averaged-epoch dv-averaged-epoch-head dv-finetune-epoch dv1-averaged-epoch-head \
+              pm pm-bn-recalibrate pm-averaged-epoch pm-averaged-epoch-head control-averaged-epoch-head)
+    fi
     EV=()
-    for m in dv dv-bn-recalibrate dv-closed-form-head dv-averaged-epoch dv-averaged-epoch-head dv-finetune-epoch dv1-averaged-epoch-head \
-             pm pm-bn-recalibrate pm-averaged-epoch pm-averaged-epoch-head control-averaged-epoch-head \
-             shard-1 shard-2 shard-3 shard-4; do
+    for m in "${models[@]}" shard-1 shard-2 shard-3 shard-4; do
       EV+=(--model "$M/$m.safetensors")
     done
     EV+=(--model "$pool/model.safetensors")
-    if [ ! -f "$D/eval.json" ]; then
-      log "evaluate $kind seed $seed"; "$T" evaluate --data "$D/split/test.csv" --json "$D/eval.json" "${EV[@]}" > "$D/eval.txt"
+    if [ ! -f "$D/$EVAL.json" ]; then
+      log "evaluate $kind seed $seed"; "$T" evaluate --data "$D/split/test.csv" --json "$D/$EVAL.json" "${EV[@]}" > "$D/$EVAL.txt"
       # Wall time of the run that finished this split and seed (the total a resumed run reports).
-      echo $(( $(date +%s) - kind_started )) > "$D/seconds"
+      echo $(( $(date +%s) - kind_started )) > "$D/$EVAL.seconds"
     fi
   done
 done
 elapsed=$(( $(date +%s) - started ))
 python3 bench/paper_table.py "$WORK" "$elapsed" "$OUT" \
-  "DATA=$DATA IMAGE_SIZE=$SIZE EPOCHS=$EPOCHS SEEDS=\"$SEEDS\" SPLITS=\"$SPLITS\" bash bench/paper-table.sh" \
-  "$SIZE" "$EPOCHS" "$SEEDS" "$SPLITS"
+  "$([ "$ROWS" = paper ] || echo "ROWS=$ROWS ")DATA=$DATA IMAGE_SIZE=$SIZE EPOCHS=$EPOCHS SEEDS=\"$SEEDS\" SPLITS=\"$SPLITS\" bash bench/paper-table.sh" \
+  "$SIZE" "$EPOCHS" "$SEEDS" "$SPLITS" "$ROWS" "$EVAL"
 cat "$OUT.md"

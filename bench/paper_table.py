@@ -8,6 +8,8 @@ import statistics
 import sys
 
 work, elapsed, out, command, size, epochs, seeds, splits = sys.argv[1:9]
+row_set = sys.argv[9] if len(sys.argv) > 9 else "paper"
+eval_name = sys.argv[10] if len(sys.argv) > 10 else "eval"
 elapsed = int(elapsed)
 seeds, splits = seeds.split(), splits.split()
 
@@ -27,6 +29,16 @@ ROWS = [
     ("best-shard", "best single hospital (of 4, per seed)"),
     ("full", "full training (all shards pooled; needs the data in one place)"),
 ]
+# ROWS=default-candidates: the candidates for the default restoration (all parallel), against
+# the best hospital and full training.
+CANDIDATE_ROWS = [
+    ("dv1-averaged-epoch-head", "**data vector λ 1.0 + averaged epoch + closed-form head (the default)**"),
+    ("dv15-averaged-epoch-head", "data vector λ 1.5 + averaged epoch + closed-form head"),
+    ("dv1-averaged-epoch-averaged-epoch-head", "data vector λ 1.0 + two averaged epochs + closed-form head"),
+    ("best-shard", "best single hospital (of 4, per seed)"),
+    ("full", "full training (all shards pooled; needs the data in one place)"),
+]
+ROWS = {"paper": ROWS, "default-candidates": CANDIDATE_ROWS}[row_set]
 METRICS = ["accuracy", "balanced_accuracy", "macro_f1", "macro_auroc"]
 KINDS = {
     "iid": "IID: 4 equal random shards",
@@ -54,7 +66,7 @@ for kind in splits:
     per_seed = {}
     shard_sizes = []
     for seed in seeds:
-        path = os.path.join(work, f"seed-{seed}", kind, "eval.json")
+        path = os.path.join(work, f"seed-{seed}", kind, f"{eval_name}.json")
         if not os.path.exists(path):
             continue
         report = json.load(open(path))
@@ -94,13 +106,16 @@ for kind in splits:
 
 json.dump(result, open(out + ".json", "w"), indent=2)
 with open(out + ".md", "w") as f:
-    f.write(f"# Merging and restoration on {os.path.basename(work).rsplit('-', 2)[0]}: IID and non-IID hospitals\n\n")
+    data_name = os.path.basename(work).rsplit('-', 2)[0]
+    title = {"paper": f"Merging and restoration on {data_name}: IID and non-IID hospitals",
+             "default-candidates": f"Candidates for the default restoration on {data_name}"}[row_set]
+    f.write(f"# {title}\n\n")
     done = {k: v["seeds"] for k, v in result["splits"].items()}
     missing = [f"{k} seed {s}" for k in splits for s in seeds if s not in done.get(k, [])]
     if missing:
         f.write(f"**Incomplete**: seeds {', '.join(seeds)} were asked for; not yet run: {', '.join(missing)}. "
                 "The same command resumes from its cache.\n\n")
-    steps = [os.path.join(work, f"seed-{s}", k, "seconds") for k in splits for s in seeds]
+    steps = [os.path.join(work, f"seed-{s}", k, f"{eval_name}.seconds") for k in splits for s in seeds]
     total = sum(int(open(p).read()) for p in steps if os.path.exists(p))
     f.write(f"Command: `{command}` ({max(total, elapsed) // 60} min on {os.cpu_count()} CPU cores, {platform.machine()}, "
             "summed over the runs that computed the table's steps).\n\n")

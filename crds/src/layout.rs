@@ -1,8 +1,11 @@
 //! Where every artifact of one run lives: `<prefix>/<namespace>/<name>/g<generation>/...`.
 //!
 //! Keys are `/`-separated and relative to the store's root; the local directory store and the S3
-//! store both use them unchanged.
+//! store both use them unchanged. Everything a shard's own stages write (its training and its
+//! restoration parts, with their provenance records and leases) lies under
+//! `<run>/shards/<shard>/`, so a hospital's bucket identity can be limited to that prefix.
 
+use crate::plan::Stage;
 use crate::spec::RestoreRound;
 
 /// The artifact keys of one run (one MergeJob generation).
@@ -41,6 +44,35 @@ impl ArtifactLayout {
         self.key("base/model.safetensors")
     }
 
+    /// Where everything shard `shard`'s own stages write lies.
+    pub fn shard_root(&self, shard: &str) -> String {
+        self.key(&format!("shards/{shard}"))
+    }
+
+    /// Where `stage` keeps its bookkeeping: its shard's prefix for a shard's own stage, the
+    /// run's root for the others.
+    fn bookkeeping_root(&self, stage: &Stage) -> String {
+        match stage.owning_shard() {
+            Some(shard) => self.shard_root(shard),
+            None => self.root.clone(),
+        }
+    }
+
+    /// The record of what `stage` read and wrote (SHA-256 of each).
+    pub fn provenance(&self, stage: &Stage) -> String {
+        format!("{}/provenance/{}.json", self.bookkeeping_root(stage), stage.name())
+    }
+
+    /// Whether `key` is a provenance record of this run.
+    pub fn is_provenance(&self, key: &str) -> bool {
+        key.starts_with(&format!("{}/", self.root)) && key.ends_with(".json") && key.rsplit('/').nth(1) == Some("provenance")
+    }
+
+    /// The lease a runner holds while it runs `stage`.
+    pub fn lease(&self, stage: &Stage) -> String {
+        format!("{}/leases/{}", self.bookkeeping_root(stage), stage.name())
+    }
+
     /// Shard `shard`'s data vector and head.
     pub fn shard_vector(&self, shard: &str) -> String {
         self.key(&format!("shards/{shard}/vector.safetensors"))
@@ -69,7 +101,7 @@ impl ArtifactLayout {
             RestoreRound::BnMoments => "bn-stats",
             RestoreRound::HeadStatistics => "head-stats",
         };
-        self.key(&format!("restore/{candidate}/{}/{shard}/{file}.safetensors", round.as_str()))
+        format!("{}/restore/{candidate}/{}/{file}.safetensors", self.shard_root(shard), round.as_str())
     }
 
     /// The model after `candidate`'s restoration round `round` (the last round writes
@@ -109,6 +141,24 @@ mod tests {
         assert_eq!(l.base(), "runs/default/retina/g3/base/model.safetensors");
         assert_eq!(l.shard_vector("a"), "runs/default/retina/g3/shards/a/vector.safetensors");
         assert_eq!(l.restored("data-vector"), "runs/default/retina/g3/restored/data-vector/model.safetensors");
+    }
+
+    #[test]
+    fn everything_a_shards_own_stages_write_lies_under_its_prefix() {
+        let l = ArtifactLayout::new("runs", "ns", "mj", 1);
+        let own = format!("{}/", l.shard_root("a"));
+        let finetune = Stage::Finetune { shard: "a".into() };
+        let part = Stage::Restore { candidate: "data-vector".into(), round: RestoreRound::BnMoments, shard: "a".into() };
+        for key in
+            [l.shard_vector("a"), l.shard_metrics("a"), l.restore_part("data-vector", RestoreRound::Epoch, "a"), l.provenance(&finetune), l.lease(&finetune), l.provenance(&part), l.lease(&part)]
+        {
+            assert!(key.starts_with(&own), "{key} is outside {own}");
+        }
+        let merge = Stage::Merge { candidate: "data-vector".into() };
+        assert_eq!(l.provenance(&merge), "runs/ns/mj/g1/provenance/merge-data-vector.json");
+        assert!(!l.provenance(&Stage::Collect { shard: "a".into() }).starts_with(&own), "collecting is the coordinator's");
+        assert!(l.is_provenance(&l.provenance(&part)) && l.is_provenance(&l.provenance(&merge)));
+        assert!(!l.is_provenance(&l.shard_metrics("a")));
     }
 
     #[test]

@@ -61,6 +61,16 @@ pub enum Stage {
 }
 
 impl Stage {
+    /// The shard whose own stage this is (its training, its restoration parts): run with the
+    /// shard's credentials and writing only under its prefix. Collecting a hospital's uploaded
+    /// vector is the coordinator's stage, not the shard's.
+    pub fn owning_shard(&self) -> Option<&str> {
+        match self {
+            Stage::Finetune { shard } | Stage::Restore { shard, .. } => Some(shard),
+            _ => None,
+        }
+    }
+
     /// Short, stable name for logs and child-object names.
     pub fn name(&self) -> String {
         match self {
@@ -225,6 +235,7 @@ mod tests {
                     data: (!external).then(|| DataSource::at(format!("data/{n}"))),
                     vector: external.then(|| format!("incoming/{n}.safetensors")),
                     secret_ref: None,
+                    storage_secret: None,
                     node_selector: Default::default(),
                     tolerations: vec![],
                     pod_overrides: Default::default(),

@@ -5,7 +5,7 @@
 //! | Starts a new run (changes results)                  | Applies to the current run          |
 //! |-----------------------------------------------------|-------------------------------------|
 //! | `model`, `training`, `merge`, `restore`, `evaluation` | `suspend`, `cluster.suspend`        |
-//! | `shards[].name`, `.data`, `.vector` (shards added or removed) | `shards[].secretRef`, `.nodeSelector`, `.tolerations`, `.podOverrides` |
+//! | `shards[].name`, `.data`, `.vector` (shards added or removed) | `shards[].secretRef`, `.storageSecret`, `.nodeSelector`, `.tolerations`, `.podOverrides` |
 //! | `storage.local`, `storage.s3` (bucket, endpoint, region, path style), `storage.prefix` | `storage.s3.credentialsSecret`, `storage.cleanup` |
 //! | `cluster.image` (another trainer may compute other results) | every other `cluster` field: resources, GPUs, tolerations, overrides, deadlines, `minShards`, `backoffLimit`, TTL |
 //!
@@ -28,6 +28,7 @@ pub fn run_key(spec: &MergeJobSpec) -> String {
     }
     for shard in &mut defining.shards {
         shard.secret_ref = None;
+        shard.storage_secret = None;
         shard.node_selector.clear();
         shard.tolerations.clear();
         shard.pod_overrides = Default::default();
@@ -92,7 +93,7 @@ mod tests {
         ] {
             assert_eq!(run_key(&spec(placement)), base, "{placement}");
         }
-        assert_eq!(run_key(&with_shard_a("secretRef: hospital-a, nodeSelector: {site: a}")), base);
+        assert_eq!(run_key(&with_shard_a("secretRef: hospital-a, storageSecret: hospital-a-bucket, nodeSelector: {site: a}")), base);
         let mut cleanup = spec("");
         cleanup.storage.cleanup = crate::CleanupPolicy::Delete;
         cleanup.storage.s3.as_mut().unwrap().credentials_secret = Some("s3".into());

@@ -277,6 +277,13 @@ pub struct ShardSpec {
     /// Name of a Secret with this shard's data credentials, mounted only into this shard's Jobs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_ref: Option<String>,
+    /// Name of a Secret with keys `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY` of this
+    /// hospital's own identity for the artifact bucket (`storage.s3`). This shard's training and
+    /// restoration pods get it instead of `storage.s3.credentialsSecret`, so they never hold the
+    /// bucket's credentials. Everything they write lies under `<run>/shards/<name>/`: a bucket
+    /// policy can limit the identity to writing there and reading the MergeJob's prefix.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_secret: Option<String>,
     /// Node labels this shard's Jobs must run on (e.g. the hospital's own nodes).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub node_selector: std::collections::BTreeMap<String, String>,
@@ -711,9 +718,9 @@ pub struct S3Storage {
     #[serde(default = "default_true")]
     pub path_style: bool,
     /// Secret with keys `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY`, given to the
-    /// coordinator's stage pods (init, merge, evaluate, ...). Unset: the pods' standard AWS
-    /// credential chain (e.g. a workload identity). Shard pods use their shard's `secretRef`
-    /// when it has those keys.
+    /// coordinator's stage pods (init, collect, merge, evaluate, ...), and to a shard's training
+    /// and restoration pods unless the shard names its own `storageSecret`. Unset: the pods'
+    /// standard AWS credential chain (e.g. a workload identity).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret: Option<String>,
 }

@@ -52,6 +52,9 @@ pub fn validate(spec: &MergeJobSpec) -> Result<(), Vec<SpecError>> {
             (_, Some(v)) if v.is_empty() => errors.push(err(format!("shards[{i}].vector"), "must not be empty")),
             _ => {}
         }
+        if s.storage_secret.is_some() && spec.storage.s3.is_none() {
+            errors.push(err(format!("shards[{i}].storageSecret"), "is a bucket identity and needs storage.s3 (a local store has no credentials)"));
+        }
     }
 
     errors.extend(validate_training(&spec.training));
@@ -373,6 +376,7 @@ evaluation: {data: {path: test}}
                 s.storage.local = None;
                 s.storage.s3 = Some(S3Storage { bucket: String::new(), endpoint: None, region: "r".into(), path_style: true, credentials_secret: None });
             }),
+            ("shards[1].storageSecret", |s| s.shards[1].storage_secret = Some("hospital-b-bucket".into())),
             ("cluster.minShards", |s| s.cluster.min_shards = Some(3)),
             ("cluster.image", |s| s.cluster.image.clear()),
             ("cluster.activeDeadlineSeconds", |s| s.cluster.active_deadline_seconds = Some(0)),
@@ -381,8 +385,16 @@ evaluation: {data: {path: test}}
             ("cluster.resources.memory", |s| s.cluster.resources.memory = Some("16 GB".into())),
             ("cluster.resources.cpu", |s| s.cluster.resources.cpu = Some("four".into())),
             ("merge.baselines", |s| {
-                s.shards[1] =
-                    ShardSpec { name: "b".into(), data: None, vector: Some("v".into()), secret_ref: None, node_selector: Default::default(), tolerations: vec![], pod_overrides: Default::default() };
+                s.shards[1] = ShardSpec {
+                    name: "b".into(),
+                    data: None,
+                    vector: Some("v".into()),
+                    secret_ref: None,
+                    storage_secret: None,
+                    node_selector: Default::default(),
+                    tolerations: vec![],
+                    pod_overrides: Default::default(),
+                };
                 s.merge.baselines = vec![Baseline::FullTraining];
             }),
         ];

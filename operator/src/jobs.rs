@@ -149,12 +149,15 @@ fn toleration(t: &medmerge_crds::Toleration) -> Toleration {
     Toleration { key: t.key.clone(), operator: t.operator.clone(), value: t.value.clone(), effect: t.effect.clone(), ..Default::default() }
 }
 
-/// The trainer's environment: a writable HOME and, for an S3 store with a credentials Secret,
-/// the bucket credentials (the artifact store, shared by every stage; shard data credentials
-/// stay in each shard's own mounted Secret).
-fn env(mj: &MergeJob) -> Vec<EnvVar> {
+/// The trainer's environment: a writable HOME and, for an S3 store, the bucket identity the
+/// stage runs as, by reference: a shard's own stage (its training, its restoration parts) its
+/// shard's `storageSecret` when it names one, every other stage `storage.s3.credentialsSecret`.
+/// Shard data credentials stay in each shard's own mounted Secret.
+fn env(mj: &MergeJob, stage: &Stage) -> Vec<EnvVar> {
     let mut env = vec![EnvVar { name: "HOME".into(), value: Some("/tmp".into()), ..Default::default() }];
-    if let Some(secret) = mj.spec.storage.s3.as_ref().and_then(|s| s.credentials_secret.as_ref()) {
+    let shard_identity = stage.owning_shard().and_then(|s| mj.spec.shards.iter().find(|x| x.name == s)).and_then(|s| s.storage_secret.as_ref());
+    let bucket_identity = mj.spec.storage.s3.as_ref().and_then(|s| s.credentials_secret.as_ref());
+    if let Some(secret) = shard_identity.or(bucket_identity) {
         for key in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"] {
             let selector = SecretKeySelector { name: secret.clone(), key: key.into(), optional: Some(false) };
             env.push(EnvVar { name: key.into(), value_from: Some(EnvVarSource { secret_key_ref: Some(selector), ..Default::default() }), ..Default::default() });
@@ -217,7 +220,7 @@ pub fn stage_job(mj: &MergeJob, generation: i64, stage: &Stage) -> Job {
         volumes.push(Volume { name: "artifacts".into(), persistent_volume_claim: Some(source), ..Default::default() });
         mounts.push(VolumeMount { name: "artifacts".into(), mount_path: ARTIFACTS_DIR.into(), ..Default::default() });
     }
-    let mut env = env(mj);
+    let mut env = env(mj, stage);
     if shard.is_some_and(|s| s.secret_ref.is_some()) {
         env.push(EnvVar { name: "MEDMERGE_SHARD_CREDENTIALS_DIR".into(), value: Some(SHARD_SECRET_DIR.into()), ..Default::default() });
     }
@@ -447,6 +450,26 @@ spec:
         let refs: Vec<(String, String)> = env.iter().filter_map(|e| e.value_from.as_ref().and_then(|v| v.secret_key_ref.as_ref()).map(|r| (e.name.clone(), r.name.clone()))).collect();
         assert_eq!(refs, vec![("AWS_ACCESS_KEY_ID".to_string(), "bucket-creds".to_string()), ("AWS_SECRET_ACCESS_KEY".to_string(), "bucket-creds".to_string())]);
         assert!(env.iter().all(|e| e.value.as_deref() != Some("bucket-creds")), "credentials are referenced, never copied into the Job");
+    }
+
+    #[test]
+    fn a_shard_with_its_own_bucket_identity_never_gets_the_bucket_credentials() {
+        let mut mj = mergejob();
+        mj.spec.storage.local = None;
+        mj.spec.storage.s3 = Some(medmerge_crds::S3Storage { bucket: "b".into(), endpoint: None, region: "r".into(), path_style: true, credentials_secret: Some("bucket-creds".into()) });
+        mj.spec.shards[0].storage_secret = Some("hospital-a-bucket".into());
+        let identity = |stage: Stage| -> Vec<String> {
+            let env = stage_job(&mj, 2, &stage).spec.unwrap().template.spec.unwrap().containers[0].env.clone().unwrap();
+            env.iter().filter_map(|e| e.value_from.as_ref().and_then(|v| v.secret_key_ref.as_ref()).map(|r| r.name.clone())).collect()
+        };
+        let a = |shard: &str| shard.to_string();
+        assert_eq!(identity(Stage::Finetune { shard: a("hospital-a") }), ["hospital-a-bucket", "hospital-a-bucket"]);
+        assert_eq!(identity(Stage::Restore { candidate: "data-vector".into(), round: RestoreRound::Epoch, shard: a("hospital-a") }), ["hospital-a-bucket", "hospital-a-bucket"]);
+        // Collecting a hospital's upload, and everything not a shard's own, is the coordinator's.
+        for stage in [Stage::Collect { shard: a("hospital-a") }, Stage::Merge { candidate: "data-vector".into() }, Stage::Evaluate, Stage::Init] {
+            assert_eq!(identity(stage.clone()), ["bucket-creds", "bucket-creds"], "{}", stage.name());
+        }
+        assert_eq!(identity(Stage::Finetune { shard: a("hospital-b") }), ["bucket-creds", "bucket-creds"], "a shard without its own identity gets the bucket's");
     }
 
     #[test]

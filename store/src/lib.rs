@@ -18,13 +18,16 @@
 //! - **Clear failures**: transient errors are retried with backoff by the SDK; what is left
 //!   names the bucket, key and cause.
 
+mod lease;
 mod local;
 mod s3;
+pub mod scratch;
 
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
+pub use lease::{LeaseRecord, LEASE_RENEW_EVERY, LEASE_TTL};
 pub use s3::{S3Config, MULTIPART_THRESHOLD, PART_SIZE};
 
 /// Why a store operation failed.
@@ -216,6 +219,16 @@ impl Store {
         }
     }
 
+    /// The SHA-256 of what is published at `key`, `None` when nothing is. S3 answers from the
+    /// digest recorded in the object's metadata (a HEAD, no download).
+    pub async fn digest(&self, key: &str) -> Result<Option<String>> {
+        check_key(key)?;
+        match self {
+            Store::Local(s) => Ok(s.get(key).await?.map(|b| sha256_hex(&b))),
+            Store::S3(s) => s.published_digest(key).await,
+        }
+    }
+
     /// Downloads `key` to `path` (atomically: a failed download leaves no file there).
     pub async fn get_file(&self, key: &str, path: &Path) -> Result<()> {
         let bytes = self.get(key).await?.ok_or_else(|| StoreError::NotFound { location: self.location(key) })?;
@@ -240,6 +253,15 @@ impl Store {
         }
     }
 
+    /// Deletes `key` (nothing to do when it does not exist).
+    pub async fn remove(&self, key: &str) -> Result<()> {
+        check_key(key)?;
+        match self {
+            Store::Local(s) => s.remove(key).await,
+            Store::S3(s) => s.remove(key).await,
+        }
+    }
+
     /// Deletes every object under `prefix`.
     pub async fn remove_prefix(&self, prefix: &str) -> Result<()> {
         check_prefix(prefix)?;
@@ -259,14 +281,19 @@ pub struct BlockingStore {
 impl BlockingStore {
     /// A blocking store over the local directory `root`.
     pub fn local(root: impl Into<PathBuf>) -> std::io::Result<BlockingStore> {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        Ok(BlockingStore { runtime, store: Store::local(root) })
+        BlockingStore::from_store(Store::local(root))
     }
 
     /// A blocking store over an S3 bucket.
     pub fn s3(config: S3Config) -> std::io::Result<BlockingStore> {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         let store = runtime.block_on(Store::s3(config));
+        Ok(BlockingStore { runtime, store })
+    }
+
+    /// A blocking handle on `store` (e.g. for another thread), with its own runtime.
+    pub fn from_store(store: Store) -> std::io::Result<BlockingStore> {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         Ok(BlockingStore { runtime, store })
     }
 
@@ -305,6 +332,11 @@ impl BlockingStore {
         self.runtime.block_on(self.store.get(key))
     }
 
+    /// See [`Store::digest`].
+    pub fn digest(&self, key: &str) -> Result<Option<String>> {
+        self.runtime.block_on(self.store.digest(key))
+    }
+
     /// See [`Store::get_file`].
     pub fn get_file(&self, key: &str, path: &Path) -> Result<()> {
         self.runtime.block_on(self.store.get_file(key, path))
@@ -318,6 +350,21 @@ impl BlockingStore {
     /// See [`Store::list`].
     pub fn list(&self, prefix: &str) -> Result<Vec<String>> {
         self.runtime.block_on(self.store.list(prefix))
+    }
+
+    /// See [`Store::try_lease`].
+    pub fn try_lease(&self, key: &str, holder: &str, ttl: std::time::Duration) -> Result<Option<LeaseRecord>> {
+        self.runtime.block_on(self.store.try_lease(key, holder, ttl))
+    }
+
+    /// See [`Store::renew_lease`].
+    pub fn renew_lease(&self, key: &str, holder: &str, ttl: std::time::Duration) -> Result<bool> {
+        self.runtime.block_on(self.store.renew_lease(key, holder, ttl))
+    }
+
+    /// See [`Store::release_lease`].
+    pub fn release_lease(&self, key: &str, holder: &str) -> Result<()> {
+        self.runtime.block_on(self.store.release_lease(key, holder))
     }
 
     /// See [`Store::location`].

@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::scratch::temp_name;
 use crate::{same_or_refused, sha256_hex, Result, StoreError};
 
 /// Keys are `/`-separated paths under `root`.
@@ -24,14 +25,6 @@ pub async fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = temp_name(path);
     tokio::fs::write(&tmp, bytes).await.map_err(io(&tmp))?;
     tokio::fs::rename(&tmp, path).await.map_err(io(path))
-}
-
-/// A temporary name beside `path` that no other process uses.
-fn temp_name(path: &Path) -> PathBuf {
-    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    path.with_file_name(format!(".{name}.tmp-{}-{n}", std::process::id()))
 }
 
 impl LocalStore {
@@ -129,6 +122,14 @@ impl LocalStore {
         }
         keys.sort();
         Ok(keys)
+    }
+
+    pub(crate) async fn remove(&self, key: &str) -> Result<()> {
+        let path = self.path(key);
+        match tokio::fs::remove_file(&path).await {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(StoreError::Io { path, source: e }),
+            _ => Ok(()),
+        }
     }
 
     pub(crate) async fn remove_prefix(&self, prefix: &str) -> Result<()> {

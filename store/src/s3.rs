@@ -136,18 +136,18 @@ impl S3Store {
         if let Some(published) = self.published_digest(key).await? {
             return same_or_refused(self.location(key), published, digest);
         }
-        match self.upload(key, bytes, &digest, true).await {
-            Err(StoreError::S3 { cause, .. }) if cause.starts_with("PreconditionFailed") || cause.starts_with("ConditionalRequestConflict") => {
+        match self.upload(key, bytes, &digest, true).await? {
+            Written::Yes => Ok(digest),
+            Written::AlreadyThere => {
                 let published = self.published_digest(key).await?.unwrap_or_default();
                 same_or_refused(self.location(key), published, digest)
             }
-            other => other.map(|()| digest),
         }
     }
 
     /// The SHA-256 of the object at `key` (from its metadata, or by reading it when it was
     /// uploaded without), `None` when there is none.
-    async fn published_digest(&self, key: &str) -> Result<Option<String>> {
+    pub(crate) async fn published_digest(&self, key: &str) -> Result<Option<String>> {
         let head = match self.client.head_object().bucket(&self.bucket).key(key).send().await {
             Ok(h) => h,
             Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => return Ok(None),
@@ -159,7 +159,9 @@ impl S3Store {
         }
     }
 
-    async fn upload(&self, key: &str, bytes: Vec<u8>, digest: &str, if_absent: bool) -> Result<()> {
+    /// Uploads `bytes` as `key`; with `if_absent`, only when nothing is there (the server's
+    /// precondition failure is [`Written::AlreadyThere`], not an error).
+    async fn upload(&self, key: &str, bytes: Vec<u8>, digest: &str, if_absent: bool) -> Result<Written> {
         if bytes.len() >= MULTIPART_THRESHOLD {
             return self.put_multipart(key, &bytes, digest, if_absent).await;
         }
@@ -167,22 +169,25 @@ impl S3Store {
         if if_absent {
             put = put.if_none_match("*");
         }
-        put.send().await.map_err(|e| self.error(key, "put", e))?;
-        Ok(())
+        match put.send().await {
+            Ok(_) => Ok(Written::Yes),
+            Err(e) if precondition_failed(&e) => Ok(Written::AlreadyThere),
+            Err(e) => Err(self.error(key, "put", e)),
+        }
     }
 
-    async fn put_multipart(&self, key: &str, bytes: &[u8], digest: &str, if_absent: bool) -> Result<()> {
+    async fn put_multipart(&self, key: &str, bytes: &[u8], digest: &str, if_absent: bool) -> Result<Written> {
         let upload = self.client.create_multipart_upload().bucket(&self.bucket).key(key).metadata(DIGEST_METADATA, digest).send().await.map_err(|e| self.error(key, "start multipart upload", e))?;
         let id = upload.upload_id().unwrap_or_default().to_string();
         let result = self.upload_parts(key, &id, bytes, if_absent).await;
-        if result.is_err() {
+        if !matches!(result, Ok(Written::Yes)) {
             // Nothing half-published: the parts are discarded and the key never appears.
             let _ = self.client.abort_multipart_upload().bucket(&self.bucket).key(key).upload_id(&id).send().await;
         }
         result
     }
 
-    async fn upload_parts(&self, key: &str, id: &str, bytes: &[u8], if_absent: bool) -> Result<()> {
+    async fn upload_parts(&self, key: &str, id: &str, bytes: &[u8], if_absent: bool) -> Result<Written> {
         let mut parts = Vec::new();
         for (i, chunk) in bytes.chunks(PART_SIZE).enumerate() {
             let number = i as i32 + 1;
@@ -199,7 +204,8 @@ impl S3Store {
                 .map_err(|e| self.error(key, "upload part", e))?;
             parts.push(CompletedPart::builder().part_number(number).set_e_tag(part.e_tag().map(str::to_string)).build());
         }
-        self.client
+        let completed = self
+            .client
             .complete_multipart_upload()
             .bucket(&self.bucket)
             .key(key)
@@ -207,9 +213,12 @@ impl S3Store {
             .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build())
             .set_if_none_match(if_absent.then(|| "*".to_string()))
             .send()
-            .await
-            .map_err(|e| self.error(key, "complete multipart upload", e))?;
-        Ok(())
+            .await;
+        match completed {
+            Ok(_) => Ok(Written::Yes),
+            Err(e) if precondition_failed(&e) => Ok(Written::AlreadyThere),
+            Err(e) => Err(self.error(key, "complete multipart upload", e)),
+        }
     }
 
     pub(crate) async fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
@@ -249,6 +258,11 @@ impl S3Store {
         Ok(keys)
     }
 
+    pub(crate) async fn remove(&self, key: &str) -> Result<()> {
+        self.client.delete_object().bucket(&self.bucket).key(key).send().await.map_err(|e| self.error(key, "delete", e))?;
+        Ok(())
+    }
+
     pub(crate) async fn remove_prefix(&self, prefix: &str) -> Result<()> {
         let keys = self.list(prefix).await?;
         for batch in keys.chunks(1000) {
@@ -258,6 +272,20 @@ impl S3Store {
         }
         Ok(())
     }
+}
+
+/// Whether a conditional upload happened.
+enum Written {
+    Yes,
+    /// `If-None-Match: *` failed: an object is there (put by another runner since the HEAD).
+    AlreadyThere,
+}
+
+/// Whether `e` is the server refusing a conditional write because the object exists (S3 says
+/// `PreconditionFailed`, or `ConditionalRequestConflict` while another conditional write of the
+/// same key is in flight).
+fn precondition_failed<E: ProvideErrorMetadata, R>(e: &aws_sdk_s3::error::SdkError<E, R>) -> bool {
+    e.as_service_error().and_then(|s| s.code()).is_some_and(|code| code == "PreconditionFailed" || code == "ConditionalRequestConflict")
 }
 
 /// What a user sees when the AWS credential chain finds nothing.

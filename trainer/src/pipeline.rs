@@ -25,7 +25,7 @@ use crate::evaluate::{predict, score};
 use crate::merge::{merge_checked, shard_model, MergeOptions, ShardVector};
 use crate::metrics::cosine;
 use crate::model::{builtin_weights_path, ModelError, Network, BUILTIN_WEIGHTS_HINT};
-use crate::publish::{provenance_key, verify_run, Provenance, StageLock, Staging};
+use crate::publish::{run_provenance, verify_run, Provenance, StageLease, StageLock, Staging};
 use crate::report::{CandidateResult, EvalReport, LayerSimilarity};
 use crate::restore::rounds::{combine, epoch_settings, shard_part};
 use crate::st::{write_atomic, MappedFile};
@@ -238,13 +238,15 @@ impl Runner {
         Ok(keys)
     }
 
-    /// Runs a stage under its lock (another runner that finished it first leaves nothing to
-    /// do): inputs fetched and their digests taken, the stage run into a staging directory,
+    /// Runs a stage under its lock, and with S3 its lease (another runner that finished it first
+    /// leaves nothing to do), after sweeping killed processes' temporary files: inputs fetched and their digests taken, the stage run into a staging directory,
     /// then everything it wrote published without replacing anything, its provenance record
     /// before the declared outputs.
     fn execute_published(&self, planned: &PlannedStage) -> anyhow::Result<()> {
         let name = planned.stage.name();
         let _lock = StageLock::acquire(&self.root, self.layout.root(), &name)?;
+        let _lease = self.remote.as_ref().map(|remote| StageLease::acquire(remote, &self.layout.lease(&planned.stage), &name)).transpose()?;
+        medmerge_store::scratch::sweep_temporaries(&self.path(self.layout.root()));
         let exists = self.existing()?;
         if planned.writes.iter().all(|w| exists.contains(w)) {
             info!(stage = %name, "another runner finished this stage");
@@ -259,7 +261,7 @@ impl Runner {
         self.execute(planned, &staging)?;
         let outputs = staging.keys()?.into_iter().map(|k| Ok((k.clone(), file_digest(&staging.path(&k))?))).collect::<anyhow::Result<_>>()?;
         let provenance = Provenance { stage: name.clone(), inputs, outputs };
-        let record = provenance_key(self.layout.root(), &name);
+        let record = self.layout.provenance(&planned.stage);
         let publish_to = self.remote.as_ref().unwrap_or(&self.local);
         write_atomic(&staging.path(&record), &serde_json::to_vec_pretty(&provenance)?)?;
         let published = staging.publish(publish_to, &planned.writes)?;
@@ -276,22 +278,10 @@ impl Runner {
         Ok(())
     }
 
-    /// Every provenance record of this run.
-    fn provenance(&self) -> anyhow::Result<Vec<Provenance>> {
-        let prefix = format!("{}/provenance", self.layout.root());
-        let store = self.remote.as_ref().unwrap_or(&self.local);
-        let mut records = Vec::new();
-        for key in store.list(&prefix)? {
-            let bytes = store.get(&key)?.unwrap_or_default();
-            records.push(serde_json::from_slice(&bytes).map_err(|e| anyhow::anyhow!("{}: not a provenance record: {e}", store.location(&key)))?);
-        }
-        Ok(records)
-    }
-
     /// Checks that every stage's inputs are still the artifacts published now.
     fn verify_consistent(&self) -> anyhow::Result<()> {
         let store = self.remote.as_ref().unwrap_or(&self.local);
-        verify_run(&self.provenance()?, |key| Ok(store.get(key)?.map(|b| medmerge_store::sha256_hex(&b))))
+        verify_run(&run_provenance(store, &self.layout)?, |key| Ok(store.digest(key)?))
     }
 
     /// Runs every remaining stage; returns the evaluation report.

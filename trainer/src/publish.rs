@@ -2,23 +2,23 @@
 //! writes into a private staging directory, then publishes every file with the store's
 //! no-replace publish (a different artifact already there is refused, identical bytes are a
 //! no-op), the declared outputs last so the plan sees a stage done only when all of it is.
-//! A provenance record (`provenance/<stage>.json`) names the SHA-256 of every input the stage
+//! A provenance record (`ArtifactLayout::provenance`) names the SHA-256 of every input the stage
 //! read and every output it published; evaluation checks the whole run against them.
 //!
 //! A per-stage lock file keeps two runners on one machine (or one shared volume) from doing the
-//! same work twice; stale staging directories of killed attempts are swept at the start of a
+//! same work twice, and with S3 a per-stage lease in the bucket does the same for runners on
+//! different machines; stale staging directories of killed attempts are swept at the start of a
 //! stage.
 
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use medmerge_store::BlockingStore;
+use medmerge_crds::ArtifactLayout;
+use medmerge_store::scratch::{abandoned, owner_tag};
+use medmerge_store::{BlockingStore, LEASE_RENEW_EVERY, LEASE_TTL};
 use serde::{Deserialize, Serialize};
-
-/// Staging directories older than this are removed whoever made them.
-const STALE_AFTER: Duration = Duration::from_secs(24 * 3600);
 
 /// What one stage read and wrote, by SHA-256.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -29,11 +29,6 @@ pub struct Provenance {
     pub inputs: BTreeMap<String, String>,
     /// Output key -> SHA-256 of the bytes it published.
     pub outputs: BTreeMap<String, String>,
-}
-
-/// The key of `stage`'s provenance record in run `run_root`.
-pub fn provenance_key(run_root: &str, stage: &str) -> String {
-    format!("{run_root}/provenance/{stage}.json")
 }
 
 /// A private directory one stage attempt writes its outputs into, removed when dropped.
@@ -49,7 +44,7 @@ impl Staging {
         sweep_stale(&parent);
         static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = parent.join(format!("{}~{}~{stage}~{n}", host(), std::process::id()));
+        let dir = parent.join(format!("{}~{stage}~{n}", owner_tag()));
         std::fs::create_dir_all(&dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
         Ok(Staging { dir })
     }
@@ -101,24 +96,16 @@ impl Drop for Staging {
     }
 }
 
-/// This machine's name (a pod's name in a cluster), to tell its own staging directories apart
-/// from those of other pods on a shared volume.
-fn host() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).ok().filter(|h| !h.is_empty() && !h.contains('~')).unwrap_or_else(|| "host".into())
-}
-
 /// Removes staging directories whose process is gone (this host, pid not running) or that are
-/// older than [`STALE_AFTER`]. Best effort: a sweep that fails leaves garbage, never an error.
+/// older than a day ([`abandoned`]). Best effort: a sweep that fails leaves garbage, never an
+/// error.
 fn sweep_stale(parent: &Path) {
     let Ok(entries) = std::fs::read_dir(parent) else { return };
-    let me = host();
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         let mut parts = name.split('~');
         let (owner, pid) = (parts.next().unwrap_or_default(), parts.next().and_then(|p| p.parse::<u32>().ok()));
-        let dead = owner == me && pid.is_some_and(|p| p != std::process::id() && !Path::new(&format!("/proc/{p}")).exists());
-        let old = entry.metadata().and_then(|m| m.modified()).ok().and_then(|t| SystemTime::now().duration_since(t).ok()).is_some_and(|age| age > STALE_AFTER);
-        if dead || old {
+        if abandoned(owner, pid, entry.metadata().and_then(|m| m.modified()).ok()) {
             tracing::info!(dir = %entry.path().display(), "removing a killed attempt's staging directory");
             let _ = std::fs::remove_dir_all(entry.path());
         }
@@ -132,9 +119,10 @@ pub struct StageLock {
 
 impl StageLock {
     /// Takes the lock of `stage` in run `run_root` under `root`, waiting (and saying so) while
-    /// another runner holds it.
+    /// another runner holds it. Lock files live in the run's hidden `.locks` directory, so they
+    /// go with the run.
     pub fn acquire(root: &Path, run_root: &str, stage: &str) -> anyhow::Result<StageLock> {
-        let path = root.join(".locks").join(run_root).join(format!("{stage}.lock"));
+        let path = root.join(run_root).join(".locks").join(format!("{stage}.lock"));
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
         }
@@ -149,6 +137,81 @@ impl StageLock {
         }
         Ok(StageLock { _file: file })
     }
+}
+
+/// A stage's lease in a shared store, held while the stage runs: a thread renews it every
+/// [`LEASE_RENEW_EVERY`]; dropping the guard gives it up. A runner that is killed stops
+/// renewing, and the lease lapses after [`LEASE_TTL`].
+pub struct StageLease {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    renewer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl StageLease {
+    /// Takes the lease at `key` (`ArtifactLayout::lease`: in the store, so runners on other
+    /// machines see it, and it goes with the run) for `stage`, waiting (and saying who holds it)
+    /// while another runner's lease has not lapsed.
+    pub fn acquire(store: &BlockingStore, key: &str, stage: &str) -> anyhow::Result<StageLease> {
+        Self::acquire_for(store, key, stage, LEASE_TTL, LEASE_RENEW_EVERY)
+    }
+
+    fn acquire_for(store: &BlockingStore, key: &str, stage: &str, ttl: Duration, renew_every: Duration) -> anyhow::Result<StageLease> {
+        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let holder = format!("{}~{}", owner_tag(), COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        let mut said = false;
+        while let Some(other) = store.try_lease(key, &holder, ttl)? {
+            if !said {
+                tracing::info!(stage, holder = %other.holder, lapses_in_seconds = other.remaining().as_secs(), lease = %store.location(key), "another runner holds this stage's lease; waiting for it to finish or lapse");
+                said = true;
+            }
+            std::thread::sleep(renew_every.min(Duration::from_secs(5)));
+        }
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let renewer = std::thread::spawn({
+            let (store, key, stage) = (BlockingStore::from_store(store.store().clone())?, key.to_string(), stage.to_string());
+            move || renew_until_stopped(&store, &key, &holder, &stage, ttl, renew_every, &stopped)
+        });
+        Ok(StageLease { stop: Some(stop), renewer: Some(renewer) })
+    }
+}
+
+/// The renewing thread: extends the lease every `renew_every` until told to stop (or the guard
+/// is gone), then releases it.
+fn renew_until_stopped(store: &BlockingStore, key: &str, holder: &str, stage: &str, ttl: Duration, renew_every: Duration, stopped: &std::sync::mpsc::Receiver<()>) {
+    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(renew_every) {
+        match store.renew_lease(key, holder, ttl) {
+            Ok(true) => {}
+            Ok(false) => {
+                // Publishing still decides: if the other runner finishes first, ours is refused
+                // or identical.
+                tracing::warn!(stage, lease = %store.location(key), "this stage's lease lapsed and another runner took it; carrying on");
+                return;
+            }
+            Err(e) => tracing::warn!(stage, error = %e, "could not renew this stage's lease; trying again"),
+        }
+    }
+    if let Err(e) = store.release_lease(key, holder) {
+        tracing::warn!(stage, error = %e, "could not release this stage's lease; it lapses on its own");
+    }
+}
+
+impl Drop for StageLease {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(renewer) = self.renewer.take() {
+            let _ = renewer.join();
+        }
+    }
+}
+
+/// Every provenance record of the run `layout` describes, as published in `store`.
+pub fn run_provenance(store: &BlockingStore, layout: &ArtifactLayout) -> anyhow::Result<Vec<Provenance>> {
+    let mut records = Vec::new();
+    for key in store.list(layout.root())?.into_iter().filter(|k| layout.is_provenance(k)) {
+        let bytes = store.get(&key)?.unwrap_or_default();
+        records.push(serde_json::from_slice(&bytes).map_err(|e| anyhow::anyhow!("{}: not a provenance record: {e}", store.location(&key)))?);
+    }
+    Ok(records)
 }
 
 /// Checks every provenance record against the artifacts now published (`digest_of` gives the
@@ -172,6 +235,7 @@ pub fn verify_run(records: &[Provenance], digest_of: impl Fn(&str) -> anyhow::Re
 #[cfg(test)]
 mod tests {
     use super::*;
+    use medmerge_store::scratch::host;
 
     #[test]
     fn staged_files_are_published_declared_last_and_the_staging_directory_goes() {
@@ -181,7 +245,7 @@ mod tests {
         {
             let staging = Staging::new(root.path(), "evaluate").unwrap();
             dir = staging.dir.clone();
-            for key in ["run/eval/metrics.json", "run/eval/plot.png", "run/eval/.metrics.json.tmp-1"] {
+            for key in ["run/eval/metrics.json", "run/eval/plot.png", "run/eval/.metrics.json.tmp~pod~1~0"] {
                 std::fs::create_dir_all(staging.path(key).parent().unwrap()).unwrap();
                 std::fs::write(staging.path(key), key).unwrap();
             }
@@ -216,6 +280,47 @@ mod tests {
         assert!(err.contains("stage merge-merged used run/shards/a/vector.safetensors with SHA-256 aaa, but the published one is bbb"), "{err}");
         let err = verify_run(&[record], |_| Ok(None)).unwrap_err().to_string();
         assert!(err.contains("no longer published"), "{err}");
+    }
+
+    #[test]
+    fn a_second_runner_waits_for_the_first_runners_lease_which_is_renewed_and_then_released() {
+        let root = tempfile::tempdir().unwrap();
+        let store = BlockingStore::local(root.path()).unwrap();
+        let (ttl, renew) = (Duration::from_secs(2), Duration::from_millis(200));
+        let first = StageLease::acquire_for(&store, "run/leases/merge", "merge", ttl, renew).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = root.path().to_path_buf();
+        let waiter = std::thread::spawn(move || {
+            let store = BlockingStore::local(&path).unwrap();
+            let _second = StageLease::acquire_for(&store, "run/leases/merge", "merge", ttl, renew).unwrap();
+            tx.send(()).unwrap();
+        });
+        // Longer than the lease's ttl: only renewal keeps the second runner out.
+        assert!(rx.recv_timeout(Duration::from_secs(4)).is_err(), "the second runner waits while the first renews its lease");
+        drop(first);
+        rx.recv_timeout(Duration::from_secs(30)).expect("and gets it once the first lets go");
+        waiter.join().unwrap();
+        assert!(store.list("run").unwrap().is_empty(), "released leases leave nothing");
+    }
+
+    #[test]
+    fn a_killed_runners_lease_lapses_and_the_next_runner_takes_it() {
+        let root = tempfile::tempdir().unwrap();
+        let store = BlockingStore::local(root.path()).unwrap();
+        // A runner that took the lease and died: nothing renews it.
+        assert!(store.try_lease("run/leases/merge", "killed~1~0", Duration::from_secs(1)).unwrap().is_none());
+        let started = std::time::Instant::now();
+        let _lease = StageLease::acquire_for(&store, "run/leases/merge", "merge", Duration::from_secs(60), Duration::from_millis(100)).unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(500), "it waited for the lapse");
+    }
+
+    #[test]
+    fn a_stage_lock_lives_in_the_run_and_goes_with_it() {
+        let root = tempfile::tempdir().unwrap();
+        drop(StageLock::acquire(root.path(), "ns/job/g1", "merge-merged").unwrap());
+        assert!(root.path().join("ns/job/g1/.locks/merge-merged.lock").exists());
+        let store = BlockingStore::local(root.path()).unwrap();
+        assert!(store.list("ns/job/g1").unwrap().is_empty(), "a lock file is not an artifact");
     }
 
     #[test]

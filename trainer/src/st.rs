@@ -248,10 +248,10 @@ impl Drop for StreamWriter {
     }
 }
 
-/// A sibling temporary path, unique per process, that readers never look for.
+/// A hidden sibling temporary path naming its process, that readers never look for and a
+/// later stage sweeps if this process is killed ([`medmerge_store::scratch`]).
 pub fn temp_path(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+    medmerge_store::scratch::temp_name(path)
 }
 
 /// Writes `bytes` to `path` atomically (temporary file + fsync + rename).

@@ -7,7 +7,9 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use medmerge_trainer::publish::{verify_run, Provenance};
+use medmerge_crds::ArtifactLayout;
+use medmerge_store::BlockingStore;
+use medmerge_trainer::publish::{run_provenance, verify_run, Provenance};
 
 fn trainer() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_medmerge-trainer"));
@@ -20,9 +22,8 @@ fn stderr(o: &Output) -> String {
 }
 
 /// Every provenance record of a local run checked against the files published now.
-fn assert_consistent(store: &Path, run: &str) {
-    let dir = store.join(run).join("provenance");
-    let records: Vec<Provenance> = std::fs::read_dir(&dir).unwrap().map(|e| serde_json::from_slice(&std::fs::read(e.unwrap().path()).unwrap()).unwrap()).collect();
+fn assert_consistent(store: &Path, layout: &ArtifactLayout) {
+    let records: Vec<Provenance> = run_provenance(&BlockingStore::local(store).unwrap(), layout).unwrap();
     assert!(records.iter().any(|r| r.stage == "evaluate"), "the run finished: {records:?}");
     verify_run(&records, |key| Ok(std::fs::read(store.join(key)).ok().map(|b| medmerge_store::sha256_hex(&b)))).unwrap();
 }
@@ -37,7 +38,7 @@ fn two_runners_on_one_mergejob_end_with_one_consistent_run_or_a_clear_refusal() 
         assert!(o.status.success() || stderr(o).contains("already published with different content"), "a runner failed some other way: {}", stderr(o));
     }
     assert!(outputs.iter().any(|o| o.status.success()), "one runner finishes the run");
-    assert_consistent(&dir.path().join("out"), "runs/local/tiny/g1");
+    assert_consistent(&dir.path().join("out"), &ArtifactLayout::new("runs", "local", "tiny", 1));
     // And a third runner afterwards finds it done and consistent.
     let again = trainer().arg("pipeline").arg(&job).output().unwrap();
     assert!(again.status.success(), "{}", stderr(&again));

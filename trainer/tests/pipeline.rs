@@ -32,7 +32,7 @@ fn a_tiny_mergejob_runs_end_to_end_and_reports_every_candidate() {
         assert_eq!(&bytes[1..4], b"PNG", "{plot} is a PNG");
     }
     for part in ["epoch/h0/model", "bn/h1/bn-stats", "head/h0/head-stats"] {
-        assert!(run.join(format!("restore/data-vector/{part}.safetensors")).exists(), "the default's rounds: {part}");
+        assert!(run.join(restore_key(part)).exists(), "the default's rounds: {part}");
     }
     // The clinical view: ROC per class, the operating point, Grad-CAM for every model.
     let clinical = &report.clinical;
@@ -68,8 +68,8 @@ fn finetune_epoch_restoration_chains_through_every_shard() {
     let report = Runner::new(Job::load(&job).unwrap(), Device::Cpu).unwrap().run().unwrap();
     assert_eq!(report.candidates.len(), 1);
     let run = dir.path().join("out/runs/local/tiny/g1");
-    assert!(run.join("restore/data-vector/chain/h0/model.safetensors").exists());
-    assert!(run.join("restore/data-vector/chain/h1/model.safetensors").exists());
+    assert!(run.join(restore_key("chain/h0/model")).exists());
+    assert!(run.join(restore_key("chain/h1/model")).exists());
 }
 
 #[test]
@@ -85,7 +85,7 @@ fn every_parallel_restoration_mode_runs_its_rounds_and_publishes_a_valid_model()
         assert!(report.candidates[0].description.contains(&medmerge_crds::RestoreMode::parse(&kebab(mode)).unwrap().as_str().to_string()), "{mode}");
         let run = dir.path().join("out/runs/local/tiny/g1");
         for part in parts {
-            assert!(run.join(format!("restore/data-vector/{part}.safetensors")).exists(), "{mode}: {part}");
+            assert!(run.join(restore_key(part)).exists(), "{mode}: {part}");
         }
         let restored = medmerge_trainer::model::Network::load(&run.join("restored/data-vector/model.safetensors"), Device::Cpu).unwrap();
         restored.check_valid().unwrap();
@@ -110,7 +110,7 @@ fn a_corrupt_image_fails_its_shard_by_name_and_keeps_earlier_artifacts() {
     assert!(run.join("base/model.safetensors").exists());
     assert!(run.join("shards/h0/vector.safetensors").exists(), "the healthy shard's vector survives");
     assert!(!run.join("shards/h1/vector.safetensors").exists(), "no vector for the failed shard");
-    let leftovers: Vec<_> = walk(&run).into_iter().filter(|p| p.to_string_lossy().contains(".tmp-")).collect();
+    let leftovers: Vec<_> = walk(&run).into_iter().filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().contains(".tmp~"))).collect();
     assert!(leftovers.is_empty(), "temporary files left behind: {leftovers:?}");
 }
 
@@ -132,6 +132,15 @@ fn missing_imagenet_weights_are_named_with_a_fix() {
     std::fs::write(&job, text).unwrap();
     let msg = format!("{:#}", Runner::new(Job::load(&job).unwrap(), Device::Cpu).unwrap().run().unwrap_err());
     assert!(msg.contains("nowhere.safetensors") && msg.contains("does not exist"), "{msg}");
+}
+
+/// Where the default candidate's restoration `part` lies in a run: `<round>/<shard>/<file>` in
+/// the shard's own prefix, `<round>/model` (a combined round) in the run's `restore/`.
+fn restore_key(part: &str) -> String {
+    match part.split('/').collect::<Vec<_>>()[..] {
+        [round, shard, file] => format!("shards/{shard}/restore/data-vector/{round}/{file}.safetensors"),
+        _ => format!("restore/data-vector/{part}.safetensors"),
+    }
 }
 
 fn walk(dir: &Path) -> Vec<std::path::PathBuf> {

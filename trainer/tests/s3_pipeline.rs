@@ -41,7 +41,7 @@ fn a_mergejob_runs_stage_by_stage_through_an_s3_bucket() {
     ] {
         assert!(keys.contains(&format!("runs/local/tiny/g1/{key}")), "{key} missing from the bucket: {keys:?}");
     }
-    assert!(!keys.iter().any(|k| k.contains(".tmp-")), "no temporary files are published");
+    assert!(!keys.iter().any(|k| k.contains(".tmp~")), "no temporary files are published");
 
     // A whole-pipeline run on yet another machine finds everything done and reads the report.
     std::env::set_var("MEDMERGE_ARTIFACT_CACHE", dir.path().join("cache-final"));
@@ -116,12 +116,47 @@ fn shard_images_are_read_from_s3_with_the_shards_own_credentials_only() {
 
 #[test]
 #[ignore = "needs an S3 server: run `make test-s3`"]
+fn a_hospitals_own_bucket_identity_suffices_for_its_stages_and_reaches_no_other_shard() {
+    let (store, endpoint, bucket) = admin_bucket("medmerge-isolation");
+    let dir = tempfile::tempdir().unwrap();
+    let storage = format!("{{s3: {{bucket: {bucket}, endpoint: \"{endpoint}\"}}}}");
+    let job = common::write_job_with_storage(dir.path(), "  merge: {baselines: []}\n", 2, &storage);
+    let run = |stage: Option<&str>, hospital: bool, cache: &str| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_medmerge-trainer"));
+        command.args(["--threads", "1", "pipeline"]).arg(&job).args(stage.map(|s| vec!["--stage", s]).unwrap_or_default()).env("MEDMERGE_ARTIFACT_CACHE", dir.path().join(cache));
+        if hospital {
+            // Hospital h0's pod: its shard's storageSecret, limited to runs/local/tiny/g1/shards/h0/.
+            command.env("AWS_ACCESS_KEY_ID", std::env::var("MEDMERGE_S3_HOSPITAL_KEY").unwrap()).env("AWS_SECRET_ACCESS_KEY", std::env::var("MEDMERGE_S3_HOSPITAL_SECRET").unwrap());
+        }
+        command.output().unwrap()
+    };
+    let init = run(Some("init"), false, "coordinator");
+    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    let own = run(Some("finetune-h0"), true, "hospital-h0");
+    assert!(own.status.success(), "the shard's own identity runs its training: {}", String::from_utf8_lossy(&own.stderr));
+    let other = run(Some("finetune-h1"), true, "hospital-h0-elsewhere");
+    let err = String::from_utf8_lossy(&other.stderr);
+    assert!(!other.status.success() && err.contains("runs/local/tiny/g1/shards/h1/") && err.contains("AccessDenied"), "{err}");
+    let layout = medmerge_crds::ArtifactLayout::new("runs", "local", "tiny", 1);
+    assert!(store.list(&layout.shard_root("h1")).unwrap().is_empty(), "nothing was written for shard h1");
+    // The coordinator (the bucket's identity) runs the rest; the run is whole and consistent.
+    let rest = run(None, false, "coordinator");
+    assert!(rest.status.success(), "{}", String::from_utf8_lossy(&rest.stderr));
+    let records = medmerge_trainer::publish::run_provenance(&store, &layout).unwrap();
+    assert!(records.iter().any(|r| r.stage == "finetune-h0") && records.iter().any(|r| r.stage == "evaluate"), "{records:?}");
+    medmerge_trainer::publish::verify_run(&records, |k| Ok(store.get(k)?.map(|b| medmerge_store::sha256_hex(&b)))).unwrap();
+    assert!(!store.list(layout.root()).unwrap().iter().any(|k| k.contains("/leases/")), "every lease was released");
+}
+
+#[test]
+#[ignore = "needs an S3 server: run `make test-s3`"]
 fn two_runners_with_separate_caches_on_one_s3_mergejob_end_consistent_or_refused() {
     let (store, endpoint, bucket) = admin_bucket("medmerge-race");
     let dir = tempfile::tempdir().unwrap();
     let storage = format!("{{s3: {{bucket: {bucket}, endpoint: \"{endpoint}\"}}}}");
     let job = common::write_job_with_storage(dir.path(), "  merge: {baselines: []}\n", 2, &storage);
-    // Two machines: nothing shared but the bucket, so no lock between them; publishing decides.
+    // Two machines: nothing shared but the bucket: its per-stage leases keep them from running a
+    // stage twice, and where they race, publishing decides.
     let runners: Vec<_> = (0..2)
         .map(|i| {
             std::process::Command::new(env!("CARGO_BIN_EXE_medmerge-trainer"))
@@ -140,9 +175,8 @@ fn two_runners_with_separate_caches_on_one_s3_mergejob_end_consistent_or_refused
         assert!(o.status.success() || err.contains("already published with different content"), "a runner failed some other way: {err}");
     }
     assert!(outputs.iter().any(|o| o.status.success()), "one runner finishes the run");
-    let run = "runs/local/tiny/g1";
-    let records: Vec<medmerge_trainer::publish::Provenance> =
-        store.list(&format!("{run}/provenance")).unwrap().iter().map(|k| serde_json::from_slice(&store.get(k).unwrap().unwrap()).unwrap()).collect();
-    assert!(records.iter().any(|r| r.stage == "evaluate"));
+    let layout = medmerge_crds::ArtifactLayout::new("runs", "local", "tiny", 1);
+    let records = medmerge_trainer::publish::run_provenance(&store, &layout).unwrap();
+    assert!(records.iter().any(|r| r.stage == "evaluate") && records.iter().any(|r| r.stage == "finetune-h0"), "{records:?}");
     medmerge_trainer::publish::verify_run(&records, |k| Ok(store.get(k)?.map(|b| medmerge_store::sha256_hex(&b)))).unwrap();
 }

@@ -218,9 +218,7 @@ fn check_base_digest(v: &ShardVector, claim: &str, digest: &str) -> Result<(), M
 /// [`merge_files`], then the merged model loaded and checked ([`Network::check_valid`]) before it
 /// is published at `out`: a model that fails is refused and `out` is left as it was.
 pub fn merge_checked(base_path: &Path, vectors: &[ShardVector], opts: &MergeOptions, out: &Path, device: Device) -> Result<(), MergeError> {
-    let mut unchecked = out.as_os_str().to_owned();
-    unchecked.push(format!(".tmp-{}-unchecked", std::process::id()));
-    let unchecked = PathBuf::from(unchecked);
+    let unchecked = crate::st::temp_path(out);
     let result = merge_files(base_path, vectors, opts, &unchecked).and_then(|()| {
         Network::load(&unchecked, device)?.check_valid()?;
         std::fs::rename(&unchecked, out).map_err(|source| StError::Write { path: out.into(), source }.into())

@@ -291,9 +291,20 @@ impl BlockingStore {
         Ok(BlockingStore { runtime, store })
     }
 
-    /// A blocking handle on `store` (e.g. for another thread), with its own runtime.
-    pub fn from_store(store: Store) -> std::io::Result<BlockingStore> {
+    fn from_store(store: Store) -> std::io::Result<BlockingStore> {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        Ok(BlockingStore { runtime, store })
+    }
+
+    /// The same store with its own runtime and connections, for another thread: sharing this
+    /// one's S3 connections from another runtime would hang while this thread is not inside a
+    /// store call.
+    pub fn independent(&self) -> std::io::Result<BlockingStore> {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let store = match &self.store {
+            Store::Local(s) => Store::Local(s.clone()),
+            Store::S3(s) => Store::S3(runtime.block_on(s.reconnect())),
+        };
         Ok(BlockingStore { runtime, store })
     }
 

@@ -58,9 +58,18 @@ impl S3Config {
 pub struct S3Store {
     client: Client,
     bucket: String,
+    /// What it was connected with, to open an independent connection ([`S3Store::reconnect`]).
+    config: S3Config,
 }
 
 impl S3Store {
+    /// A new client for the same bucket with its own connections: an SDK client's connections
+    /// are driven by the runtime that opened them, so another thread with its own runtime must
+    /// not share them (it would wait for a runtime that is not running).
+    pub(crate) async fn reconnect(&self) -> S3Store {
+        S3Store::connect(self.config.clone()).await
+    }
+
     pub(crate) async fn connect(c: S3Config) -> S3Store {
         let attempt_timeout = c.attempt_timeout.unwrap_or(ATTEMPT_TIMEOUT);
         let mut loader = aws_config::defaults(BehaviorVersion::latest())
@@ -83,7 +92,7 @@ impl S3Store {
         }
         let shared = loader.load().await;
         let config = aws_sdk_s3::config::Builder::from(&shared).force_path_style(c.path_style).build();
-        S3Store { client: Client::from_conf(config), bucket: c.bucket }
+        S3Store { client: Client::from_conf(config), bucket: c.bucket.clone(), config: c }
     }
 
     /// `s3://bucket/key`.
@@ -351,7 +360,7 @@ mod tests {
     async fn missing_credentials_are_one_line_naming_the_bucket_and_what_to_set() {
         let config =
             aws_sdk_s3::Config::builder().behavior_version(BehaviorVersion::latest()).region(Region::new("us-east-1")).endpoint_url("http://127.0.0.1:9").credentials_provider(NoCredentials).build();
-        let store = S3Store { client: Client::from_conf(config), bucket: "hospital-vectors".into() };
+        let store = S3Store { client: Client::from_conf(config), bucket: "hospital-vectors".into(), config: S3Config::default() };
         let message = store.list("runs/").await.unwrap_err().to_string();
         assert_eq!(message, format!("s3://hospital-vectors/runs/: list failed: {NO_CREDENTIALS}"));
     }

@@ -168,7 +168,7 @@ impl StageLease {
         }
         let (stop, stopped) = std::sync::mpsc::channel::<()>();
         let renewer = std::thread::spawn({
-            let (store, key, stage) = (BlockingStore::from_store(store.store().clone())?, key.to_string(), stage.to_string());
+            let (store, key, stage) = (store.independent()?, key.to_string(), stage.to_string());
             move || renew_until_stopped(&store, &key, &holder, &stage, ttl, renew_every, &stopped)
         });
         Ok(StageLease { stop: Some(stop), renewer: Some(renewer) })

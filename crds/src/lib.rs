@@ -3,6 +3,7 @@
 //! Kubernetes operator all share one definition of what a MergeJob means.
 
 pub mod layout;
+pub mod limits;
 pub mod placement;
 pub mod plan;
 pub mod run;

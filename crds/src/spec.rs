@@ -4,6 +4,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::limits;
 pub use crate::placement::{DataVolume, PodOverrides, StageKind, DEFAULT_GPU_RESOURCE};
 use crate::status::MergeJobStatus;
 
@@ -76,20 +77,22 @@ pub struct ClusterSpec {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub image_pull_policy: Option<String>,
     /// Retries of a stage Job before the stage counts as failed.
-    #[schemars(range(min = 0, max = 20))]
+    #[schemars(range(min = limits::BACKOFF_LIMIT.min, max = limits::BACKOFF_LIMIT.max))]
     pub backoff_limit: i32,
     /// Seconds a stage Job may run before it is stopped and counts as failed.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = limits::ACTIVE_DEADLINE_SECONDS.min))]
     pub active_deadline_seconds: Option<i64>,
     /// Shards whose vectors must be available to go on without shards that failed.
     /// Unset: every shard is required.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = limits::MIN_SHARDS.min))]
     pub min_shards: Option<u32>,
     /// The older spelling of the top-level `suspend` (same effect).
     pub suspend: bool,
     /// GPUs requested (as limits of `gpuResource`) by training, restoration and evaluation
     /// Jobs: 0 or 1 (the trainer uses one device; multi-GPU training is not supported yet).
-    #[schemars(range(min = 0, max = 1))]
+    #[schemars(range(min = limits::GPUS.min, max = limits::GPUS.max))]
     pub gpus: u32,
     /// The extended resource that `gpus` requests: `nvidia.com/gpu`, a MIG profile such as
     /// `nvidia.com/mig-1g.10gb`, or `amd.com/gpu`. For anything else, set `resources` in
@@ -115,9 +118,11 @@ pub struct ClusterSpec {
     /// a training Job still running) is dropped as a straggler; `minShards` then decides whether
     /// the run goes on. Unset: wait for every shard.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = limits::STRAGGLER_DEADLINE_SECONDS.min))]
     pub straggler_deadline_seconds: Option<i64>,
     /// Seconds after a stage Job finishes before Kubernetes deletes it (and its pods).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = limits::TTL_SECONDS_AFTER_FINISHED.min))]
     pub ttl_seconds_after_finished: Option<i32>,
     /// Tolerations added to every stage pod (e.g. for tainted GPU nodes).
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -198,7 +203,7 @@ pub struct ModelSpec {
     pub classes: Vec<String>,
     /// Square input resolution in pixels.
     #[serde(default = "default_image_size")]
-    #[schemars(range(min = 16, max = 1024))]
+    #[schemars(range(min = limits::IMAGE_SIZE.min, max = limits::IMAGE_SIZE.max))]
     pub image_size: u32,
     /// Seed for random initialisation of new layers (heads, or everything when weights=random).
     #[serde(default = "default_seed")]
@@ -325,16 +330,18 @@ impl DataSource {
 #[serde(rename_all = "camelCase", default)]
 pub struct TrainingSpec {
     /// Passes over the shard's data.
-    #[schemars(range(min = 1, max = 10000))]
+    #[schemars(range(min = limits::EPOCHS.min, max = limits::EPOCHS.max))]
     pub epochs: u32,
     /// Images per optimisation step.
-    #[schemars(range(min = 1, max = 4096))]
+    #[schemars(range(min = limits::BATCH_SIZE.min, max = limits::BATCH_SIZE.max))]
     pub batch_size: u32,
     /// Optimiser.
     pub optimizer: Optimizer,
     /// Peak learning rate.
+    #[schemars(range(min = limits::LEARNING_RATE.min), extend("exclusiveMinimum" = limits::LEARNING_RATE.min_exclusive))]
     pub learning_rate: f64,
     /// Weight decay (decoupled for adamW).
+    #[schemars(range(min = limits::WEIGHT_DECAY.min))]
     pub weight_decay: f64,
     /// Learning-rate schedule over the whole run.
     pub schedule: Schedule,
@@ -344,7 +351,7 @@ pub struct TrainingSpec {
     pub class_weighting: bool,
     /// Fraction of each shard held out to pick the epoch with the best balanced accuracy (mean
     /// recall over the classes, so a majority class cannot carry it); 0 keeps the last epoch.
-    #[schemars(range(min = 0.0, max = 0.5))]
+    #[schemars(range(min = limits::VALIDATION_FRACTION.min, max = limits::VALIDATION_FRACTION.max), extend("exclusiveMaximum" = limits::VALIDATION_FRACTION.max_exclusive))]
     pub validation_fraction: f64,
     /// Random augmentation applied to training images.
     pub augment: AugmentSpec,
@@ -403,10 +410,13 @@ pub struct AugmentSpec {
     /// Random horizontal and vertical flips.
     pub flip: bool,
     /// Maximum rotation in degrees (0 disables).
+    #[schemars(range(min = limits::ROTATION_DEGREES.min, max = limits::ROTATION_DEGREES.max))]
     pub rotation_degrees: f32,
     /// Maximum relative brightness/contrast/saturation change (0 disables).
+    #[schemars(range(min = limits::COLOR_JITTER.min, max = limits::COLOR_JITTER.max))]
     pub color_jitter: f32,
     /// Smallest crop side as a fraction of the image for random scale crops (1 disables).
+    #[schemars(range(min = limits::MIN_SCALE.min, max = limits::MIN_SCALE.max))]
     pub min_scale: f32,
 }
 
@@ -425,15 +435,15 @@ pub struct MergeSpec {
     /// Scale applied to the summed vectors (dataVector, ties, dare, randomVector). Default 1.0:
     /// with the default restoration it beat 0.5 on IID and label-skewed hospitals
     /// (bench/results/paper-table.md); the paper's 0.5 is one setting away.
-    #[schemars(range(min = 0.0, max = 4.0))]
+    #[schemars(range(min = limits::LAMBDA.min, max = limits::LAMBDA.max))]
     pub lambda: f64,
     /// How the shards' classification heads are combined.
     pub heads: HeadStrategy,
     /// Fraction of each vector's largest-magnitude entries kept by TIES.
-    #[schemars(range(min = 0.0, max = 1.0))]
+    #[schemars(range(min = limits::TIES_DENSITY.min, max = limits::TIES_DENSITY.max), extend("exclusiveMinimum" = limits::TIES_DENSITY.min_exclusive))]
     pub ties_density: f64,
     /// Probability that DARE drops an entry of each vector.
-    #[schemars(range(min = 0.0, max = 0.99))]
+    #[schemars(range(min = limits::DARE_DROP_RATE.min, max = limits::DARE_DROP_RATE.max))]
     pub dare_drop_rate: f64,
     /// Seed for randomVector and DARE.
     pub seed: u64,
@@ -532,6 +542,7 @@ pub struct RestoreSpec {
     /// Learning rate of the modes that train (finetuneEpoch, averagedEpoch, averagedEpochHead;
     /// defaults to training.learningRate).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = limits::RESTORE_LEARNING_RATE.min), extend("exclusiveMinimum" = limits::RESTORE_LEARNING_RATE.min_exclusive))]
     pub learning_rate: Option<f64>,
 }
 
@@ -650,13 +661,13 @@ pub struct EvaluationSpec {
     /// Probability threshold at which each class's sensitivity and specificity are reported
     /// (one class against the rest).
     #[serde(default = "default_operating_point")]
-    #[schemars(range(min = 0.0, max = 1.0))]
+    #[schemars(range(min = limits::OPERATING_POINT.min, max = limits::OPERATING_POINT.max))]
     pub operating_point: f64,
     /// Held-out images explained with Grad-CAM for every evaluated model (the report's share of
     /// heat inside the fundus disc and its gallery of correct and wrong predictions); 0 turns
     /// Grad-CAM off.
     #[serde(default = "default_explain_images")]
-    #[schemars(range(min = 0, max = 10000))]
+    #[schemars(range(min = limits::EXPLAIN_IMAGES.min, max = limits::EXPLAIN_IMAGES.max))]
     pub explain_images: u32,
 }
 

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeSet;
 
+use crate::limits;
 use crate::spec::{Architecture, Baseline, MergeJobSpec, MergeSpec, ModelSpec, RestoreMode, StageKind, TrainingSpec, WeightsSource};
 
 /// One problem with a spec.
@@ -64,28 +65,19 @@ pub fn validate(spec: &MergeJobSpec) -> Result<(), Vec<SpecError>> {
     if spec.restore.mode != RestoreMode::None && with_data == 0 && !spec.shards.is_empty() {
         errors.push(err("restore.mode", format!("{} needs at least one shard with data; use none", spec.restore.mode.as_str())));
     }
-    if let Some(lr) = spec.restore.learning_rate {
-        if !(lr.is_finite() && lr > 0.0) {
-            errors.push(err("restore.learningRate", "must be a positive number"));
-        }
-    }
+    errors.extend(limits::RESTORE_LEARNING_RATE.check_optional(spec.restore.learning_rate));
     if mg.baselines.contains(&Baseline::FullTraining) && with_data != spec.shards.len() {
         errors.push(err("merge.baselines", "fullTraining needs the data of every shard; external shards have none here"));
     }
     if let Some(min) = spec.cluster.min_shards {
-        if min == 0 || min as usize > spec.shards.len() {
+        if !limits::MIN_SHARDS.allows(min) || min as usize > spec.shards.len() {
             errors.push(err("cluster.minShards", format!("{min} must be between 1 and the number of shards ({})", spec.shards.len())));
         }
     }
-    let positive = [("cluster.activeDeadlineSeconds", spec.cluster.active_deadline_seconds), ("cluster.stragglerDeadlineSeconds", spec.cluster.straggler_deadline_seconds)];
-    for (field, value) in positive {
-        if let Some(v) = value.filter(|v| *v <= 0) {
-            errors.push(err(field, format!("{v} must be a positive number of seconds")));
-        }
-    }
-    if let Some(ttl) = spec.cluster.ttl_seconds_after_finished.filter(|t| *t < 0) {
-        errors.push(err("cluster.ttlSecondsAfterFinished", format!("{ttl} must not be negative")));
-    }
+    errors.extend(limits::ACTIVE_DEADLINE_SECONDS.check_optional(spec.cluster.active_deadline_seconds));
+    errors.extend(limits::STRAGGLER_DEADLINE_SECONDS.check_optional(spec.cluster.straggler_deadline_seconds));
+    errors.extend(limits::TTL_SECONDS_AFTER_FINISHED.check_optional(spec.cluster.ttl_seconds_after_finished));
+    errors.extend(limits::BACKOFF_LIMIT.check(spec.cluster.backoff_limit));
     let quantities = [("cluster.resources.cpu", &spec.cluster.resources.cpu), ("cluster.resources.memory", &spec.cluster.resources.memory)];
     for (field, value) in quantities {
         if let Some(q) = value.as_deref().filter(|q| !is_quantity(q)) {
@@ -97,12 +89,8 @@ pub fn validate(spec: &MergeJobSpec) -> Result<(), Vec<SpecError>> {
     }
     errors.extend(validate_placement(spec));
     let ev = &spec.evaluation;
-    if !(0.0..=1.0).contains(&ev.operating_point) {
-        errors.push(err("evaluation.operatingPoint", format!("{} is outside [0, 1]", ev.operating_point)));
-    }
-    if ev.explain_images > 10_000 {
-        errors.push(err("evaluation.explainImages", format!("{} is above 10000", ev.explain_images)));
-    }
+    errors.extend(limits::OPERATING_POINT.check(ev.operating_point));
+    errors.extend(limits::EXPLAIN_IMAGES.check(ev.explain_images));
     if spec.evaluation.data.path.is_empty() {
         errors.push(err("evaluation.data.path", "must not be empty"));
     }
@@ -134,9 +122,7 @@ pub fn validate_model(m: &ModelSpec) -> Vec<SpecError> {
     if m.weights == WeightsSource::File && m.weights_path.as_deref().unwrap_or("").is_empty() {
         errors.push(err("model.weightsPath", "required when model.weights is file"));
     }
-    if !(16..=1024).contains(&m.image_size) {
-        errors.push(err("model.imageSize", format!("{} is outside 16..=1024", m.image_size)));
-    }
+    errors.extend(limits::IMAGE_SIZE.check(m.image_size));
     let mut seen_classes = BTreeSet::new();
     for (i, c) in m.classes.iter().enumerate() {
         if c.is_empty() || !seen_classes.insert(c) {
@@ -152,49 +138,25 @@ pub fn validate_model(m: &ModelSpec) -> Vec<SpecError> {
 /// The training settings' bounds (`spec.training`, and the trainer's CLI flags, which map onto
 /// the same fields).
 pub fn validate_training(t: &TrainingSpec) -> Vec<SpecError> {
-    let mut errors = Vec::new();
-    if t.epochs == 0 {
-        errors.push(err("training.epochs", "must be at least 1"));
-    }
-    if t.batch_size == 0 {
-        errors.push(err("training.batchSize", "must be at least 1"));
-    }
-    if !(t.learning_rate.is_finite() && t.learning_rate > 0.0) {
-        errors.push(err("training.learningRate", format!("{} must be a positive number", t.learning_rate)));
-    }
-    if !(t.weight_decay.is_finite() && t.weight_decay >= 0.0) {
-        errors.push(err("training.weightDecay", "must be zero or positive"));
-    }
-    if !(0.0..0.5).contains(&t.validation_fraction) {
-        errors.push(err("training.validationFraction", format!("{} is outside [0, 0.5)", t.validation_fraction)));
-    }
     let a = &t.augment;
-    if !(0.0..=1.0).contains(&a.min_scale) || a.min_scale < 0.1 {
-        errors.push(err("training.augment.minScale", format!("{} is outside [0.1, 1]", a.min_scale)));
-    }
-    if !(0.0..=180.0).contains(&a.rotation_degrees) {
-        errors.push(err("training.augment.rotationDegrees", "must be within 0..=180"));
-    }
-    if !(0.0..=1.0).contains(&a.color_jitter) {
-        errors.push(err("training.augment.colorJitter", "must be within 0..=1"));
-    }
-
-    errors
+    [
+        limits::EPOCHS.check(t.epochs),
+        limits::BATCH_SIZE.check(t.batch_size),
+        limits::LEARNING_RATE.check(t.learning_rate),
+        limits::WEIGHT_DECAY.check(t.weight_decay),
+        limits::VALIDATION_FRACTION.check(t.validation_fraction),
+        limits::MIN_SCALE.check(f64::from(a.min_scale)),
+        limits::ROTATION_DEGREES.check(f64::from(a.rotation_degrees)),
+        limits::COLOR_JITTER.check(f64::from(a.color_jitter)),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
 }
 
 /// The merge settings' bounds (`spec.merge`, and the `merge` command's flags).
 pub fn validate_merge(mg: &MergeSpec) -> Vec<SpecError> {
-    let mut errors = Vec::new();
-    if !(mg.lambda.is_finite() && (0.0..=4.0).contains(&mg.lambda)) {
-        errors.push(err("merge.lambda", format!("{} is outside [0, 4]", mg.lambda)));
-    }
-    if !(mg.ties_density > 0.0 && mg.ties_density <= 1.0) {
-        errors.push(err("merge.tiesDensity", format!("{} is outside (0, 1]", mg.ties_density)));
-    }
-    if !(0.0..0.99 + f64::EPSILON).contains(&mg.dare_drop_rate) {
-        errors.push(err("merge.dareDropRate", format!("{} is outside [0, 0.99]", mg.dare_drop_rate)));
-    }
-    errors
+    [limits::LAMBDA.check(mg.lambda), limits::TIES_DENSITY.check(mg.ties_density), limits::DARE_DROP_RATE.check(mg.dare_drop_rate)].into_iter().flatten().collect()
 }
 
 /// Cluster settings that local runs ignore but must still be well-formed: GPUs, scratch size,
@@ -202,7 +164,7 @@ pub fn validate_merge(mg: &MergeSpec) -> Vec<SpecError> {
 fn validate_placement(spec: &MergeJobSpec) -> Vec<SpecError> {
     let mut errors = Vec::new();
     let c = &spec.cluster;
-    if c.gpus > 1 {
+    if !limits::GPUS.allows(c.gpus) {
         errors.push(err("cluster.gpus", format!("{} GPUs per pod: the trainer uses one device; multi-GPU training is not supported yet (use 0 or 1)", c.gpus)));
     }
     if c.gpu_resource.is_empty() || !c.gpu_resource.contains('/') {

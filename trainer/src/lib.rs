@@ -19,4 +19,5 @@ pub mod restore;
 pub mod split;
 pub mod st;
 pub mod synth;
+pub mod table;
 pub mod train;

@@ -25,6 +25,7 @@ use medmerge_trainer::report::{CandidateResult, EvalReport, HeatMeasures};
 use medmerge_trainer::restore::rounds::restore_in_process;
 use medmerge_trainer::restore::{apply_moments, collect_moments, combine_moments, load_moments, save_moments};
 use medmerge_trainer::st::{write_atomic, MappedFile};
+use medmerge_trainer::table::CsvTable;
 use medmerge_trainer::{split, synth, train};
 use stdout::say;
 use tch::Device;
@@ -529,18 +530,21 @@ fn main() -> anyhow::Result<()> {
                 Some(dir) => Some(explain_images(&net, &unlabelled(&ds), dir, &ExplainOptions::default(), dev)?),
                 None => None,
             };
-            let heat_column = if heatmaps.is_some() { ",heatmap" } else { "" };
-            let mut csv = format!("image,predicted,{}{heat_column}\n", net.classes.iter().map(|c| format!("p_{c}")).collect::<Vec<_>>().join(","));
+            let heat_column = heatmaps.as_ref().map(|_| "heatmap".to_string());
+            let header = ["image".to_string(), "predicted".to_string()].into_iter().chain(net.classes.iter().map(|c| format!("p_{c}"))).chain(heat_column);
+            let mut table = CsvTable::new(header);
             for (i, (s, p)) in ds.samples.iter().zip(&probs).enumerate() {
-                let ps: Vec<String> = p.iter().map(|v| format!("{v:.6}")).collect();
                 let predicted =
                     if net.multi_label { net.classes.iter().zip(p).filter(|(_, &v)| v >= 0.5).map(|(c, _)| c.as_str()).collect::<Vec<_>>().join("|") } else { net.classes[argmax(p)].clone() };
-                let heat = heatmaps.as_ref().map(|h| format!(",{}", h[i].overlay.display())).unwrap_or_default();
-                csv.push_str(&format!("{},{predicted},{}{heat}\n", s.path.display(), ps.join(",")));
+                let heat = heatmaps.as_ref().map(|h| h[i].overlay.display().to_string());
+                table.row([s.path.display().to_string(), predicted].into_iter().chain(p.iter().map(|v| format!("{v:.6}"))).chain(heat));
             }
             match out {
-                Some(o) => write_atomic(&o, csv.as_bytes())?,
-                None => say!("{}", csv.strip_suffix('\n').unwrap_or(&csv)),
+                Some(o) => table.write_atomic(&o)?,
+                None => {
+                    let csv = String::from_utf8_lossy(&table.into_bytes()).into_owned();
+                    say!("{}", csv.strip_suffix('\n').unwrap_or(&csv))
+                }
             }
         }
         Command::Explain { model, input, out, layer, class } => {
@@ -548,14 +552,15 @@ fn main() -> anyhow::Result<()> {
             let (ds, labelled) = prediction_inputs(&input, &net)?;
             let images: Vec<(PathBuf, Option<usize>)> = if labelled { ds.samples.iter().map(|s| (s.path.clone(), Some(s.label))).collect() } else { unlabelled(&ds) };
             let done = explain_images(&net, &images, &out, &ExplainOptions { layer, class }, dev)?;
-            let mut csv = String::from("image,label,predicted,probability,explained,foreground_fraction,deletion_auc,insertion_auc,deletion_gain,overlay\n");
+            let mut table = CsvTable::new(["image", "label", "predicted", "probability", "explained", "foreground_fraction", "deletion_auc", "insertion_auc", "deletion_gain", "overlay"]);
             let cell = |v: Option<f64>| v.map(|f| format!("{f:.4}")).unwrap_or_default();
             for e in &done {
                 let h = &e.heat;
-                let measures = [h.foreground_fraction, h.deletion_auc, h.insertion_auc, h.deletion_gain].map(cell).join(",");
-                csv.push_str(&format!("{},{},{},{:.6},{},{measures},{}\n", e.image.display(), e.label.as_deref().unwrap_or(""), e.predicted, e.probability, e.explained, e.overlay.display()));
+                let fixed = [e.image.display().to_string(), e.label.clone().unwrap_or_default(), e.predicted.clone(), format!("{:.6}", e.probability), e.explained.clone()];
+                let measures = [h.foreground_fraction, h.deletion_auc, h.insertion_auc, h.deletion_gain].map(cell);
+                table.row(fixed.into_iter().chain(measures).chain([e.overlay.display().to_string()]));
             }
-            write_atomic(&out.join("explanations.csv"), csv.as_bytes())?;
+            table.write_atomic(&out.join("explanations.csv"))?;
             let summary = |pick: fn(&HeatMeasures) -> Option<f64>| mean(done.iter().filter_map(|e| pick(&e.heat)));
             let show = |v: Option<f64>, pct: bool| v.map_or("n/a".into(), |v| if pct { format!("{:.1} %", 100.0 * v) } else { format!("{v:.3}") });
             say!(

@@ -86,7 +86,7 @@ fn cli_flags_follow_the_specs_rules_and_a_vector_given_twice_is_refused() {
     };
     fails(
         &["finetune", "--base", "base.safetensors", "--data", "images", "--shard", "z", "--out", "z.safetensors", "--epochs", "0"],
-        "--epochs: must be at least 1 (the same rule as spec.training.epochs)",
+        "--epochs: 0 is outside [1, 10000] (the same rule as spec.training.epochs)",
     );
     fails(&["finetune", "--base", "base.safetensors", "--data", "images", "--shard", "z", "--out", "z.safetensors", "--validation-fraction", "0.9"], "--validation-fraction: 0.9 is outside [0, 0.5)");
     let merge = ["merge", "--base", "base.safetensors", "--out", "m.safetensors"];
@@ -176,7 +176,7 @@ fn a_one_image_shard_a_classless_or_oversized_model_and_empty_bn_counts_are_erro
     std::fs::write(dir.path().join("one.csv"), format!("path,label\n{},disc\n", image.display())).unwrap();
     fails(&["finetune", "--base", "base.safetensors", "--data", "one.csv", "--shard", "tiny", "--out", "t.safetensors", "--validation-fraction", "0.3"], "tiny: 1 image(s) is too few to fine-tune");
     fails(&["init", "--arch", "resnet18", "--weights", "random", "--classes", "", "--out", "x.safetensors"], "--classes: class \"\" is empty or repeated");
-    fails(&["init", "--arch", "resnet18", "--weights", "random", "--classes", "a,b", "--image-size", "100000", "--out", "x.safetensors"], "--image-size: 100000 is outside 16..=1024");
+    fails(&["init", "--arch", "resnet18", "--weights", "random", "--classes", "a,b", "--image-size", "100000", "--out", "x.safetensors"], "--image-size: 100000 is outside [16, 1024]");
     assert!(!dir.path().join("x.safetensors").exists());
 
     let meta = ArtifactMeta {
@@ -201,4 +201,21 @@ fn predict_on_a_folder_with_a_symlink_cycle_reads_each_image_once_and_ends() {
     assert!(out.status.success(), "{}", stderr(&out));
     let rows = std::fs::read_to_string(dir.path().join("p.csv")).unwrap().lines().count() - 1;
     assert_eq!(rows, 12, "2 classes x 6 images, each once");
+}
+
+#[test]
+fn predictions_of_an_image_whose_name_holds_a_comma_and_a_quote_keep_their_columns() {
+    let dir = tempfile::tempdir().unwrap();
+    base_and_vector(dir.path());
+    let folder = dir.path().join("images/disc");
+    let first = std::fs::read_dir(&folder).unwrap().next().unwrap().unwrap().path();
+    let awkward = folder.join("left eye, \"late\".png");
+    std::fs::rename(&first, &awkward).unwrap();
+    let out = trainer().current_dir(dir.path()).args(["predict", "--model", "base.safetensors", "--input", "images", "--out", "p.csv"]).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut reader = csv::Reader::from_path(dir.path().join("p.csv")).unwrap();
+    let width = reader.headers().unwrap().len();
+    let rows: Vec<csv::StringRecord> = reader.records().map(Result::unwrap).collect();
+    assert!(rows.iter().all(|r| r.len() == width), "every row has the header's {width} columns");
+    assert!(rows.iter().any(|r| r[0].ends_with("left eye, \"late\".png")), "the awkward name is one cell");
 }

@@ -141,20 +141,28 @@ impl Dataset {
 
     fn manifest(file: &Path, classes: Option<&[String]>) -> Result<Self, DataError> {
         let text = std::fs::read_to_string(file).map_err(|source| DataError::Read { path: file.into(), source })?;
+        let records = crate::table::read_records(&text).map_err(|(line, message)| DataError::Manifest { path: file.into(), line, message })?;
         let base = file.parent().unwrap_or(Path::new("."));
-        let header: Vec<&str> = text.lines().next().unwrap_or("").split(',').map(str::trim).collect();
-        if header.len() > 2 && header[0].eq_ignore_ascii_case("path") {
-            return Self::wide_manifest(file, base, &text, &header[1..], classes);
+        let resolve = |p: &str| {
+            let p = PathBuf::from(p);
+            if p.is_absolute() {
+                p
+            } else {
+                base.join(p)
+            }
+        };
+        let header = records.first().map(|r| r.cells.as_slice()).unwrap_or_default();
+        let has_header = header.first().is_some_and(|c| c.eq_ignore_ascii_case("path"));
+        if has_header && header.len() > 2 {
+            return Self::wide_manifest(file, &records, resolve, classes);
         }
         let mut rows = Vec::new();
-        for (i, line) in text.lines().enumerate() {
-            let line = line.trim();
-            if line.is_empty() || (i == 0 && line.eq_ignore_ascii_case("path,label")) {
-                continue;
-            }
-            let (p, label) = line.rsplit_once(',').ok_or_else(|| DataError::Manifest { path: file.into(), line: i + 1, message: format!("expected `path,label`, got {line:?}") })?;
-            let p = PathBuf::from(p.trim());
-            rows.push((if p.is_absolute() { p } else { base.join(p) }, label.trim().to_string(), i + 1));
+        for record in records.iter().skip(usize::from(has_header)) {
+            // An unquoted path may hold commas: the label is the last cell.
+            let Some((label, path)) = record.cells.split_last().filter(|(_, path)| !path.is_empty()) else {
+                return Err(DataError::Manifest { path: file.into(), line: record.line, message: format!("expected `path,label`, got {:?}", record.cells.join(",")) });
+            };
+            rows.push((resolve(&path.join(",")), label.clone(), record.line));
         }
         let classes: Vec<String> = match classes {
             Some(c) => c.to_vec(),
@@ -176,33 +184,30 @@ impl Dataset {
     }
 
     /// A multi-label manifest: `path,<class1>,<class2>,...` with one 0/1 column per class.
-    fn wide_manifest(file: &Path, base: &Path, text: &str, columns: &[&str], classes: Option<&[String]>) -> Result<Self, DataError> {
-        let classes: Vec<String> = classes.map(<[String]>::to_vec).unwrap_or_else(|| columns.iter().map(|c| c.to_string()).collect());
+    fn wide_manifest(file: &Path, records: &[crate::table::CsvRecord], resolve: impl Fn(&str) -> PathBuf, classes: Option<&[String]>) -> Result<Self, DataError> {
+        let columns = &records[0].cells[1..];
+        let classes: Vec<String> = classes.map(<[String]>::to_vec).unwrap_or_else(|| columns.to_vec());
         let order = columns
             .iter()
             .map(|c| classes.iter().position(|k| k == c).ok_or_else(|| DataError::UnknownClass { path: file.into(), line: Some(1), class: c.to_string(), known: classes.clone() }))
             .collect::<Result<Vec<_>, _>>()?;
         let mut samples = Vec::new();
-        for (i, line) in text.lines().enumerate().skip(1) {
-            if line.trim().is_empty() {
-                continue;
-            }
-            let cells: Vec<&str> = line.split(',').map(str::trim).collect();
-            let bad = |message: String| DataError::Manifest { path: file.into(), line: i + 1, message };
+        for record in &records[1..] {
+            let cells = &record.cells;
+            let bad = |message: String| DataError::Manifest { path: file.into(), line: record.line, message };
             if cells.len() != columns.len() + 1 {
                 return Err(bad(format!("expected {} columns, got {}", columns.len() + 1, cells.len())));
             }
             let mut targets = vec![0u8; classes.len()];
             for (cell, &k) in cells[1..].iter().zip(&order) {
-                targets[k] = match *cell {
+                targets[k] = match cell.as_str() {
                     "0" => 0,
                     "1" => 1,
                     other => return Err(bad(format!("label values must be 0 or 1, got {other:?}"))),
                 };
             }
-            let p = PathBuf::from(cells[0]);
             let label = targets.iter().position(|&t| t == 1).unwrap_or(0);
-            samples.push(Sample { path: if p.is_absolute() { p } else { base.join(p) }, label, targets });
+            samples.push(Sample { path: resolve(&cells[0]), label, targets });
         }
         Ok(Dataset { source: file.into(), classes, samples, multi_label: true })
     }
@@ -227,17 +232,17 @@ impl Dataset {
 
     /// Writes the set as a manifest with absolute paths (`path,label`, or the wide multi-label form).
     pub fn write_manifest(&self, path: &Path) -> std::io::Result<()> {
-        let mut out = if self.multi_label { format!("path,{}\n", self.classes.join(",")) } else { String::from("path,label\n") };
+        let mut table =
+            if self.multi_label { crate::table::CsvTable::new(std::iter::once("path").chain(self.classes.iter().map(String::as_str))) } else { crate::table::CsvTable::new(["path", "label"]) };
         for s in &self.samples {
-            let p = std::fs::canonicalize(&s.path).unwrap_or_else(|_| s.path.clone());
+            let p = std::fs::canonicalize(&s.path).unwrap_or_else(|_| s.path.clone()).display().to_string();
             if self.multi_label {
-                let cells: Vec<String> = s.targets.iter().map(u8::to_string).collect();
-                out.push_str(&format!("{},{}\n", p.display(), cells.join(",")));
+                table.row(std::iter::once(p).chain(s.targets.iter().map(u8::to_string)));
             } else {
-                out.push_str(&format!("{},{}\n", p.display(), self.classes[s.label]));
+                table.row([p, self.classes[s.label].clone()]);
             }
         }
-        crate::st::write_atomic(path, out.as_bytes())
+        table.write_atomic(path)
     }
 }
 
@@ -301,6 +306,22 @@ mod tests {
         std::fs::write(&m, "path,DR,ARMD\na.png,1,2\n").unwrap();
         let e = Dataset::open(&m, None).unwrap_err().to_string();
         assert!(e.contains("rfmid.csv, line 2") && e.contains("0 or 1"), "{e}");
+    }
+
+    #[test]
+    fn a_written_manifest_reads_back_with_commas_and_quotes_in_paths_and_classes() {
+        let d = tempfile::tempdir().unwrap();
+        let classes = vec!["drusen, early".to_string(), "say \"normal\"".to_string()];
+        let samples = vec![Sample { path: d.path().join("a,b.png"), label: 0, targets: vec![] }, Sample { path: d.path().join("c \"q\".png"), label: 1, targets: vec![] }];
+        let ds = Dataset { source: d.path().into(), classes: classes.clone(), samples: samples.clone(), multi_label: false };
+        let m = d.path().join("m.csv");
+        ds.write_manifest(&m).unwrap();
+        let back = Dataset::open(&m, Some(&classes)).unwrap();
+        assert_eq!(back.samples, samples);
+        let wide = Dataset { multi_label: true, samples: samples.iter().map(|s| Sample { targets: vec![1, 1 - s.label as u8], label: 0, ..s.clone() }).collect(), ..ds };
+        wide.write_manifest(&m).unwrap();
+        let back = Dataset::open(&m, None).unwrap();
+        assert_eq!((back.classes, back.samples), (classes, wide.samples));
     }
 
     #[test]

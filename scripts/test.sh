@@ -5,6 +5,8 @@ cd "$(dirname "$0")/.."
 source scripts/env.sh
 # One style for the workspace (rustfmt.toml); `cargo fmt --all` fixes what this finds.
 cargo fmt --all --check
+# One lint policy ([workspace.lints] in Cargo.toml); warnings fail the run.
+cargo clippy --workspace --all-targets -- -D warnings
 cargo build --workspace --bins
 cargo test --workspace --no-fail-fast -- --test-threads="${TEST_THREADS:-2}"
 # The HTML report rendered by a real headless browser (Debian chromium, installed once).

@@ -92,7 +92,7 @@ impl LocalStore {
         match tokio::fs::read(&path).await {
             Ok(bytes) => Ok(Some(bytes)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(StoreError::Io { path: path.into(), source }),
+            Err(source) => Err(StoreError::Io { path, source }),
         }
     }
 

@@ -276,7 +276,7 @@ mod tests {
     fn a_replaced_input_makes_the_run_inconsistent_naming_stage_key_and_digests() {
         let record = Provenance { stage: "merge-merged".into(), inputs: [("run/shards/a/vector.safetensors".to_string(), "aaa".to_string())].into(), outputs: BTreeMap::new() };
         verify_run(std::slice::from_ref(&record), |_| Ok(Some("aaa".into()))).unwrap();
-        let err = verify_run(&[record.clone()], |_| Ok(Some("bbb".into()))).unwrap_err().to_string();
+        let err = verify_run(std::slice::from_ref(&record), |_| Ok(Some("bbb".into()))).unwrap_err().to_string();
         assert!(err.contains("stage merge-merged used run/shards/a/vector.safetensors with SHA-256 aaa, but the published one is bbb"), "{err}");
         let err = verify_run(&[record], |_| Ok(None)).unwrap_err().to_string();
         assert!(err.contains("no longer published"), "{err}");

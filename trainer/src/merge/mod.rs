@@ -384,7 +384,7 @@ fn is_bn_statistic(name: &str) -> bool {
 /// batch norm adds its epsilon, and pretrained models have dead channels with variance 0.
 fn check_variance(name: &str, values: Vec<f32>) -> Result<Vec<f32>, MergeError> {
     if name.ends_with(".running_var") {
-        if let Some((index, value)) = values.iter().enumerate().find(|(_, v)| !(**v >= 0.0)) {
+        if let Some((index, value)) = values.iter().enumerate().find(|(_, v)| v.is_nan() || **v < 0.0) {
             return Err(MergeError::InvalidVariance { tensor: name.into(), index, value: *value });
         }
     }

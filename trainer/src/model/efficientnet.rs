@@ -1,7 +1,7 @@
 //! EfficientNet-Lite0 with efficientnet_pytorch tensor names (`_conv_stem`, `_blocks.N...`,
 //! `_fc`), so the shipped ImageNet checkpoint loads name for name.
 
-use std::sync::Arc;
+use std::rc::Rc;
 
 use tch::{nn, Tensor};
 
@@ -43,11 +43,11 @@ impl SameConv {
 
 #[derive(Debug)]
 struct MbConv {
-    expand: Option<(SameConv, Arc<Bn>)>,
+    expand: Option<(SameConv, Rc<Bn>)>,
     depthwise: SameConv,
-    bn1: Arc<Bn>,
+    bn1: Rc<Bn>,
     project: SameConv,
-    bn2: Arc<Bn>,
+    bn2: Rc<Bn>,
     residual: bool,
 }
 
@@ -55,18 +55,18 @@ struct MbConv {
 #[derive(Debug)]
 pub struct EfficientNetLite {
     stem: SameConv,
-    bn0: Arc<Bn>,
+    bn0: Rc<Bn>,
     blocks: Vec<MbConv>,
     head_conv: SameConv,
-    bn1: Arc<Bn>,
+    bn1: Rc<Bn>,
     fc: nn::Linear,
 }
 
 impl EfficientNetLite {
     /// Builds Lite0 under `p` with a `classes`-way head; registers its batch norms in `bns`.
-    pub fn lite0(p: &nn::Path, classes: i64, bns: &mut Vec<Arc<Bn>>) -> Self {
+    pub fn lite0(p: &nn::Path, classes: i64, bns: &mut Vec<Rc<Bn>>) -> Self {
         let mut bn = |path: nn::Path, c: i64| {
-            let b = Arc::new(Bn::new(path, c, BN_EPS));
+            let b = Rc::new(Bn::new(path, c, BN_EPS));
             bns.push(b.clone());
             b
         };

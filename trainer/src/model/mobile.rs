@@ -1,7 +1,7 @@
 //! Torchvision-layout MobileNetV2 and EfficientNet-B0 (tensor names as torchvision writes them,
 //! so torchvision checkpoints import directly).
 
-use std::sync::Arc;
+use std::rc::Rc;
 
 use tch::{nn, Tensor};
 
@@ -14,13 +14,13 @@ const BN_EPS: f64 = 1e-5;
 #[derive(Debug)]
 struct ConvBn {
     conv: nn::Conv2D,
-    bn: Arc<Bn>,
+    bn: Rc<Bn>,
 }
 
 impl ConvBn {
-    fn new(p: nn::Path, c_in: i64, c_out: i64, k: i64, stride: i64, groups: i64, bns: &mut Vec<Arc<Bn>>) -> Self {
+    fn new(p: nn::Path, c_in: i64, c_out: i64, k: i64, stride: i64, groups: i64, bns: &mut Vec<Rc<Bn>>) -> Self {
         let conv = nn::conv2d(&p / 0, c_in, c_out, k, nn::ConvConfig { stride, padding: (k - 1) / 2, groups, bias: false, ..Default::default() });
-        let bn = Arc::new(Bn::new(&p / 1, c_out, BN_EPS));
+        let bn = Rc::new(Bn::new(&p / 1, c_out, BN_EPS));
         bns.push(bn.clone());
         ConvBn { conv, bn }
     }
@@ -86,7 +86,7 @@ pub struct TorchvisionMobile {
 
 impl TorchvisionMobile {
     /// MobileNetV2 (width 1.0).
-    pub fn mobilenet_v2(p: &nn::Path, classes: i64, bns: &mut Vec<Arc<Bn>>) -> Self {
+    pub fn mobilenet_v2(p: &nn::Path, classes: i64, bns: &mut Vec<Rc<Bn>>) -> Self {
         let f = p / "features";
         let stem = ConvBn::new(&f / 0, 3, 32, 3, 2, 1, bns);
         let mut blocks = Vec::new();
@@ -101,7 +101,7 @@ impl TorchvisionMobile {
                 let depthwise = ConvBn::new(&bp / off, mid, mid, 3, stride, mid, bns);
                 // The projection is a bare conv at `conv.{off+1}` and its norm at `conv.{off+2}`.
                 let conv = nn::conv2d(&bp / (off + 1), mid, c, 1, nn::ConvConfig { bias: false, ..Default::default() });
-                let bn = Arc::new(Bn::new(&bp / (off + 2), c, BN_EPS));
+                let bn = Rc::new(Bn::new(&bp / (off + 2), c, BN_EPS));
                 bns.push(bn.clone());
                 blocks.push(InvertedResidual { expand, depthwise, se: None, project: ConvBn { conv, bn }, residual: stride == 1 && c_in == c, swish: false });
                 c_in = c;
@@ -114,7 +114,7 @@ impl TorchvisionMobile {
     }
 
     /// EfficientNet-B0.
-    pub fn efficientnet_b0(p: &nn::Path, classes: i64, bns: &mut Vec<Arc<Bn>>) -> Self {
+    pub fn efficientnet_b0(p: &nn::Path, classes: i64, bns: &mut Vec<Rc<Bn>>) -> Self {
         let f = p / "features";
         let stem = ConvBn::new(&f / 0, 3, 32, 3, 2, 1, bns);
         let mut blocks = Vec::new();

@@ -7,7 +7,7 @@ mod resnet;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::rc::Rc;
 
 use medmerge_crds::Architecture;
 use safetensors::tensor::Dtype;
@@ -71,7 +71,7 @@ pub struct Network {
     /// Multi-label (sigmoid per class) rather than single-label (softmax).
     pub multi_label: bool,
     body: Body,
-    bns: Vec<Arc<Bn>>,
+    bns: Vec<Rc<Bn>>,
 }
 
 impl Network {
@@ -172,7 +172,7 @@ impl Network {
     }
 
     /// The batch-norm layers, in forward order.
-    pub fn bns(&self) -> &[Arc<Bn>] {
+    pub fn bns(&self) -> &[Rc<Bn>] {
         &self.bns
     }
 

@@ -1,6 +1,6 @@
 //! ResNet-18/34/50 with torchvision tensor names, so torchvision checkpoints import directly.
 
-use std::sync::Arc;
+use std::rc::Rc;
 
 use tch::{nn, Tensor};
 
@@ -15,8 +15,8 @@ fn conv(p: nn::Path, c_in: i64, c_out: i64, k: i64, stride: i64) -> nn::Conv2D {
 
 #[derive(Debug)]
 struct Block {
-    convs: Vec<(nn::Conv2D, Arc<Bn>)>,
-    downsample: Option<(nn::Conv2D, Arc<Bn>)>,
+    convs: Vec<(nn::Conv2D, Rc<Bn>)>,
+    downsample: Option<(nn::Conv2D, Rc<Bn>)>,
 }
 
 impl Block {
@@ -41,7 +41,7 @@ impl Block {
 #[derive(Debug)]
 pub struct ResNet {
     conv1: nn::Conv2D,
-    bn1: Arc<Bn>,
+    bn1: Rc<Bn>,
     layers: Vec<Block>,
     /// Index in `layers` of each stage's last block.
     stage_ends: [usize; 4],
@@ -50,9 +50,9 @@ pub struct ResNet {
 
 impl ResNet {
     /// Builds a ResNet with `blocks` per stage, bottleneck blocks when `bottleneck`.
-    pub fn new(p: &nn::Path, blocks: [usize; 4], bottleneck: bool, classes: i64, bns: &mut Vec<Arc<Bn>>) -> Self {
+    pub fn new(p: &nn::Path, blocks: [usize; 4], bottleneck: bool, classes: i64, bns: &mut Vec<Rc<Bn>>) -> Self {
         let mut bn = |path: nn::Path, c: i64| {
-            let b = Arc::new(Bn::new(path, c, BN_EPS));
+            let b = Rc::new(Bn::new(path, c, BN_EPS));
             bns.push(b.clone());
             b
         };

@@ -159,7 +159,7 @@ pub fn load(path: &Path) -> Result<ClassFeatures, RestoreError> {
     let counts = f.f64("counts")?;
     let (sums, gram) = (f.f64("sums")?, f.f64("gram")?);
     let k = counts.len();
-    let d = if k == 0 { 0 } else { sums.len() / k };
+    let d = sums.len().checked_div(k).unwrap_or(0);
     if k == 0 || d == 0 || sums.len() != k * d || gram.len() != d * d {
         return Err(bad(format!("{} counts, {} sums and {} Gram entries do not make [K], [K, d] and [d, d]", counts.len(), sums.len(), gram.len())));
     }

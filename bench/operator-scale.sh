@@ -11,17 +11,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${MEDMERGE_E2E_SA_TOKEN:-}" ]; then exec bash scripts/with-apiserver.sh bash "$0" "$@"; fi
 source scripts/env.sh
+source scripts/lib.sh
 N="${MERGEJOBS:-500}"
 kubectl apply --server-side -f crds/mergejob.yaml >/dev/null
 bash scripts/wait-for-crd.sh >/dev/null
 sa_kubeconfig="$(bash scripts/install-chart.sh 2>/dev/null)"
 cargo build -q --workspace --bins --examples
-port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+port="$(free_port)"
 log="$(mktemp)"
 KUBECONFIG="$sa_kubeconfig" "$CARGO_TARGET_DIR/debug/medmerge-operator" --metrics-addr "127.0.0.1:$port" \
   --lease-namespace medmerge --identity bench --log-json --concurrency "${CONCURRENCY:-8}" >"$log" 2>&1 &
 operator=$!
-trap 'kill $operator 2>/dev/null || true' EXIT
+stop_on_exit "$operator"
 for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.2; done
 result="$(MERGEJOBS="$N" METRICS_ADDR="127.0.0.1:$port" "$CARGO_TARGET_DIR/debug/examples/operator_scale")"
 echo "$result" >&2

@@ -5,16 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
-
-# eventually "what" cmd...: runs cmd every 0.2 s for up to 10 s until it succeeds; else fails
-# naming what was expected.
-eventually() {
-  local what="$1"; shift
-  for _ in $(seq 1 50); do "$@" >/dev/null 2>&1 && return 0; sleep 0.2; done
-  echo "e2e-operator: expected $what" >&2
-  [ -n "${log:-}" ] && cat "$log" >&2
-  return 1
-}
+source scripts/lib.sh
 
 kubectl apply --server-side -f crds/mergejob.yaml
 bash scripts/wait-for-crd.sh
@@ -41,11 +32,12 @@ cargo build -q --workspace --bins
 read -ra chart_args <<<"$(kubectl get deployment medmerge -n medmerge -o jsonpath='{.spec.template.spec.containers[0].args[*]}')"
 "$CARGO_TARGET_DIR/debug/medmerge-operator" "${chart_args[@]}" --help >/dev/null \
   || { echo "the chart's Deployment passes arguments the operator refuses: ${chart_args[*]}" >&2; exit 1; }
-port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+port="$(free_port)"
 log="$(mktemp)"
 KUBECONFIG="$sa_kubeconfig" "$CARGO_TARGET_DIR/debug/medmerge-operator" --metrics-addr "127.0.0.1:$port" \
   --lease-namespace medmerge --identity e2e-binary --log-json --allowed-image ghcr.io/medmerge/trainer >"$log" 2>&1 &
 operator=$!
+stop_on_exit "$operator"
 metrics() { curl -sf "http://127.0.0.1:$port/metrics"; }
 eventually "the operator to be ready" curl -sf "http://127.0.0.1:$port/readyz"
 curl -sf "http://127.0.0.1:$port/healthz" | grep -q ok

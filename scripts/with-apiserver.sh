@@ -5,6 +5,7 @@
 # Usage: scripts/with-apiserver.sh <command> [args...]
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
+source "$here/lib.sh"
 apiserver="$("$here/setup-k8s.sh" kube-apiserver)"
 controller_manager="$("$here/setup-k8s.sh" kube-controller-manager)"
 work="$(mktemp -d -t medmerge-k8s.XXXXXX)"
@@ -16,7 +17,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 etcd_port="$(free_port)"; peer_port="$(free_port)"; api_port="$(free_port)"
 
 etcd --data-dir "$work/etcd" --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \

@@ -15,5 +15,5 @@ pub use layout::{mergejob_root, ArtifactLayout};
 pub use plan::{Candidate, CandidateKind, Stage, StagePlan};
 pub use run::{run_key, RunDecision};
 pub use spec::*;
-pub use status::{CandidateSummary, Condition, MergeJobStatus, ResultsStatus, ShardStatus, StageRecord};
+pub use status::{CandidateSummary, Condition, MergeJobStatus, Phase, ResultsStatus, ShardState, ShardStatus, StageOutcome, StageRecord};
 pub use validate::{is_dns_subdomain, validate, validate_for_cluster, validate_for_local, validate_merge, validate_model, validate_training, SpecError};

@@ -1,15 +1,117 @@
 //! `MergeJob` status, written by the operator (and mirrored by the local pipeline's summary).
 
 use schemars::JsonSchema;
-use serde::{Deserialize, Serialize};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// Reads a status enum that another version of the operator (or a person) may have written: a
+/// value this version does not know becomes the default (no phase, a Pending shard, a Failed
+/// stage), so one odd status never stops its MergeJob from being read and reconciled.
+fn known_or_default<'de, D: Deserializer<'de>, T: DeserializeOwned + Default>(d: D) -> Result<T, D::Error> {
+    Ok(serde_json::from_value(serde_json::Value::deserialize(d)?).unwrap_or_default())
+}
+
+/// The MergeJob's phase (`status.phase`).
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, JsonSchema)]
+pub enum Phase {
+    /// Nothing running yet.
+    Pending,
+    /// Shards are training (or vectors being collected).
+    Training,
+    /// Vectors are being merged.
+    Merging,
+    /// Batch-norm state is being restored.
+    Restoring,
+    /// Candidates are being evaluated.
+    Evaluating,
+    /// Everything finished.
+    Succeeded,
+    /// The run cannot finish; see the message.
+    Failed,
+    /// `suspend` (or `cluster.suspend`) is set.
+    Suspended,
+}
+
+impl Phase {
+    /// Whether the phase is final for its generation.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Phase::Succeeded | Phase::Failed)
+    }
+
+    /// The name written to `status.phase`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Pending => "Pending",
+            Phase::Training => "Training",
+            Phase::Merging => "Merging",
+            Phase::Restoring => "Restoring",
+            Phase::Evaluating => "Evaluating",
+            Phase::Succeeded => "Succeeded",
+            Phase::Failed => "Failed",
+            Phase::Suspended => "Suspended",
+        }
+    }
+}
+
+/// Where one shard stands.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum ShardState {
+    /// Its Job has not been created yet.
+    #[default]
+    Pending,
+    /// Its Job waits for a queue (Kueue) to admit it.
+    Queued,
+    /// Its training Job is running.
+    Training,
+    /// Its collection Job is waiting for the hospital's external vector.
+    Waiting,
+    /// Its vector is available.
+    Ready,
+    /// Its Job failed after every retry; it is left out of the merge.
+    Failed,
+    /// It missed the straggler deadline; it is left out of the merge.
+    Dropped,
+}
+
+impl ShardState {
+    /// The name written to `status.shards[].state`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ShardState::Pending => "Pending",
+            ShardState::Queued => "Queued",
+            ShardState::Training => "Training",
+            ShardState::Waiting => "Waiting",
+            ShardState::Ready => "Ready",
+            ShardState::Failed => "Failed",
+            ShardState::Dropped => "Dropped",
+        }
+    }
+
+    /// Whether the shard is left out of the merge (Failed or Dropped).
+    pub fn is_excluded(self) -> bool {
+        matches!(self, ShardState::Failed | ShardState::Dropped)
+    }
+}
+
+/// How a finished stage ended (`status.stages[].state`).
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum StageOutcome {
+    /// Its Job completed.
+    Succeeded,
+    /// Its Job failed after every retry (and what an unknown outcome is read as: never as done).
+    #[default]
+    Failed,
+    /// A straggler's Job the operator stopped.
+    Dropped,
+}
 
 /// Observed state of a MergeJob.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MergeJobStatus {
     /// Pending, Training, Merging, Restoring, Evaluating, Succeeded, Failed or Suspended.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub phase: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "known_or_default")]
+    pub phase: Option<Phase>,
     /// The spec generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
@@ -57,7 +159,8 @@ pub struct StageRecord {
     /// Stage name, e.g. `finetune-hospital-a`.
     pub name: String,
     /// Succeeded, Failed, or Dropped (a straggler's Job the operator stopped).
-    pub state: String,
+    #[serde(deserialize_with = "known_or_default")]
+    pub state: StageOutcome,
     /// Pods its Job started.
     #[serde(default)]
     pub attempts: i32,
@@ -94,7 +197,8 @@ pub struct ShardStatus {
     pub name: String,
     /// Pending, Queued (its Job waits for Kueue's admission), Training, Waiting (external vector),
     /// Ready, Failed or Dropped.
-    pub state: String,
+    #[serde(deserialize_with = "known_or_default")]
+    pub state: ShardState,
     /// Pods started for the shard's training or collection Job.
     #[serde(default)]
     pub attempts: i32,
@@ -161,4 +265,29 @@ pub struct CandidateSummary {
     pub accuracy: f64,
     /// Macro-averaged F1 on the held-out set.
     pub macro_f1: f64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phases_and_states_round_trip_and_unknown_ones_fall_back_to_the_default() {
+        let status = MergeJobStatus {
+            phase: Some(Phase::Restoring),
+            shards: vec![ShardStatus { name: "a".into(), state: ShardState::Queued, ..Default::default() }],
+            stages: vec![StageRecord { name: "init".into(), state: StageOutcome::Dropped, ..Default::default() }],
+            ..Default::default()
+        };
+        let json = serde_json::to_value(&status).unwrap();
+        assert_eq!((json["phase"].as_str(), json["shards"][0]["state"].as_str(), json["stages"][0]["state"].as_str()), (Some("Restoring"), Some("Queued"), Some("Dropped")));
+        assert_eq!(serde_json::from_value::<MergeJobStatus>(json).unwrap(), status);
+        let odd: MergeJobStatus = serde_json::from_value(serde_json::json!({
+            "phase": "Initializing",
+            "shards": [{"name": "a", "state": "Sleeping"}],
+            "stages": [{"name": "init", "state": "Maybe"}],
+        }))
+        .unwrap();
+        assert_eq!((odd.phase, odd.shards[0].state, odd.stages[0].state), (None, ShardState::Pending, StageOutcome::Failed));
+    }
 }

@@ -134,10 +134,10 @@ async fn reconcile_inner(mj: &MergeJob, ctx: &Context) -> Result<Action, Reconci
     }
     let previous = mj.status.clone().unwrap_or_default();
     let run = RunDecision::of(generation, &mj.spec, &previous);
-    let terminal = matches!(previous.phase.as_deref(), Some("Succeeded") | Some("Failed"));
+    let terminal = previous.phase.is_some_and(Phase::is_terminal);
     if run.continues && previous.observed_generation == Some(generation) && terminal {
         // A finished run never re-runs by itself; a result-changing edit starts the next one.
-        ctx.metrics.set_phase(&key, previous.phase.as_deref());
+        ctx.metrics.set_phase(&key, previous.phase.map(Phase::as_str));
         return Ok(Action::await_change());
     }
 
@@ -358,7 +358,7 @@ async fn apply_interventions(mj: &MergeJob, ctx: &Context, ns: &str, changes: &[
 }
 
 async fn publish_transition(mj: &MergeJob, ctx: &Context, previous: &MergeJobStatus, run: &RunDecision, decision: &Decision) {
-    if run.continues && previous.phase.as_deref() == Some(decision.phase.as_str()) {
+    if run.continues && previous.phase == Some(decision.phase) {
         return;
     }
     let (kind, reason) = match decision.phase {

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::jiff::Timestamp;
-use medmerge_crds::{MergeJobStatus, StageRecord};
+use medmerge_crds::{MergeJobStatus, StageOutcome, StageRecord};
 
 use crate::decide::{JobState, Observed};
 use crate::jobs::LABEL_STAGE;
@@ -74,10 +74,10 @@ impl GenerationJobs {
             if self.observed.jobs.contains_key(&record.name) {
                 continue;
             }
-            let state = match record.state.as_str() {
-                "Succeeded" => JobState::Succeeded,
-                "Dropped" => JobState::Stopped,
-                _ => JobState::Failed,
+            let state = match record.state {
+                StageOutcome::Succeeded => JobState::Succeeded,
+                StageOutcome::Dropped => JobState::Stopped,
+                StageOutcome::Failed => JobState::Failed,
             };
             self.observed.jobs.insert(record.name.clone(), state);
             self.attempts.insert(record.name.clone(), record.attempts);
@@ -95,14 +95,12 @@ impl GenerationJobs {
     /// The finished stages, for the status.
     pub fn finished(&self) -> Vec<StageRecord> {
         let finished = self.observed.jobs.iter().filter_map(|(name, state)| match state {
-            JobState::Succeeded => Some((name, "Succeeded")),
-            JobState::Failed => Some((name, "Failed")),
-            JobState::Stopped => Some((name, "Dropped")),
+            JobState::Succeeded => Some((name, StageOutcome::Succeeded)),
+            JobState::Failed => Some((name, StageOutcome::Failed)),
+            JobState::Stopped => Some((name, StageOutcome::Dropped)),
             JobState::Queued | JobState::Active => None,
         });
-        finished
-            .map(|(name, state)| StageRecord { name: name.clone(), state: state.into(), attempts: self.attempts.get(name).copied().unwrap_or(0), reason: self.failures.get(name).cloned() })
-            .collect()
+        finished.map(|(name, state)| StageRecord { name: name.clone(), state, attempts: self.attempts.get(name).copied().unwrap_or(0), reason: self.failures.get(name).cloned() }).collect()
     }
 }
 
@@ -181,8 +179,8 @@ mod tests {
         let previous = MergeJobStatus {
             start_time: Some(Timestamp::from_second(1_000).unwrap().to_string()),
             stages: vec![
-                StageRecord { name: "init".into(), state: "Succeeded".into(), attempts: 1, reason: None },
-                StageRecord { name: "finetune-b".into(), state: "Failed".into(), attempts: 3, reason: Some("BackoffLimitExceeded".into()) },
+                StageRecord { name: "init".into(), state: StageOutcome::Succeeded, attempts: 1, reason: None },
+                StageRecord { name: "finetune-b".into(), state: StageOutcome::Failed, attempts: 3, reason: Some("BackoffLimitExceeded".into()) },
             ],
             ..Default::default()
         };

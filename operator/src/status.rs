@@ -50,7 +50,7 @@ pub fn build_status(i: &StatusInputs) -> MergeJobStatus {
         conditions(d, &i.jobs.observed, i.run.run).into_iter().map(|(type_, status, reason, message)| condition(previous_conditions, type_, status, reason, message, i.generation, i.now)).collect();
     let completion_time = if d.phase.is_terminal() { same_run.then(|| i.previous.completion_time.clone()).flatten().or_else(|| Some(i.now.to_string())) } else { None };
     MergeJobStatus {
-        phase: Some(d.phase.as_str().into()),
+        phase: Some(d.phase),
         observed_generation: Some(i.generation),
         run: Some(i.run.run),
         run_key: Some(i.run.key.clone()),
@@ -82,7 +82,7 @@ fn shard_statuses(i: &StatusInputs) -> Vec<ShardStatus> {
             };
             ShardStatus {
                 name: name.clone(),
-                state: state.as_str().into(),
+                state: *state,
                 attempts: i.jobs.attempts.get(&stage).copied().unwrap_or(0),
                 vector: (*state == ShardState::Ready).then(|| i.layout.shard_vector(name)),
                 samples,
@@ -187,10 +187,10 @@ mod tests {
     fn shards_report_their_state_attempts_vector_and_training_numbers() {
         let s = status(&MergeJobStatus::default(), &observed(&[("init", Succeeded), ("finetune-a", Succeeded), ("finetune-b", Failed)]), 2_000);
         let a = &s.shards[0];
-        assert_eq!((a.state.as_str(), a.samples, a.validation_accuracy), ("Ready", Some(120), Some(0.8)));
+        assert_eq!((a.state, a.samples, a.validation_accuracy), (ShardState::Ready, Some(120), Some(0.8)));
         assert_eq!(a.vector.as_deref(), Some("runs/ns/mj/g1/shards/a/vector.safetensors"));
         let b = &s.shards[1];
-        assert_eq!((b.state.as_str(), b.attempts, b.vector.clone()), ("Failed", 3, None));
+        assert_eq!((b.state, b.attempts, b.vector.clone()), (ShardState::Failed, 3, None));
         assert!(b.reason.as_deref().unwrap().contains("finetune-b"));
         assert_eq!(s.shards_ready.as_deref(), Some("1/2"));
         assert_eq!(get(&s, "Trained").status, "True", "the remaining quorum is trained");
@@ -219,7 +219,7 @@ mod tests {
         }
         let all = observed(&stages.iter().map(|s| (s.as_str(), Succeeded)).collect::<Vec<_>>());
         let done = status(&MergeJobStatus::default(), &all, 5_000);
-        assert_eq!((done.phase.as_deref(), get(&done, "Ready").status.as_str(), get(&done, "Progressing").status.as_str()), (Some("Succeeded"), "True", "False"));
+        assert_eq!((done.phase, get(&done, "Ready").status.as_str(), get(&done, "Progressing").status.as_str()), (Some(Phase::Succeeded), "True", "False"));
         let again = status(&done, &all, 6_000);
         assert_eq!(again.completion_time, done.completion_time);
     }

@@ -15,7 +15,7 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, PersistentVolume, PersistentVolumeClaim, Pod, Secret};
 use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::{Api, Client, ResourceExt};
-use medmerge_crds::{ArtifactLayout, MergeJob, MergeJobStatus};
+use medmerge_crds::{ArtifactLayout, MergeJob, MergeJobStatus, Phase, ShardState, StageOutcome};
 use medmerge_store::{S3Config, Store};
 use serde_json::{json, Value};
 
@@ -133,7 +133,7 @@ async fn final_status(mjs: &Api<MergeJob>, name: &str, limit: Duration) -> Merge
     let deadline = tokio::time::Instant::now() + limit;
     loop {
         let status = mjs.get_status(name).await.unwrap().status.unwrap_or_default();
-        if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
+        if status.phase.is_some_and(Phase::is_terminal) {
             return status;
         }
         assert!(tokio::time::Instant::now() < deadline, "{name}: no final phase in {limit:?}: {status:?}");
@@ -351,7 +351,7 @@ async fn on_s3_a_mergejob_survives_its_operator_pod_waits_for_a_late_hospital_dr
     eventually("a new operator pod ready", Duration::from_secs(180), || async { operator_pod_name(&client).await.is_some_and(|p| p != first) }).await;
 
     let status = final_status(&mjs, "fundus", Duration::from_secs(900)).await;
-    assert_eq!(status.phase.as_deref(), Some("Succeeded"), "{status:#?}");
+    assert_eq!(status.phase, Some(Phase::Succeeded), "{status:#?}");
     partner.await.unwrap();
     let results = status.results.clone().expect("results copied from the evaluation report in S3 by the operator pod");
     assert!((0.0..=1.0).contains(&results.accuracy));
@@ -359,10 +359,10 @@ async fn on_s3_a_mergejob_survives_its_operator_pod_waits_for_a_late_hospital_dr
     assert!(store.exists(&results.model).await.unwrap(), "the merged model is in the bucket");
     assert_eq!(status.shards_ready.as_deref(), Some("4/5"));
     let failing = status.shards.iter().find(|s| s.name == "hospital-5").unwrap();
-    assert_eq!((failing.state.as_str(), failing.attempts), ("Failed", 2), "one try and one retry by the Job controller: {failing:?}");
+    assert_eq!((failing.state, failing.attempts), (ShardState::Failed, 2), "one try and one retry by the Job controller: {failing:?}");
     assert!(failing.reason.as_deref().unwrap_or_default().contains("BackoffLimitExceeded"), "{failing:?}");
     let partner_status = status.shards.iter().find(|s| s.name == "partner").unwrap();
-    assert_eq!(partner_status.state, "Ready", "{partner_status:?}");
+    assert_eq!(partner_status.state, ShardState::Ready, "{partner_status:?}");
 
     // `kubectl logs` of a training pod shows the trainer's progress, one line per epoch.
     let logs = kubectl(&["-n", ns, "logs", "job/fundus-g1-finetune-hospital-1"]);
@@ -430,13 +430,13 @@ async fn on_a_shared_claim_a_mergejob_outlives_its_ttl_deleted_jobs_and_a_deadli
     let created = watch_jobs(&client, ns);
     create(&mjs, mj).await;
     let status = final_status(&mjs, "local", Duration::from_secs(900)).await;
-    assert_eq!(status.phase.as_deref(), Some("Succeeded"), "{status:#?}");
+    assert_eq!(status.phase, Some(Phase::Succeeded), "{status:#?}");
     let results = status.results.clone().expect("results read by the operator from its view of the claim");
     assert_eq!(results.model, format!("runs/{ns}/local/g1/restored/data-vector/model.safetensors"));
     let share = PathBuf::from(env("MEDMERGE_E2E_ARTIFACTS_SHARE")).join("store");
     assert!(share.join(&results.model).exists(), "the merged model is on the shared volume");
     let silent = status.shards.iter().find(|s| s.name == "silent").unwrap();
-    assert_eq!(silent.state, "Failed", "{silent:?}");
+    assert_eq!(silent.state, ShardState::Failed, "{silent:?}");
     assert!(silent.reason.as_deref().unwrap_or_default().contains("DeadlineExceeded"), "the deadline is named: {silent:?}");
 
     // The TTL controller deleted finished Jobs during the run; no stage ran again for it.
@@ -446,7 +446,7 @@ async fn on_a_shared_claim_a_mergejob_outlives_its_ttl_deleted_jobs_and_a_deadli
     assert!(created.values().all(|uids| uids.len() == 1), "Jobs created again after the TTL controller deleted them: {created:?}");
     assert_eq!(created.len(), 15, "init, 2 x finetune, collect, merge, 3 restoration rounds of 2 shards + combine, evaluate: {created:?}");
     let status = mjs.get_status("local").await.unwrap().status.unwrap();
-    assert!(status.stages.iter().any(|s| s.name == "evaluate" && s.state == "Succeeded"), "{:?}", status.stages);
+    assert!(status.stages.iter().any(|s| s.name == "evaluate" && s.state == StageOutcome::Succeeded), "{:?}", status.stages);
 
     mjs.delete("local", &DeleteParams::default()).await.unwrap();
     eventually("the MergeJob gone (finalizer done)", Duration::from_secs(120), || async { mjs.get_opt("local").await.unwrap().is_none() }).await;
@@ -551,7 +551,7 @@ async fn the_cluster_example_runs_as_written_once_its_volumes_secrets_labels_and
     let mjs: Api<MergeJob> = Api::namespaced(client.clone(), ns);
     let status = final_status(&mjs, "fundus", Duration::from_secs(1500)).await;
     partner.await.unwrap();
-    assert_eq!(status.phase.as_deref(), Some("Succeeded"), "{status:#?}");
+    assert_eq!(status.phase, Some(Phase::Succeeded), "{status:#?}");
     assert_eq!(status.shards_ready.as_deref(), Some("4/4"));
     let results = status.results.expect("results in status");
     assert!(results.baselines.iter().any(|b| b.id == "params-mean"), "{results:?}");

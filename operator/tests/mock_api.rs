@@ -127,6 +127,6 @@ async fn a_finished_init_job_in_the_cache_starts_the_hospitals_training() {
         let volumes = job["spec"]["template"]["spec"]["volumes"].to_string();
         assert!(volumes.contains("creds-a"), "shard a's training Job mounts shard a's secret: {volumes}");
     });
-    let _ = reconcile(Arc::new(mergejob(json!({"phase": "Initializing", "observedGeneration": 1}))), ctx).await;
+    let _ = reconcile(Arc::new(mergejob(json!({"phase": "Training", "observedGeneration": 1}))), ctx).await;
     server.await.unwrap();
 }

@@ -1,0 +1,139 @@
+//! One module per subcommand, each with its flags (`Args`) and a `run` over the library's stage
+//! functions, plus what several subcommands share: training flags, the device, input discovery.
+
+pub mod bn_stats;
+pub mod evaluate;
+pub mod explain;
+pub mod finetune;
+pub mod init;
+pub mod merge;
+pub mod pipeline;
+pub mod predict;
+pub mod restore;
+pub mod split;
+pub mod store;
+pub mod synth;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::Args;
+use medmerge_crds::{validate_training, AugmentSpec, Optimizer, Schedule, SpecError, TrainingSpec};
+use medmerge_trainer::checkpoint::{ArtifactKind, ArtifactMeta};
+use medmerge_trainer::data::Dataset;
+use medmerge_trainer::model::Network;
+use medmerge_trainer::st::MappedFile;
+use tch::Device;
+
+/// Training flags shared by `finetune` and `restore` (they map onto `spec.training`).
+#[derive(Args)]
+pub struct TrainingArgs {
+    /// Epochs.
+    #[arg(long, default_value_t = 3)]
+    epochs: u32,
+    /// Batch size.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
+    batch_size: u32,
+    /// Learning rate.
+    #[arg(long, default_value_t = 1e-4)]
+    lr: f64,
+    /// Optimiser: adam, adamW, sgd.
+    #[arg(long, default_value = "adam")]
+    optimizer: String,
+    /// Schedule: constant, cosine.
+    #[arg(long, default_value = "constant")]
+    schedule: String,
+    /// Weight decay.
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    /// Seed.
+    #[arg(long, default_value_t = 3315)]
+    seed: u64,
+    /// Held-out fraction for picking the epoch with the best balanced accuracy (0: the last).
+    #[arg(long, default_value_t = 0.0)]
+    validation_fraction: f64,
+    /// Disable class-weighted cross-entropy.
+    #[arg(long)]
+    no_class_weighting: bool,
+    /// Disable random flips.
+    #[arg(long)]
+    no_flip: bool,
+    /// On CUDA, train with float16 autocast and dynamic loss scaling.
+    #[arg(long)]
+    mixed_precision: bool,
+}
+
+/// Refuses flag values the spec would refuse, naming the flag (and the spec field with the same
+/// rule): one set of bounds for the CLI and MergeJobs.
+pub fn check_flags(errors: Vec<SpecError>, flags: &[(&str, &str)]) -> anyhow::Result<()> {
+    let Some(first) = errors.first() else { return Ok(()) };
+    let names = |field: &str| first.field == field || first.field.starts_with(&format!("{field}["));
+    let flag = flags.iter().find(|(field, _)| names(field)).map_or("", |(_, flag)| flag);
+    anyhow::bail!("{flag}: {} (the same rule as spec.{})", first.message, first.field)
+}
+
+impl TrainingArgs {
+    /// The training settings, refused naming the flag where the spec would refuse them.
+    pub fn spec(&self) -> anyhow::Result<TrainingSpec> {
+        let spec = self.unchecked()?;
+        let flags = [
+            ("training.epochs", "--epochs"),
+            ("training.batchSize", "--batch-size"),
+            ("training.learningRate", "--lr"),
+            ("training.weightDecay", "--weight-decay"),
+            ("training.validationFraction", "--validation-fraction"),
+        ];
+        check_flags(validate_training(&spec), &flags)?;
+        Ok(spec)
+    }
+
+    fn unchecked(&self) -> anyhow::Result<TrainingSpec> {
+        Ok(TrainingSpec {
+            epochs: self.epochs,
+            batch_size: self.batch_size,
+            optimizer: serde_yaml::from_str::<Optimizer>(&self.optimizer).with_context(|| format!("--optimizer {}", self.optimizer))?,
+            learning_rate: self.lr,
+            weight_decay: self.weight_decay,
+            schedule: serde_yaml::from_str::<Schedule>(&self.schedule).with_context(|| format!("--schedule {}", self.schedule))?,
+            seed: self.seed,
+            class_weighting: !self.no_class_weighting,
+            validation_fraction: self.validation_fraction,
+            augment: AugmentSpec { flip: !self.no_flip, ..AugmentSpec::default() },
+            mixed_precision: self.mixed_precision,
+        })
+    }
+}
+
+/// The libtorch device `--device` names.
+pub fn device(name: &str) -> anyhow::Result<Device> {
+    match name {
+        "auto" => Ok(Device::cuda_if_available()),
+        "cpu" => Ok(Device::Cpu),
+        "cuda" if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
+        "cuda" => anyhow::bail!("--device cuda: no CUDA device is available to libtorch"),
+        other => anyhow::bail!("--device {other}: expected auto, cpu or cuda"),
+    }
+}
+
+/// The metadata of the model file at `path`.
+pub fn model_meta(path: &std::path::Path) -> anyhow::Result<ArtifactMeta> {
+    Ok(ArtifactMeta::from_map(path, MappedFile::open(path)?.metadata(), ArtifactKind::Model)?)
+}
+
+/// The images `predict` and `explain` read: one image, a folder (searched recursively, no
+/// labels) or a manifest/ImageFolder dataset; the flag says whether labels are real.
+pub fn prediction_inputs(input: &Path, net: &Network) -> anyhow::Result<(Dataset, bool)> {
+    if input.is_file() && input.extension().is_some_and(|e| e != "csv") {
+        let sample = medmerge_trainer::data::Sample { path: input.into(), label: 0, targets: vec![] };
+        Ok((Dataset { source: input.into(), classes: net.classes.clone(), samples: vec![sample], multi_label: false }, false))
+    } else if input.is_dir() {
+        Ok((Dataset::unlabelled(input, &net.classes)?, false))
+    } else {
+        Ok((Dataset::open(input, Some(&net.classes))?, true))
+    }
+}
+
+/// `data`'s image paths without labels.
+pub fn unlabelled(data: &Dataset) -> Vec<(PathBuf, Option<usize>)> {
+    data.samples.iter().map(|s| (s.path.clone(), None)).collect()
+}

@@ -6,6 +6,7 @@ pub mod layout;
 pub mod limits;
 pub mod placement;
 pub mod plan;
+pub mod results;
 pub mod run;
 pub mod spec;
 pub mod status;

@@ -7,9 +7,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use medmerge_crds::results::{CandidateResults, EvaluationResults, ShardTraining};
 use medmerge_crds::{ArtifactLayout, CandidateSummary, MergeJobSpec, RestoreMode, ResultsStatus};
 use medmerge_store::{S3Config, Store, StoreError};
-use serde_json::Value;
 
 /// Errors reading artifacts back.
 #[derive(Debug, thiserror::Error)]
@@ -98,49 +98,35 @@ fn resolve(root: &Path, path: &str) -> PathBuf {
     }
 }
 
-fn number(v: &Value, field: &str) -> Option<f64> {
-    v.get(field).and_then(Value::as_f64)
-}
-
 /// The headline results in the evaluate stage's `metrics.json`.
 pub fn results_from_report(bytes: &[u8], spec: &MergeJobSpec, layout: &ArtifactLayout) -> Result<ResultsStatus, ArtifactError> {
     let key = layout.eval_metrics();
     let invalid = |why: &str| ArtifactError::Invalid { key: key.clone(), why: why.into() };
-    let report: Value = serde_json::from_slice(bytes).map_err(|e| invalid(&e.to_string()))?;
-    let candidates = report.get("candidates").and_then(Value::as_array).filter(|c| !c.is_empty()).ok_or_else(|| invalid("no candidates"))?;
-    let summary = |c: &Value| -> Result<CandidateSummary, ArtifactError> {
-        let id = c.get("id").and_then(Value::as_str).ok_or_else(|| invalid("a candidate has no id"))?;
-        let metrics = c.get("metrics").ok_or_else(|| invalid(&format!("candidate {id} has no metrics")))?;
-        let accuracy = number(metrics, "accuracy").ok_or_else(|| invalid(&format!("candidate {id} has no accuracy")))?;
-        Ok(CandidateSummary { id: id.into(), accuracy, macro_f1: number(metrics, "macro_f1").unwrap_or(f64::NAN) })
-    };
-    let primary = summary(&candidates[0])?;
-    let auroc = candidates[0].get("metrics").and_then(|m| number(m, "macro_auroc"));
+    let report: EvaluationResults = serde_json::from_slice(bytes).map_err(|e| invalid(&e.to_string()))?;
+    let Some((primary, baselines)) = report.candidates.split_first() else { return Err(invalid("no candidates")) };
+    let summary = |c: &CandidateResults| CandidateSummary { id: c.id.clone(), accuracy: c.metrics.accuracy, macro_f1: c.metrics.macro_f1.unwrap_or(f64::NAN) };
     let model = if spec.restore.mode == RestoreMode::None { layout.merged(&primary.id) } else { layout.restored(&primary.id) };
     Ok(ResultsStatus {
-        accuracy: primary.accuracy,
-        macro_f1: primary.macro_f1,
-        auroc,
+        accuracy: primary.metrics.accuracy,
+        macro_f1: primary.metrics.macro_f1.unwrap_or(f64::NAN),
+        auroc: primary.metrics.macro_auroc,
         model,
         report: Some(key.clone()),
         html_report: Some(layout.eval_html()),
-        // Reports from before the foreground measure call it fundus_fraction.
-        foreground_heat: number(&candidates[0], "foreground_fraction").or_else(|| number(&candidates[0], "fundus_fraction")),
-        deletion_auc: number(&candidates[0], "deletion_auc"),
-        insertion_auc: number(&candidates[0], "insertion_auc"),
-        deletion_gain: number(&candidates[0], "deletion_gain"),
-        baselines: candidates[1..].iter().map(summary).collect::<Result<_, _>>()?,
+        foreground_heat: primary.foreground_fraction,
+        deletion_auc: primary.deletion_auc,
+        insertion_auc: primary.insertion_auc,
+        deletion_gain: primary.deletion_gain,
+        baselines: baselines.iter().map(summary).collect(),
     })
 }
 
 /// Training images and best validation accuracy from a shard's `metrics.json`.
 pub fn shard_summary(bytes: &[u8]) -> (Option<u64>, Option<f64>) {
-    let Ok(report) = serde_json::from_slice::<Value>(bytes) else { return (None, None) };
-    let samples = report.get("class_counts").and_then(Value::as_array).map(|c| c.iter().filter_map(Value::as_u64).sum());
-    let best = report.get("best_epoch").and_then(Value::as_u64);
-    let accuracy =
-        report.get("epochs").and_then(Value::as_array).and_then(|epochs| epochs.iter().find(|e| e.get("epoch").and_then(Value::as_u64) == best)).and_then(|e| number(e, "validation_accuracy"));
-    (samples, accuracy)
+    match serde_json::from_slice::<ShardTraining>(bytes) {
+        Ok(t) => (t.samples(), t.best_validation_accuracy()),
+        Err(_) => (None, None),
+    }
 }
 
 #[cfg(test)]

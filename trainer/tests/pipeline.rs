@@ -6,6 +6,7 @@ use std::path::Path;
 mod common;
 
 use common::write_job;
+use medmerge_crds::results::{EvaluationResults, ShardTraining};
 use medmerge_trainer::model::Network;
 use medmerge_trainer::pipeline::{Job, Runner};
 use medmerge_trainer::synth;
@@ -53,6 +54,13 @@ fn a_tiny_mergejob_runs_end_to_end_and_reports_every_candidate() {
         assert!(html.contains(&format!("<section id=\"{id}\">")), "report.html lacks {id}");
     }
     assert!(!html.contains("was not drawn"), "every figure is embedded");
+    // What the operator reads back (crds::results) parses from what the stages wrote.
+    let eval: EvaluationResults = serde_json::from_slice(&std::fs::read(run.join("eval/metrics.json")).unwrap()).unwrap();
+    assert_eq!(eval.candidates.len(), report.candidates.len());
+    assert_eq!((eval.candidates[0].id.as_str(), eval.candidates[0].metrics.accuracy), ("data-vector", report.candidates[0].metrics.accuracy));
+    assert_eq!(eval.candidates[0].deletion_auc, report.candidates[0].heat.deletion_auc);
+    let shard: ShardTraining = serde_json::from_slice(&std::fs::read(run.join("shards/h0/metrics.json")).unwrap()).unwrap();
+    assert!(shard.samples().is_some_and(|n| n > 0) && shard.best_epoch.is_some(), "{shard:?}");
 
     // Running again finds everything done and redoes nothing.
     let vector = run.join("shards/h0/vector.safetensors");

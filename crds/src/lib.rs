@@ -2,6 +2,7 @@
 //! layout. Nothing in this crate does I/O, so the local pipeline, the trainer subcommands and the
 //! Kubernetes operator all share one definition of what a MergeJob means.
 
+pub mod command;
 pub mod layout;
 pub mod limits;
 pub mod placement;

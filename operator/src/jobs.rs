@@ -15,6 +15,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::Resource;
+use medmerge_crds::command::StageCommand;
 use medmerge_crds::{ClusterSpec, MergeJob, MergeJobSpec, Stage};
 
 use crate::names::child_name;
@@ -169,15 +170,11 @@ fn env(mj: &MergeJob, stage: &Stage) -> Vec<EnvVar> {
 /// How long a collect Job waits for a hospital's vector when no deadline bounds it.
 const DEFAULT_VECTOR_WAIT_SECONDS: i64 = 7 * 24 * 3600;
 
-/// The trainer's arguments for `stage`. A collect stage waits for the hospital's upload until
+/// The trainer's command for `stage`. A collect stage waits for the hospital's upload until
 /// the straggler deadline (or the Job's own deadline), so late hospitals are picked up.
-fn stage_args(cluster: &ClusterSpec, stage: &Stage) -> Vec<String> {
-    let mut args = vec!["--log-format".into(), "json".into(), "pipeline".into(), JOB_FILE.into(), "--stage".into(), stage.name()];
-    if matches!(stage, Stage::Collect { .. }) {
-        let wait = cluster.straggler_deadline_seconds.or(cluster.active_deadline_seconds).unwrap_or(DEFAULT_VECTOR_WAIT_SECONDS);
-        args.extend(["--wait-for-vector".into(), wait.to_string()]);
-    }
-    args
+fn stage_command(cluster: &ClusterSpec, stage: &Stage) -> StageCommand {
+    let wait = cluster.straggler_deadline_seconds.or(cluster.active_deadline_seconds).unwrap_or(DEFAULT_VECTOR_WAIT_SECONDS);
+    StageCommand { job_file: JOB_FILE.into(), stage: stage.name(), wait_for_vector: matches!(stage, Stage::Collect { .. }).then_some(wait), exclude_shards: vec![] }
 }
 
 /// Tells a stage Job's trainer to leave out `shards` (dropped after the run started, so not
@@ -185,8 +182,9 @@ fn stage_args(cluster: &ClusterSpec, stage: &Stage) -> Vec<String> {
 pub fn exclude_shards(job: &mut Job, shards: &[&str]) {
     let container = job.spec.as_mut().and_then(|s| s.template.spec.as_mut()).and_then(|p| p.containers.first_mut());
     if let Some(args) = container.and_then(|c| c.args.as_mut()) {
-        for shard in shards {
-            args.extend(["--exclude-shard".to_string(), shard.to_string()]);
+        if let Some(mut command) = StageCommand::parse(args) {
+            command.exclude_shards.extend(shards.iter().map(|s| s.to_string()));
+            *args = command.to_args();
         }
     }
 }
@@ -234,7 +232,7 @@ pub fn stage_job(mj: &MergeJob, generation: i64, stage: &Stage) -> Job {
         name: "trainer".into(),
         image: Some(cluster.image.clone()),
         image_pull_policy: cluster.image_pull_policy.clone(),
-        args: Some(stage_args(cluster, stage)),
+        args: Some(stage_command(cluster, stage).to_args()),
         env: Some(env),
         env_from: (!over.env_from.is_empty()).then_some(over.env_from),
         volume_mounts: Some(mounts),

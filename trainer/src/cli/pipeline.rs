@@ -47,3 +47,20 @@ pub fn run(Args { job, stage, plan, wait_for_vector, exclude_shard }: Args, dev:
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+    use medmerge_crds::command::StageCommand;
+
+    use crate::{Cli, Command};
+
+    #[test]
+    fn the_command_the_operator_writes_parses_into_the_same_stage_wait_and_exclusions() {
+        let written = StageCommand { job_file: "/etc/medmerge/job.yaml".into(), stage: "collect-b".into(), wait_for_vector: Some(600), exclude_shards: vec!["c".into(), "d".into()] };
+        let cli = Cli::try_parse_from(std::iter::once("medmerge-trainer".to_string()).chain(written.to_args())).unwrap();
+        let Command::Pipeline(args) = cli.command else { panic!("not the pipeline subcommand") };
+        let read = StageCommand { job_file: args.job.display().to_string(), stage: args.stage.unwrap(), wait_for_vector: Some(args.wait_for_vector as i64), exclude_shards: args.exclude_shard };
+        assert_eq!(read, written);
+    }
+}

@@ -19,18 +19,37 @@ pub struct CandidateResults {
     pub id: String,
     /// Its metrics on the held-out set.
     pub metrics: HeadlineMetrics,
-    /// Share of Grad-CAM heat inside the images' foreground (older reports: `fundus_fraction`).
+    /// What its Grad-CAM maps say.
+    #[serde(flatten)]
+    pub heat: HeatMeasures,
+}
+
+/// What Grad-CAM maps say about where a model looked (for many images: their means).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct HeatMeasures {
+    /// Share of heat inside the image's foreground (images with a plain background only).
     #[serde(default, alias = "fundus_fraction")]
     pub foreground_fraction: Option<f64>,
-    /// Area under the deletion curve.
+    /// Area under the deletion curve: the explained class's probability as the hottest pixels
+    /// are removed (lower: the map points at what the model uses).
     #[serde(default)]
     pub deletion_auc: Option<f64>,
-    /// Area under the insertion curve.
+    /// Area under the insertion curve: the probability as the hottest pixels are revealed on a
+    /// blurred copy (higher: the map points at what the model uses).
     #[serde(default)]
     pub insertion_auc: Option<f64>,
-    /// Deletion area, coldest pixels first minus hottest first.
+    /// Deletion area with the coldest pixels first minus with the hottest first (the area between
+    /// the curves): how much more the hot pixels matter to the model than the cold (about 0: the
+    /// map is noise to the model).
     #[serde(default)]
     pub deletion_gain: Option<f64>,
+}
+
+impl HeatMeasures {
+    /// Whether any measure was taken.
+    pub fn is_empty(&self) -> bool {
+        self.foreground_fraction.is_none() && self.deletion_auc.is_none() && self.insertion_auc.is_none() && self.deletion_gain.is_none()
+    }
 }
 
 /// The metrics copied into the status.

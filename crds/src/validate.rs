@@ -267,11 +267,12 @@ fn is_quantity(q: &str) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::spec::*;
 
-    fn good() -> MergeJobSpec {
+    /// A small valid spec every validation test starts from.
+    pub(crate) fn good() -> MergeJobSpec {
         serde_yaml::from_str(
             r#"
 model: {architecture: efficientnet-lite0}

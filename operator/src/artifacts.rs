@@ -113,10 +113,10 @@ pub fn results_from_report(bytes: &[u8], spec: &MergeJobSpec, layout: &ArtifactL
         model,
         report: Some(key.clone()),
         html_report: Some(layout.eval_html()),
-        foreground_heat: primary.foreground_fraction,
-        deletion_auc: primary.deletion_auc,
-        insertion_auc: primary.insertion_auc,
-        deletion_gain: primary.deletion_gain,
+        foreground_heat: primary.heat.foreground_fraction,
+        deletion_auc: primary.heat.deletion_auc,
+        insertion_auc: primary.heat.insertion_auc,
+        deletion_gain: primary.heat.deletion_gain,
         baselines: baselines.iter().map(summary).collect(),
     })
 }

@@ -58,7 +58,7 @@ fn a_tiny_mergejob_runs_end_to_end_and_reports_every_candidate() {
     let eval: EvaluationResults = serde_json::from_slice(&std::fs::read(run.join("eval/metrics.json")).unwrap()).unwrap();
     assert_eq!(eval.candidates.len(), report.candidates.len());
     assert_eq!((eval.candidates[0].id.as_str(), eval.candidates[0].metrics.accuracy), ("data-vector", report.candidates[0].metrics.accuracy));
-    assert_eq!(eval.candidates[0].deletion_auc, report.candidates[0].heat.deletion_auc);
+    assert_eq!(eval.candidates[0].heat, report.candidates[0].heat);
     let shard: ShardTraining = serde_json::from_slice(&std::fs::read(run.join("shards/h0/metrics.json")).unwrap()).unwrap();
     assert!(shard.samples().is_some_and(|n| n > 0) && shard.best_epoch.is_some(), "{shard:?}");
 

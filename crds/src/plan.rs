@@ -98,6 +98,34 @@ pub struct PlannedStage {
     pub writes: Vec<String>,
 }
 
+impl PlannedStage {
+    /// A restoration stage's starting model: the merged model, the previous round's model or, in
+    /// a chain, the previous shard's part. None for other stages.
+    pub fn model_input(&self) -> Option<&str> {
+        match self.stage {
+            Stage::Restore { .. } | Stage::RestoreCombine { .. } => self.reads.first().map(String::as_str),
+            _ => None,
+        }
+    }
+
+    /// A combine stage's inputs from the shards (one part each), in shard order; empty for
+    /// other stages.
+    pub fn shard_parts(&self) -> &[String] {
+        match self.stage {
+            Stage::RestoreCombine { round: Some(_), .. } => self.reads.get(1..).unwrap_or_default(),
+            _ => &[],
+        }
+    }
+
+    /// A restoration stage's one output (a part, a round's model or the restored model).
+    pub fn restore_output(&self) -> Option<&str> {
+        match self.stage {
+            Stage::Restore { .. } | Stage::RestoreCombine { .. } => self.writes.first().map(String::as_str),
+            _ => None,
+        }
+    }
+}
+
 /// Every stage of one run, in a valid execution order.
 #[derive(Clone, Debug, PartialEq)]
 pub struct StagePlan {
@@ -223,6 +251,23 @@ fn restore_stages(rounds: &[RestoreRound], candidate: &str, shards: &[&str], lay
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn restoration_stages_name_their_starting_model_parts_and_output() {
+        let layout = ArtifactLayout::new("runs", "ns", "mj", 1);
+        let stages = restore_stages(&[RestoreRound::Epoch, RestoreRound::BnMoments], "dv", &["a", "b"], &layout);
+        let part_a = &stages[0];
+        assert_eq!((part_a.model_input(), part_a.restore_output()), (Some(layout.merged("dv").as_str()), Some(layout.restore_part("dv", RestoreRound::Epoch, "a").as_str())));
+        let combine = &stages[2];
+        assert_eq!(combine.model_input(), Some(layout.merged("dv").as_str()));
+        assert_eq!(combine.shard_parts(), [layout.restore_part("dv", RestoreRound::Epoch, "a"), layout.restore_part("dv", RestoreRound::Epoch, "b")]);
+        assert_eq!(stages[3].model_input(), combine.restore_output(), "the next round starts from this round's model");
+        assert_eq!(stages.last().unwrap().restore_output(), Some(layout.restored("dv").as_str()));
+        let chain = restore_stages(&[RestoreRound::Chain], "dv", &["a", "b"], &layout);
+        assert_eq!(chain[1].model_input(), chain[0].restore_output(), "a chain's next shard starts from the previous part");
+        let init = PlannedStage { stage: Stage::Init, reads: vec![], writes: vec![layout.base()] };
+        assert_eq!((init.model_input(), init.shard_parts().len(), init.restore_output()), (None, 0, None));
+    }
     use crate::spec::*;
 
     fn spec(shards: &[(&str, bool)], mode: RestoreMode, baselines: Vec<Baseline>) -> MergeJobSpec {

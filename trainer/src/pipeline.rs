@@ -378,106 +378,132 @@ impl Runner {
         Ok(ArtifactMeta::from_map(&p, MappedFile::open(&p)?.metadata(), ArtifactKind::Model)?)
     }
 
+    /// Runs one stage, writing its outputs into `staging` (published by the caller).
     fn execute(&self, planned: &PlannedStage, staging: &Staging) -> anyhow::Result<()> {
-        let spec = self.job.spec();
-        let l = &self.layout;
         let out = |key: &str| staging.path(key);
         match &planned.stage {
-            Stage::Init => {
-                let net = init_base(&spec.model, &self.classes, self.device, spec.model.weights_path.as_deref().map(|p| self.job.resolve(p)))?;
-                let meta = ArtifactMeta {
-                    kind: ArtifactKind::Model,
-                    arch: spec.model.architecture,
-                    classes: self.classes.clone(),
-                    image_size: spec.model.image_size,
-                    base_digest: String::new(),
-                    shard: None,
-                    class_counts: vec![],
-                    multi_label: spec.model.multi_label,
-                };
-                net.save(&out(&l.base()), &meta)?;
-            }
-            Stage::Finetune { shard } => {
-                let data = self.shard_data(shard)?;
-                let base = self.path(&l.base());
-                let mut net = Network::load(&base, self.device)?;
-                let report = train(&mut net, &data, &spec.training, self.device, shard)?;
-                net.check_valid()?;
-                crate::merge::write_vector(&net, &base, shard, report.class_counts.clone(), &out(&l.shard_vector(shard)))?;
-                write_atomic(&out(&l.shard_metrics(shard)), &serde_json::to_vec_pretty(&report)?)?;
-            }
-            Stage::Collect { shard } => {
-                let src = spec.shards.iter().find(|s| &s.name == shard).and_then(|s| s.vector.as_ref()).expect("collect stages exist for vector shards");
-                // Local store: a path relative to the MergeJob; S3: a key in the bucket.
-                let bytes = match &self.remote {
-                    Some(remote) => remote.get(src)?.ok_or_else(|| anyhow::anyhow!("shard {shard}: vector {} is not available yet", remote.location(src)))?,
-                    None => {
-                        let src = self.job.resolve(src);
-                        std::fs::read(&src).map_err(|e| anyhow::anyhow!("shard {shard}: vector {} is not available: {e}", src.display()))?
-                    }
-                };
-                // Checked before it joins the run: a bad upload is refused here, naming the
-                // shard, and (nothing published) a corrected upload is collected on the retry.
-                let staged = out(&l.shard_vector(shard));
-                write_atomic(&staged, &bytes)?;
-                crate::merge::check_vector(&self.path(&l.base()), &ShardVector { shard: shard.clone(), path: staged }).map_err(|e| anyhow::anyhow!("external vector {src} refused: {e}"))?;
-            }
-            Stage::FullTraining => {
-                let mut all = self.shard_data(&spec.shards[0].name)?;
-                for s in &spec.shards[1..] {
-                    all.samples.extend(self.shard_data(&s.name)?.samples);
-                }
-                let mut net = Network::load(&self.path(&l.base()), self.device)?;
-                let report = train(&mut net, &all, &spec.training, self.device, "full-training")?;
-                let meta = ArtifactMeta { class_counts: report.class_counts, ..self.base_meta()? };
-                net.check_valid()?;
-                net.save(&out(&l.full_training()), &meta)?;
-            }
-            Stage::Merge { candidate } => {
-                let c = self.candidate(candidate);
-                let opts = MergeOptions {
-                    method: match c.kind {
-                        CandidateKind::Merged(m) => m,
-                        _ => spec.merge.method,
-                    },
-                    lambda: spec.merge.lambda,
-                    heads: spec.merge.heads,
-                    ties_density: spec.merge.ties_density,
-                    dare_drop_rate: spec.merge.dare_drop_rate,
-                    seed: spec.merge.seed,
-                    pretrained_only: c.kind == CandidateKind::PretrainedRestored,
-                };
-                let target = out(&l.merged(candidate));
-                if let Some(dir) = target.parent() {
-                    std::fs::create_dir_all(dir)?;
-                }
-                merge_checked(&self.path(&l.base()), &self.vectors(), &opts, &target, self.device)?;
-            }
+            Stage::Init => self.init(&out(&self.layout.base())),
+            Stage::Finetune { shard } => self.finetune(shard, &out(&self.layout.shard_vector(shard)), &out(&self.layout.shard_metrics(shard))),
+            Stage::Collect { shard } => self.collect(shard, &out(&self.layout.shard_vector(shard))),
+            Stage::FullTraining => self.full_training(&out(&self.layout.full_training())),
+            Stage::Merge { candidate } => self.merge(candidate, &out(&self.layout.merged(candidate))),
             Stage::Restore { round, shard, .. } => {
+                let (model, output) = restore_io(planned)?;
                 let data = self.shard_data(shard)?;
-                let training = epoch_settings(&spec.training, &spec.restore);
-                shard_part(*round, &self.path(&planned.reads[0]), &data, shard, &training, self.device, &out(&planned.writes[0]))?;
+                let training = epoch_settings(&self.job.spec().training, &self.job.spec().restore);
+                Ok(shard_part(*round, &self.path(model), &data, shard, &training, self.device, &out(output))?)
             }
             Stage::RestoreCombine { round: Some(round), .. } => {
-                let parts: Vec<PathBuf> = planned.reads[1..].iter().map(|k| self.path(k)).collect();
-                combine(*round, &self.path(&planned.reads[0]), &parts, self.device, &out(&planned.writes[0]))?;
+                let (model, output) = restore_io(planned)?;
+                let parts: Vec<PathBuf> = planned.shard_parts().iter().map(|k| self.path(k)).collect();
+                Ok(combine(*round, &self.path(model), &parts, self.device, &out(output))?)
             }
             Stage::RestoreCombine { round: None, .. } => {
-                write_atomic(&out(&planned.writes[0]), &std::fs::read(self.path(&planned.reads[0]))?)?;
+                // No restoration: the merged model is published as the restored one.
+                let (model, output) = restore_io(planned)?;
+                Ok(write_atomic(&out(output), &std::fs::read(self.path(model))?)?)
             }
-            Stage::Evaluate => {
-                self.verify_consistent()?;
-                let eval_dir = out(&l.eval_metrics()).parent().map(Path::to_path_buf).unwrap_or_default();
-                let report = self.evaluate_all(&eval_dir)?;
-                // Plots are a convenience: a machine without fonts still gets its numbers.
-                if let Err(e) = crate::plots::write_all(&report, &eval_dir) {
-                    tracing::warn!(error = %e, "plots not written");
-                }
-                write_atomic(&out(&l.eval_report()), report.to_markdown().as_bytes())?;
-                write_atomic(&out(&l.eval_html()), crate::html::to_html(&report, &eval_dir).as_bytes())?;
-                write_atomic(&out(&l.eval_metrics()), &serde_json::to_vec_pretty(&report)?)?;
-            }
+            Stage::Evaluate => self.evaluate(&out(&self.layout.eval_metrics()), &out(&self.layout.eval_report()), &out(&self.layout.eval_html())),
         }
+    }
+
+    /// `init`: the base model (pretrained weights and a new seeded head).
+    fn init(&self, base: &Path) -> anyhow::Result<()> {
+        let spec = self.job.spec();
+        let net = init_base(&spec.model, &self.classes, self.device, spec.model.weights_path.as_deref().map(|p| self.job.resolve(p)))?;
+        let meta = ArtifactMeta {
+            kind: ArtifactKind::Model,
+            arch: spec.model.architecture,
+            classes: self.classes.clone(),
+            image_size: spec.model.image_size,
+            base_digest: String::new(),
+            shard: None,
+            class_counts: vec![],
+            multi_label: spec.model.multi_label,
+        };
+        net.save(base, &meta)?;
+        Ok(())
+    }
+
+    /// `finetune-<shard>`: the shard's data vector and its training summary.
+    fn finetune(&self, shard: &str, vector: &Path, metrics: &Path) -> anyhow::Result<()> {
+        let data = self.shard_data(shard)?;
+        let base = self.path(&self.layout.base());
+        let mut net = Network::load(&base, self.device)?;
+        let report = train(&mut net, &data, &self.job.spec().training, self.device, shard)?;
+        net.check_valid()?;
+        crate::merge::write_vector(&net, &base, shard, report.class_counts.clone(), vector)?;
+        write_atomic(metrics, &serde_json::to_vec_pretty(&report)?)?;
+        Ok(())
+    }
+
+    /// `collect-<shard>`: an external hospital's vector, checked before it joins the run.
+    fn collect(&self, shard: &str, staged: &Path) -> anyhow::Result<()> {
+        let spec = self.job.spec();
+        let src = spec.shards.iter().find(|s| s.name == shard).and_then(|s| s.vector.as_ref()).expect("collect stages exist for vector shards");
+        // Local store: a path relative to the MergeJob; S3: a key in the bucket.
+        let bytes = match &self.remote {
+            Some(remote) => remote.get(src)?.ok_or_else(|| anyhow::anyhow!("shard {shard}: vector {} is not available yet", remote.location(src)))?,
+            None => {
+                let src = self.job.resolve(src);
+                std::fs::read(&src).map_err(|e| anyhow::anyhow!("shard {shard}: vector {} is not available: {e}", src.display()))?
+            }
+        };
+        // A bad upload is refused here, naming the shard, and (nothing published) a corrected
+        // upload is collected on the retry.
+        write_atomic(staged, &bytes)?;
+        crate::merge::check_vector(&self.path(&self.layout.base()), &ShardVector { shard: shard.into(), path: staged.into() }).map_err(|e| anyhow::anyhow!("external vector {src} refused: {e}"))?;
+        Ok(())
+    }
+
+    /// `full-training`: the pooled-data baseline (needs every shard's data in one place).
+    fn full_training(&self, model: &Path) -> anyhow::Result<()> {
+        let spec = self.job.spec();
+        let mut all = self.shard_data(&spec.shards[0].name)?;
+        for s in &spec.shards[1..] {
+            all.samples.extend(self.shard_data(&s.name)?.samples);
+        }
+        let mut net = Network::load(&self.path(&self.layout.base()), self.device)?;
+        let report = train(&mut net, &all, &spec.training, self.device, "full-training")?;
+        let meta = ArtifactMeta { class_counts: report.class_counts, ..self.base_meta()? };
+        net.check_valid()?;
+        net.save(model, &meta)?;
+        Ok(())
+    }
+
+    /// `merge-<candidate>`: the vectors merged onto the base by the candidate's method.
+    fn merge(&self, candidate: &str, target: &Path) -> anyhow::Result<()> {
+        let spec = self.job.spec();
+        let c = self.candidate(candidate);
+        let opts = MergeOptions {
+            method: match c.kind {
+                CandidateKind::Merged(m) => m,
+                _ => spec.merge.method,
+            },
+            lambda: spec.merge.lambda,
+            heads: spec.merge.heads,
+            ties_density: spec.merge.ties_density,
+            dare_drop_rate: spec.merge.dare_drop_rate,
+            seed: spec.merge.seed,
+            pretrained_only: c.kind == CandidateKind::PretrainedRestored,
+        };
+        merge_checked(&self.path(&self.layout.base()), &self.vectors(), &opts, target, self.device)?;
+        Ok(())
+    }
+
+    /// `evaluate`: every candidate scored on the held-out set, after checking the run is
+    /// consistent; writes the metrics, the Markdown and HTML reports and the plots.
+    fn evaluate(&self, metrics: &Path, markdown: &Path, html: &Path) -> anyhow::Result<()> {
+        self.verify_consistent()?;
+        let eval_dir = metrics.parent().map(Path::to_path_buf).unwrap_or_default();
+        let report = self.evaluate_all(&eval_dir)?;
+        // Plots are a convenience: a machine without fonts still gets its numbers.
+        if let Err(e) = crate::plots::write_all(&report, &eval_dir) {
+            tracing::warn!(error = %e, "plots not written");
+        }
+        write_atomic(markdown, report.to_markdown().as_bytes())?;
+        write_atomic(html, crate::html::to_html(&report, &eval_dir).as_bytes())?;
+        write_atomic(metrics, &serde_json::to_vec_pretty(&report)?)?;
         Ok(())
     }
 
@@ -649,6 +675,11 @@ pub fn forward_order_key(name: &str) -> (u8, Vec<(u64, String)>) {
     };
     let parts = name.split('.').map(|p| p.parse::<u64>().map_or((u64::MAX, p.to_string()), |n| (n, String::new()))).collect();
     (rank, parts)
+}
+
+/// A restoration stage's starting model and output, as the plan names them.
+fn restore_io(planned: &PlannedStage) -> anyhow::Result<(&str, &str)> {
+    planned.model_input().zip(planned.restore_output()).ok_or_else(|| anyhow::anyhow!("stage {} has no model to restore or no output", planned.stage.name()))
 }
 
 #[cfg(test)]

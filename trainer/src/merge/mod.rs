@@ -218,6 +218,9 @@ fn check_base_digest(v: &ShardVector, claim: &str, digest: &str) -> Result<(), M
 /// [`merge_files`], then the merged model loaded and checked ([`Network::check_valid`]) before it
 /// is published at `out`: a model that fails is refused and `out` is left as it was.
 pub fn merge_checked(base_path: &Path, vectors: &[ShardVector], opts: &MergeOptions, out: &Path, device: Device) -> Result<(), MergeError> {
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|source| StError::Write { path: dir.into(), source })?;
+    }
     let unchecked = crate::st::temp_path(out);
     let result = merge_files(base_path, vectors, opts, &unchecked).and_then(|()| {
         Network::load(&unchecked, device)?.check_valid()?;

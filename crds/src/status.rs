@@ -33,6 +33,9 @@ pub enum Phase {
 }
 
 impl Phase {
+    /// Every phase, in the order a run passes through them.
+    pub const ALL: [Phase; 8] = [Phase::Pending, Phase::Training, Phase::Merging, Phase::Restoring, Phase::Evaluating, Phase::Succeeded, Phase::Failed, Phase::Suspended];
+
     /// Whether the phase is final for its generation.
     pub fn is_terminal(self) -> bool {
         matches!(self, Phase::Succeeded | Phase::Failed)

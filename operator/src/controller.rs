@@ -137,7 +137,7 @@ async fn reconcile_inner(mj: &MergeJob, ctx: &Context) -> Result<Action, Reconci
     let terminal = previous.phase.is_some_and(Phase::is_terminal);
     if run.continues && previous.observed_generation == Some(generation) && terminal {
         // A finished run never re-runs by itself; a result-changing edit starts the next one.
-        ctx.metrics.set_phase(&key, previous.phase.map(Phase::as_str));
+        ctx.metrics.set_phase(&key, previous.phase);
         return Ok(Action::await_change());
     }
 
@@ -181,7 +181,7 @@ async fn reconcile_inner(mj: &MergeJob, ctx: &Context) -> Result<Action, Reconci
     }
     apply_interventions(mj, ctx, &ns, &changes).await?;
     publish_transition(mj, ctx, &previous, &run, &decision).await;
-    ctx.metrics.set_phase(&key, Some(decision.phase.as_str()));
+    ctx.metrics.set_phase(&key, Some(decision.phase));
     info!(run = run.run, phase = decision.phase.as_str(), reason = decision.reason, message = %decision.message, "reconciled");
 
     Ok(if decision.phase.is_terminal() {

@@ -2,66 +2,99 @@
 //! serving `/healthz`, `/readyz` and `/metrics`.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use medmerge_crds::Phase;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
 /// Upper bounds (seconds) of the reconcile duration histogram's buckets.
 const BUCKETS: [f64; 8] = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
 
-/// What the operator has done, for `/metrics` and `/readyz`.
-#[derive(Default)]
+/// The OpenMetrics text format's content type.
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The `phase` label of `medmerge_mergejobs`.
+type PhaseLabel = Vec<(&'static str, &'static str)>;
+
+/// What the operator has done, for `/metrics` and `/readyz`, kept in a prometheus-client
+/// registry.
 pub struct Metrics {
-    reconciles: AtomicU64,
-    errors: AtomicU64,
-    stage_jobs_created: AtomicU64,
-    durations: Mutex<Histogram>,
-    phases: Mutex<BTreeMap<String, String>>,
+    registry: Registry,
+    reconciles: Counter,
+    errors: Counter,
+    stage_jobs_created: Counter,
+    durations: Histogram,
+    mergejobs: Family<PhaseLabel, Gauge>,
+    /// Each MergeJob's last phase, so a change moves it from one gauge to the other.
+    phases: Mutex<BTreeMap<String, Phase>>,
     ready: AtomicBool,
 }
 
-#[derive(Default)]
-struct Histogram {
-    counts: [u64; BUCKETS.len()],
-    count: u64,
-    sum: f64,
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let (reconciles, errors, stage_jobs_created) = (Counter::default(), Counter::default(), Counter::default());
+        let durations = Histogram::new(BUCKETS);
+        let mergejobs = Family::<PhaseLabel, Gauge>::default();
+        registry.register("medmerge_reconciles", "Reconciles run", reconciles.clone());
+        registry.register("medmerge_reconcile_errors", "Reconciles that failed and were retried", errors.clone());
+        registry.register("medmerge_stage_jobs_created", "Stage Jobs created", stage_jobs_created.clone());
+        registry.register("medmerge_reconcile_duration_seconds", "Time per reconcile", durations.clone());
+        registry.register("medmerge_mergejobs", "MergeJobs by phase", mergejobs.clone());
+        // Every phase is reported, at 0 until a MergeJob reaches it.
+        for phase in Phase::ALL {
+            mergejobs.get_or_create(&label(phase)).set(0);
+        }
+        Metrics { registry, reconciles, errors, stage_jobs_created, durations, mergejobs, phases: Mutex::default(), ready: AtomicBool::new(false) }
+    }
+}
+
+fn label(phase: Phase) -> PhaseLabel {
+    vec![("phase", phase.as_str())]
 }
 
 impl Metrics {
     /// Records one finished reconcile.
     pub fn reconciled(&self, took: Duration, failed: bool) {
-        self.reconciles.fetch_add(1, Ordering::Relaxed);
+        self.reconciles.inc();
         if failed {
-            self.errors.fetch_add(1, Ordering::Relaxed);
+            self.errors.inc();
         }
-        let seconds = took.as_secs_f64();
-        let mut h = self.durations.lock().unwrap_or_else(|e| e.into_inner());
-        for (i, bound) in BUCKETS.iter().enumerate() {
-            if seconds <= *bound {
-                h.counts[i] += 1;
-            }
-        }
-        h.count += 1;
-        h.sum += seconds;
+        self.durations.observe(took.as_secs_f64());
     }
 
     /// Records stage Jobs created.
     pub fn jobs_created(&self, n: usize) {
-        self.stage_jobs_created.fetch_add(n as u64, Ordering::Relaxed);
+        self.stage_jobs_created.inc_by(n as u64);
     }
 
     /// Records the phase of MergeJob `namespace/name` (or forgets it with `None`).
-    pub fn set_phase(&self, key: &str, phase: Option<&str>) {
+    pub fn set_phase(&self, key: &str, phase: Option<Phase>) {
         let mut phases = self.phases.lock().unwrap_or_else(|e| e.into_inner());
-        match phase {
-            Some(p) => phases.insert(key.into(), p.into()),
+        let previous = match phase {
+            Some(p) => phases.insert(key.into(), p),
             None => phases.remove(key),
         };
+        if let Some(p) = previous {
+            self.mergejobs.get_or_create(&label(p)).dec();
+        }
+        if let Some(p) = phase {
+            self.mergejobs.get_or_create(&label(p)).inc();
+        }
     }
 
     /// Marks the operator ready (it holds leadership and its controller is running).
@@ -74,50 +107,39 @@ impl Metrics {
         self.ready.load(Ordering::Relaxed)
     }
 
-    /// The Prometheus text exposition of every metric.
+    /// The OpenMetrics text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let counter = |out: &mut String, name: &str, help: &str, v: u64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
-        };
-        counter(&mut out, "medmerge_reconciles_total", "Reconciles run.", self.reconciles.load(Ordering::Relaxed));
-        counter(&mut out, "medmerge_reconcile_errors_total", "Reconciles that failed and were retried.", self.errors.load(Ordering::Relaxed));
-        counter(&mut out, "medmerge_stage_jobs_created_total", "Stage Jobs created.", self.stage_jobs_created.load(Ordering::Relaxed));
-        let h = self.durations.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = writeln!(out, "# HELP medmerge_reconcile_duration_seconds Time per reconcile.\n# TYPE medmerge_reconcile_duration_seconds histogram");
-        for (bound, count) in BUCKETS.iter().zip(h.counts) {
-            let _ = writeln!(out, "medmerge_reconcile_duration_seconds_bucket{{le=\"{bound}\"}} {count}");
-        }
-        let _ = writeln!(out, "medmerge_reconcile_duration_seconds_bucket{{le=\"+Inf\"}} {}", h.count);
-        let _ = writeln!(out, "medmerge_reconcile_duration_seconds_sum {}\nmedmerge_reconcile_duration_seconds_count {}", h.sum, h.count);
-        let phases = self.phases.lock().unwrap_or_else(|e| e.into_inner());
-        let mut by_phase: BTreeMap<&str, u64> = BTreeMap::new();
-        for phase in phases.values() {
-            *by_phase.entry(phase.as_str()).or_default() += 1;
-        }
-        let _ = writeln!(out, "# HELP medmerge_mergejobs MergeJobs by phase.\n# TYPE medmerge_mergejobs gauge");
-        for phase in ["Pending", "Training", "Merging", "Restoring", "Evaluating", "Succeeded", "Failed", "Suspended"] {
-            let _ = writeln!(out, "medmerge_mergejobs{{phase=\"{phase}\"}} {}", by_phase.get(phase).copied().unwrap_or(0));
-        }
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
         out
     }
 }
 
-/// (status line, content type, body) for a request path.
-fn respond(metrics: &Metrics, path: &str) -> (&'static str, &'static str, String) {
+/// (status, content type, body) for a request path.
+fn respond(metrics: &Metrics, path: &str) -> (StatusCode, &'static str, String) {
     match path {
-        "/healthz" | "/livez" => ("200 OK", "text/plain", "ok\n".into()),
-        "/readyz" if metrics.is_ready() => ("200 OK", "text/plain", "ready\n".into()),
-        "/readyz" => ("503 Service Unavailable", "text/plain", "not ready: waiting for leadership or the first watch\n".into()),
-        "/metrics" => ("200 OK", "text/plain; version=0.0.4", metrics.render()),
-        _ => ("404 Not Found", "text/plain", "not found; try /healthz, /readyz or /metrics\n".into()),
+        "/healthz" | "/livez" => (StatusCode::OK, "text/plain", "ok\n".into()),
+        "/readyz" if metrics.is_ready() => (StatusCode::OK, "text/plain", "ready\n".into()),
+        "/readyz" => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready: waiting for leadership or the first watch\n".into()),
+        "/metrics" => (StatusCode::OK, OPENMETRICS, metrics.render()),
+        _ => (StatusCode::NOT_FOUND, "text/plain", "not found; try /healthz, /readyz or /metrics\n".into()),
     }
 }
 
-/// Serves health and metrics on `listener` until the task is dropped.
+async fn handle(metrics: Arc<Metrics>, request: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    debug!(path = request.uri().path(), "metrics endpoint request");
+    let (status, content_type, body) = respond(&metrics, request.uri().path());
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(content_type));
+    Ok(response)
+}
+
+/// Serves health and metrics over HTTP/1.1 (hyper) on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
     loop {
-        let (mut socket, peer) = match listener.accept().await {
+        let (socket, peer) = match listener.accept().await {
             Ok(conn) => conn,
             Err(error) => {
                 warn!(%error, "metrics endpoint: accept failed");
@@ -126,24 +148,21 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
         };
         let metrics = metrics.clone();
         tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            let n = match tokio::time::timeout(Duration::from_secs(5), socket.read(&mut buf)).await {
-                Ok(Ok(n)) => n,
-                _ => return,
-            };
-            let request = String::from_utf8_lossy(&buf[..n]);
-            let path = request.split_whitespace().nth(1).unwrap_or("/").split('?').next().unwrap_or("/").to_string();
-            debug!(%peer, %path, "metrics endpoint request");
-            let (status, content_type, body) = respond(&metrics, &path);
-            let response = format!("HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
-            let _ = socket.write_all(response.as_bytes()).await;
-            let _ = socket.shutdown().await;
+            let service = hyper::service::service_fn(move |request| handle(metrics.clone(), request));
+            // A client that sends nothing is dropped after the header timeout.
+            let connection =
+                hyper::server::conn::http1::Builder::new().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(Duration::from_secs(5)).serve_connection(TokioIo::new(socket), service);
+            if let Err(error) = connection.await {
+                debug!(%peer, %error, "metrics endpoint: connection ended");
+            }
         });
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
     use super::*;
 
     #[test]
@@ -152,9 +171,10 @@ mod tests {
         m.reconciled(Duration::from_millis(30), false);
         m.reconciled(Duration::from_secs(3), true);
         m.jobs_created(4);
-        m.set_phase("ns/a", Some("Training"));
-        m.set_phase("ns/b", Some("Training"));
-        m.set_phase("ns/c", Some("Failed"));
+        m.set_phase("ns/a", Some(Phase::Training));
+        m.set_phase("ns/b", Some(Phase::Pending));
+        m.set_phase("ns/b", Some(Phase::Training));
+        m.set_phase("ns/c", Some(Phase::Failed));
         m.set_phase("ns/c", None);
         let text = m.render();
         for line in [
@@ -165,6 +185,7 @@ mod tests {
             "medmerge_reconcile_duration_seconds_bucket{le=\"+Inf\"} 2",
             "medmerge_mergejobs{phase=\"Training\"} 2",
             "medmerge_mergejobs{phase=\"Failed\"} 0",
+            "medmerge_mergejobs{phase=\"Pending\"} 0",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }
@@ -173,11 +194,11 @@ mod tests {
     #[test]
     fn readiness_follows_the_flag_and_unknown_paths_are_404() {
         let m = Metrics::default();
-        assert_eq!(respond(&m, "/readyz").0, "503 Service Unavailable");
+        assert_eq!(respond(&m, "/readyz").0, StatusCode::SERVICE_UNAVAILABLE);
         m.set_ready(true);
-        assert_eq!(respond(&m, "/readyz").0, "200 OK");
-        assert_eq!(respond(&m, "/healthz").0, "200 OK");
-        assert_eq!(respond(&m, "/nope").0, "404 Not Found");
+        assert_eq!(respond(&m, "/readyz").0, StatusCode::OK);
+        assert_eq!(respond(&m, "/healthz").0, StatusCode::OK);
+        assert_eq!(respond(&m, "/nope").0, StatusCode::NOT_FOUND);
     }
 
     #[tokio::test]
@@ -186,11 +207,15 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let metrics = Arc::new(Metrics::default());
         let server = tokio::spawn(serve(listener, metrics));
+        // A request split across writes, as slow clients send it.
         let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
-        conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        conn.write_all(b"GET /metr").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        conn.write_all(b"ics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
         let mut response = String::new();
         conn.read_to_string(&mut response).await.unwrap();
         assert!(response.starts_with("HTTP/1.1 200 OK") && response.contains("medmerge_reconciles_total 0"), "{response}");
+        assert!(response.contains("application/openmetrics-text"), "{response}");
         server.abort();
     }
 }

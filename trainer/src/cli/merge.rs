@@ -22,8 +22,8 @@ pub struct Args {
     /// data-vector, params-mean, random-vector, ties, dare.
     #[arg(long, default_value = "data-vector")]
     method: String,
-    /// Scale of the summed vectors.
-    #[arg(long, default_value_t = 1.0)]
+    /// Scale of the summed vectors (default: `spec.merge.lambda`'s).
+    #[arg(long, default_value_t = MergeSpec::default().lambda)]
     lambda: f64,
     /// Weight heads by shard sample counts instead of a plain mean.
     #[arg(long)]

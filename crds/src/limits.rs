@@ -110,8 +110,10 @@ pub const BATCH_SIZE: Limit<u32> = Limit::closed("training.batchSize", 1, 4096);
 pub const LEARNING_RATE: Limit<f64> = Limit::above("training.learningRate", 0.0);
 /// `training.weightDecay`.
 pub const WEIGHT_DECAY: Limit<f64> = Limit::at_least("training.weightDecay", 0.0);
-/// `training.validationFraction`: at most half of a shard held out, never all of it.
-pub const VALIDATION_FRACTION: Limit<f64> = Limit { field: "training.validationFraction", min: 0.0, max: Some(0.5), min_exclusive: false, max_exclusive: true };
+/// `training.validationFraction`: at most half of a shard held out. Inclusive: Kubernetes 1.20
+/// checks a default of 0.0 (sent as the integer 0) against an exclusive maximum of 0.5 read as
+/// the integer 0, and refuses the whole CRD.
+pub const VALIDATION_FRACTION: Limit<f64> = Limit::closed("training.validationFraction", 0.0, 0.5);
 /// `training.augment.rotationDegrees` (an f32 field; its bounds are f64 so that the schema says
 /// 0.1, not the f32 0.10000000149 that would refuse a spec's 0.1).
 pub const ROTATION_DEGREES: Limit<f64> = Limit::closed("training.augment.rotationDegrees", 0.0, 180.0);

@@ -351,7 +351,7 @@ pub struct TrainingSpec {
     pub class_weighting: bool,
     /// Fraction of each shard held out to pick the epoch with the best balanced accuracy (mean
     /// recall over the classes, so a majority class cannot carry it); 0 keeps the last epoch.
-    #[schemars(range(min = limits::VALIDATION_FRACTION.min, max = limits::VALIDATION_FRACTION.max), extend("exclusiveMaximum" = limits::VALIDATION_FRACTION.max_exclusive))]
+    #[schemars(range(min = limits::VALIDATION_FRACTION.min, max = limits::VALIDATION_FRACTION.max))]
     pub validation_fraction: f64,
     /// Random augmentation applied to training images.
     pub augment: AugmentSpec,

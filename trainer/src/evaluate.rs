@@ -2,13 +2,23 @@
 
 use tch::{Device, Kind};
 
-use crate::data::{BatchLoader, Dataset};
+use crate::data::{BatchLoader, DataError, Dataset};
 use crate::metrics::{classification_metrics, multilabel_metrics, Metrics};
 use crate::model::{tensor_to_vec, Network};
-use crate::train::TrainError;
+
+/// Why a network could not be run over a set.
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    /// Reading images failed.
+    #[error(transparent)]
+    Data(#[from] DataError),
+    /// A libtorch operation failed.
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+}
 
 /// Class probabilities for every image of `data`, in order.
-pub fn predict(net: &Network, data: &Dataset, batch_size: usize, device: Device) -> Result<Vec<Vec<f32>>, TrainError> {
+pub fn predict(net: &Network, data: &Dataset, batch_size: usize, device: Device) -> Result<Vec<Vec<f32>>, EvalError> {
     let order: Vec<usize> = (0..data.samples.len()).collect();
     let k = net.classes.len();
     let mut out = Vec::with_capacity(data.samples.len());
@@ -22,7 +32,7 @@ pub fn predict(net: &Network, data: &Dataset, batch_size: usize, device: Device)
 }
 
 /// Metrics of `net` on `data`.
-pub fn evaluate(net: &Network, data: &Dataset, batch_size: usize, device: Device) -> Result<Metrics, TrainError> {
+pub fn evaluate(net: &Network, data: &Dataset, batch_size: usize, device: Device) -> Result<Metrics, EvalError> {
     Ok(score(&predict(net, data, batch_size, device)?, data, net.classes.len()))
 }
 

@@ -24,6 +24,9 @@ pub enum TrainError {
     /// A libtorch operation failed.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
+    /// Scoring the validation split failed.
+    #[error(transparent)]
+    Validation(#[from] crate::evaluate::EvalError),
     /// The loss diverged.
     #[error("{label}: loss became {loss} in epoch {epoch}; lower the learning rate")]
     Diverged { label: String, epoch: u32, loss: f64 },

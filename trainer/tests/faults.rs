@@ -88,7 +88,7 @@ fn cli_flags_follow_the_specs_rules_and_a_vector_given_twice_is_refused() {
         &["finetune", "--base", "base.safetensors", "--data", "images", "--shard", "z", "--out", "z.safetensors", "--epochs", "0"],
         "--epochs: 0 is outside [1, 10000] (the same rule as spec.training.epochs)",
     );
-    fails(&["finetune", "--base", "base.safetensors", "--data", "images", "--shard", "z", "--out", "z.safetensors", "--validation-fraction", "0.9"], "--validation-fraction: 0.9 is outside [0, 0.5)");
+    fails(&["finetune", "--base", "base.safetensors", "--data", "images", "--shard", "z", "--out", "z.safetensors", "--validation-fraction", "0.9"], "--validation-fraction: 0.9 is outside [0, 0.5]");
     let merge = ["merge", "--base", "base.safetensors", "--out", "m.safetensors"];
     fails(&[&merge[..], &["--vector", "a=a.safetensors", "--lambda", "1e30"]].concat(), "--lambda: 1000000000000000000000000000000 is outside [0, 4]");
     fails(&[&merge[..], &["--vector", "a=a.safetensors", "--lambda=-3"]].concat(), "--lambda: -3 is outside [0, 4]");

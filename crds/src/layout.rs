@@ -97,17 +97,17 @@ impl ArtifactLayout {
     /// chain), batch-norm moments (bn) or per-class feature statistics (head).
     pub fn restore_part(&self, candidate: &str, round: RestoreRound, shard: &str) -> String {
         let file = match round {
-            RestoreRound::Epoch | RestoreRound::Chain => "model",
+            RestoreRound::Epoch(_) | RestoreRound::Chain(_) => "model",
             RestoreRound::BnMoments => "bn-stats",
             RestoreRound::HeadStatistics => "head-stats",
         };
-        format!("{}/restore/{candidate}/{}/{file}.safetensors", self.shard_root(shard), round.as_str())
+        format!("{}/restore/{candidate}/{}/{file}.safetensors", self.shard_root(shard), round.name())
     }
 
     /// The model after `candidate`'s restoration round `round` (the last round writes
     /// [`ArtifactLayout::restored`] instead).
     pub fn restore_round(&self, candidate: &str, round: RestoreRound) -> String {
-        self.key(&format!("restore/{candidate}/{}/model.safetensors", round.as_str()))
+        self.key(&format!("restore/{candidate}/{}/model.safetensors", round.name()))
     }
 
     /// A merged model after restoration: what is evaluated and shipped.
@@ -150,7 +150,7 @@ mod tests {
         let finetune = Stage::Finetune { shard: "a".into() };
         let part = Stage::Restore { candidate: "data-vector".into(), round: RestoreRound::BnMoments, shard: "a".into() };
         for key in
-            [l.shard_vector("a"), l.shard_metrics("a"), l.restore_part("data-vector", RestoreRound::Epoch, "a"), l.provenance(&finetune), l.lease(&finetune), l.provenance(&part), l.lease(&part)]
+            [l.shard_vector("a"), l.shard_metrics("a"), l.restore_part("data-vector", RestoreRound::Epoch(1), "a"), l.provenance(&finetune), l.lease(&finetune), l.provenance(&part), l.lease(&part)]
         {
             assert!(key.starts_with(&own), "{key} is outside {own}");
         }

@@ -129,6 +129,8 @@ pub const TIES_DENSITY: Limit<f64> = Limit { field: "merge.tiesDensity", min: 0.
 pub const DARE_DROP_RATE: Limit<f64> = Limit::closed("merge.dareDropRate", 0.0, 0.99);
 /// `restore.learningRate`.
 pub const RESTORE_LEARNING_RATE: Limit<f64> = Limit::above("restore.learningRate", 0.0);
+/// `restore.epochs`: each round is an epoch on every hospital, so a handful at most.
+pub const RESTORE_EPOCHS: Limit<u32> = Limit::closed("restore.epochs", 1, 10);
 /// `evaluation.operatingPoint`: a probability.
 pub const OPERATING_POINT: Limit<f64> = Limit::closed("evaluation.operatingPoint", 0.0, 1.0);
 /// `evaluation.explainImages`.
@@ -177,6 +179,7 @@ pub fn all() -> Vec<Bounds> {
         TIES_DENSITY.bounds(),
         DARE_DROP_RATE.bounds(),
         RESTORE_LEARNING_RATE.bounds(),
+        RESTORE_EPOCHS.bounds(),
         OPERATING_POINT.bounds(),
         EXPLAIN_IMAGES.bounds(),
     ]

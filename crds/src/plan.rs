@@ -79,8 +79,8 @@ impl Stage {
             Stage::Collect { shard } => format!("collect-{shard}"),
             Stage::FullTraining => "full-training".into(),
             Stage::Merge { candidate } => format!("merge-{candidate}"),
-            Stage::Restore { candidate, round, shard } => format!("restore-{candidate}-{}-{shard}", round.as_str()),
-            Stage::RestoreCombine { candidate, round: Some(round) } => format!("restore-{candidate}-{}", round.as_str()),
+            Stage::Restore { candidate, round, shard } => format!("restore-{candidate}-{}-{shard}", round.name()),
+            Stage::RestoreCombine { candidate, round: Some(round) } => format!("restore-{candidate}-{}", round.name()),
             Stage::RestoreCombine { candidate, round: None } => format!("restore-{candidate}"),
             Stage::Evaluate => "evaluate".into(),
         }
@@ -193,7 +193,7 @@ impl StagePlan {
                     let mut reads = vec![layout.base()];
                     reads.extend(vectors.iter().cloned());
                     stages.push(PlannedStage { stage: Stage::Merge { candidate: c.id.clone() }, reads, writes: vec![layout.merged(&c.id)] });
-                    stages.extend(restore_stages(&spec.restore.mode.rounds_for(spec.model.multi_label), &c.id, &restoring_shards, layout));
+                    stages.extend(restore_stages(&spec.restore.rounds(spec.model.multi_label), &c.id, &restoring_shards, layout));
                     eval_reads.push(layout.restored(&c.id));
                 }
             }
@@ -237,7 +237,7 @@ fn restore_stages(rounds: &[RestoreRound], candidate: &str, shards: &[&str], lay
         let mut previous = input.clone();
         for s in shards {
             let part = layout.restore_part(candidate, round, s);
-            let reads = if round == RestoreRound::Chain { vec![previous.clone()] } else { vec![input.clone()] };
+            let reads = if matches!(round, RestoreRound::Chain(_)) { vec![previous.clone()] } else { vec![input.clone()] };
             stages.push(PlannedStage { stage: Stage::Restore { candidate: candidate.into(), round, shard: (*s).into() }, reads, writes: vec![part.clone()] });
             previous = part.clone();
             combine_reads.push(part);
@@ -255,15 +255,15 @@ mod tests {
     #[test]
     fn restoration_stages_name_their_starting_model_parts_and_output() {
         let layout = ArtifactLayout::new("runs", "ns", "mj", 1);
-        let stages = restore_stages(&[RestoreRound::Epoch, RestoreRound::BnMoments], "dv", &["a", "b"], &layout);
+        let stages = restore_stages(&[RestoreRound::Epoch(1), RestoreRound::BnMoments], "dv", &["a", "b"], &layout);
         let part_a = &stages[0];
-        assert_eq!((part_a.model_input(), part_a.restore_output()), (Some(layout.merged("dv").as_str()), Some(layout.restore_part("dv", RestoreRound::Epoch, "a").as_str())));
+        assert_eq!((part_a.model_input(), part_a.restore_output()), (Some(layout.merged("dv").as_str()), Some(layout.restore_part("dv", RestoreRound::Epoch(1), "a").as_str())));
         let combine = &stages[2];
         assert_eq!(combine.model_input(), Some(layout.merged("dv").as_str()));
-        assert_eq!(combine.shard_parts(), [layout.restore_part("dv", RestoreRound::Epoch, "a"), layout.restore_part("dv", RestoreRound::Epoch, "b")]);
+        assert_eq!(combine.shard_parts(), [layout.restore_part("dv", RestoreRound::Epoch(1), "a"), layout.restore_part("dv", RestoreRound::Epoch(1), "b")]);
         assert_eq!(stages[3].model_input(), combine.restore_output(), "the next round starts from this round's model");
         assert_eq!(stages.last().unwrap().restore_output(), Some(layout.restored("dv").as_str()));
-        let chain = restore_stages(&[RestoreRound::Chain], "dv", &["a", "b"], &layout);
+        let chain = restore_stages(&[RestoreRound::Chain(1)], "dv", &["a", "b"], &layout);
         assert_eq!(chain[1].model_input(), chain[0].restore_output(), "a chain's next shard starts from the previous part");
         let init = PlannedStage { stage: Stage::Init, reads: vec![], writes: vec![layout.base()] };
         assert_eq!((init.model_input(), init.shard_parts().len(), init.restore_output()), (None, 0, None));
@@ -288,7 +288,7 @@ mod tests {
                 .collect(),
             training: TrainingSpec::default(),
             merge: MergeSpec { baselines, ..MergeSpec::default() },
-            restore: RestoreSpec { mode, learning_rate: None },
+            restore: RestoreSpec { mode, ..RestoreSpec::default() },
             evaluation: EvaluationSpec::on(DataSource::at("test")),
             storage: StorageSpec::default(),
             cluster: ClusterSpec::default(),
@@ -358,8 +358,8 @@ mod tests {
     fn finetune_epoch_restoration_chains_shard_after_shard() {
         let l = layout();
         let plan = StagePlan::new(&spec(&[("a", false), ("b", false)], RestoreMode::FinetuneEpoch, vec![]), &l);
-        let step_b = plan.stages.iter().find(|p| p.stage == Stage::Restore { candidate: "data-vector".into(), round: RestoreRound::Chain, shard: "b".into() }).unwrap();
-        assert_eq!(step_b.reads, vec![l.restore_part("data-vector", RestoreRound::Chain, "a")]);
+        let step_b = plan.stages.iter().find(|p| p.stage == Stage::Restore { candidate: "data-vector".into(), round: RestoreRound::Chain(1), shard: "b".into() }).unwrap();
+        assert_eq!(step_b.reads, vec![l.restore_part("data-vector", RestoreRound::Chain(1), "a")]);
     }
 
     #[test]
@@ -369,8 +369,8 @@ mod tests {
         let c = "data-vector";
         let mut done = BTreeSet::from([l.merged(c)]);
         for (round, input, output) in [
-            (RestoreRound::Epoch, l.merged(c), l.restore_round(c, RestoreRound::Epoch)),
-            (RestoreRound::BnMoments, l.restore_round(c, RestoreRound::Epoch), l.restore_round(c, RestoreRound::BnMoments)),
+            (RestoreRound::Epoch(1), l.merged(c), l.restore_round(c, RestoreRound::Epoch(1))),
+            (RestoreRound::BnMoments, l.restore_round(c, RestoreRound::Epoch(1)), l.restore_round(c, RestoreRound::BnMoments)),
             (RestoreRound::HeadStatistics, l.restore_round(c, RestoreRound::BnMoments), l.restored(c)),
         ] {
             let ready: Vec<_> = plan.ready(&done).into_iter().filter(|p| matches!(p.stage, Stage::Restore { .. })).cloned().collect();
@@ -382,6 +382,30 @@ mod tests {
             assert_eq!(combine.writes, vec![output.clone()]);
             done.insert(output);
         }
+    }
+
+    #[test]
+    fn a_second_restoration_epoch_is_its_own_round_that_starts_from_the_first() {
+        let l = layout();
+        let mut two = spec(&[("a", false), ("b", false)], RestoreMode::AveragedEpochHead, vec![]);
+        two.restore.epochs = 2;
+        let plan = StagePlan::new(&two, &l);
+        let c = "data-vector";
+        let first = l.restore_part(c, RestoreRound::Epoch(1), "a");
+        let second = plan.stages.iter().find(|p| p.stage == Stage::Restore { candidate: c.into(), round: RestoreRound::Epoch(2), shard: "a".into() }).expect("a second epoch for shard a");
+        assert_ne!(second.writes, vec![first], "the second epoch keeps the first's part");
+        assert_eq!(second.reads, vec![l.restore_round(c, RestoreRound::Epoch(1))], "it starts from the first epoch's average");
+        let bn = plan.stages.iter().find(|p| p.stage == Stage::Restore { candidate: c.into(), round: RestoreRound::BnMoments, shard: "a".into() }).unwrap();
+        assert_eq!(bn.reads, vec![l.restore_round(c, RestoreRound::Epoch(2))]);
+        assert_eq!(l.restore_part(c, RestoreRound::Epoch(1), "a"), layout().restore_part(c, RestoreRound::Epoch(1), "a"));
+        assert!(l.restore_part(c, RestoreRound::Epoch(1), "a").contains("/epoch/"), "one-epoch runs keep their keys");
+        let keys = plan.keys();
+        assert_eq!(keys.len(), keys.iter().collect::<BTreeSet<_>>().len());
+        let mut chain = spec(&[("a", false), ("b", false)], RestoreMode::FinetuneEpoch, vec![]);
+        chain.restore.epochs = 2;
+        let plan = StagePlan::new(&chain, &l);
+        let pass_two_a = plan.stages.iter().find(|p| p.stage == Stage::Restore { candidate: c.into(), round: RestoreRound::Chain(2), shard: "a".into() }).unwrap();
+        assert_eq!(pass_two_a.reads, vec![l.restore_round(c, RestoreRound::Chain(1))], "the second pass starts from the end of the first");
     }
 
     #[test]

@@ -98,12 +98,13 @@ mod tests {
         cleanup.storage.cleanup = crate::CleanupPolicy::Delete;
         cleanup.storage.s3.as_mut().unwrap().credentials_secret = Some("s3".into());
         assert_eq!(run_key(&cleanup), base);
+        assert_eq!(run_key(&spec("restore: {epochs: 1}")), base, "a spec from before restore.epochs keeps its run");
     }
 
     #[test]
     fn edits_that_change_results_change_the_run_key() {
         let base = run_key(&spec(""));
-        for result in ["merge: {lambda: 0.5}", "training: {epochs: 7}", "restore: {mode: bnRecalibrate}", "cluster: {image: 'registry.local/trainer:0.2.0'}"] {
+        for result in ["merge: {lambda: 0.5}", "training: {epochs: 7}", "restore: {mode: bnRecalibrate}", "restore: {epochs: 2}", "cluster: {image: 'registry.local/trainer:0.2.0'}"] {
             assert_ne!(run_key(&spec(result)), base, "{result}");
         }
         let mut bucket = spec("");

@@ -545,11 +545,51 @@ pub struct RestoreSpec {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = limits::RESTORE_LEARNING_RATE.min), extend("exclusiveMinimum" = limits::RESTORE_LEARNING_RATE.min_exclusive))]
     pub learning_rate: Option<f64>,
+    /// Training rounds of the modes that train: averaged epochs one after another
+    /// (averagedEpoch, averagedEpochHead), or passes along the chain (finetuneEpoch). Each
+    /// round costs every hospital one epoch on its own data.
+    #[serde(skip_serializing_if = "is_one_epoch")]
+    #[schemars(range(min = limits::RESTORE_EPOCHS.min, max = limits::RESTORE_EPOCHS.max))]
+    pub epochs: u32,
+}
+
+// One epoch is left out of the serialised spec, so that the run key of a spec written before
+// `restore.epochs` existed stays the same (an operator upgrade does not start new runs).
+fn is_one_epoch(epochs: &u32) -> bool {
+    *epochs == 1
 }
 
 impl Default for RestoreSpec {
     fn default() -> Self {
-        RestoreSpec { mode: RestoreMode::AveragedEpochHead, learning_rate: None }
+        RestoreSpec { mode: RestoreMode::AveragedEpochHead, learning_rate: None, epochs: 1 }
+    }
+}
+
+impl RestoreSpec {
+    /// How the restoration reads in reports: the mode, with the epochs when there are several
+    /// (`averaged-epoch-head ×2`).
+    pub fn label(&self) -> String {
+        match self.epochs {
+            n if n > 1 && self.mode.trains() => format!("{} ×{n}", self.mode.as_str()),
+            _ => self.mode.as_str().to_string(),
+        }
+    }
+
+    /// The rounds this restoration runs, in order, for a model that is multi-label or not:
+    /// the mode's rounds with its training round repeated `epochs` times; multi-label models
+    /// skip the head round (the closed-form head needs one class per image).
+    pub fn rounds(&self, multi_label: bool) -> Vec<RestoreRound> {
+        use RestoreRound::*;
+        let training = |round: fn(u32) -> RestoreRound| (1..=self.epochs.max(1)).map(round).collect::<Vec<_>>();
+        let rounds = match self.mode {
+            RestoreMode::BnRecalibrate => vec![BnMoments],
+            RestoreMode::ClosedFormHead => vec![BnMoments, HeadStatistics],
+            RestoreMode::AveragedEpoch => [training(Epoch), vec![BnMoments]].concat(),
+            RestoreMode::AveragedEpochHead => [training(Epoch), vec![BnMoments, HeadStatistics]].concat(),
+            RestoreMode::FinetuneEpoch => training(Chain),
+            RestoreMode::None => vec![],
+        };
+        rounds.into_iter().filter(|r| !(multi_label && *r == HeadStatistics)).collect()
     }
 }
 
@@ -582,28 +622,43 @@ pub enum RestoreMode {
 }
 
 /// One round of a restoration: what each shard computes from the round's input model, and what
-/// the coordinator combines it into.
+/// the coordinator combines it into. Training rounds carry their number (from 1) because
+/// `restore.epochs` repeats them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum RestoreRound {
     /// Every shard trains one epoch from the input; the models are averaged.
-    Epoch,
+    Epoch(u32),
     /// Every shard reports batch-norm input moments; they set the running statistics.
     BnMoments,
     /// Every shard reports per-class feature statistics; they fit the classification head.
     HeadStatistics,
     /// Shard after shard, one epoch each, the model passed along (the paper's chain).
-    Chain,
+    Chain(u32),
 }
 
 impl RestoreRound {
-    /// kebab-case name used in stage names and artifact keys.
-    pub fn as_str(self) -> &'static str {
+    /// kebab-case name of the round's kind (`epoch`, `bn`, `head`, `chain`).
+    pub fn kind(self) -> &'static str {
         match self {
-            RestoreRound::Epoch => "epoch",
+            RestoreRound::Epoch(_) => "epoch",
             RestoreRound::BnMoments => "bn",
             RestoreRound::HeadStatistics => "head",
-            RestoreRound::Chain => "chain",
+            RestoreRound::Chain(_) => "chain",
         }
+    }
+
+    /// Name used in stage names and artifact keys: the kind, numbered from the second training
+    /// round on (`epoch`, `epoch-2`), so one-epoch runs keep the keys they always had.
+    pub fn name(self) -> String {
+        match self {
+            RestoreRound::Epoch(n) | RestoreRound::Chain(n) if n > 1 => format!("{}-{n}", self.kind()),
+            _ => self.kind().to_string(),
+        }
+    }
+
+    /// Whether shards train in this round (and so use `restore.learningRate`).
+    pub fn trains(self) -> bool {
+        matches!(self, RestoreRound::Epoch(_) | RestoreRound::Chain(_))
     }
 }
 
@@ -628,28 +683,9 @@ impl RestoreMode {
         Self::ALL.into_iter().find(|m| m.as_str() == name)
     }
 
-    /// The rounds this mode runs, in order.
-    pub fn rounds(self) -> &'static [RestoreRound] {
-        use RestoreRound::*;
-        match self {
-            RestoreMode::BnRecalibrate => &[BnMoments],
-            RestoreMode::ClosedFormHead => &[BnMoments, HeadStatistics],
-            RestoreMode::AveragedEpoch => &[Epoch, BnMoments],
-            RestoreMode::AveragedEpochHead => &[Epoch, BnMoments, HeadStatistics],
-            RestoreMode::FinetuneEpoch => &[Chain],
-            RestoreMode::None => &[],
-        }
-    }
-
-    /// The rounds for a model that is multi-label or not: multi-label models skip the head round
-    /// (the closed-form head needs one class per image).
-    pub fn rounds_for(self, multi_label: bool) -> Vec<RestoreRound> {
-        self.rounds().iter().copied().filter(|r| !(multi_label && *r == RestoreRound::HeadStatistics)).collect()
-    }
-
-    /// Whether any round trains (and so uses `restore.learningRate`).
+    /// Whether any round trains (and so uses `restore.learningRate` and `restore.epochs`).
     pub fn trains(self) -> bool {
-        self.rounds().iter().any(|r| matches!(r, RestoreRound::Epoch | RestoreRound::Chain))
+        RestoreSpec { mode: self, ..RestoreSpec::default() }.rounds(false).iter().any(|r| r.trains())
     }
 }
 

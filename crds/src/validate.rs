@@ -66,6 +66,10 @@ pub fn validate(spec: &MergeJobSpec) -> Result<(), Vec<SpecError>> {
         errors.push(err("restore.mode", format!("{} needs at least one shard with data; use none", spec.restore.mode.as_str())));
     }
     errors.extend(limits::RESTORE_LEARNING_RATE.check_optional(spec.restore.learning_rate));
+    errors.extend(limits::RESTORE_EPOCHS.check(spec.restore.epochs));
+    if spec.restore.epochs > 1 && !spec.restore.mode.trains() {
+        errors.push(err("restore.epochs", format!("{} trains no epoch; epochs > 1 needs averagedEpoch, averagedEpochHead or finetuneEpoch", spec.restore.mode.as_str())));
+    }
     if mg.baselines.contains(&Baseline::FullTraining) && with_data != spec.shards.len() {
         errors.push(err("merge.baselines", "fullTraining needs the data of every shard; external shards have none here"));
     }
@@ -320,6 +324,11 @@ evaluation: {data: {path: test}}
             ("merge.lambda", |s| s.merge.lambda = -1.0),
             ("merge.tiesDensity", |s| s.merge.ties_density = 0.0),
             ("merge.dareDropRate", |s| s.merge.dare_drop_rate = 1.0),
+            ("restore.epochs", |s| s.restore.epochs = 0),
+            ("restore.epochs", |s| {
+                s.restore.mode = RestoreMode::BnRecalibrate;
+                s.restore.epochs = 2
+            }),
             ("model.weights", |s| s.model.architecture = Architecture::Resnet50),
             ("model.weightsPath", |s| s.model.weights = WeightsSource::File),
             ("model.imageSize", |s| s.model.image_size = 8),

@@ -462,7 +462,7 @@ spec:
         };
         let a = |shard: &str| shard.to_string();
         assert_eq!(identity(Stage::Finetune { shard: a("hospital-a") }), ["hospital-a-bucket", "hospital-a-bucket"]);
-        assert_eq!(identity(Stage::Restore { candidate: "data-vector".into(), round: RestoreRound::Epoch, shard: a("hospital-a") }), ["hospital-a-bucket", "hospital-a-bucket"]);
+        assert_eq!(identity(Stage::Restore { candidate: "data-vector".into(), round: RestoreRound::Epoch(1), shard: a("hospital-a") }), ["hospital-a-bucket", "hospital-a-bucket"]);
         // Collecting a hospital's upload, and everything not a shard's own, is the coordinator's.
         for stage in [Stage::Collect { shard: a("hospital-a") }, Stage::Merge { candidate: "data-vector".into() }, Stage::Evaluate, Stage::Init] {
             assert_eq!(identity(stage.clone()), ["bucket-creds", "bucket-creds"], "{}", stage.name());

@@ -530,11 +530,9 @@ impl Runner {
             let (net, description) = match &c.kind {
                 CandidateKind::Merged(m) => {
                     let lambda = if *m == medmerge_crds::MergeMethod::ParamsMean { String::new() } else { format!(" λ={}", spec.merge.lambda) };
-                    (Network::load(&self.path(&l.restored(&c.id)), self.device)?, format!("{}{lambda} + {}", m.as_str(), spec.restore.mode.as_str()))
+                    (Network::load(&self.path(&l.restored(&c.id)), self.device)?, format!("{}{lambda} + {}", m.as_str(), spec.restore.label()))
                 }
-                CandidateKind::PretrainedRestored => {
-                    (Network::load(&self.path(&l.restored(&c.id)), self.device)?, format!("pretrained + averaged heads + {} (no vectors)", spec.restore.mode.as_str()))
-                }
+                CandidateKind::PretrainedRestored => (Network::load(&self.path(&l.restored(&c.id)), self.device)?, format!("pretrained + averaged heads + {} (no vectors)", spec.restore.label())),
                 CandidateKind::ShardModel(s) => {
                     let v = ShardVector { shard: s.clone(), path: self.path(&l.shard_vector(s)) };
                     (shard_model(&base, &v, self.device)?, format!("shard {s} alone"))

@@ -82,18 +82,21 @@ fn finetune_epoch_restoration_chains_through_every_shard() {
 
 #[test]
 fn every_parallel_restoration_mode_runs_its_rounds_and_publishes_a_valid_model() {
-    for (mode, parts) in [
-        ("closedFormHead", &["bn/h0/bn-stats", "head/h1/head-stats"][..]),
-        ("averagedEpoch", &["epoch/h0/model", "epoch/model", "bn/h1/bn-stats"][..]),
-        ("averagedEpochHead", &["epoch/h1/model", "bn/model", "head/h0/head-stats"][..]),
+    for (mode, epochs, parts) in [
+        ("closedFormHead", 1, &["bn/h0/bn-stats", "head/h1/head-stats"][..]),
+        ("averagedEpoch", 1, &["epoch/h0/model", "epoch/model", "bn/h1/bn-stats"][..]),
+        ("averagedEpochHead", 1, &["epoch/h1/model", "bn/model", "head/h0/head-stats"][..]),
+        ("averagedEpochHead", 2, &["epoch/h0/model", "epoch/model", "epoch-2/h0/model", "epoch-2/h1/model", "epoch-2/model", "head/h1/head-stats"][..]),
     ] {
         let dir = tempfile::tempdir().unwrap();
-        let job = write_job(dir.path(), &format!("  restore: {{mode: {mode}}}\n  merge: {{baselines: []}}\n"), 2);
+        let job = write_job(dir.path(), &format!("  restore: {{mode: {mode}, epochs: {epochs}}}\n  merge: {{baselines: []}}\n"), 2);
         let report = Runner::new(Job::load(&job).unwrap(), Device::Cpu).unwrap().run().unwrap();
-        assert!(report.candidates[0].description.contains(&medmerge_crds::RestoreMode::parse(&kebab(mode)).unwrap().as_str().to_string()), "{mode}");
+        let description = &report.candidates[0].description;
+        assert!(description.contains(medmerge_crds::RestoreMode::parse(&kebab(mode)).unwrap().as_str()), "{mode}: {description}");
+        assert_eq!(description.contains("×2"), epochs == 2, "{description}");
         let run = dir.path().join("out/runs/local/tiny/g1");
         for part in parts {
-            assert!(run.join(restore_key(part)).exists(), "{mode}: {part}");
+            assert!(run.join(restore_key(part)).exists(), "{mode} × {epochs}: {part}");
         }
         let restored = medmerge_trainer::model::Network::load(&run.join("restored/data-vector/model.safetensors"), Device::Cpu).unwrap();
         restored.check_valid().unwrap();

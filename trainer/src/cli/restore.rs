@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use medmerge_crds::{RestoreMode, TrainingSpec};
+use medmerge_crds::{limits, RestoreMode, RestoreSpec, TrainingSpec};
 use medmerge_trainer::data::Dataset;
 use medmerge_trainer::model::Network;
 use medmerge_trainer::restore::rounds::restore_in_process;
@@ -31,7 +31,12 @@ pub struct Args {
     /// Output model.
     #[arg(long)]
     out: PathBuf,
-    /// Training settings of the modes that train (one epoch per shard; --epochs is ignored).
+    /// Training rounds of the modes that train (restore.epochs): averaged epochs or passes
+    /// along the chain.
+    #[arg(long, default_value_t = RestoreSpec::default().epochs)]
+    restore_epochs: u32,
+    /// Training settings of the modes that train (one epoch per shard and round; --epochs is
+    /// ignored).
     #[command(flatten)]
     training: TrainingArgs,
 }
@@ -40,6 +45,9 @@ pub struct Args {
 pub fn run(a: Args, dev: Device) -> anyhow::Result<()> {
     let modes: Vec<&str> = RestoreMode::ALL.iter().map(|m| m.as_str()).collect();
     let mode = RestoreMode::parse(&a.mode).with_context(|| format!("--mode {}: expected one of {}", a.mode, modes.join(", ")))?;
+    if let Some(e) = limits::RESTORE_EPOCHS.check(a.restore_epochs) {
+        anyhow::bail!("--restore-epochs: {e}");
+    }
     if !a.stats.is_empty() {
         anyhow::ensure!(mode == RestoreMode::BnRecalibrate && a.data.is_empty(), "--stats goes with --mode bn-recalibrate and no --data");
         let net = Network::load(&a.model, dev)?;
@@ -55,7 +63,8 @@ pub fn run(a: Args, dev: Device) -> anyhow::Result<()> {
         work.push(".parts");
         let work = PathBuf::from(work);
         let training = TrainingSpec { epochs: 1, validation_fraction: 0.0, ..a.training.spec()? };
-        let result = restore_in_process(mode, &a.model, &shards, &training, dev, &work, &a.out);
+        let restore = RestoreSpec { mode, epochs: a.restore_epochs, ..RestoreSpec::default() };
+        let result = restore_in_process(&restore, &a.model, &shards, &training, dev, &work, &a.out);
         let _ = std::fs::remove_dir_all(&work);
         result.with_context(|| format!("restoring {} ({})", a.model.display(), mode.as_str()))?;
     }

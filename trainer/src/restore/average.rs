@@ -13,7 +13,7 @@ use crate::st::MappedFile;
 /// The image-weighted mean of `models` (same architecture, classes and size); shards that report
 /// no images count as one. Returns the mean model on `device`.
 pub fn average_models(models: &[PathBuf], device: Device) -> Result<Network, RestoreError> {
-    let first = models.first().ok_or(RestoreError::NoParts { round: medmerge_crds::RestoreRound::Epoch.as_str() })?;
+    let first = models.first().ok_or(RestoreError::NoParts { round: medmerge_crds::RestoreRound::Epoch(1).kind() })?;
     let net = Network::load(first, device)?;
     let mut files = Vec::new();
     let mut weights = Vec::new();

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use medmerge_crds::{RestoreMode, RestoreRound, RestoreSpec, TrainingSpec};
+use medmerge_crds::{RestoreRound, RestoreSpec, TrainingSpec};
 use tch::Device;
 
 use super::{average, head, moments, RestoreError};
@@ -29,7 +29,7 @@ pub fn shard_part(round: RestoreRound, input: &Path, data: &Dataset, shard: &str
     let meta = ArtifactMeta { shard: Some(shard.into()), ..model_meta(input)? };
     let batch = training.batch_size as usize;
     match round {
-        RestoreRound::Epoch | RestoreRound::Chain => {
+        RestoreRound::Epoch(_) | RestoreRound::Chain(_) => {
             let report = crate::train::train(&mut net, data, training, device, &format!("restore on {shard}"))?;
             net.check_valid()?;
             net.save(out, &ArtifactMeta { class_counts: report.class_counts, ..meta })?;
@@ -45,11 +45,11 @@ pub fn shard_part(round: RestoreRound, input: &Path, data: &Dataset, shard: &str
 pub fn combine(round: RestoreRound, input: &Path, parts: &[PathBuf], device: Device, out: &Path) -> Result<(), RestoreError> {
     let meta = model_meta(input)?;
     let net = match round {
-        RestoreRound::Chain => {
+        RestoreRound::Chain(_) => {
             let last = parts.last().unwrap_or(&input.to_path_buf()).clone();
             Network::load(&last, device)?
         }
-        RestoreRound::Epoch => average::average_models(parts, device)?,
+        RestoreRound::Epoch(_) => average::average_models(parts, device)?,
         RestoreRound::BnMoments => {
             let net = Network::load(input, device)?;
             let loaded = parts.iter().map(|p| moments::load_moments(p)).collect::<Result<Vec<_>, _>>()?;
@@ -69,14 +69,14 @@ pub fn combine(round: RestoreRound, input: &Path, parts: &[PathBuf], device: Dev
     Ok(())
 }
 
-/// Runs every round of `mode` on `input` over `shards` (name, images) one after another in this
+/// Runs every round of `restore` on `input` over `shards` (name, images) one after another in this
 /// process, keeping the parts in `work`; writes the restored model to `out`.
-pub fn restore_in_process(mode: RestoreMode, input: &Path, shards: &[(String, Dataset)], training: &TrainingSpec, device: Device, work: &Path, out: &Path) -> Result<(), RestoreError> {
+pub fn restore_in_process(restore: &RestoreSpec, input: &Path, shards: &[(String, Dataset)], training: &TrainingSpec, device: Device, work: &Path, out: &Path) -> Result<(), RestoreError> {
     std::fs::create_dir_all(work).map_err(|source| StError::Write { path: work.into(), source })?;
     let mut current = input.to_path_buf();
     let rounds = {
         let net = Network::load(input, device)?;
-        let rounds = mode.rounds_for(net.multi_label);
+        let rounds = restore.rounds(net.multi_label);
         if rounds.is_empty() {
             // Published as it is: checked here, as every round's output is.
             net.check_valid()?;
@@ -86,12 +86,12 @@ pub fn restore_in_process(mode: RestoreMode, input: &Path, shards: &[(String, Da
     for round in rounds {
         let mut parts = Vec::new();
         for (name, data) in shards {
-            let from = if round == RestoreRound::Chain { parts.last().unwrap_or(&current).clone() } else { current.clone() };
-            let part = work.join(format!("{}-{name}.safetensors", round.as_str()));
+            let from = if matches!(round, RestoreRound::Chain(_)) { parts.last().unwrap_or(&current).clone() } else { current.clone() };
+            let part = work.join(format!("{}-{name}.safetensors", round.name()));
             shard_part(round, &from, data, name, training, device, &part)?;
             parts.push(part);
         }
-        let next = work.join(format!("{}.safetensors", round.as_str()));
+        let next = work.join(format!("{}.safetensors", round.name()));
         combine(round, &current, &parts, device, &next)?;
         current = next;
     }

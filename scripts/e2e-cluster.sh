@@ -12,7 +12,7 @@ share="$(bash scripts/install-on-node.sh)"
 export MEDMERGE_E2E_TRAINER_IMAGE=localhost/medmerge/trainer:dev-cpu MEDMERGE_E2E_ARTIFACTS_SHARE="$share"
 status=0
 # E2E_FILTER runs some scenarios only (a test-name substring).
-cargo test -q -p medmerge-operator --test cluster -- --ignored --test-threads=1 ${E2E_FILTER:-} || status=$?
+cargo test -q -p medmerge-tests --test cluster -- --ignored --test-threads=1 ${E2E_FILTER:-} || status=$?
 if [ "$status" -ne 0 ]; then
   echo "e2e-cluster: failed; the operator's log:" >&2
   kubectl -n medmerge logs deployment/medmerge --tail=40 >&2 || true

@@ -52,3 +52,33 @@ fn draw(class: usize, size: u32, noise: i16, rng: &mut StdRng) -> RgbImage {
     }
     img
 }
+
+/// A tiny MergeJob for tests and first tries: ResNet-18 from random weights at 32 px over
+/// generated images (3 classes, 24 per class) cut into `shards` equal hospitals and a test
+/// set, two training epochs, its spec extended by `extra_spec` (YAML lines indented under
+/// `spec:`) and storing artifacts in `storage` (a YAML flow mapping, e.g. `{local: {path: out}}`).
+/// Writes the images, manifests (`s<i>.csv`, `test.csv`) and `job.yaml` into `dir`; returns the
+/// job's path.
+pub fn tiny_job(dir: &Path, extra_spec: &str, shards: usize, storage: &str) -> anyhow::Result<std::path::PathBuf> {
+    let data = dir.join("images");
+    generate(&data, 3, 24, 32, 7)?;
+    let ds = crate::data::Dataset::open(&data, None)?;
+    let s = crate::split::split(&ds, shards, 0.25, 1, &crate::split::Skew::Equal);
+    ds.subset(&s.test).write_manifest(&dir.join("test.csv"))?;
+    let mut shard_yaml = String::new();
+    for (i, idx) in s.shards.iter().enumerate() {
+        ds.subset(idx).write_manifest(&dir.join(format!("s{i}.csv")))?;
+        shard_yaml.push_str(&format!("    - {{name: h{i}, data: {{path: s{i}.csv}}}}\n"));
+    }
+    let yaml = format!(
+        "apiVersion: medmerge.io/v1alpha1\nkind: MergeJob\nmetadata: {{name: tiny}}\nspec:\n  model: {{architecture: resnet18, weights: random, imageSize: 32}}\n  shards:\n{shard_yaml}  training: {{epochs: 2, batchSize: 8, learningRate: 0.001}}\n  evaluation: {{data: {{path: test.csv}}}}\n  storage: {storage}\n{extra_spec}"
+    );
+    let job = dir.join("job.yaml");
+    std::fs::write(&job, yaml)?;
+    Ok(job)
+}
+
+/// [`tiny_job`] storing artifacts on the local disk, under `dir/out`.
+pub fn tiny_local_job(dir: &Path, extra_spec: &str, shards: usize) -> anyhow::Result<std::path::PathBuf> {
+    tiny_job(dir, extra_spec, shards, "{local: {path: out}}")
+}

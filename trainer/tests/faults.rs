@@ -2,8 +2,7 @@
 //! the message names the thing at fault, nothing outside the store is written, and every
 //! published artifact stays consistent (`make test`; plain `cargo test` runs them too).
 
-mod common;
-
+use medmerge_trainer::synth::tiny_local_job;
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -31,7 +30,7 @@ fn assert_consistent(store: &Path, layout: &ArtifactLayout) {
 #[test]
 fn two_runners_on_one_mergejob_end_with_one_consistent_run_or_a_clear_refusal() {
     let dir = tempfile::tempdir().unwrap();
-    let job = common::write_job(dir.path(), "  merge: {baselines: [paramsMean]}\n", 2);
+    let job = tiny_local_job(dir.path(), "  merge: {baselines: [paramsMean]}\n", 2).unwrap();
     let runners: Vec<_> = (0..2).map(|_| trainer().arg("pipeline").arg(&job).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap()).collect();
     let outputs: Vec<Output> = runners.into_iter().map(|r| r.wait_with_output().unwrap()).collect();
     for o in &outputs {
@@ -47,7 +46,7 @@ fn two_runners_on_one_mergejob_end_with_one_consistent_run_or_a_clear_refusal() 
 #[test]
 fn a_misspelt_field_or_a_wrong_kind_is_refused_naming_it_instead_of_running_with_defaults() {
     let dir = tempfile::tempdir().unwrap();
-    let job = common::write_job(dir.path(), "  merge: {lamda: 3}\n", 2);
+    let job = tiny_local_job(dir.path(), "  merge: {lamda: 3}\n", 2).unwrap();
     let yaml = std::fs::read_to_string(&job).unwrap();
     std::fs::write(&job, yaml.replace("- {name: h0,", "- {colour: red, name: h0,")).unwrap();
     let out = trainer().arg("pipeline").arg(&job).arg("--plan").output().unwrap();
@@ -100,7 +99,7 @@ fn cli_flags_follow_the_specs_rules_and_a_vector_given_twice_is_refused() {
 #[test]
 fn a_name_or_namespace_that_would_leave_the_store_is_refused_and_nothing_is_written_outside() {
     let dir = tempfile::tempdir().unwrap();
-    let job = common::write_job(dir.path(), "", 2);
+    let job = tiny_local_job(dir.path(), "", 2).unwrap();
     let yaml = std::fs::read_to_string(&job).unwrap();
     for (metadata, field) in [("{name: ../../escape}", "metadata.name \"../../escape\""), ("{name: tiny, namespace: /tmp}", "metadata.namespace \"/tmp\""), ("{name: Tiny}", "metadata.name \"Tiny\"")]
     {
@@ -118,7 +117,7 @@ fn a_name_or_namespace_that_would_leave_the_store_is_refused_and_nothing_is_writ
 #[test]
 fn a_mistyped_label_is_refused_naming_shard_file_and_line_instead_of_becoming_a_class() {
     let dir = tempfile::tempdir().unwrap();
-    let job = common::write_job(dir.path(), "", 2);
+    let job = tiny_local_job(dir.path(), "", 2).unwrap();
     let s1 = dir.path().join("s1.csv");
     let text = std::fs::read_to_string(&s1).unwrap();
     let typo = text.replacen(",disc\n", ",dsic\n", 1);

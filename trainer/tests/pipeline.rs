@@ -3,20 +3,18 @@
 
 use std::path::Path;
 
-mod common;
-
-use common::write_job;
 use medmerge_crds::results::{EvaluationResults, ShardTraining};
 use medmerge_trainer::model::Network;
 use medmerge_trainer::pipeline::{Job, Runner};
 use medmerge_trainer::synth;
+use medmerge_trainer::synth::tiny_local_job;
 use tch::Device;
 
 #[test]
 fn a_tiny_mergejob_runs_end_to_end_and_reports_every_candidate() {
     tch::set_num_threads(2);
     let dir = tempfile::tempdir().unwrap();
-    let job = write_job(dir.path(), "  merge: {baselines: [paramsMean, randomVector, ties, dare, shardModels, pretrainedRestored, fullTraining]}\n", 3);
+    let job = tiny_local_job(dir.path(), "  merge: {baselines: [paramsMean, randomVector, ties, dare, shardModels, pretrainedRestored, fullTraining]}\n", 3).unwrap();
     let report = Runner::new(Job::load(&job).unwrap(), Device::Cpu).unwrap().run().unwrap();
     let ids: Vec<&str> = report.candidates.iter().map(|c| c.id.as_str()).collect();
     assert_eq!(ids, ["data-vector", "params-mean", "random-vector", "ties", "dare", "shard-h0", "shard-h1", "shard-h2", "pretrained-restored", "full-training"]);
@@ -72,7 +70,7 @@ fn a_tiny_mergejob_runs_end_to_end_and_reports_every_candidate() {
 #[test]
 fn finetune_epoch_restoration_chains_through_every_shard() {
     let dir = tempfile::tempdir().unwrap();
-    let job = write_job(dir.path(), "  restore: {mode: finetuneEpoch}\n  merge: {baselines: []}\n", 2);
+    let job = tiny_local_job(dir.path(), "  restore: {mode: finetuneEpoch}\n  merge: {baselines: []}\n", 2).unwrap();
     let report = Runner::new(Job::load(&job).unwrap(), Device::Cpu).unwrap().run().unwrap();
     assert_eq!(report.candidates.len(), 1);
     let run = dir.path().join("out/runs/local/tiny/g1");
@@ -89,7 +87,7 @@ fn every_parallel_restoration_mode_runs_its_rounds_and_publishes_a_valid_model()
         ("averagedEpochHead", 2, &["epoch/h0/model", "epoch/model", "epoch-2/h0/model", "epoch-2/h1/model", "epoch-2/model", "head/h1/head-stats"][..]),
     ] {
         let dir = tempfile::tempdir().unwrap();
-        let job = write_job(dir.path(), &format!("  restore: {{mode: {mode}, epochs: {epochs}}}\n  merge: {{baselines: []}}\n"), 2);
+        let job = tiny_local_job(dir.path(), &format!("  restore: {{mode: {mode}, epochs: {epochs}}}\n  merge: {{baselines: []}}\n"), 2).unwrap();
         let report = Runner::new(Job::load(&job).unwrap(), Device::Cpu).unwrap().run().unwrap();
         let description = &report.candidates[0].description;
         assert!(description.contains(medmerge_crds::RestoreMode::parse(&kebab(mode)).unwrap().as_str()), "{mode}: {description}");
@@ -110,7 +108,7 @@ fn kebab(camel: &str) -> String {
 #[test]
 fn a_corrupt_image_fails_its_shard_by_name_and_keeps_earlier_artifacts() {
     let dir = tempfile::tempdir().unwrap();
-    let job = write_job(dir.path(), "  merge: {baselines: []}\n", 2);
+    let job = tiny_local_job(dir.path(), "  merge: {baselines: []}\n", 2).unwrap();
     let manifest = std::fs::read_to_string(dir.path().join("s1.csv")).unwrap();
     let victim = manifest.lines().nth(1).unwrap().rsplit_once(',').unwrap().0.to_string();
     std::fs::write(&victim, b"this is not a png").unwrap();
@@ -128,7 +126,7 @@ fn a_corrupt_image_fails_its_shard_by_name_and_keeps_earlier_artifacts() {
 #[test]
 fn an_invalid_job_lists_every_bad_field() {
     let dir = tempfile::tempdir().unwrap();
-    let job = write_job(dir.path(), "  merge: {lambda: 9}\n", 2);
+    let job = tiny_local_job(dir.path(), "  merge: {lambda: 9}\n", 2).unwrap();
     let text = std::fs::read_to_string(&job).unwrap().replace("batchSize: 8", "batchSize: 0");
     std::fs::write(&job, text).unwrap();
     let msg = format!("{:#}", Job::load(&job).err().unwrap());
@@ -138,7 +136,7 @@ fn an_invalid_job_lists_every_bad_field() {
 #[test]
 fn missing_imagenet_weights_are_named_with_a_fix() {
     let dir = tempfile::tempdir().unwrap();
-    let job = write_job(dir.path(), "  merge: {baselines: []}\n", 2);
+    let job = tiny_local_job(dir.path(), "  merge: {baselines: []}\n", 2).unwrap();
     let text = std::fs::read_to_string(&job).unwrap().replace("architecture: resnet18, weights: random", "architecture: resnet18, weights: file, weightsPath: nowhere.safetensors");
     std::fs::write(&job, text).unwrap();
     let msg = format!("{:#}", Runner::new(Job::load(&job).unwrap(), Device::Cpu).unwrap().run().unwrap_err());
@@ -194,7 +192,7 @@ fn a_multi_label_mergejob_trains_with_bce_and_reports_per_label_auroc() {
 #[test]
 fn stages_run_one_at_a_time_and_refuse_to_run_early() {
     let dir = tempfile::tempdir().unwrap();
-    let job = write_job(dir.path(), "  merge: {baselines: []}\n", 2);
+    let job = tiny_local_job(dir.path(), "  merge: {baselines: []}\n", 2).unwrap();
     let runner = Runner::new(Job::load(&job).unwrap(), Device::Cpu).unwrap();
     let early = format!("{:#}", runner.run_stage("merge-data-vector").unwrap_err());
     assert!(early.contains("cannot run yet") && early.contains("base/model.safetensors"), "{early}");
@@ -211,7 +209,7 @@ fn stages_run_one_at_a_time_and_refuse_to_run_early() {
 #[test]
 fn a_collect_stage_waits_for_a_late_hospital_vector_and_names_it_when_it_never_comes() {
     let dir = tempfile::tempdir().unwrap();
-    let job = write_job(dir.path(), "  merge: {baselines: []}\n", 2);
+    let job = tiny_local_job(dir.path(), "  merge: {baselines: []}\n", 2).unwrap();
     let yaml = std::fs::read_to_string(&job).unwrap().replace("  training:", "    - {name: h2, vector: incoming/h2.safetensors}\n  training:");
     std::fs::write(&job, yaml).unwrap();
     let runner = Runner::new(Job::load(&job).unwrap(), Device::Cpu).unwrap();
@@ -245,7 +243,7 @@ fn a_collect_stage_waits_for_a_late_hospital_vector_and_names_it_when_it_never_c
 #[test]
 fn a_class_the_first_hospital_lacks_is_still_a_class_of_the_model() {
     let dir = tempfile::tempdir().unwrap();
-    let job = write_job(dir.path(), "  merge: {baselines: []}\n  restore: {mode: bnRecalibrate}\n", 2);
+    let job = tiny_local_job(dir.path(), "  merge: {baselines: []}\n  restore: {mode: bnRecalibrate}\n", 2).unwrap();
     // Hospital h0 loses every image of the last class; h1 and the test set keep theirs.
     let s0 = dir.path().join("s0.csv");
     let text = std::fs::read_to_string(&s0).unwrap();

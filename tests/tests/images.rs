@@ -2,14 +2,12 @@
 //! images/assemble.py (no container engine here): its layout and config follow each Dockerfile's
 //! final stage, and anything it cannot follow is refused, naming the line.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use serde_json::Value;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
+use medmerge_tests::fixtures::repo;
 
 fn assemble(dockerfile: &Path, sources: &[(&str, &Path)]) -> Result<Value, String> {
     let mut cmd = Command::new("python3");

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use medmerge_store::{S3Config, Store};
+use medmerge_tests::fixtures;
 
 fn signal(name: &str) {
     let pid = std::env::var("MEDMERGE_S3_PID").expect("MEDMERGE_S3_PID is set by scripts/with-s3.sh");
@@ -15,16 +16,7 @@ fn signal(name: &str) {
 #[tokio::test]
 #[ignore = "needs an S3 server: run `make test-s3`"]
 async fn an_unresponsive_server_fails_the_upload_clearly_and_publishes_nothing() {
-    let endpoint = std::env::var("MEDMERGE_S3_ENDPOINT").unwrap();
-    let config = S3Config {
-        bucket: "medmerge-outage".into(),
-        endpoint: Some(endpoint),
-        region: "us-east-1".into(),
-        path_style: true,
-        credentials: None,
-        max_attempts: 2,
-        attempt_timeout: Some(Duration::from_secs(2)),
-    };
+    let config = S3Config { max_attempts: 2, attempt_timeout: Some(Duration::from_secs(2)), ..fixtures::s3_config("medmerge-outage") };
     let store = Store::s3(config).await;
     store.create_bucket().await.unwrap();
 

@@ -2,10 +2,10 @@
 //! stage runs in a fresh local cache, as separate cluster pods would, and still finds its inputs
 //! and publishes its outputs through the bucket.
 
-mod common;
-
-use medmerge_store::{BlockingStore, S3Config};
+use medmerge_store::BlockingStore;
+use medmerge_tests::fixtures;
 use medmerge_trainer::pipeline::{Job, Runner};
+use medmerge_trainer::synth::tiny_job;
 use tch::Device;
 
 #[test]
@@ -16,7 +16,7 @@ fn a_mergejob_runs_stage_by_stage_through_an_s3_bucket() {
 
     let dir = tempfile::tempdir().unwrap();
     let storage = format!("{{s3: {{bucket: {bucket}, endpoint: \"{endpoint}\"}}}}");
-    let job = common::write_job_with_storage(dir.path(), "  merge: {baselines: [paramsMean]}\n", 2, &storage);
+    let job = tiny_job(dir.path(), "  merge: {baselines: [paramsMean]}\n", 2, &storage).unwrap();
     let stages: Vec<String> = {
         std::env::set_var("MEDMERGE_ARTIFACT_CACHE", dir.path().join("cache-plan"));
         let runner = Runner::new(Job::load(&job).unwrap(), Device::Cpu).unwrap();
@@ -53,11 +53,9 @@ fn a_mergejob_runs_stage_by_stage_through_an_s3_bucket() {
 /// The bucket `bucket` on the test server (created), with the admin identity from the
 /// environment, and the server's endpoint.
 fn admin_bucket(bucket: &'static str) -> (BlockingStore, String, &'static str) {
-    let endpoint = std::env::var("MEDMERGE_S3_ENDPOINT").expect("set by scripts/with-s3.sh");
-    let config = S3Config { bucket: bucket.into(), endpoint: Some(endpoint.clone()), region: "us-east-1".into(), path_style: true, credentials: None, max_attempts: 3, attempt_timeout: None };
-    let store = BlockingStore::s3(config).unwrap();
+    let store = BlockingStore::s3(fixtures::s3_config(bucket)).unwrap();
     store.create_bucket().unwrap();
-    (store, endpoint, bucket)
+    (store, fixtures::s3_endpoint(), bucket)
 }
 
 /// Both tests set process-wide cache variables; they take turns.
@@ -76,16 +74,15 @@ fn upload_shard(store: &BlockingStore, csv: &std::path::Path, prefix: &str) {
 #[ignore = "needs an S3 server: run `make test-s3`"]
 fn shard_images_are_read_from_s3_with_the_shards_own_credentials_only() {
     let _turn = ENV.lock().unwrap_or_else(|e| e.into_inner());
-    let endpoint = std::env::var("MEDMERGE_S3_ENDPOINT").unwrap();
-    let config =
-        |bucket: &str| S3Config { bucket: bucket.into(), endpoint: Some(endpoint.clone()), region: "us-east-1".into(), path_style: true, credentials: None, max_attempts: 3, attempt_timeout: None };
+    let endpoint = fixtures::s3_endpoint();
+    let config = fixtures::s3_config;
     let scans = BlockingStore::s3(config("medmerge-test")).unwrap();
     scans.create_bucket().unwrap();
     BlockingStore::s3(config("medmerge-data-run")).unwrap().create_bucket().unwrap();
 
     let dir = tempfile::tempdir().unwrap();
     let storage = format!("{{s3: {{bucket: medmerge-data-run, endpoint: \"{endpoint}\"}}}}");
-    let job = common::write_job_with_storage(dir.path(), "  merge: {baselines: []}\n", 2, &storage);
+    let job = tiny_job(dir.path(), "  merge: {baselines: []}\n", 2, &storage).unwrap();
     upload_shard(&scans, &dir.path().join("s0.csv"), "shard-a/h0");
     upload_shard(&scans, &dir.path().join("s1.csv"), "shard-b/h1");
     let yaml = std::fs::read_to_string(&job)
@@ -120,9 +117,9 @@ fn a_hospitals_own_bucket_identity_suffices_for_its_stages_and_reaches_no_other_
     let (store, endpoint, bucket) = admin_bucket("medmerge-isolation");
     let dir = tempfile::tempdir().unwrap();
     let storage = format!("{{s3: {{bucket: {bucket}, endpoint: \"{endpoint}\"}}}}");
-    let job = common::write_job_with_storage(dir.path(), "  merge: {baselines: []}\n", 2, &storage);
+    let job = tiny_job(dir.path(), "  merge: {baselines: []}\n", 2, &storage).unwrap();
     let run = |stage: Option<&str>, hospital: bool, cache: &str| {
-        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_medmerge-trainer"));
+        let mut command = std::process::Command::new(fixtures::trainer());
         command.args(["--threads", "1", "pipeline"]).arg(&job).args(stage.map(|s| vec!["--stage", s]).unwrap_or_default()).env("MEDMERGE_ARTIFACT_CACHE", dir.path().join(cache));
         if hospital {
             // Hospital h0's pod: its shard's storageSecret, limited to runs/local/tiny/g1/shards/h0/.
@@ -154,12 +151,12 @@ fn two_runners_with_separate_caches_on_one_s3_mergejob_end_consistent_or_refused
     let (store, endpoint, bucket) = admin_bucket("medmerge-race");
     let dir = tempfile::tempdir().unwrap();
     let storage = format!("{{s3: {{bucket: {bucket}, endpoint: \"{endpoint}\"}}}}");
-    let job = common::write_job_with_storage(dir.path(), "  merge: {baselines: []}\n", 2, &storage);
+    let job = tiny_job(dir.path(), "  merge: {baselines: []}\n", 2, &storage).unwrap();
     // Two machines: nothing shared but the bucket: its per-stage leases keep them from running a
     // stage twice, and where they race, publishing decides.
     let runners: Vec<_> = (0..2)
         .map(|i| {
-            std::process::Command::new(env!("CARGO_BIN_EXE_medmerge-trainer"))
+            std::process::Command::new(fixtures::trainer())
                 .args(["--threads", "1", "pipeline"])
                 .arg(&job)
                 .env("MEDMERGE_ARTIFACT_CACHE", dir.path().join(format!("machine-{i}")))

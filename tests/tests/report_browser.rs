@@ -6,10 +6,8 @@
 use std::path::Path;
 use std::process::Command;
 
-mod common;
-
-use common::write_job;
 use medmerge_trainer::pipeline::{Job, Runner};
+use medmerge_trainer::synth::tiny_local_job;
 use tch::Device;
 
 fn chromium(args: &[&str], page: &Path) -> std::process::Output {
@@ -30,7 +28,7 @@ fn chromium(args: &[&str], page: &Path) -> std::process::Output {
 fn the_report_renders_in_chromium_with_every_section_and_figure() {
     tch::set_num_threads(2);
     let dir = tempfile::tempdir().unwrap();
-    let job = write_job(dir.path(), "  merge: {baselines: [paramsMean, shardModels]}\n", 3);
+    let job = tiny_local_job(dir.path(), "  merge: {baselines: [paramsMean, shardModels]}\n", 3).unwrap();
     let report = Runner::new(Job::load(&job).unwrap(), Device::Cpu).unwrap().run().unwrap();
     let page = dir.path().join("out/runs/local/tiny/g1/eval/report.html");
 

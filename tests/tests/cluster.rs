@@ -16,25 +16,19 @@ use k8s_openapi::api::core::v1::{ConfigMap, Namespace, PersistentVolume, Persist
 use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use medmerge_crds::{ArtifactLayout, MergeJob, MergeJobStatus, Phase, ShardState, StageOutcome};
-use medmerge_store::{S3Config, Store};
+use medmerge_store::Store;
+use medmerge_tests::fixtures;
 use serde_json::{json, Value};
 
 const BUCKET: &str = "medmerge-cluster";
 const PARTNER_VECTOR: &str = "incoming/partner.safetensors";
 
 fn env(name: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: run `make e2e-cluster`"))
-}
-
-fn trainer() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("target"));
-    let bin = target.join("debug").join("medmerge-trainer");
-    assert!(bin.exists(), "{} is missing: build the workspace first", bin.display());
-    bin
+    fixtures::script_env(name, "`make e2e-cluster`")
 }
 
 fn run_trainer(args: &[&str]) {
-    let status = Command::new(trainer()).args(args).status().unwrap();
+    let status = Command::new(fixtures::trainer()).args(args).status().unwrap();
     assert!(status.success(), "medmerge-trainer {args:?} failed");
 }
 
@@ -106,8 +100,7 @@ async fn namespace(client: &Client, ns: &str) {
 
 /// A new bucket on the test's S3 server, reached with the admin credentials.
 async fn bucket(name: &str) -> Store {
-    let endpoint = env("MEDMERGE_S3_ENDPOINT");
-    let store = Store::s3(S3Config { bucket: name.into(), endpoint: Some(endpoint), region: "us-east-1".into(), path_style: true, credentials: None, max_attempts: 3, attempt_timeout: None }).await;
+    let store = Store::s3(fixtures::s3_config(name)).await;
     store.create_bucket().await.unwrap();
     store
 }
@@ -475,7 +468,7 @@ async fn the_cluster_example_runs_as_written_once_its_volumes_secrets_labels_and
     let ns = "radiology";
     let endpoint = env("MEDMERGE_S3_ENDPOINT");
     let work = PathBuf::from(env("MEDMERGE_NODE_DIR")).join("example");
-    let example: Value = serde_yaml::from_str(&std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/cluster.yaml")).unwrap()).unwrap();
+    let example: Value = serde_yaml::from_str(&std::fs::read_to_string(fixtures::repo().join("examples/cluster.yaml")).unwrap()).unwrap();
     let classes: Vec<&str> = example["spec"]["model"]["classes"].as_array().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
 
     // What the example's header says to provision. Images: four synthetic classes renamed.
@@ -544,7 +537,7 @@ async fn the_cluster_example_runs_as_written_once_its_volumes_secrets_labels_and
     });
 
     // Applied as written, but for the S3 endpoint: the test node has no DNS.
-    let yaml = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/cluster.yaml")).unwrap();
+    let yaml = std::fs::read_to_string(fixtures::repo().join("examples/cluster.yaml")).unwrap();
     let applied = work.join("cluster.yaml");
     std::fs::write(&applied, yaml.replace("http://minio.storage.svc:9000", &endpoint)).unwrap();
     kubectl(&["apply", "-f", applied.to_str().unwrap()]);

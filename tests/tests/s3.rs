@@ -2,15 +2,12 @@
 //! `make test-s3`, part of `make test`). Ignored by a plain `cargo test`, which has no server.
 
 use medmerge_store::{S3Config, Store, StoreError};
+use medmerge_tests::fixtures;
 
 const BUCKET: &str = "medmerge-test";
 
-fn endpoint() -> String {
-    std::env::var("MEDMERGE_S3_ENDPOINT").expect("MEDMERGE_S3_ENDPOINT is set by scripts/with-s3.sh")
-}
-
 fn config(credentials: Option<(String, String)>) -> S3Config {
-    S3Config { bucket: BUCKET.into(), endpoint: Some(endpoint()), region: "us-east-1".into(), path_style: true, credentials, max_attempts: 3, attempt_timeout: None }
+    S3Config { credentials, ..fixtures::s3_config(BUCKET) }
 }
 
 /// The admin identity, from the standard AWS environment variables.
@@ -107,7 +104,7 @@ async fn a_shard_credential_reaches_only_its_own_prefix() {
 }
 
 async fn raw_client() -> aws_sdk_s3::Client {
-    let shared = aws_config::defaults(aws_config::BehaviorVersion::latest()).endpoint_url(endpoint()).region(aws_config::Region::new("us-east-1")).load().await;
+    let shared = aws_config::defaults(aws_config::BehaviorVersion::latest()).endpoint_url(fixtures::s3_endpoint()).region(aws_config::Region::new("us-east-1")).load().await;
     aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(&shared).force_path_style(true).build())
 }
 

@@ -2,10 +2,11 @@
 //! or reviewer needs: every model's results, per-class numbers at the operating point, the
 //! confusion matrix, ROC curves, vector similarity, the Grad-CAM gallery and the settings.
 
-use std::fmt::Write;
 use std::path::Path;
 
+use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
+use maud::{html, Markup, PreEscaped, DOCTYPE};
 
 use crate::report::EvalReport;
 
@@ -24,10 +25,6 @@ const FIGURE_CHECK: &str = "<script>window.addEventListener('load',function(){va
 for(var i=0;i<all.length;i++){if(all[i].complete&&all[i].naturalWidth>0){ok++;}}\
 document.getElementById('figures').textContent=ok+' of '+all.length+' figures rendered';});</script>";
 
-fn escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
-}
-
 fn pct(v: f64) -> String {
     format!("{:.1} %", 100.0 * v)
 }
@@ -41,151 +38,190 @@ fn opt(v: Option<f64>, f: impl Fn(f64) -> String) -> String {
 }
 
 /// `<img>` with `file` (in `dir`) embedded as a data URI, or a note when it was not drawn.
-fn figure(dir: &Path, file: &str, alt: &str, class: &str) -> String {
+fn embedded_png(dir: &Path, file: &str, alt: &str, class: &str) -> Markup {
     match std::fs::read(dir.join(file)) {
-        Ok(bytes) => format!("<img class=\"{class}\" alt=\"{}\" src=\"data:image/png;base64,{}\">", escape(alt), base64::engine::general_purpose::STANDARD.encode(bytes)),
-        Err(_) => format!("<p><em>{} was not drawn on this machine.</em></p>", escape(file)),
+        Ok(bytes) => html! { img class=(class) alt=(alt) src={ "data:image/png;base64," (STANDARD.encode(bytes)) }; },
+        Err(_) => html! { p { em { (file) " was not drawn on this machine." } } },
     }
 }
 
 /// The report as one HTML page; figures are read from `dir` (the evaluate stage's directory).
+/// Every value is escaped by the template (maud); only the fixed style and script are not.
 pub fn to_html(report: &EvalReport, dir: &Path) -> String {
-    let mut h = String::new();
-    let p = report.primary();
-    let c = &report.clinical;
-    let _ = write!(
-        h,
-        "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>medmerge report: {job}</title><style>{STYLE}</style></head><body>\
-         <h1>medmerge report: {job}</h1><p>Run <code>{run}</code>: {n} held-out images, classes {classes}. \
-         The merged model is <strong>{desc}</strong>.</p>",
-        job = escape(&report.job),
-        run = escape(&report.run),
-        n = report.test_images,
-        classes = escape(&report.classes.join(", ")),
-        desc = escape(&p.description),
-    );
-
-    h.push_str("<section id=\"results\"><h2>Results of every model</h2><table><tr><th>model</th><th>accuracy</th><th>balanced accuracy</th><th>macro-F1</th><th>macro AUROC</th><th>Grad-CAM heat in foreground</th><th>deletion AUC (lower is better)</th><th>insertion AUC (higher is better)</th><th>deletion gain (coldest-first − hottest-first)</th></tr>");
-    for (i, r) in report.candidates.iter().enumerate() {
-        let m = &r.metrics;
-        let _ = write!(
-            h,
-            "<tr{}><td>{}</td><td>{}</td><td>{}</td><td>{:.3}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            if i == 0 { " class=\"primary\"" } else { "" },
-            escape(&r.description),
-            pct(m.accuracy),
-            pct(m.balanced_accuracy),
-            m.macro_f1,
-            opt(m.macro_auroc, |a| format!("{a:.3}")),
-            opt(r.heat.foreground_fraction, pct),
-            opt(r.heat.deletion_auc, auc),
-            opt(r.heat.insertion_auc, auc),
-            opt(r.heat.deletion_gain, auc)
-        );
-    }
-    h.push_str("</table>");
-    h.push_str(&figure(dir, "results.png", "accuracy per model", "plot"));
-    h.push_str("</section>");
-
-    let _ = write!(
-        h,
-        "<section id=\"per-class\"><h2>Per class</h2><p>One class against the rest; the operating point counts a probability of at least {:.2} as positive.</p>\
-         <table><tr><th>class</th><th>recall</th><th>specificity</th><th>F1</th><th>AUROC</th><th>sensitivity at {op:.2}</th><th>specificity at {op:.2}</th></tr>",
-        c.operating_point,
-        op = c.operating_point
-    );
-    for (i, class) in report.classes.iter().enumerate() {
-        let m = &p.metrics;
-        let _ = write!(
-            h,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{:.3}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            escape(class),
-            pct(m.recall[i]),
-            pct(m.specificity[i]),
-            m.f1.get(i).copied().unwrap_or(f64::NAN),
-            opt(m.auroc[i], |a| format!("{a:.3}")),
-            opt(c.sensitivity.get(i).copied().flatten(), pct),
-            opt(c.specificity.get(i).copied().flatten(), pct)
-        );
-    }
-    h.push_str("</table></section>");
-
-    h.push_str("<section id=\"confusion\"><h2>Confusion matrix</h2>");
-    if p.metrics.confusion.is_empty() {
-        h.push_str("<p>Multi-label evaluation: no confusion matrix.</p>");
-    } else {
-        h.push_str("<table><tr><th>true \\ predicted</th>");
-        for class in &report.classes {
-            let _ = write!(h, "<th>{}</th>", escape(class));
-        }
-        h.push_str("</tr>");
-        for (class, row) in report.classes.iter().zip(&p.metrics.confusion) {
-            let _ = write!(h, "<tr><td>{}</td>{}</tr>", escape(class), row.iter().map(|v| format!("<td>{v}</td>")).collect::<String>());
-        }
-        h.push_str("</table>");
-        h.push_str(&figure(dir, "confusion.png", "confusion matrix", "plot"));
-    }
-    h.push_str("</section>");
-
-    h.push_str("<section id=\"roc\"><h2>ROC curves</h2>");
-    h.push_str(&figure(dir, "roc.png", "ROC curve per class", "plot"));
-    h.push_str("</section>");
-
-    h.push_str("<section id=\"similarity\"><h2>Per-layer cosine similarity of the data vectors</h2>");
-    if report.similarity.is_empty() {
-        h.push_str("<p>No vectors were compared in this run.</p>");
-    } else {
-        let mean = report.similarity.iter().map(|s| s.between_shards).sum::<f64>() / report.similarity.len() as f64;
-        let _ = write!(h, "<p>Mean between shard vectors: {mean:.3} over {} weight tensors.</p>", report.similarity.len());
-        h.push_str(&figure(dir, "similarity.png", "per-layer cosine similarity", "plot"));
-    }
-    h.push_str("</section>");
-
-    h.push_str("<section id=\"gradcam\"><h2>Grad-CAM: where the merged model looked</h2>");
-    if c.gallery.is_empty() {
-        h.push_str("<p>Grad-CAM was off for this run (evaluation.explainImages: 0) or the set is multi-label.</p>");
-    } else {
-        let _ = write!(
-            h,
-            "<p>Heatmaps of the predicted class from layer <code>{}</code>; red is where the evidence was. Over the explained images: share of heat inside the image's foreground {}; as the hottest pixels are removed, the area under the probability curve is {} (deletion, lower is better), and as they are revealed on a blurred copy {} (insertion, higher is better); deleting the coldest pixels first keeps {} more area than deleting the hottest first (about 0: the maps are noise to the model).</p>",
-            escape(c.explain_layer.as_deref().unwrap_or("?")),
-            opt(p.heat.foreground_fraction, pct),
-            opt(p.heat.deletion_auc, auc),
-            opt(p.heat.insertion_auc, auc),
-            opt(p.heat.deletion_gain, auc)
-        );
-        for (title, correct) in [("Correct predictions", true), ("Wrong predictions", false)] {
-            let items: Vec<_> = c.gallery.iter().filter(|g| g.correct() == correct).collect();
-            let _ = write!(h, "<h3>{title}</h3>");
-            if items.is_empty() {
-                h.push_str("<p>None among the explained images.</p>");
-                continue;
-            }
-            h.push_str("<div class=\"gallery\">");
-            for g in items {
-                let _ = write!(
-                    h,
-                    "<figure>{}<figcaption><span class=\"{}\">{} ({:.0} %)</span><br>true: {}<br>{}<br>heat in foreground: {}<br>deletion / insertion AUC: {} / {}</figcaption></figure>",
-                    figure(dir, &g.overlay, &g.image, "cam"),
-                    if correct { "right" } else { "wrong" },
-                    escape(&g.predicted),
-                    100.0 * g.probability,
-                    escape(&g.label),
-                    escape(&g.image),
-                    opt(g.heat.foreground_fraction, pct),
-                    opt(g.heat.deletion_auc, auc),
-                    opt(g.heat.insertion_auc, auc)
-                );
-            }
-            h.push_str("</div>");
-        }
-    }
-    h.push_str("</section>");
-
     let spec = serde_json::to_string_pretty(&report.spec).unwrap_or_default();
-    let _ = write!(h, "<section id=\"settings\"><h2>Settings that produced this run</h2><pre>{}</pre></section>", escape(&spec));
-    let _ = write!(h, "<footer><p id=\"figures\">figures not checked (scripts disabled)</p></footer>{FIGURE_CHECK}</body></html>");
-    h
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                title { "medmerge report: " (report.job) }
+                style { (PreEscaped(STYLE)) }
+            }
+            body {
+                h1 { "medmerge report: " (report.job) }
+                p {
+                    "Run " code { (report.run) } ": " (report.test_images) " held-out images, classes " (report.classes.join(", "))
+                    ". The merged model is " strong { (report.primary().description) } "."
+                }
+                (results(report, dir))
+                (per_class(report))
+                (confusion(report, dir))
+                section id="roc" { h2 { "ROC curves" } (embedded_png(dir, "roc.png", "ROC curve per class", "plot")) }
+                (similarity(report, dir))
+                (gradcam(report, dir))
+                section id="settings" { h2 { "Settings that produced this run" } pre { (spec) } }
+                footer { p id="figures" { "figures not checked (scripts disabled)" } }
+                (PreEscaped(FIGURE_CHECK))
+            }
+        }
+    }
+    .into_string()
+}
+
+fn results(report: &EvalReport, dir: &Path) -> Markup {
+    const COLUMNS: [&str; 9] = [
+        "model",
+        "accuracy",
+        "balanced accuracy",
+        "macro-F1",
+        "macro AUROC",
+        "Grad-CAM heat in foreground",
+        "deletion AUC (lower is better)",
+        "insertion AUC (higher is better)",
+        "deletion gain (coldest-first − hottest-first)",
+    ];
+    html! {
+        section id="results" {
+            h2 { "Results of every model" }
+            table {
+                tr { @for column in COLUMNS { th { (column) } } }
+                @for (i, r) in report.candidates.iter().enumerate() {
+                    tr class=[(i == 0).then_some("primary")] {
+                        td { (r.description) }
+                        td { (pct(r.metrics.accuracy)) }
+                        td { (pct(r.metrics.balanced_accuracy)) }
+                        td { (auc(r.metrics.macro_f1)) }
+                        td { (opt(r.metrics.macro_auroc, auc)) }
+                        td { (opt(r.heat.foreground_fraction, pct)) }
+                        td { (opt(r.heat.deletion_auc, auc)) }
+                        td { (opt(r.heat.insertion_auc, auc)) }
+                        td { (opt(r.heat.deletion_gain, auc)) }
+                    }
+                }
+            }
+            (embedded_png(dir, "results.png", "accuracy per model", "plot"))
+        }
+    }
+}
+
+fn per_class(report: &EvalReport) -> Markup {
+    let (m, c) = (&report.primary().metrics, &report.clinical);
+    let op = format!("{:.2}", c.operating_point);
+    html! {
+        section id="per-class" {
+            h2 { "Per class" }
+            p { "One class against the rest; the operating point counts a probability of at least " (op) " as positive." }
+            table {
+                tr {
+                    th { "class" } th { "recall" } th { "specificity" } th { "F1" } th { "AUROC" }
+                    th { "sensitivity at " (op) } th { "specificity at " (op) }
+                }
+                @for (i, class) in report.classes.iter().enumerate() {
+                    tr {
+                        td { (class) }
+                        td { (opt(m.recall.get(i).copied(), pct)) }
+                        td { (opt(m.specificity.get(i).copied(), pct)) }
+                        td { (opt(m.f1.get(i).copied(), auc)) }
+                        td { (opt(m.auroc.get(i).copied().flatten(), auc)) }
+                        td { (opt(c.sensitivity.get(i).copied().flatten(), pct)) }
+                        td { (opt(c.specificity.get(i).copied().flatten(), pct)) }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn confusion(report: &EvalReport, dir: &Path) -> Markup {
+    let confusion = &report.primary().metrics.confusion;
+    html! {
+        section id="confusion" {
+            h2 { "Confusion matrix" }
+            @if confusion.is_empty() {
+                p { "Multi-label evaluation: no confusion matrix." }
+            } @else {
+                table {
+                    tr { th { "true \\ predicted" } @for class in &report.classes { th { (class) } } }
+                    @for (class, row) in report.classes.iter().zip(confusion) {
+                        tr { td { (class) } @for count in row { td { (count) } } }
+                    }
+                }
+                (embedded_png(dir, "confusion.png", "confusion matrix", "plot"))
+            }
+        }
+    }
+}
+
+fn similarity(report: &EvalReport, dir: &Path) -> Markup {
+    let layers = &report.similarity;
+    html! {
+        section id="similarity" {
+            h2 { "Per-layer cosine similarity of the data vectors" }
+            @if layers.is_empty() {
+                p { "No vectors were compared in this run." }
+            } @else {
+                p {
+                    "Mean between shard vectors: " (auc(layers.iter().map(|s| s.between_shards).sum::<f64>() / layers.len() as f64))
+                    " over " (layers.len()) " weight tensors."
+                }
+                (embedded_png(dir, "similarity.png", "per-layer cosine similarity", "plot"))
+            }
+        }
+    }
+}
+
+fn gradcam(report: &EvalReport, dir: &Path) -> Markup {
+    let (p, c) = (report.primary(), &report.clinical);
+    html! {
+        section id="gradcam" {
+            h2 { "Grad-CAM: where the merged model looked" }
+            @if c.gallery.is_empty() {
+                p { "Grad-CAM was off for this run (evaluation.explainImages: 0) or the set is multi-label." }
+            } @else {
+                p {
+                    "Heatmaps of the predicted class from layer " code { (c.explain_layer.as_deref().unwrap_or("?")) }
+                    "; red is where the evidence was. Over the explained images: share of heat inside the image's foreground "
+                    (opt(p.heat.foreground_fraction, pct))
+                    "; as the hottest pixels are removed, the area under the probability curve is " (opt(p.heat.deletion_auc, auc))
+                    " (deletion, lower is better), and as they are revealed on a blurred copy " (opt(p.heat.insertion_auc, auc))
+                    " (insertion, higher is better); deleting the coldest pixels first keeps " (opt(p.heat.deletion_gain, auc))
+                    " more area than deleting the hottest first (about 0: the maps are noise to the model)."
+                }
+                @for (title, correct) in [("Correct predictions", true), ("Wrong predictions", false)] {
+                    h3 { (title) }
+                    @let items: Vec<_> = c.gallery.iter().filter(|g| g.correct() == correct).collect();
+                    @if items.is_empty() {
+                        p { "None among the explained images." }
+                    } @else {
+                        div class="gallery" {
+                            @for g in items {
+                                figure {
+                                    (embedded_png(dir, &g.overlay, &g.image, "cam"))
+                                    figcaption {
+                                        span class=(if correct { "right" } else { "wrong" }) { (g.predicted) " (" (format!("{:.0}", 100.0 * g.probability)) " %)" }
+                                        br; "true: " (g.label)
+                                        br; (g.image)
+                                        br; "heat in foreground: " (opt(g.heat.foreground_fraction, pct))
+                                        br; "deletion / insertion AUC: " (opt(g.heat.deletion_auc, auc)) " / " (opt(g.heat.insertion_auc, auc))
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -233,6 +269,19 @@ mod tests {
         assert!(html.contains("<td>0.250</td><td>0.750</td><td>0.125</td>"), "deletion and insertion areas and the gain per model");
         assert!(html.contains("roc.png was not drawn"), "missing figures are said, not silently dropped");
         assert!(html.contains("&quot;lambda&quot;: 0.5"), "the settings are shown");
+    }
+
+    #[test]
+    fn names_from_the_job_cannot_inject_markup() {
+        let mut r = report();
+        r.job = "<script>alert(1)</script>".into();
+        r.classes = vec!["<b>a</b>".into(), "b\"onload=\"x".into()];
+        r.candidates[0].description = "<img src=x>".into();
+        let html = to_html(&r, tempfile::tempdir().unwrap().path());
+        for raw in ["<script>alert", "<b>a</b>", "\"onload", "<img src=x>"] {
+            assert!(!html.contains(raw), "{raw} reached the page unescaped");
+        }
+        assert!(html.contains("&lt;script&gt;alert(1)&lt;/script&gt;") && html.contains("&lt;b&gt;a&lt;/b&gt;"));
     }
 
     #[test]

@@ -88,53 +88,68 @@ impl<T: Number> Limit<T> {
     }
 }
 
-/// `cluster.backoffLimit`: retries of a stage Job.
-pub const BACKOFF_LIMIT: Limit<i32> = Limit::closed("cluster.backoffLimit", 0, 20);
-/// `cluster.gpus`: the trainer uses one device.
-pub const GPUS: Limit<u32> = Limit::closed("cluster.gpus", 0, 1);
-/// `cluster.minShards`; its upper bound, the number of shards, is checked by `validate`.
-pub const MIN_SHARDS: Limit<u32> = Limit::at_least("cluster.minShards", 1);
-/// `cluster.activeDeadlineSeconds`.
-pub const ACTIVE_DEADLINE_SECONDS: Limit<i64> = Limit::at_least("cluster.activeDeadlineSeconds", 1);
-/// `cluster.stragglerDeadlineSeconds`.
-pub const STRAGGLER_DEADLINE_SECONDS: Limit<i64> = Limit::at_least("cluster.stragglerDeadlineSeconds", 1);
-/// `cluster.ttlSecondsAfterFinished`.
-pub const TTL_SECONDS_AFTER_FINISHED: Limit<i32> = Limit::at_least("cluster.ttlSecondsAfterFinished", 0);
-/// `model.imageSize` in pixels.
-pub const IMAGE_SIZE: Limit<u32> = Limit::closed("model.imageSize", 16, 1024);
-/// `training.epochs`.
-pub const EPOCHS: Limit<u32> = Limit::closed("training.epochs", 1, 10_000);
-/// `training.batchSize`.
-pub const BATCH_SIZE: Limit<u32> = Limit::closed("training.batchSize", 1, 4096);
-/// `training.learningRate`.
-pub const LEARNING_RATE: Limit<f64> = Limit::above("training.learningRate", 0.0);
-/// `training.weightDecay`.
-pub const WEIGHT_DECAY: Limit<f64> = Limit::at_least("training.weightDecay", 0.0);
-/// `training.validationFraction`: at most half of a shard held out. Inclusive: Kubernetes 1.20
-/// checks a default of 0.0 (sent as the integer 0) against an exclusive maximum of 0.5 read as
-/// the integer 0, and refuses the whole CRD.
-pub const VALIDATION_FRACTION: Limit<f64> = Limit::closed("training.validationFraction", 0.0, 0.5);
-/// `training.augment.rotationDegrees` (an f32 field; its bounds are f64 so that the schema says
-/// 0.1, not the f32 0.10000000149 that would refuse a spec's 0.1).
-pub const ROTATION_DEGREES: Limit<f64> = Limit::closed("training.augment.rotationDegrees", 0.0, 180.0);
-/// `training.augment.colorJitter`.
-pub const COLOR_JITTER: Limit<f64> = Limit::closed("training.augment.colorJitter", 0.0, 1.0);
-/// `training.augment.minScale`.
-pub const MIN_SCALE: Limit<f64> = Limit::closed("training.augment.minScale", 0.1, 1.0);
-/// `merge.lambda`.
-pub const LAMBDA: Limit<f64> = Limit::closed("merge.lambda", 0.0, 4.0);
-/// `merge.tiesDensity`: TIES keeps at least some entries.
-pub const TIES_DENSITY: Limit<f64> = Limit { field: "merge.tiesDensity", min: 0.0, max: Some(1.0), min_exclusive: true, max_exclusive: false };
-/// `merge.dareDropRate`.
-pub const DARE_DROP_RATE: Limit<f64> = Limit::closed("merge.dareDropRate", 0.0, 0.99);
-/// `restore.learningRate`.
-pub const RESTORE_LEARNING_RATE: Limit<f64> = Limit::above("restore.learningRate", 0.0);
-/// `restore.epochs`: each round is an epoch on every hospital, so a handful at most.
-pub const RESTORE_EPOCHS: Limit<u32> = Limit::closed("restore.epochs", 1, 10);
-/// `evaluation.operatingPoint`: a probability.
-pub const OPERATING_POINT: Limit<f64> = Limit::closed("evaluation.operatingPoint", 0.0, 1.0);
-/// `evaluation.explainImages`.
-pub const EXPLAIN_IMAGES: Limit<u32> = Limit::closed("evaluation.explainImages", 0, 10_000);
+/// Declares each limit as a `pub const` and lists them all in [`all`].
+macro_rules! limits {
+    ($($(#[$doc:meta])* $name:ident: $ty:ty = $value:expr;)*) => {
+        $($(#[$doc])* pub const $name: $ty = $value;)*
+
+        /// Every limit of this module.
+        pub fn all() -> Vec<Bounds> {
+            vec![$($name.bounds()),*]
+        }
+    };
+}
+
+// Every limit, declared once: the constants and `all()` come from this list.
+limits! {
+    /// `cluster.backoffLimit`: retries of a stage Job.
+    BACKOFF_LIMIT: Limit<i32> = Limit::closed("cluster.backoffLimit", 0, 20);
+    /// `cluster.gpus`: the trainer uses one device.
+    GPUS: Limit<u32> = Limit::closed("cluster.gpus", 0, 1);
+    /// `cluster.minShards`; its upper bound, the number of shards, is checked by `validate`.
+    MIN_SHARDS: Limit<u32> = Limit::at_least("cluster.minShards", 1);
+    /// `cluster.activeDeadlineSeconds`.
+    ACTIVE_DEADLINE_SECONDS: Limit<i64> = Limit::at_least("cluster.activeDeadlineSeconds", 1);
+    /// `cluster.stragglerDeadlineSeconds`.
+    STRAGGLER_DEADLINE_SECONDS: Limit<i64> = Limit::at_least("cluster.stragglerDeadlineSeconds", 1);
+    /// `cluster.ttlSecondsAfterFinished`.
+    TTL_SECONDS_AFTER_FINISHED: Limit<i32> = Limit::at_least("cluster.ttlSecondsAfterFinished", 0);
+    /// `model.imageSize` in pixels.
+    IMAGE_SIZE: Limit<u32> = Limit::closed("model.imageSize", 16, 1024);
+    /// `training.epochs`.
+    EPOCHS: Limit<u32> = Limit::closed("training.epochs", 1, 10_000);
+    /// `training.batchSize`.
+    BATCH_SIZE: Limit<u32> = Limit::closed("training.batchSize", 1, 4096);
+    /// `training.learningRate`.
+    LEARNING_RATE: Limit<f64> = Limit::above("training.learningRate", 0.0);
+    /// `training.weightDecay`.
+    WEIGHT_DECAY: Limit<f64> = Limit::at_least("training.weightDecay", 0.0);
+    /// `training.validationFraction`: at most half of a shard held out. Inclusive: Kubernetes 1.20
+    /// checks a default of 0.0 (sent as the integer 0) against an exclusive maximum of 0.5 read as
+    /// the integer 0, and refuses the whole CRD.
+    VALIDATION_FRACTION: Limit<f64> = Limit::closed("training.validationFraction", 0.0, 0.5);
+    /// `training.augment.rotationDegrees` (an f32 field; its bounds are f64 so that the schema says
+    /// 0.1, not the f32 0.10000000149 that would refuse a spec's 0.1).
+    ROTATION_DEGREES: Limit<f64> = Limit::closed("training.augment.rotationDegrees", 0.0, 180.0);
+    /// `training.augment.colorJitter`.
+    COLOR_JITTER: Limit<f64> = Limit::closed("training.augment.colorJitter", 0.0, 1.0);
+    /// `training.augment.minScale`.
+    MIN_SCALE: Limit<f64> = Limit::closed("training.augment.minScale", 0.1, 1.0);
+    /// `merge.lambda`.
+    LAMBDA: Limit<f64> = Limit::closed("merge.lambda", 0.0, 4.0);
+    /// `merge.tiesDensity`: TIES keeps at least some entries.
+    TIES_DENSITY: Limit<f64> = Limit { field: "merge.tiesDensity", min: 0.0, max: Some(1.0), min_exclusive: true, max_exclusive: false };
+    /// `merge.dareDropRate`.
+    DARE_DROP_RATE: Limit<f64> = Limit::closed("merge.dareDropRate", 0.0, 0.99);
+    /// `restore.learningRate`.
+    RESTORE_LEARNING_RATE: Limit<f64> = Limit::above("restore.learningRate", 0.0);
+    /// `restore.epochs`: each round is an epoch on every hospital, so a handful at most.
+    RESTORE_EPOCHS: Limit<u32> = Limit::closed("restore.epochs", 1, 10);
+    /// `evaluation.operatingPoint`: a probability.
+    OPERATING_POINT: Limit<f64> = Limit::closed("evaluation.operatingPoint", 0.0, 1.0);
+    /// `evaluation.explainImages`.
+    EXPLAIN_IMAGES: Limit<u32> = Limit::closed("evaluation.explainImages", 0, 10_000);
+}
 
 /// One limit with its bounds as `f64`, for tests that compare every limit with the schema.
 #[derive(Debug, Clone, PartialEq)]
@@ -155,34 +170,6 @@ impl<T: Number> Limit<T> {
     fn bounds(&self) -> Bounds {
         Bounds { field: self.field, min: self.min.as_f64(), max: self.max.map(Number::as_f64), min_exclusive: self.min_exclusive, max_exclusive: self.max_exclusive }
     }
-}
-
-/// Every limit above.
-pub fn all() -> Vec<Bounds> {
-    vec![
-        BACKOFF_LIMIT.bounds(),
-        GPUS.bounds(),
-        MIN_SHARDS.bounds(),
-        ACTIVE_DEADLINE_SECONDS.bounds(),
-        STRAGGLER_DEADLINE_SECONDS.bounds(),
-        TTL_SECONDS_AFTER_FINISHED.bounds(),
-        IMAGE_SIZE.bounds(),
-        EPOCHS.bounds(),
-        BATCH_SIZE.bounds(),
-        LEARNING_RATE.bounds(),
-        WEIGHT_DECAY.bounds(),
-        VALIDATION_FRACTION.bounds(),
-        ROTATION_DEGREES.bounds(),
-        COLOR_JITTER.bounds(),
-        MIN_SCALE.bounds(),
-        LAMBDA.bounds(),
-        TIES_DENSITY.bounds(),
-        DARE_DROP_RATE.bounds(),
-        RESTORE_LEARNING_RATE.bounds(),
-        RESTORE_EPOCHS.bounds(),
-        OPERATING_POINT.bounds(),
-        EXPLAIN_IMAGES.bounds(),
-    ]
 }
 
 // The CRD schema (what the API server accepts) and `validate` (what the operator and the

@@ -28,7 +28,7 @@ use crate::decide::{decide, Decision, JobState, Phase, ShardState};
 use crate::image_policy::ImagePolicy;
 use crate::interventions::{interventions, Intervention, PAUSED};
 use crate::job_cache::JobCache;
-use crate::jobs::{exclude_shards, spec_configmap, stage_job, LABEL_GENERATION, LABEL_MERGEJOB};
+use crate::jobs::{spec_configmap, stage_job_excluding, LABEL_GENERATION, LABEL_MERGEJOB};
 use crate::observe::observe_jobs;
 use crate::status::{build_status, ShardFacts, StatusInputs};
 use crate::telemetry::Metrics;
@@ -248,8 +248,7 @@ async fn create_stage_jobs(mj: &MergeJob, ctx: &Context, ns: &str, run: i64, dec
     let jobs_api: Api<Job> = Api::namespaced(ctx.client.clone(), ns);
     let mut created = 0;
     for stage in &decision.create {
-        let mut job = stage_job(mj, run, stage);
-        exclude_shards(&mut job, &decision.excluded_shards());
+        let job = stage_job_excluding(mj, run, stage, &decision.excluded_shards());
         let job_name = job.metadata.name.clone().unwrap_or_default();
         // Create, never apply: the Job cache can lag behind a reconcile, and a Job that exists
         // (409) must not be touched or reported as started again.

@@ -170,27 +170,23 @@ fn env(mj: &MergeJob, stage: &Stage) -> Vec<EnvVar> {
 /// How long a collect Job waits for a hospital's vector when no deadline bounds it.
 const DEFAULT_VECTOR_WAIT_SECONDS: i64 = 7 * 24 * 3600;
 
-/// The trainer's command for `stage`. A collect stage waits for the hospital's upload until
-/// the straggler deadline (or the Job's own deadline), so late hospitals are picked up.
-fn stage_command(cluster: &ClusterSpec, stage: &Stage) -> StageCommand {
+/// The trainer's command for `stage`, leaving out the `excluded` shards. A collect stage waits
+/// for the hospital's upload until the straggler deadline (or the Job's own deadline), so late
+/// hospitals are picked up.
+fn stage_command(cluster: &ClusterSpec, stage: &Stage, excluded: &[&str]) -> StageCommand {
     let wait = cluster.straggler_deadline_seconds.or(cluster.active_deadline_seconds).unwrap_or(DEFAULT_VECTOR_WAIT_SECONDS);
-    StageCommand { job_file: JOB_FILE.into(), stage: stage.name(), wait_for_vector: matches!(stage, Stage::Collect { .. }).then_some(wait), exclude_shards: vec![] }
+    let exclude_shards = excluded.iter().map(|s| s.to_string()).collect();
+    StageCommand { job_file: JOB_FILE.into(), stage: stage.name(), wait_for_vector: matches!(stage, Stage::Collect { .. }).then_some(wait), exclude_shards }
 }
 
-/// Tells a stage Job's trainer to leave out `shards` (dropped after the run started, so not
-/// reflected in the generation's spec ConfigMap).
-pub fn exclude_shards(job: &mut Job, shards: &[&str]) {
-    let container = job.spec.as_mut().and_then(|s| s.template.spec.as_mut()).and_then(|p| p.containers.first_mut());
-    if let Some(args) = container.and_then(|c| c.args.as_mut()) {
-        if let Some(mut command) = StageCommand::parse(args) {
-            command.exclude_shards.extend(shards.iter().map(|s| s.to_string()));
-            *args = command.to_args();
-        }
-    }
-}
-
-/// The batch Job that runs `stage` of generation `generation`.
+/// The batch Job that runs `stage` of generation `generation` with every shard of the spec.
 pub fn stage_job(mj: &MergeJob, generation: i64, stage: &Stage) -> Job {
+    stage_job_excluding(mj, generation, stage, &[])
+}
+
+/// [`stage_job`] whose trainer leaves out the `excluded` shards (dropped after the run started,
+/// so not reflected in the run's spec ConfigMap).
+pub fn stage_job_excluding(mj: &MergeJob, generation: i64, stage: &Stage, excluded: &[&str]) -> Job {
     let name = mj.metadata.name.clone().unwrap_or_default();
     let cluster = &mj.spec.cluster;
     let shard = stage_shard(stage).and_then(|s| mj.spec.shards.iter().find(|x| x.name == s));
@@ -232,7 +228,7 @@ pub fn stage_job(mj: &MergeJob, generation: i64, stage: &Stage) -> Job {
         name: "trainer".into(),
         image: Some(cluster.image.clone()),
         image_pull_policy: cluster.image_pull_policy.clone(),
-        args: Some(stage_command(cluster, stage).to_args()),
+        args: Some(stage_command(cluster, stage, excluded).to_args()),
         env: Some(env),
         env_from: (!over.env_from.is_empty()).then_some(over.env_from),
         volume_mounts: Some(mounts),
@@ -472,8 +468,7 @@ spec:
 
     #[test]
     fn stages_after_a_shard_was_dropped_are_told_to_leave_it_out() {
-        let mut job = stage_job(&mergejob(), 2, &Stage::Merge { candidate: "data-vector".into() });
-        exclude_shards(&mut job, &["hospital-b"]);
+        let job = stage_job_excluding(&mergejob(), 2, &Stage::Merge { candidate: "data-vector".into() }, &["hospital-b"]);
         let args = job.spec.unwrap().template.spec.unwrap().containers[0].args.clone().unwrap();
         assert_eq!(&args[args.len() - 2..], ["--exclude-shard", "hospital-b"]);
     }

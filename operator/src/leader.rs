@@ -2,6 +2,13 @@
 //! reconcile at once. The holder renews the Lease every third of its duration; another replica
 //! takes it over only after it expired. Writes carry the Lease's `resourceVersion`, so two
 //! replicas racing for an expired Lease cannot both win.
+//!
+//! Why not a crate (compared 2026-12): `kube-lease-manager` 0.12 (server-side apply, skew grace)
+//! is built on kube 4 / k8s-openapi 0.28 and `kube-leader-election` 0.37 on kube 0.96 (and says
+//! it has no fencing); either would put a second, semver-incompatible k8s-openapi in the tree,
+//! which kube does not support. This module is the same algorithm as client-go's Lease lock in
+//! ~150 lines, tested against a real API server (tests/tests/apiserver.rs). Revisit when a
+//! maintained crate follows kube 5.
 
 use std::time::Duration;
 

@@ -3,23 +3,19 @@
 use std::path::PathBuf;
 
 use medmerge_trainer::explain::{explain_images, mean, ExplainOptions};
-use medmerge_trainer::model::Network;
 use medmerge_trainer::report::HeatMeasures;
 use medmerge_trainer::table::CsvTable;
 use tch::Device;
 
-use super::{prediction_inputs, unlabelled};
+use super::{unlabelled, ModelInputArgs};
 use crate::stdout::say;
 
 /// The subcommand's flags.
 #[derive(clap::Args)]
 pub struct Args {
-    /// Model file.
-    #[arg(long)]
-    model: PathBuf,
-    /// An image, a folder of images (searched recursively) or a manifest (labels kept).
-    #[arg(long)]
-    input: PathBuf,
+    /// The model and its images.
+    #[command(flatten)]
+    source: ModelInputArgs,
     /// Output directory.
     #[arg(long)]
     out: PathBuf,
@@ -33,9 +29,8 @@ pub struct Args {
 }
 
 /// Runs the subcommand.
-pub fn run(Args { model, input, out, layer, class }: Args, dev: Device) -> anyhow::Result<()> {
-    let net = Network::load(&model, dev)?;
-    let (ds, labelled) = prediction_inputs(&input, &net)?;
+pub fn run(Args { source, out, layer, class }: Args, dev: Device) -> anyhow::Result<()> {
+    let (net, ds, labelled) = source.load(dev)?;
     let images: Vec<(PathBuf, Option<usize>)> = if labelled { ds.samples.iter().map(|s| (s.path.clone(), Some(s.label))).collect() } else { unlabelled(&ds) };
     let done = explain_images(&net, &images, &out, &ExplainOptions { layer, class }, dev)?;
     let mut table = CsvTable::new(["image", "label", "predicted", "probability", "explained", "foreground_fraction", "deletion_auc", "insertion_auc", "deletion_gain", "overlay"]);

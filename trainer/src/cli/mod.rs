@@ -120,9 +120,29 @@ pub fn model_meta(path: &std::path::Path) -> anyhow::Result<ArtifactMeta> {
     Ok(ArtifactMeta::from_map(path, MappedFile::open(path)?.metadata(), ArtifactKind::Model)?)
 }
 
+/// The model and the images that `predict` and `explain` read.
+#[derive(Args)]
+pub struct ModelInputArgs {
+    /// Model file.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// An image, a folder of images (searched recursively) or a manifest (labels kept).
+    #[arg(long)]
+    pub input: PathBuf,
+}
+
+impl ModelInputArgs {
+    /// The model, its images and whether their labels are real.
+    pub fn load(&self, dev: Device) -> anyhow::Result<(Network, Dataset, bool)> {
+        let net = Network::load(&self.model, dev)?;
+        let (images, labelled) = prediction_inputs(&self.input, &net)?;
+        Ok((net, images, labelled))
+    }
+}
+
 /// The images `predict` and `explain` read: one image, a folder (searched recursively, no
 /// labels) or a manifest/ImageFolder dataset; the flag says whether labels are real.
-pub fn prediction_inputs(input: &Path, net: &Network) -> anyhow::Result<(Dataset, bool)> {
+fn prediction_inputs(input: &Path, net: &Network) -> anyhow::Result<(Dataset, bool)> {
     if input.is_file() && input.extension().is_some_and(|e| e != "csv") {
         let sample = medmerge_trainer::data::Sample { path: input.into(), label: 0, targets: vec![] };
         Ok((Dataset { source: input.into(), classes: net.classes.clone(), samples: vec![sample], multi_label: false }, false))

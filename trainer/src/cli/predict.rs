@@ -5,22 +5,18 @@ use std::path::PathBuf;
 use medmerge_trainer::evaluate::predict;
 use medmerge_trainer::explain::{explain_images, ExplainOptions};
 use medmerge_trainer::metrics::argmax;
-use medmerge_trainer::model::Network;
 use medmerge_trainer::table::CsvTable;
 use tch::Device;
 
-use super::{prediction_inputs, unlabelled};
+use super::{unlabelled, ModelInputArgs};
 use crate::stdout::say;
 
 /// The subcommand's flags.
 #[derive(clap::Args)]
 pub struct Args {
-    /// Model file.
-    #[arg(long)]
-    model: PathBuf,
-    /// An image, a folder of images (searched recursively) or a manifest.
-    #[arg(long)]
-    input: PathBuf,
+    /// The model and its images.
+    #[command(flatten)]
+    source: ModelInputArgs,
     /// Output CSV (stdout when omitted).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -30,9 +26,8 @@ pub struct Args {
 }
 
 /// Runs the subcommand.
-pub fn run(Args { model, input, out, explain }: Args, dev: Device) -> anyhow::Result<()> {
-    let net = Network::load(&model, dev)?;
-    let (ds, _) = prediction_inputs(&input, &net)?;
+pub fn run(Args { source, out, explain }: Args, dev: Device) -> anyhow::Result<()> {
+    let (net, ds, _) = source.load(dev)?;
     let probs = predict(&net, &ds, 32, dev)?;
     let heatmaps = match &explain {
         Some(dir) => Some(explain_images(&net, &unlabelled(&ds), dir, &ExplainOptions::default(), dev)?),

@@ -75,11 +75,14 @@ for seed in $SEEDS; do
     once "$T" merge --base "$B/base.safetensors" "${V[@]}" --method data-vector --lambda 1.0 --out "$M/dv1.safetensors"
     if [ "$ROWS" = default-candidates ]; then
       once "$T" merge --base "$B/base.safetensors" "${V[@]}" --method data-vector --lambda 1.5 --out "$M/dv15.safetensors"
-      for base in dv1 dv15 dv1-averaged-epoch; do
+      once "$T" merge --base "$B/base.safetensors" "${V[@]}" --method data-vector --lambda 2.0 --out "$M/dv2.safetensors"
+      # A base ending in -averaged-epoch gets a second averaged epoch (two rounds).
+      for base in dv1 dv15 dv2 dv1-averaged-epoch dv15-averaged-epoch; do
         once "$T" "${R[@]}" --model "$M/$base.safetensors" --mode averaged-epoch --out "$M/$base-averaged-epoch.safetensors"
         once "$T" "${R[@]}" --model "$M/$base-averaged-epoch.safetensors" --mode closed-form-head --out "$M/$base-averaged-epoch-head.safetensors"
       done
-      models=(dv1-averaged-epoch-head dv15-averaged-epoch-head dv1-averaged-epoch-averaged-epoch-head)
+      models=(dv1-averaged-epoch-head dv15-averaged-epoch-head dv2-averaged-epoch-head \
+              dv1-averaged-epoch-averaged-epoch-head dv15-averaged-epoch-averaged-epoch-head)
     else
       once "$T" merge --base "$B/base.safetensors" "${V[@]}" --method data-vector --lambda 0.5 --out "$M/dv.safetensors"
       once "$T" merge --base "$B/base.safetensors" "${V[@]}" --method params-mean --out "$M/pm.safetensors"
@@ -103,10 +106,12 @@ for seed in $SEEDS; do
       EV+=(--model "$M/$m.safetensors")
     done
     EV+=(--model "$pool/model.safetensors")
-    if [ ! -f "$D/$EVAL.json" ]; then
+    # Evaluated again when the row set changed since the last run (the models are cached).
+    if [ ! -f "$D/$EVAL.json" ] || [ "$(cat "$D/$EVAL.models" 2>/dev/null)" != "${models[*]}" ]; then
       log "evaluate $kind seed $seed"; "$T" evaluate --data "$D/split/test.csv" --json "$D/$EVAL.json" "${EV[@]}" > "$D/$EVAL.txt"
       # Wall time of the run that finished this split and seed (the total a resumed run reports).
       echo $(( $(date +%s) - kind_started )) > "$D/$EVAL.seconds"
+      echo "${models[*]}" > "$D/$EVAL.models"
     fi
   done
 done

@@ -34,7 +34,9 @@ ROWS = [
 CANDIDATE_ROWS = [
     ("dv1-averaged-epoch-head", "data vector λ 1.0 + averaged epoch + closed-form head"),
     ("dv15-averaged-epoch-head", "**data vector λ 1.5 + averaged epoch + closed-form head (the default)**"),
+    ("dv2-averaged-epoch-head", "data vector λ 2.0 + averaged epoch + closed-form head"),
     ("dv1-averaged-epoch-averaged-epoch-head", "data vector λ 1.0 + two averaged epochs + closed-form head"),
+    ("dv15-averaged-epoch-averaged-epoch-head", "data vector λ 1.5 + two averaged epochs + closed-form head"),
     ("best-shard", "best single hospital (of 4, per seed)"),
     ("full", "full training (all shards pooled; needs the data in one place)"),
 ]

@@ -3,6 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
+# The shared target directory keeps only the newest build of each test binary.
+bash scripts/prune-target.sh
 # One style for the workspace (rustfmt.toml); `cargo fmt --all` fixes what this finds.
 cargo fmt --all --check
 # One lint policy ([workspace.lints] in Cargo.toml); warnings fail the run.

@@ -16,6 +16,7 @@ pub mod publish;
 pub mod remote_data;
 pub mod report;
 pub mod restore;
+pub mod serve;
 pub mod split;
 pub mod st;
 pub mod synth;

@@ -5,7 +5,7 @@ mod cli;
 mod stdout;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use cli::{bn_stats, device, evaluate, explain, finetune, init, merge, pipeline, predict, restore, split, store, synth};
+use cli::{bn_stats, device, evaluate, explain, finetune, init, merge, pipeline, predict, restore, serve, split, store, synth};
 
 /// Fine-tune, merge, restore and evaluate image classifiers from data vectors.
 #[derive(Parser)]
@@ -54,6 +54,9 @@ enum Command {
     /// explanations.csv (prediction, explained class, share of heat inside the image's
     /// foreground, areas under the deletion and insertion curves).
     Explain(explain::Args),
+    /// Serve a model over the Open Inference Protocol (v2: KServe, Triton) with dynamic batching
+    /// and Prometheus metrics.
+    Serve(serve::Args),
     /// Cut an ImageFolder into a held-out test set and N shards, as manifests.
     Split(split::Args),
     /// Generate a small labelled image set (shapes) for demos and tests.
@@ -83,6 +86,7 @@ fn main() -> anyhow::Result<()> {
         Command::Evaluate(args) => evaluate::run(args, dev),
         Command::Predict(args) => predict::run(args, dev),
         Command::Explain(args) => explain::run(args, dev),
+        Command::Serve(args) => serve::run(args, dev),
         Command::Split(args) => split::run(args, dev),
         Command::Synth(args) => synth::run(args, dev),
     }

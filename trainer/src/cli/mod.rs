@@ -10,6 +10,7 @@ pub mod merge;
 pub mod pipeline;
 pub mod predict;
 pub mod restore;
+pub mod serve;
 pub mod split;
 pub mod store;
 pub mod synth;

@@ -39,10 +39,21 @@ pub fn decode_image(path: &Path, size: u32, augment: Option<&Augment>) -> Result
 /// refuse images whose pixels would not fit in 512 MiB (an error, not an abort).
 fn decode_rgb(path: &Path) -> Result<RgbImage, DataError> {
     let bytes = std::fs::read(path).map_err(|source| DataError::Read { path: path.into(), source })?;
-    if is_truncated_jpeg(&bytes) {
-        return Err(DataError::Truncated { path: path.into() });
+    decode_rgb_bytes(&bytes, path)
+}
+
+/// Decodes an image file's `bytes` (named `name` in errors) to RGB, refusing truncated JPEGs.
+fn decode_rgb_bytes(bytes: &[u8], name: &Path) -> Result<RgbImage, DataError> {
+    if is_truncated_jpeg(bytes) {
+        return Err(DataError::Truncated { path: name.into() });
     }
-    Ok(image::load_from_memory(&bytes).map_err(|source| DataError::Decode { path: path.into(), source })?.to_rgb8())
+    Ok(image::load_from_memory(bytes).map_err(|source| DataError::Decode { path: name.into(), source })?.to_rgb8())
+}
+
+/// [`decode_image`] of an image file held in memory (`name` says which in errors), without
+/// augmentation: what a served model does with an uploaded image.
+pub fn decode_image_bytes(bytes: &[u8], name: &str, size: u32) -> Result<Vec<f32>, DataError> {
+    Ok(normalise(&resize(&decode_rgb_bytes(bytes, Path::new(name))?, size)))
 }
 
 /// A JPEG (starts with SOI) without its EOI marker near the end: the decoder would fill the

@@ -14,7 +14,7 @@ elapsed = int(elapsed)
 seeds, splits = seeds.split(), splits.split()
 
 ROWS = [
-    ("dv1-averaged-epoch-head", "**data vector λ 1.0 + averaged epoch + closed-form head (parallel; the default before λ 1.5)**"),
+    ("dv1-averaged-epoch-head", "**data vector λ 1.0 + averaged epoch + closed-form head (parallel; the default before λ 1.5 and 2.0)**"),
     ("dv-averaged-epoch-head", "data vector λ 0.5 + averaged epoch + closed-form head (parallel)"),
     ("dv-averaged-epoch", "data vector λ 0.5 + averaged epoch (parallel)"),
     ("dv-closed-form-head", "data vector λ 0.5 + BN recalibration + closed-form head (parallel, no training)"),
@@ -33,8 +33,8 @@ ROWS = [
 # the best hospital and full training.
 CANDIDATE_ROWS = [
     ("dv1-averaged-epoch-head", "data vector λ 1.0 + averaged epoch + closed-form head"),
-    ("dv15-averaged-epoch-head", "**data vector λ 1.5 + averaged epoch + closed-form head (the default)**"),
-    ("dv2-averaged-epoch-head", "data vector λ 2.0 + averaged epoch + closed-form head"),
+    ("dv15-averaged-epoch-head", "data vector λ 1.5 + averaged epoch + closed-form head (the default before λ 2.0)"),
+    ("dv2-averaged-epoch-head", "**data vector λ 2.0 + averaged epoch + closed-form head (the default)**"),
     ("dv1-averaged-epoch-averaged-epoch-head", "data vector λ 1.0 + two averaged epochs + closed-form head"),
     ("dv15-averaged-epoch-averaged-epoch-head", "data vector λ 1.5 + two averaged epochs + closed-form head"),
     ("best-shard", "best single hospital (of 4, per seed)"),

@@ -297,7 +297,7 @@ evaluation: {data: {path: test}}
     fn a_minimal_spec_is_valid_and_gets_paper_defaults() {
         let s = good();
         assert_eq!(validate(&s), Ok(()));
-        assert_eq!(s.merge.lambda, 1.5);
+        assert_eq!(s.merge.lambda, 2.0);
         assert_eq!(s.training.seed, 3315);
         assert_eq!(s.restore.mode, RestoreMode::AveragedEpochHead);
     }

@@ -1,6 +1,6 @@
 //! Running a network over a labelled set and scoring it.
 
-use tch::{Device, Kind};
+use tch::Device;
 
 use crate::data::{BatchLoader, DataError, Dataset};
 use crate::metrics::{classification_metrics, multilabel_metrics, Metrics};
@@ -25,7 +25,7 @@ pub fn predict(net: &Network, data: &Dataset, batch_size: usize, device: Device)
     for b in BatchLoader::new(data, order, batch_size, net.image_size, None, 0, device) {
         let b = b?;
         let logits = tch::no_grad(|| net.forward_t(&b.images, false));
-        let probs = if net.multi_label { logits.sigmoid() } else { logits.softmax(-1, Kind::Float) };
+        let probs = net.probabilities(&logits);
         out.extend(tensor_to_vec(&probs)?.chunks(k).map(<[f32]>::to_vec));
     }
     Ok(out)

@@ -4,7 +4,6 @@ use std::path::PathBuf;
 
 use medmerge_trainer::evaluate::predict;
 use medmerge_trainer::explain::{explain_images, ExplainOptions};
-use medmerge_trainer::metrics::argmax;
 use medmerge_trainer::table::CsvTable;
 use tch::Device;
 
@@ -37,7 +36,7 @@ pub fn run(Args { source, out, explain }: Args, dev: Device) -> anyhow::Result<(
     let header = ["image".to_string(), "predicted".to_string()].into_iter().chain(net.classes.iter().map(|c| format!("p_{c}"))).chain(heat_column);
     let mut table = CsvTable::new(header);
     for (i, (s, p)) in ds.samples.iter().zip(&probs).enumerate() {
-        let predicted = if net.multi_label { net.classes.iter().zip(p).filter(|(_, &v)| v >= 0.5).map(|(c, _)| c.as_str()).collect::<Vec<_>>().join("|") } else { net.classes[argmax(p)].clone() };
+        let predicted = net.predicted(p);
         let heat = heatmaps.as_ref().map(|h| h[i].overlay.display().to_string());
         table.row([s.path.display().to_string(), predicted].into_iter().chain(p.iter().map(|v| format!("{v:.6}"))).chain(heat));
     }

@@ -111,7 +111,7 @@ pub fn grad_cam(net: &Network, images: &[RgbImage], layer: &str, class: Option<u
     let mut tap = Tap::at(layer);
     let logits = net.forward_tapped(&x, false, &mut tap);
     let features = tap.take().ok_or_else(|| ExplainError::UnknownLayer { layer: layer.into(), arch: net.arch.as_str(), available: net.tap_names().join(", ") })?;
-    let probs = if net.multi_label { logits.sigmoid() } else { logits.softmax(-1, Kind::Float) };
+    let probs = net.probabilities(&logits);
     let predicted = probs.argmax(-1, false);
     let target = match class {
         Some(c) => Tensor::full([n], c as i64, (Kind::Int64, device)),
@@ -187,7 +187,7 @@ pub fn faithfulness(net: &Network, picture: &RgbImage, map: &Heatmap, device: De
     let probability = |batch: &Tensor| {
         tch::no_grad(|| {
             let logits = net.forward_t(&batch.to_device(device), false);
-            let probs = if net.multi_label { logits.sigmoid() } else { logits.softmax(-1, Kind::Float) };
+            let probs = net.probabilities(&logits);
             probs.f_select(1, class)
         })
     };

@@ -103,6 +103,26 @@ impl Network {
         Ok(net)
     }
 
+    /// Class probabilities from this model's `logits`: a sigmoid per label for multi-label
+    /// models, a softmax over classes otherwise.
+    pub fn probabilities(&self, logits: &Tensor) -> Tensor {
+        if self.multi_label {
+            logits.sigmoid()
+        } else {
+            logits.softmax(-1, Kind::Float)
+        }
+    }
+
+    /// The prediction for one image's probabilities `p`: the most probable class, or for
+    /// multi-label models every label at or above 0.5, `|`-joined.
+    pub fn predicted(&self, p: &[f32]) -> String {
+        if self.multi_label {
+            self.classes.iter().zip(p).filter(|(_, &v)| v >= 0.5).map(|(c, _)| c.as_str()).collect::<Vec<_>>().join("|")
+        } else {
+            self.classes[crate::metrics::argmax(p)].clone()
+        }
+    }
+
     /// Logits for a batch of normalised images `[N, 3, H, W]`.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
         self.forward_tapped(x, train, &mut Tap::off())

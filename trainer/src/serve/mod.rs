@@ -12,10 +12,9 @@ use std::time::Instant;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use serde_json::{json, Value};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 use crate::data::decode_image_bytes;
-use crate::metrics::argmax;
 use crate::model::Network;
 use protocol::{InferOutput, InferRequest, InferResponse, ModelMetadata, TensorMetadata};
 
@@ -117,7 +116,7 @@ impl ServedModel {
             let flat: Vec<f32> = chunk.concat();
             let x = Tensor::from_slice(&flat).view([chunk.len() as i64, 3, size, size]).to_device(self.device);
             let logits = tch::no_grad(|| self.net.forward_t(&x, false));
-            let probs = if self.net.multi_label { logits.sigmoid() } else { logits.softmax(-1, Kind::Float) };
+            let probs = self.net.probabilities(&logits);
             let values = Vec::<f32>::try_from(probs.to_device(Device::Cpu).flatten(0, -1)).map_err(|e| Refusal { status: 500, error: format!("reading the model's output: {e}") })?;
             out.extend(values.chunks(self.net.classes.len()).map(<[f32]>::to_vec));
         }
@@ -126,16 +125,7 @@ impl ServedModel {
 
     /// The response to `request` given the probabilities of its images.
     pub fn respond(&self, request: &InferRequest, probs: &[Vec<f32>]) -> InferResponse {
-        let predicted: Vec<String> = probs
-            .iter()
-            .map(|p| {
-                if self.net.multi_label {
-                    self.net.classes.iter().zip(p).filter(|(_, &v)| v >= 0.5).map(|(c, _)| c.as_str()).collect::<Vec<_>>().join("|")
-                } else {
-                    self.net.classes[argmax(p)].clone()
-                }
-            })
-            .collect();
+        let predicted: Vec<String> = probs.iter().map(|p| self.net.predicted(p)).collect();
         let n = probs.len() as i64;
         InferResponse {
             model_name: self.name.clone(),
@@ -265,32 +255,32 @@ fn route(model: &ServedModel, method: &tiny_http::Method, url: &str, metrics: &S
 /// Decodes every infer request, runs their images as one batch, and answers each.
 fn answer_infers(model: &ServedModel, infers: Vec<Received>, metrics: &ServeMetrics) {
     let mut decoded = Vec::new();
-    for r in infers {
-        match r.body.clone().and_then(|body| model.decode_request(&body)) {
-            Ok((request, images)) => decoded.push((r, request, images)),
-            Err(refusal) => reply(r.request, refusal.status, &json!({"error": refusal.error}), metrics, "infer"),
+    for Received { request: http, started, body } in infers {
+        match body.and_then(|body| model.decode_request(&body)) {
+            Ok((request, images)) => decoded.push((http, started, request, images)),
+            Err(refusal) => reply(http, refusal.status, &json!({"error": refusal.error}), metrics, "infer"),
         }
     }
     if decoded.is_empty() {
         return;
     }
-    let all: Vec<Vec<f32>> = decoded.iter().flat_map(|(_, _, images)| images.iter().cloned()).collect();
+    let all: Vec<Vec<f32>> = decoded.iter().flat_map(|(_, _, _, images)| images.iter().cloned()).collect();
     metrics.batches.inc();
     metrics.images.inc_by(all.len() as u64);
     match model.probabilities(&all) {
         Ok(probs) => {
             let mut offset = 0;
-            for (r, request, images) in decoded {
+            for (http, started, request, images) in decoded {
                 let mine = &probs[offset..offset + images.len()];
                 offset += images.len();
                 let body = serde_json::to_value(model.respond(&request, mine)).unwrap_or_default();
-                metrics.seconds.observe(r.started.elapsed().as_secs_f64());
-                reply(r.request, 200, &body, metrics, "infer");
+                metrics.seconds.observe(started.elapsed().as_secs_f64());
+                reply(http, 200, &body, metrics, "infer");
             }
         }
         Err(refusal) => {
-            for (r, _, _) in decoded {
-                reply(r.request, refusal.status, &json!({"error": refusal.error}), metrics, "infer");
+            for (http, _, _, _) in decoded {
+                reply(http, refusal.status, &json!({"error": refusal.error}), metrics, "infer");
             }
         }
     }

@@ -167,14 +167,16 @@ fn env(mj: &MergeJob, stage: &Stage) -> Vec<EnvVar> {
     env
 }
 
-/// How long a collect Job waits for a hospital's vector when no deadline bounds it.
+/// How long a collect Job waits for a hospital's vector when no straggler deadline bounds it.
 const DEFAULT_VECTOR_WAIT_SECONDS: i64 = 7 * 24 * 3600;
 
 /// The trainer's command for `stage`, leaving out the `excluded` shards. A collect stage waits
-/// for the hospital's upload until the straggler deadline (or the Job's own deadline), so late
-/// hospitals are picked up.
+/// for the hospital's upload until the straggler deadline, so late hospitals are picked up.
+/// Without one it waits on: the Job's own `activeDeadlineSeconds`, when set, ends it and names
+/// `DeadlineExceeded` (a wait of the same length raced the Job controller and could end first
+/// as a plain failure).
 fn stage_command(cluster: &ClusterSpec, stage: &Stage, excluded: &[&str]) -> StageCommand {
-    let wait = cluster.straggler_deadline_seconds.or(cluster.active_deadline_seconds).unwrap_or(DEFAULT_VECTOR_WAIT_SECONDS);
+    let wait = cluster.straggler_deadline_seconds.unwrap_or(DEFAULT_VECTOR_WAIT_SECONDS);
     let exclude_shards = excluded.iter().map(|s| s.to_string()).collect();
     StageCommand { job_file: JOB_FILE.into(), stage: stage.name(), wait_for_vector: matches!(stage, Stage::Collect { .. }).then_some(wait), exclude_shards }
 }
@@ -433,6 +435,17 @@ spec:
         let collect = args(&mj, &Stage::Collect { shard: "hospital-b".into() });
         assert_eq!(&collect[collect.len() - 2..], ["--wait-for-vector", "3600"]);
         assert!(!args(&mj, &Stage::Finetune { shard: "hospital-a".into() }).contains(&"--wait-for-vector".to_string()));
+    }
+
+    #[test]
+    fn without_a_straggler_deadline_a_collect_job_outwaits_its_own_active_deadline() {
+        let mut mj = mergejob();
+        mj.spec.cluster.active_deadline_seconds = Some(90);
+        let spec = stage_job(&mj, 2, &Stage::Collect { shard: "hospital-b".into() }).spec.unwrap();
+        let args = spec.template.spec.unwrap().containers[0].args.clone().unwrap();
+        let wait: i64 = args[args.len() - 1].parse().unwrap();
+        assert_eq!(spec.active_deadline_seconds, Some(90));
+        assert!(wait > 90, "the Job's deadline, not the trainer's wait, ends a silent hospital: {args:?}");
     }
 
     #[test]

@@ -18,4 +18,4 @@ pub use plan::{Candidate, CandidateKind, Stage, StagePlan};
 pub use run::{run_key, RunDecision};
 pub use spec::*;
 pub use status::{CandidateSummary, Condition, MergeJobStatus, Phase, ResultsStatus, ShardState, ShardStatus, StageOutcome, StageRecord};
-pub use validate::{is_dns_subdomain, validate, validate_for_cluster, validate_for_local, validate_merge, validate_model, validate_training, SpecError};
+pub use validate::{is_dns_subdomain, validate, validate_for_cluster, validate_for_local, validate_merge, validate_model, validate_release, validate_training, SpecError};

@@ -69,6 +69,11 @@ impl<T: Number> Limit<T> {
         (!self.allows(value)).then(|| SpecError { field: self.field.to_string(), message: format!("{value} {}", self.describe()) })
     }
 
+    /// Like `check`, for the same field inside `prefix` (e.g. `shards[2].`).
+    pub fn check_in(&self, prefix: &str, value: T) -> Option<SpecError> {
+        self.check(value).map(|e| SpecError { field: format!("{prefix}{}", e.field), ..e })
+    }
+
     /// Like `check`, for an optional field: an unset field is always allowed.
     pub fn check_optional(&self, value: Option<T>) -> Option<SpecError> {
         value.and_then(|v| self.check(v))
@@ -145,6 +150,14 @@ limits! {
     RESTORE_LEARNING_RATE: Limit<f64> = Limit::above("restore.learningRate", 0.0);
     /// `restore.epochs`: each round is an epoch on every hospital, so a handful at most.
     RESTORE_EPOCHS: Limit<u32> = Limit::closed("restore.epochs", 1, 10);
+    /// `release.privacy.epsilon` (and a shard's): a privacy loss; above 100 it promises nothing.
+    EPSILON: Limit<f64> = Limit { field: "release.privacy.epsilon", min: 0.0, max: Some(100.0), min_exclusive: true, max_exclusive: false };
+    /// `release.privacy.delta`: a failure probability, far below any cohort's 1/n.
+    DELTA: Limit<f64> = Limit { field: "release.privacy.delta", min: 0.0, max: Some(0.01), min_exclusive: true, max_exclusive: false };
+    /// `release.privacy.clipNorm`.
+    CLIP_NORM: Limit<f64> = Limit::above("release.privacy.clipNorm", 0.0);
+    /// `release.density`: the fraction of entries `topK` keeps.
+    TOP_K_DENSITY: Limit<f64> = Limit { field: "release.density", min: 0.0, max: Some(1.0), min_exclusive: true, max_exclusive: false };
     /// `evaluation.operatingPoint`: a probability.
     OPERATING_POINT: Limit<f64> = Limit::closed("evaluation.operatingPoint", 0.0, 1.0);
     /// `evaluation.explainImages`.
@@ -222,9 +235,14 @@ mod schema_agreement {
         }
     }
 
-    /// The validation tests' valid spec, as JSON.
+    /// The validation tests' valid spec, as JSON, with the optional objects whose fields are
+    /// bounded (a vector release with privacy, for the spec and a shard) set to valid values.
     fn good() -> Value {
-        serde_json::to_value(crate::validate::tests::good()).unwrap()
+        let mut spec = serde_json::to_value(crate::validate::tests::good()).unwrap();
+        let release = json!({"privacy": {"epsilon": 1.0, "delta": 1e-6, "clipNorm": 1.0}});
+        spec["release"] = release.clone();
+        spec["shards"][0]["release"] = release;
+        spec
     }
 
     fn set(spec: &mut Value, path: &str, value: Value) {

@@ -282,11 +282,13 @@ mod tests {
                     secret_ref: None,
                     storage_secret: None,
                     node_selector: Default::default(),
+                    release: None,
                     tolerations: vec![],
                     pod_overrides: Default::default(),
                 })
                 .collect(),
             training: TrainingSpec::default(),
+            release: Default::default(),
             merge: MergeSpec { baselines, ..MergeSpec::default() },
             restore: RestoreSpec { mode, ..RestoreSpec::default() },
             evaluation: EvaluationSpec::on(DataSource::at("test")),

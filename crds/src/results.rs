@@ -3,7 +3,10 @@
 //! (`<run>/shards/<shard>/metrics.json`). The trainer writes richer documents; these types are the
 //! part the operator relies on, and a trainer test parses what it writes with them.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+
+use crate::spec::VectorEncoding;
 
 /// The evaluate stage's results, as far as the status needs them.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq)]
@@ -77,6 +80,42 @@ pub struct ShardTraining {
     /// Training images per class.
     #[serde(default)]
     pub class_counts: Vec<u64>,
+    /// How the shard's vector was released (noise, encoding, size).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<ReleaseRecord>,
+}
+
+/// How a vector left its hospital: written by the training stage into the shard's summary (and,
+/// without the size, into the vector's own metadata), copied by the operator into the shard's
+/// status.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReleaseRecord {
+    /// Encoding of the weight tensors.
+    pub encoding: VectorEncoding,
+    /// With `topK`: the fraction of entries kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub density: Option<f64>,
+    /// Size of the vector file in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
+    /// The differential-privacy guarantee of the vector, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<PrivacyRecord>,
+}
+
+/// The differential privacy a released vector has.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PrivacyRecord {
+    /// Privacy loss epsilon.
+    pub epsilon: f64,
+    /// Failure probability delta.
+    pub delta: f64,
+    /// The L2 norm the vector was clipped to.
+    pub clip_norm: f64,
+    /// Standard deviation of the Gaussian noise added to every entry.
+    pub noise_stddev: f64,
 }
 
 /// One epoch of a shard's training.

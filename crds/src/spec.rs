@@ -38,6 +38,10 @@ pub struct MergeJobSpec {
     /// How each shard fine-tunes.
     #[serde(default)]
     pub training: TrainingSpec,
+    /// How every hospital's vector leaves it (privacy noise, compression); a shard's own
+    /// `release` replaces it. Default: the vector as trained, in float32.
+    #[serde(default, skip_serializing_if = "ReleaseSpec::is_plain")]
+    pub release: ReleaseSpec,
     /// How vectors and heads are combined, and which baselines are computed beside the merge.
     #[serde(default)]
     pub merge: MergeSpec,
@@ -64,6 +68,95 @@ impl MergeJobSpec {
     /// Whether the run is paused (`suspend`, or the older `cluster.suspend`).
     pub fn is_suspended(&self) -> bool {
         self.suspend || self.cluster.suspend
+    }
+
+    /// How `shard`'s vector is released: its own `release`, else the spec's.
+    pub fn release_of<'a>(&'a self, shard: &'a ShardSpec) -> &'a ReleaseSpec {
+        shard.release.as_ref().unwrap_or(&self.release)
+    }
+}
+
+/// How a hospital's data vector is prepared for upload, after training and before it leaves:
+/// first differential privacy (clip and noise), then the encoding. Both happen on the
+/// hospital's side, in its own training stage (or its own `finetune` run).
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReleaseSpec {
+    /// Differential privacy for the vector: its L2 norm clipped to `clipNorm` and Gaussian noise
+    /// added, calibrated so that the released vector is (epsilon, delta)-DP with respect to the
+    /// hospital's whole training set. Covers the vector's tensors only (not its sample counts,
+    /// training metrics or the restoration stages' outputs). Unset: no noise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<PrivacySpec>,
+    /// How the vector's weight tensors are stored for upload: `float32` (exact), `int8` (one
+    /// scale per output channel, 4x smaller) or `topK` (only the largest-magnitude `density`
+    /// of each tensor's entries). Heads, biases and batch-norm tensors stay float32.
+    #[serde(default, skip_serializing_if = "VectorEncoding::is_float32")]
+    pub encoding: VectorEncoding,
+    /// With `encoding: topK`: the fraction of each tensor's entries kept (default 0.1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = limits::TOP_K_DENSITY.min, max = limits::TOP_K_DENSITY.max), extend("exclusiveMinimum" = limits::TOP_K_DENSITY.min_exclusive))]
+    pub density: Option<f64>,
+}
+
+impl ReleaseSpec {
+    /// The fraction of entries `topK` keeps when `density` is unset.
+    pub const DEFAULT_TOP_K_DENSITY: f64 = 0.1;
+
+    /// Whether the vector is released as trained, in float32 (the default).
+    pub fn is_plain(&self) -> bool {
+        *self == ReleaseSpec::default()
+    }
+
+    /// The fraction of entries kept by `topK`.
+    pub fn top_k_density(&self) -> f64 {
+        self.density.unwrap_or(Self::DEFAULT_TOP_K_DENSITY)
+    }
+}
+
+/// The (epsilon, delta) guarantee a hospital asks for and the clipping norm that bounds its
+/// vector's sensitivity.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PrivacySpec {
+    /// Privacy loss epsilon (smaller: more noise).
+    #[schemars(range(min = limits::EPSILON.min, max = limits::EPSILON.max), extend("exclusiveMinimum" = limits::EPSILON.min_exclusive))]
+    pub epsilon: f64,
+    /// Probability delta that the epsilon bound fails; well below 1 / (number of patients).
+    #[schemars(range(min = limits::DELTA.min, max = limits::DELTA.max), extend("exclusiveMinimum" = limits::DELTA.min_exclusive))]
+    pub delta: f64,
+    /// The vector's L2 norm is scaled down to at most this before noise is added; the noise's
+    /// standard deviation grows with it.
+    #[schemars(range(min = limits::CLIP_NORM.min), extend("exclusiveMinimum" = limits::CLIP_NORM.min_exclusive))]
+    pub clip_norm: f64,
+}
+
+/// How a vector's weight tensors are stored for upload.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum VectorEncoding {
+    /// 32-bit floats, exact.
+    #[default]
+    Float32,
+    /// 8-bit integers with one float scale per output channel (round to nearest).
+    Int8,
+    /// The largest-magnitude entries of each tensor with their positions; the rest are zero.
+    TopK,
+}
+
+impl VectorEncoding {
+    /// Whether this is the default, exact encoding.
+    pub fn is_float32(&self) -> bool {
+        *self == VectorEncoding::Float32
+    }
+
+    /// The spelling the spec uses.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            VectorEncoding::Float32 => "float32",
+            VectorEncoding::Int8 => "int8",
+            VectorEncoding::TopK => "topK",
+        }
     }
 }
 
@@ -292,6 +385,10 @@ pub struct ShardSpec {
     /// Node labels this shard's Jobs must run on (e.g. the hospital's own nodes).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub node_selector: std::collections::BTreeMap<String, String>,
+    /// How this hospital's vector leaves it, replacing the spec's `release` (e.g. a hospital
+    /// that asks for stronger privacy or has a slow uplink).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<ReleaseSpec>,
     /// Tolerations for this shard's pods, added to `cluster.tolerations`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tolerations: Vec<Toleration>,

@@ -214,6 +214,10 @@ pub struct ShardStatus {
     /// The shard's accuracy on its own validation split (if it kept one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub validation_accuracy: Option<f64>,
+    /// How its vector was released: encoding, size and differential privacy (shards trained
+    /// by this MergeJob).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<crate::results::ReleaseRecord>,
     /// Why the shard failed or was dropped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,

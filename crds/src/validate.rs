@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 
 use crate::limits;
-use crate::spec::{Architecture, Baseline, MergeJobSpec, MergeSpec, ModelSpec, RestoreMode, StageKind, TrainingSpec, WeightsSource};
+use crate::spec::{Architecture, Baseline, MergeJobSpec, MergeSpec, ModelSpec, ReleaseSpec, RestoreMode, StageKind, TrainingSpec, VectorEncoding, WeightsSource};
 
 /// One problem with a spec.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -53,11 +53,15 @@ pub fn validate(spec: &MergeJobSpec) -> Result<(), Vec<SpecError>> {
             (_, Some(v)) if v.is_empty() => errors.push(err(format!("shards[{i}].vector"), "must not be empty")),
             _ => {}
         }
+        if let Some(release) = &s.release {
+            errors.extend(validate_release(release, &format!("shards[{i}].")));
+        }
         if s.storage_secret.is_some() && spec.storage.s3.is_none() {
             errors.push(err(format!("shards[{i}].storageSecret"), "is a bucket identity and needs storage.s3 (a local store has no credentials)"));
         }
     }
 
+    errors.extend(validate_release(&spec.release, ""));
     errors.extend(validate_training(&spec.training));
     errors.extend(validate_merge(&spec.merge));
     let mg = &spec.merge;
@@ -115,6 +119,23 @@ pub fn validate(spec: &MergeJobSpec) -> Result<(), Vec<SpecError>> {
     } else {
         Err(errors)
     }
+}
+
+/// A vector release's bounds (`release`, or a shard's at `prefix`, and `finetune`'s flags).
+pub fn validate_release(release: &ReleaseSpec, prefix: &str) -> Vec<SpecError> {
+    let mut errors = Vec::new();
+    if let Some(p) = &release.privacy {
+        errors.extend(limits::EPSILON.check_in(prefix, p.epsilon));
+        errors.extend(limits::DELTA.check_in(prefix, p.delta));
+        errors.extend(limits::CLIP_NORM.check_in(prefix, p.clip_norm));
+    }
+    if let Some(density) = release.density {
+        if release.encoding != VectorEncoding::TopK {
+            errors.push(err(format!("{prefix}release.encoding"), format!("is {} but density {density} is set: density is for topK", release.encoding.as_str())));
+        }
+        errors.extend(limits::TOP_K_DENSITY.check_in(prefix, density));
+    }
+    errors
 }
 
 /// The model's bounds (`spec.model`, and the `init` command's flags).
@@ -294,6 +315,21 @@ evaluation: {data: {path: test}}
     }
 
     #[test]
+    fn a_release_is_checked_where_it_is_set_and_a_shards_own_replaces_the_specs() {
+        let mut s = good();
+        s.release = serde_yaml::from_str("{privacy: {epsilon: 4, delta: 1.0e-6, clipNorm: 2}, encoding: int8}").unwrap();
+        s.shards[1].release = Some(serde_yaml::from_str("{encoding: topK, density: 0.05}").unwrap());
+        assert_eq!(validate(&s), Ok(()));
+        assert_eq!(s.release_of(&s.shards[0]).encoding, VectorEncoding::Int8);
+        assert_eq!(s.release_of(&s.shards[1]).top_k_density(), 0.05);
+        assert!(s.release_of(&s.shards[1]).privacy.is_none(), "a shard's release replaces the spec's whole");
+
+        s.release.privacy.as_mut().unwrap().epsilon = 0.0;
+        s.shards[1].release = Some(serde_yaml::from_str("{encoding: int8, density: 0.05, privacy: {epsilon: 1, delta: 0.5, clipNorm: -1}}").unwrap());
+        assert_eq!(fields(&s), ["shards[1].release.privacy.delta", "shards[1].release.privacy.clipNorm", "shards[1].release.encoding", "release.privacy.epsilon"]);
+    }
+
+    #[test]
     fn a_minimal_spec_is_valid_and_gets_paper_defaults() {
         let s = good();
         assert_eq!(validate(&s), Ok(()));
@@ -364,6 +400,7 @@ evaluation: {data: {path: test}}
                     secret_ref: None,
                     storage_secret: None,
                     node_selector: Default::default(),
+                    release: None,
                     tolerations: vec![],
                     pod_overrides: Default::default(),
                 };

@@ -13,6 +13,7 @@ pub mod model;
 pub mod pipeline;
 pub mod plots;
 pub mod publish;
+pub mod release;
 pub mod remote_data;
 pub mod report;
 pub mod restore;

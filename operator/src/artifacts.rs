@@ -11,6 +11,8 @@ use medmerge_crds::results::{CandidateResults, EvaluationResults, ShardTraining}
 use medmerge_crds::{ArtifactLayout, CandidateSummary, MergeJobSpec, RestoreMode, ResultsStatus};
 use medmerge_store::{S3Config, Store, StoreError};
 
+use crate::status::ShardFact;
+
 /// Errors reading artifacts back.
 #[derive(Debug, thiserror::Error)]
 pub enum ArtifactError {
@@ -121,11 +123,12 @@ pub fn results_from_report(bytes: &[u8], spec: &MergeJobSpec, layout: &ArtifactL
     })
 }
 
-/// Training images and best validation accuracy from a shard's `metrics.json`.
-pub fn shard_summary(bytes: &[u8]) -> (Option<u64>, Option<f64>) {
+/// Training images, best validation accuracy and the vector's release from a shard's
+/// `metrics.json` (nothing, if it cannot be read).
+pub fn shard_summary(bytes: &[u8]) -> ShardFact {
     match serde_json::from_slice::<ShardTraining>(bytes) {
-        Ok(t) => (t.samples(), t.best_validation_accuracy()),
-        Err(_) => (None, None),
+        Ok(t) => ShardFact { samples: t.samples(), validation_accuracy: t.best_validation_accuracy(), release: t.release },
+        Err(_) => ShardFact::default(),
     }
 }
 
@@ -187,8 +190,12 @@ mod tests {
     fn shard_summaries_report_samples_and_the_kept_epochs_validation_accuracy() {
         let m = br#"{"class_counts": [10, 20, 5], "best_epoch": 2, "epochs": [
             {"epoch": 1, "validation_accuracy": 0.5}, {"epoch": 2, "validation_accuracy": 0.75}]}"#;
-        assert_eq!(shard_summary(m), (Some(35), Some(0.75)));
-        assert_eq!(shard_summary(b"{}"), (None, None));
+        assert_eq!(shard_summary(m), ShardFact { samples: Some(35), validation_accuracy: Some(0.75), release: None });
+        assert_eq!(shard_summary(b"{}"), ShardFact::default());
+        let private = br#"{"class_counts": [3], "release": {"encoding": "int8", "bytes": 1200,
+            "privacy": {"epsilon": 4.0, "delta": 1e-6, "clipNorm": 2.0, "noiseStddev": 0.9}}}"#;
+        let release = shard_summary(private).release.unwrap();
+        assert_eq!((release.encoding, release.bytes, release.privacy.unwrap().epsilon), (medmerge_crds::VectorEncoding::Int8, Some(1200), 4.0));
     }
 
     #[tokio::test]

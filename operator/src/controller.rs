@@ -30,7 +30,7 @@ use crate::interventions::{interventions, Intervention, PAUSED};
 use crate::job_cache::JobCache;
 use crate::jobs::{spec_configmap, stage_job_excluding, LABEL_GENERATION, LABEL_MERGEJOB};
 use crate::observe::observe_jobs;
-use crate::status::{build_status, ShardFacts, StatusInputs};
+use crate::status::{build_status, ShardFact, ShardFacts, StatusInputs};
 use crate::telemetry::Metrics;
 
 /// The field manager of every object the operator writes.
@@ -272,7 +272,7 @@ async fn read_shard_facts(mj: &MergeJob, ctx: &Context, previous: &MergeJobStatu
     for (shard, state) in &decision.shards {
         let known = previous.shards.iter().find(|s| &s.name == shard && run.continues && s.samples.is_some());
         if let Some(s) = known {
-            facts.insert(shard.clone(), (s.samples, s.validation_accuracy));
+            facts.insert(shard.clone(), ShardFact { samples: s.samples, validation_accuracy: s.validation_accuracy, release: s.release.clone() });
         } else if *state == ShardState::Ready {
             match ctx.artifacts.get(&mj.spec, &layout.shard_metrics(shard)).await {
                 Ok(Some(bytes)) => {

@@ -7,13 +7,25 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::jiff::Timestamp;
+use medmerge_crds::results::ReleaseRecord;
 use medmerge_crds::{ArtifactLayout, Condition, MergeJobSpec, MergeJobStatus, ResultsStatus, RunDecision, ShardStatus};
 
 use crate::decide::{Decision, JobState, Observed, Phase, ShardState};
 use crate::observe::GenerationJobs;
 
-/// Per-shard numbers read from the shard's training summary: (samples, validation accuracy).
-pub type ShardFacts = BTreeMap<String, (Option<u64>, Option<f64>)>;
+/// What a shard's training summary says, as the shard's status shows it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ShardFact {
+    /// Training images.
+    pub samples: Option<u64>,
+    /// Validation accuracy of the kept epoch.
+    pub validation_accuracy: Option<f64>,
+    /// How the vector was released.
+    pub release: Option<ReleaseRecord>,
+}
+
+/// Per-shard facts read from the shards' training summaries.
+pub type ShardFacts = BTreeMap<String, ShardFact>;
 
 /// Everything the new status is computed from.
 pub struct StatusInputs<'a> {
@@ -71,7 +83,7 @@ fn shard_statuses(i: &StatusInputs) -> Vec<ShardStatus> {
         .zip(&i.decision.shards)
         .map(|(spec, (name, state))| {
             let stage = if spec.vector.is_some() { format!("collect-{name}") } else { format!("finetune-{name}") };
-            let (samples, validation_accuracy) = i.shard_facts.get(name).copied().unwrap_or_default();
+            let ShardFact { samples, validation_accuracy, release } = i.shard_facts.get(name).cloned().unwrap_or_default();
             let reason = match state {
                 ShardState::Failed => Some(match i.jobs.failures.get(&stage) {
                     Some(why) => format!("Job {stage} failed: {why}"),
@@ -87,6 +99,7 @@ fn shard_statuses(i: &StatusInputs) -> Vec<ShardStatus> {
                 vector: (*state == ShardState::Ready).then(|| i.layout.shard_vector(name)),
                 samples,
                 validation_accuracy,
+                release,
                 reason,
             }
         })
@@ -161,7 +174,7 @@ mod tests {
         let spec = spec();
         let layout = ArtifactLayout::new("runs", "ns", "mj", 1);
         let decision = decide("mj", "ns", 1, &spec, &jobs.observed);
-        let facts: ShardFacts = [("a".to_string(), (Some(120), Some(0.8)))].into();
+        let facts: ShardFacts = [("a".to_string(), ShardFact { samples: Some(120), validation_accuracy: Some(0.8), release: None })].into();
         let run = RunDecision::of(1, &spec, previous);
         build_status(&StatusInputs {
             previous,

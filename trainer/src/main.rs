@@ -5,7 +5,7 @@ mod cli;
 mod stdout;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use cli::{bn_stats, device, evaluate, explain, finetune, init, merge, pipeline, predict, restore, serve, split, store, synth};
+use cli::{bn_stats, device, evaluate, explain, finetune, init, merge, pipeline, predict, release, restore, serve, split, store, synth};
 
 /// Fine-tune, merge, restore and evaluate image classifiers from data vectors.
 #[derive(Parser)]
@@ -40,6 +40,9 @@ enum Command {
     Init(init::Args),
     /// Fine-tune the base on one shard's images and write the shard's data vector.
     Finetune(finetune::Args),
+    /// Release a written vector again before upload: differential-privacy noise and/or a
+    /// compact encoding (int8, top-k).
+    Release(release::Args),
     /// Merge data vectors onto the base.
     Merge(merge::Args),
     /// Compute a model's batch-norm moments on one shard (only aggregates leave the shard).
@@ -80,6 +83,7 @@ fn main() -> anyhow::Result<()> {
         Command::Store(args) => store::run(args),
         Command::Init(args) => init::run(args, dev),
         Command::Finetune(args) => finetune::run(args, dev),
+        Command::Release(args) => release::run(args),
         Command::Merge(args) => merge::run(args, dev),
         Command::BnStats(args) => bn_stats::run(args, dev),
         Command::Restore(args) => restore::run(args, dev),

@@ -26,6 +26,7 @@ use crate::merge::{merge_checked, shard_model, MergeOptions, ShardVector};
 use crate::metrics::cosine;
 use crate::model::{builtin_weights_path, ModelError, Network, BUILTIN_WEIGHTS_HINT};
 use crate::publish::{run_provenance, verify_run, Provenance, StageLease, StageLock, Staging};
+use crate::release::encoding::VectorReader;
 use crate::report::{CandidateResult, EvalReport, LayerSimilarity};
 use crate::restore::rounds::{combine, epoch_settings, shard_part};
 use crate::st::{write_atomic, MappedFile};
@@ -425,15 +426,19 @@ impl Runner {
         Ok(())
     }
 
-    /// `finetune-<shard>`: the shard's data vector and its training summary.
+    /// `finetune-<shard>`: the shard's data vector and its training summary (read back as
+    /// [`medmerge_crds::results::ShardTraining`]).
     fn finetune(&self, shard: &str, vector: &Path, metrics: &Path) -> anyhow::Result<()> {
         let data = self.shard_data(shard)?;
         let base = self.path(&self.layout.base());
         let mut net = Network::load(&base, self.device)?;
         let report = train(&mut net, &data, &self.job.spec().training, self.device, shard)?;
         net.check_valid()?;
-        crate::merge::write_vector(&net, &base, shard, report.class_counts.clone(), vector)?;
-        write_atomic(metrics, &serde_json::to_vec_pretty(&report)?)?;
+        let spec = self.job.spec();
+        let release = spec.shards.iter().find(|s| s.name == shard).map_or(&spec.release, |s| spec.release_of(s));
+        let released = crate::merge::write_vector(&net, &base, shard, report.class_counts.clone(), release, vector)?;
+        info!(shard, release = %crate::release::describe_release(&released), "data vector released");
+        write_atomic(metrics, &serde_json::to_vec_pretty(&ShardSummary { report: &report, release: &released })?)?;
         Ok(())
     }
 
@@ -568,7 +573,7 @@ impl Runner {
     /// Per-layer cosine similarity between shard vectors and with the full-training vector.
     fn similarity(&self) -> anyhow::Result<Vec<LayerSimilarity>> {
         let l = &self.layout;
-        let vectors: Vec<MappedFile> = self.vectors().iter().map(|v| MappedFile::open(&v.path)).collect::<Result<_, _>>()?;
+        let vectors: Vec<VectorReader> = self.vectors().iter().map(|v| VectorReader::open(&v.path)).collect::<Result<_, _>>()?;
         let base = MappedFile::open(&self.path(&l.base()))?;
         let full = self.path(&l.full_training());
         let full = full.exists().then(|| MappedFile::open(&full)).transpose()?;
@@ -577,7 +582,7 @@ impl Runner {
         let mut weights: Vec<_> = base.tensors().filter(|t| t.shape.len() >= 2 && !t.name.starts_with(head)).collect();
         weights.sort_by_key(|t| forward_order_key(&t.name));
         for t in weights {
-            let taus: Vec<Vec<f32>> = vectors.iter().map(|v| v.f32(&t.name)).collect::<Result<_, _>>()?;
+            let taus: Vec<Vec<f32>> = vectors.iter().map(|v| v.values(&t.name).map(|c| c.into_owned())).collect::<Result<_, _>>()?;
             let mut pairs = Vec::new();
             for i in 0..taus.len() {
                 for j in i + 1..taus.len() {
@@ -690,4 +695,13 @@ mod tests {
         names.sort_by_key(|n| forward_order_key(n));
         assert_eq!(names, vec!["_conv_stem.weight", "_blocks.9._project_conv.weight", "_blocks.10._project_conv.weight", "features.2.conv.0.0.weight", "features.18.0.weight", "_conv_head.weight"]);
     }
+}
+
+/// What a training stage writes beside its vector: the training report and how the vector was
+/// released.
+#[derive(serde::Serialize)]
+struct ShardSummary<'a> {
+    #[serde(flatten)]
+    report: &'a crate::train::TrainReport,
+    release: &'a medmerge_crds::results::ReleaseRecord,
 }

@@ -190,6 +190,46 @@ fn a_multi_label_mergejob_trains_with_bce_and_reports_per_label_auroc() {
 }
 
 #[test]
+fn each_hospital_releases_its_vector_as_the_spec_says_and_the_merge_decodes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = tiny_local_job(dir.path(), "  merge: {baselines: []}\n  release: {encoding: int8}\n", 2).unwrap();
+    let runner = Runner::new(Job::load(&job).unwrap(), Device::Cpu).unwrap();
+    for stage in ["init", "finetune-h0", "finetune-h1", "merge-data-vector"] {
+        runner.run_stage(stage).unwrap();
+    }
+    let run = dir.path().join("out/runs/local/tiny/g1");
+    let summary: ShardTraining = serde_json::from_slice(&std::fs::read(run.join("shards/h0/metrics.json")).unwrap()).unwrap();
+    let release = summary.release.expect("the summary says how the vector left");
+    assert_eq!((release.encoding, release.privacy), (medmerge_crds::VectorEncoding::Int8, None));
+    let vector = run.join("shards/h0/vector.safetensors");
+    assert_eq!(release.bytes, Some(std::fs::metadata(&vector).unwrap().len()));
+    let stored = medmerge_trainer::st::MappedFile::open(&vector).unwrap();
+    assert!(stored.tensors().any(|t| t.dtype == safetensors::Dtype::I8), "weights stored as int8");
+    assert!(Network::load(&run.join("merged/data-vector/model.safetensors"), Device::Cpu).is_ok(), "the merge decoded both vectors");
+}
+
+#[test]
+fn a_private_release_is_recorded_and_a_merge_its_noise_breaks_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = "  merge: {baselines: []}\n  release: {privacy: {epsilon: 1, delta: 1.0e-6, clipNorm: 10}}\n";
+    let job = tiny_local_job(dir.path(), spec, 2).unwrap();
+    let runner = Runner::new(Job::load(&job).unwrap(), Device::Cpu).unwrap();
+    for stage in ["init", "finetune-h0", "finetune-h1"] {
+        runner.run_stage(stage).unwrap();
+    }
+    let run = dir.path().join("out/runs/local/tiny/g1");
+    let summary: ShardTraining = serde_json::from_slice(&std::fs::read(run.join("shards/h1/metrics.json")).unwrap()).unwrap();
+    let privacy = summary.release.and_then(|r| r.privacy).expect("the summary states the guarantee");
+    assert_eq!((privacy.epsilon, privacy.delta, privacy.clip_norm), (1.0, 1e-6, 10.0));
+    let stored = medmerge_trainer::st::MappedFile::open(&run.join("shards/h1/vector.safetensors")).unwrap();
+    assert_eq!(medmerge_trainer::release::recorded_release(stored.metadata()).unwrap().privacy, Some(privacy), "so does the vector");
+    // σ ≈ 80 per entry: the merged network's logits overflow, and the refusal names the noise.
+    let refused = format!("{:#}", runner.run_stage("merge-data-vector").unwrap_err());
+    assert!(refused.contains("non-finite") && refused.contains("differential-privacy noise") && refused.contains("h0, h1"), "{refused}");
+    assert!(!run.join("merged/data-vector/model.safetensors").exists());
+}
+
+#[test]
 fn stages_run_one_at_a_time_and_refuse_to_run_early() {
     let dir = tempfile::tempdir().unwrap();
     let job = tiny_local_job(dir.path(), "  merge: {baselines: []}\n", 2).unwrap();

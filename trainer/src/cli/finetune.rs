@@ -5,10 +5,11 @@ use std::path::PathBuf;
 use medmerge_trainer::data::Dataset;
 use medmerge_trainer::merge::write_vector;
 use medmerge_trainer::model::Network;
+use medmerge_trainer::release::describe_release;
 use medmerge_trainer::train;
 use tch::Device;
 
-use super::TrainingArgs;
+use super::{ReleaseArgs, TrainingArgs};
 use crate::stdout::say;
 
 /// The subcommand's flags.
@@ -28,15 +29,18 @@ pub struct Args {
     out: PathBuf,
     #[command(flatten)]
     training: TrainingArgs,
+    #[command(flatten)]
+    release: ReleaseArgs,
 }
 
 /// Runs the subcommand.
 pub fn run(a: Args, dev: Device) -> anyhow::Result<()> {
     let training = a.training.spec()?;
+    let release = a.release.spec()?;
     let mut net = Network::load(&a.base, dev)?;
     let data = Dataset::open(&a.data, Some(&net.classes))?;
     let report = train::train(&mut net, &data, &training, dev, &a.shard)?;
-    write_vector(&net, &a.base, &a.shard, report.class_counts.clone(), &a.out)?;
-    say!("data vector of shard {} written to {} (best epoch {})", a.shard, a.out.display(), report.best_epoch);
+    let released = write_vector(&net, &a.base, &a.shard, report.class_counts.clone(), &release, &a.out)?;
+    say!("data vector of shard {} written to {} (best epoch {}, {})", a.shard, a.out.display(), report.best_epoch, describe_release(&released));
     Ok(())
 }

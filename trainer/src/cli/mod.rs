@@ -9,6 +9,7 @@ pub mod init;
 pub mod merge;
 pub mod pipeline;
 pub mod predict;
+pub mod release;
 pub mod restore;
 pub mod serve;
 pub mod split;
@@ -19,7 +20,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Args;
-use medmerge_crds::{validate_training, AugmentSpec, Optimizer, Schedule, SpecError, TrainingSpec};
+use medmerge_crds::{validate_release, validate_training, AugmentSpec, Optimizer, PrivacySpec, ReleaseSpec, Schedule, SpecError, TrainingSpec, VectorEncoding};
 use medmerge_trainer::checkpoint::{ArtifactKind, ArtifactMeta};
 use medmerge_trainer::data::Dataset;
 use medmerge_trainer::model::Network;
@@ -62,6 +63,47 @@ pub struct TrainingArgs {
     /// On CUDA, train with float16 autocast and dynamic loss scaling.
     #[arg(long)]
     mixed_precision: bool,
+}
+
+/// How the vector leaves the hospital (they map onto `spec.release`).
+#[derive(Args)]
+pub struct ReleaseArgs {
+    /// Differential privacy: the privacy loss epsilon (with --delta and --clip-norm).
+    #[arg(long, requires_all = ["delta", "clip_norm"])]
+    epsilon: Option<f64>,
+    /// Differential privacy: the failure probability delta.
+    #[arg(long, requires = "epsilon")]
+    delta: Option<f64>,
+    /// Differential privacy: the L2 norm the vector is clipped to before noise.
+    #[arg(long, requires = "epsilon")]
+    clip_norm: Option<f64>,
+    /// Encoding of the vector's weight tensors: float32, int8 or topK.
+    #[arg(long, default_value = "float32")]
+    encoding: String,
+    /// With --encoding topK: the fraction of each tensor's entries kept (default 0.1).
+    #[arg(long)]
+    density: Option<f64>,
+}
+
+impl ReleaseArgs {
+    /// The release settings, refused naming the flag where the spec would refuse them.
+    pub fn spec(&self) -> anyhow::Result<ReleaseSpec> {
+        let encoding = serde_yaml::from_str::<VectorEncoding>(&self.encoding).with_context(|| format!("--encoding {}: expected float32, int8 or topK", self.encoding))?;
+        let privacy = match (self.epsilon, self.delta, self.clip_norm) {
+            (Some(epsilon), Some(delta), Some(clip_norm)) => Some(PrivacySpec { epsilon, delta, clip_norm }),
+            _ => None,
+        };
+        let spec = ReleaseSpec { privacy, encoding, density: self.density };
+        let flags = [
+            ("release.privacy.epsilon", "--epsilon"),
+            ("release.privacy.delta", "--delta"),
+            ("release.privacy.clipNorm", "--clip-norm"),
+            ("release.encoding", "--encoding"),
+            ("release.density", "--density"),
+        ];
+        check_flags(validate_release(&spec, ""), &flags)?;
+        Ok(spec)
+    }
 }
 
 /// Refuses flag values the spec would refuse, naming the flag (and the spec field with the same

@@ -12,7 +12,8 @@ use std::borrow::Cow;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use medmerge_crds::{HeadStrategy, MergeMethod};
+use medmerge_crds::results::ReleaseRecord;
+use medmerge_crds::{HeadStrategy, MergeMethod, ReleaseSpec};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use safetensors::tensor::Dtype;
@@ -20,6 +21,8 @@ use tch::{Device, Tensor};
 
 use crate::checkpoint::{file_digest, ArtifactKind, ArtifactMeta, MetaError};
 use crate::model::{head_prefix, ModelError, Network};
+use crate::release::encoding::VectorReader;
+use crate::release::{release, VectorTensor};
 use crate::st::{f32_as_le_bytes, MappedFile, StError, StreamWriter, TensorMeta};
 
 /// Why a merge (or a vector) was refused.
@@ -54,6 +57,9 @@ pub enum MergeError {
     /// A merged batch-norm running variance is negative: the model would give NaN.
     #[error("merged {tensor}: running variance {value} at index {index} is negative; refusing to publish a model that gives NaN")]
     InvalidVariance { tensor: String, index: usize, value: f32 },
+    /// The merged model is unusable and the vectors carry privacy noise large enough to explain it.
+    #[error("{source}: the vectors of {shards} carry differential-privacy noise (σ up to {sigma:.3} per entry) that the merged model cannot absorb; raise epsilon or release without privacy (README: Differential privacy)")]
+    TooNoisy { source: Box<MergeError>, shards: String, sigma: f64 },
     /// Reading or writing a file failed.
     #[error(transparent)]
     St(#[from] StError),
@@ -96,24 +102,51 @@ pub struct ShardVector {
     pub path: PathBuf,
 }
 
-/// Writes shard `shard`'s data vector: `net - base` for pretrained tensors, `net`'s head as is.
-pub fn write_vector(net: &Network, base_path: &Path, shard: &str, class_counts: Vec<u64>, out: &Path) -> Result<(), MergeError> {
+/// Writes shard `shard`'s data vector, released as `spec` asks (privacy noise drawn from the
+/// operating system's randomness, then the encoding): `net - base` for pretrained tensors,
+/// `net`'s head as is. Returns what the release did, with the file's size.
+pub fn write_vector(net: &Network, base_path: &Path, shard: &str, class_counts: Vec<u64>, spec: &ReleaseSpec, out: &Path) -> Result<ReleaseRecord, MergeError> {
     let base = MappedFile::open(base_path)?;
     let base_meta = ArtifactMeta::from_map(base_path, base.metadata(), ArtifactKind::Model)?;
     let head = net.head_prefix();
     let mut tensors = Vec::new();
     for (name, t) in net.named_tensors() {
-        let v = if name.starts_with(head) {
-            t
-        } else {
-            let pre = Tensor::from_slice(&base.f32(&name)?).view(t.size().as_slice()).to_device(t.device());
-            t.f_sub(&pre)?
-        };
-        tensors.push((name, v));
+        let mut values = crate::model::tensor_to_vec(&t)?;
+        if !name.starts_with(head) {
+            math::add_scaled(&mut values, &base.f32(&name)?, -1.0);
+        }
+        tensors.push(VectorTensor { shape: t.size().iter().map(|&d| d as usize).collect(), name, values });
     }
     let meta = ArtifactMeta { kind: ArtifactKind::Vector, base_digest: file_digest(base_path)?, shard: Some(shard.into()), class_counts, ..base_meta };
-    crate::model::write_tensors(out, &tensors, &meta.to_map())?;
-    Ok(())
+    write_released(tensors, &meta, spec, out)
+}
+
+/// Releases an existing vector again as `spec` asks (e.g. a hospital that trained with the
+/// CLI and now adds noise or compresses before uploading): decoded, checked against the base,
+/// released and written to `out`. Its shard and sample counts are kept.
+pub fn release_vector(base_path: &Path, vector: &ShardVector, spec: &ReleaseSpec, out: &Path) -> Result<ReleaseRecord, MergeError> {
+    let base = MappedFile::open(base_path)?;
+    let base_meta = ArtifactMeta::from_map(base_path, base.metadata(), ArtifactKind::Model)?;
+    let (meta, file) = open_checked_vector(vector, &base, &file_digest(base_path)?, &base_meta)?;
+    let mut tensors = Vec::new();
+    for t in file.tensors() {
+        tensors.push(VectorTensor { values: finite_view(&file, &t.name, &vector.shard)?.into_owned(), name: t.name, shape: t.shape });
+    }
+    write_released(tensors, &meta, spec, out)
+}
+
+/// Releases `tensors` and writes them with `meta` (and the release's metadata) to `out`.
+fn write_released(tensors: Vec<VectorTensor>, meta: &ArtifactMeta, spec: &ReleaseSpec, out: &Path) -> Result<ReleaseRecord, MergeError> {
+    let released = release(tensors, head_prefix(meta.arch), spec, &mut StdRng::from_os_rng());
+    let mut metadata = meta.to_map();
+    metadata.extend(released.metadata);
+    let mut writer = StreamWriter::create(out, released.parts.iter().map(|(m, _)| m.clone()).collect(), &metadata)?;
+    for (m, bytes) in &released.parts {
+        writer.write(&m.name, bytes)?;
+    }
+    writer.finish()?;
+    let bytes = std::fs::metadata(out).map_err(|source| StError::Open { path: out.into(), source })?.len();
+    Ok(ReleaseRecord { bytes: Some(bytes), ..released.record })
 }
 
 /// A shard's own fine-tuned model: base plus its vector, with its head.
@@ -124,17 +157,18 @@ pub fn shard_model(base_path: &Path, vector: &ShardVector, device: Device) -> Re
     let v = open_checked_vector(vector, &base, &file_digest(base_path)?, &base_meta)?;
     let head = net.head_prefix();
     for (name, mut var) in net.named_tensors() {
-        let delta = Tensor::from_slice(&v.1.f32(&name)?).view(var.size().as_slice()).to_device(var.device());
+        let delta = Tensor::from_slice(&v.1.values(&name)?).view(var.size().as_slice()).to_device(var.device());
         tch::no_grad(|| if name.starts_with(head) { var.f_copy_(&delta) } else { var.f_add_(&delta).map(|_| ()) })?;
     }
     Ok(net)
 }
 
 /// Opens shard `v`'s vector and checks it against the base: kind, architecture, classes, and
-/// every tensor's name, shape and dtype. The base digest is checked by the caller.
-fn open_vector(v: &ShardVector, base: &MappedFile, base_meta: &ArtifactMeta) -> Result<(ArtifactMeta, MappedFile), MergeError> {
-    let file = MappedFile::open(&v.path)?;
-    let meta = ArtifactMeta::from_map(&v.path, file.metadata(), ArtifactKind::Vector)?;
+/// every tensor's name, shape and dtype (decoded ones as they decode). The base digest is
+/// checked by the caller.
+fn open_vector(v: &ShardVector, base: &MappedFile, base_meta: &ArtifactMeta) -> Result<(ArtifactMeta, VectorReader), MergeError> {
+    let file = VectorReader::open(&v.path)?;
+    let meta = ArtifactMeta::from_map(&v.path, file.file().metadata(), ArtifactKind::Vector)?;
     let shard = v.shard.clone();
     if meta.arch != base_meta.arch {
         return Err(MergeError::Incompatible { shard, what: "architecture", found: meta.arch.as_str().into(), expected: base_meta.arch.as_str().into() });
@@ -143,7 +177,8 @@ fn open_vector(v: &ShardVector, base: &MappedFile, base_meta: &ArtifactMeta) -> 
         return Err(MergeError::Incompatible { shard, what: "classes", found: format!("{:?}", meta.classes), expected: format!("{:?}", base_meta.classes) });
     }
     let base_names: BTreeSet<&str> = base.tensors().map(|t| t.name.as_str()).collect();
-    let names: BTreeSet<&str> = file.tensors().map(|t| t.name.as_str()).collect();
+    let tensors = file.tensors();
+    let names: BTreeSet<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
     if let Some(t) = base_names.difference(&names).next() {
         return Err(MergeError::MissingTensor { shard, tensor: (*t).into() });
     }
@@ -151,7 +186,7 @@ fn open_vector(v: &ShardVector, base: &MappedFile, base_meta: &ArtifactMeta) -> 
         return Err(MergeError::ExtraTensor { shard, tensor: (*t).into() });
     }
     for t in base.tensors() {
-        let mine = file.meta(&t.name).expect("name sets are equal");
+        let mine = tensors.iter().find(|m| m.name == t.name).expect("name sets are equal");
         if mine.shape != t.shape || mine.dtype != t.dtype {
             return Err(MergeError::TensorMismatch { shard, tensor: t.name.clone(), found: format!("{:?} {:?}", mine.dtype, mine.shape), expected: format!("{:?} {:?}", t.dtype, t.shape) });
         }
@@ -160,7 +195,7 @@ fn open_vector(v: &ShardVector, base: &MappedFile, base_meta: &ArtifactMeta) -> 
 }
 
 /// Opens and checks one vector, base digest included (for single-vector readers).
-fn open_checked_vector(v: &ShardVector, base: &MappedFile, digest: &str, base_meta: &ArtifactMeta) -> Result<(ArtifactMeta, MappedFile), MergeError> {
+fn open_checked_vector(v: &ShardVector, base: &MappedFile, digest: &str, base_meta: &ArtifactMeta) -> Result<(ArtifactMeta, VectorReader), MergeError> {
     let opened = open_vector(v, base, base_meta)?;
     check_base_digest(v, &opened.0.base_digest, digest)?;
     Ok(opened)
@@ -168,7 +203,7 @@ fn open_checked_vector(v: &ShardVector, base: &MappedFile, digest: &str, base_me
 
 /// The same file given twice, or two files written by the same shard's training (a copied
 /// vector), would add one hospital's vector twice.
-fn refuse_duplicates(vectors: &[ShardVector], opened: &[(ArtifactMeta, MappedFile)]) -> Result<(), MergeError> {
+fn refuse_duplicates(vectors: &[ShardVector], opened: &[(ArtifactMeta, VectorReader)]) -> Result<(), MergeError> {
     let real: Vec<Option<PathBuf>> = vectors.iter().map(|v| v.path.canonicalize().ok()).collect();
     for i in 0..vectors.len() {
         for j in i + 1..vectors.len() {
@@ -200,8 +235,8 @@ pub fn check_vector(base_path: &Path, v: &ShardVector) -> Result<(), MergeError>
     let base_meta = ArtifactMeta::from_map(base_path, base.metadata(), ArtifactKind::Model)?;
     let (meta, file) = open_vector(v, &base, &base_meta)?;
     check_base_digest(v, &meta.base_digest, &file_digest(base_path)?)?;
-    for t in file.tensors().filter(|t| t.dtype == safetensors::Dtype::F32) {
-        if file.f32(&t.name)?.iter().any(|x| !x.is_finite()) {
+    for t in file.tensors().iter().filter(|t| t.dtype == safetensors::Dtype::F32) {
+        if file.values(&t.name)?.iter().any(|x| !x.is_finite()) {
             return Err(MergeError::NonFinite { shard: v.shard.clone(), tensor: t.name.clone() });
         }
     }
@@ -223,13 +258,30 @@ pub fn merge_checked(base_path: &Path, vectors: &[ShardVector], opts: &MergeOpti
     }
     let unchecked = crate::st::temp_path(out);
     let result = merge_files(base_path, vectors, opts, &unchecked).and_then(|()| {
-        Network::load(&unchecked, device)?.check_valid()?;
+        Network::load(&unchecked, device)?.check_valid().map_err(|e| blame_noise(MergeError::from(e), vectors))?;
         std::fs::rename(&unchecked, out).map_err(|source| StError::Write { path: out.into(), source }.into())
     });
     if result.is_err() {
         let _ = std::fs::remove_file(&unchecked);
     }
     result
+}
+
+/// `error` (an unusable merged model), naming the privacy noise of the vectors that carry some.
+fn blame_noise(error: MergeError, vectors: &[ShardVector]) -> MergeError {
+    let noisy: Vec<(String, f64)> = vectors
+        .iter()
+        .filter_map(|v| {
+            let file = MappedFile::open(&v.path).ok()?;
+            let sigma = crate::release::recorded_release(file.metadata())?.privacy?.noise_stddev;
+            Some((v.shard.clone(), sigma))
+        })
+        .collect();
+    if noisy.is_empty() {
+        return error;
+    }
+    let sigma = noisy.iter().map(|(_, s)| *s).fold(0.0, f64::max);
+    MergeError::TooNoisy { source: Box::new(error), shards: noisy.into_iter().map(|(s, _)| s).collect::<Vec<_>>().join(", "), sigma }
 }
 
 /// Merges `vectors` onto the base at `base_path` and writes a complete model to `out`.
@@ -265,7 +317,7 @@ fn stream_merge(
     base_meta: &ArtifactMeta,
     digest: &str,
     vectors: &[ShardVector],
-    opened: Vec<(ArtifactMeta, MappedFile)>,
+    opened: Vec<(ArtifactMeta, VectorReader)>,
     opts: &MergeOptions,
     out: &Path,
 ) -> Result<StreamWriter, MergeError> {
@@ -274,7 +326,7 @@ fn stream_merge(
         HeadStrategy::SampleWeighted => opened.iter().map(|(m, _)| m.samples().max(1) as f64).collect(),
     };
     let mut merger = TensorMerger::new(head_prefix(base_meta.arch), &head_weights, opts);
-    let mut files: Vec<MappedFile> = opened.into_iter().map(|(_, file)| file).collect();
+    let mut files: Vec<VectorReader> = opened.into_iter().map(|(_, file)| file).collect();
     let metas: Vec<TensorMeta> = base.tensors().cloned().collect();
     let out_meta = ArtifactMeta { kind: ArtifactKind::Model, base_digest: digest.into(), shard: None, class_counts: vec![], ..base_meta.clone() };
     let writer = StreamWriter::create(out, metas.clone(), &out_meta.to_map())?;
@@ -344,7 +396,7 @@ impl<'a> TensorMerger<'a> {
         TensorMerger { head_prefix, head_scales: head_weights.iter().map(|w| (w / total) as f32).collect(), body_scales: body_scale.map(|s| vec![s; n]), opts, rng: StdRng::seed_from_u64(opts.seed) }
     }
 
-    fn merge(&mut self, name: &str, base: &MappedFile, vectors: &[ShardVector], files: &mut [MappedFile]) -> Result<Vec<f32>, MergeError> {
+    fn merge(&mut self, name: &str, base: &MappedFile, vectors: &[ShardVector], files: &mut [VectorReader]) -> Result<Vec<f32>, MergeError> {
         if name.starts_with(self.head_prefix) {
             // New heads start from nothing: the base's head is another class list's.
             let len = base.meta(name).map_or(0, TensorMeta::numel);
@@ -414,9 +466,9 @@ impl Merged {
 ///
 /// NaN and infinities survive any sum (even times zero), so one check of the result replaces a
 /// check of every input; only when it fails are the inputs searched for the one at fault.
-fn linear_combination(mut out: Vec<f32>, name: &str, vectors: &[ShardVector], files: &mut [MappedFile], scales: &[f32], base_path: &Path) -> Result<Vec<f32>, MergeError> {
+fn linear_combination(mut out: Vec<f32>, name: &str, vectors: &[ShardVector], files: &mut [VectorReader], scales: &[f32], base_path: &Path) -> Result<Vec<f32>, MergeError> {
     for (file, scale) in files.iter_mut().zip(scales) {
-        math::add_scaled(&mut out, &file.f32_view(name)?, *scale);
+        math::add_scaled(&mut out, &file.values(name)?, *scale);
         file.release();
     }
     if !math::all_finite(&out) {
@@ -429,8 +481,8 @@ fn linear_combination(mut out: Vec<f32>, name: &str, vectors: &[ShardVector], fi
 }
 
 /// Shard `shard`'s tensor `name`, refused when it holds NaN or Inf.
-fn finite_view<'a>(file: &'a MappedFile, name: &str, shard: &str) -> Result<std::borrow::Cow<'a, [f32]>, MergeError> {
-    let tau = file.f32_view(name)?;
+fn finite_view<'a>(file: &'a VectorReader, name: &str, shard: &str) -> Result<std::borrow::Cow<'a, [f32]>, MergeError> {
+    let tau = file.values(name)?;
     if tau.iter().any(|x| !x.is_finite()) {
         return Err(MergeError::NonFinite { shard: shard.into(), tensor: name.into() });
     }

@@ -176,7 +176,7 @@ impl VectorReader {
             VectorEncoding::Int8 => {
                 let q: Vec<i8> = self.file.bytes(name)?.iter().map(|&b| b as i8).collect();
                 let scales = self.file.f32(&format!("{name}{SCALE}"))?;
-                if q.len() != numel || scales.is_empty() || numel % scales.len() != 0 {
+                if q.len() != numel || scales.is_empty() || !numel.is_multiple_of(scales.len()) {
                     return Err(bad(format!("{} int8 values and {} scales for {numel} entries", q.len(), scales.len())));
                 }
                 Encoded::Int8 { q, scales }

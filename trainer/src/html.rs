@@ -11,7 +11,7 @@ use maud::{html, Markup, PreEscaped, DOCTYPE};
 use crate::report::EvalReport;
 
 /// Section ids, in page order (the browser test checks each one renders).
-pub const SECTIONS: [&str; 7] = ["results", "per-class", "confusion", "roc", "similarity", "gradcam", "settings"];
+pub const SECTIONS: [&str; 8] = ["results", "per-class", "confusion", "roc", "similarity", "vectors", "gradcam", "settings"];
 
 const STYLE: &str = "body{font-family:DejaVu Sans,Arial,sans-serif;margin:2em auto;max-width:1100px;color:#222}\
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;padding:4px 10px;text-align:right}\
@@ -68,6 +68,7 @@ pub fn to_html(report: &EvalReport, dir: &Path) -> String {
                 (confusion(report, dir))
                 section id="roc" { h2 { "ROC curves" } (embedded_png(dir, "roc.png", "ROC curve per class", "plot")) }
                 (similarity(report, dir))
+                (vectors(report))
                 (gradcam(report, dir))
                 section id="settings" { h2 { "Settings that produced this run" } pre { (spec) } }
                 footer { p id="figures" { "figures not checked (scripts disabled)" } }
@@ -180,6 +181,23 @@ fn similarity(report: &EvalReport, dir: &Path) -> Markup {
     }
 }
 
+fn vectors(report: &EvalReport) -> Markup {
+    html! {
+        section id="vectors" {
+            h2 { "How the vectors left the hospitals" }
+            table {
+                tr { th { "shard" } th { "encoding" } th { "size" } th { "privacy" } }
+                @for r in &report.releases {
+                    tr { td { (r.shard) } td { (r.encoding()) } td { (r.size()) } td { (r.privacy()) } }
+                }
+            }
+            @if report.releases.iter().any(|r| r.release.privacy.is_some()) {
+                p { (crate::report::PRIVACY_SCOPE) }
+            }
+        }
+    }
+}
+
 fn gradcam(report: &EvalReport, dir: &Path) -> Markup {
     let (p, c) = (report.primary(), &report.clinical);
     html! {
@@ -252,6 +270,15 @@ mod tests {
                 heat: HeatMeasures { foreground_fraction: Some(0.9), deletion_auc: Some(0.25), insertion_auc: Some(0.75), deletion_gain: Some(0.125) },
             }],
             similarity: vec![],
+            releases: vec![crate::report::ShardRelease {
+                shard: "h1".into(),
+                release: medmerge_crds::results::ReleaseRecord {
+                    encoding: medmerge_crds::VectorEncoding::Int8,
+                    density: None,
+                    bytes: Some(3_800_000),
+                    privacy: Some(medmerge_crds::results::PrivacyRecord { epsilon: 8.0, delta: 1e-6, clip_norm: 3.0, noise_stddev: 3.9 }),
+                },
+            }],
             spec: serde_json::json!({"merge": {"lambda": 0.5}}),
             clinical: Clinical { operating_point: 0.5, sensitivity: vec![Some(1.0), Some(0.5)], specificity: vec![Some(0.5), Some(1.0)], gallery, ..Default::default() },
         }
@@ -269,6 +296,8 @@ mod tests {
         assert!(html.contains("<td>0.250</td><td>0.750</td><td>0.125</td>"), "deletion and insertion areas and the gain per model");
         assert!(html.contains("roc.png was not drawn"), "missing figures are said, not silently dropped");
         assert!(html.contains("&quot;lambda&quot;: 0.5"), "the settings are shown");
+        assert!(html.contains("<td>h1</td><td>int8</td><td>3.8 MB</td><td>(ε 8, δ 0.000001)-DP, clip 3, σ 3.900e0</td>"), "each vector's release");
+        assert!(html.contains("does not cover sample counts"), "and what the privacy covers");
     }
 
     #[test]

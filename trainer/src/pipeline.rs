@@ -565,9 +565,22 @@ impl Runner {
             test_images: test.samples.len(),
             candidates,
             similarity: self.similarity()?,
+            releases: self.releases()?,
             spec: serde_json::to_value(spec)?,
             clinical: clinical.unwrap_or_default(),
         })
+    }
+
+    /// How each shard's vector was released, from its file (collected vectors included).
+    fn releases(&self) -> anyhow::Result<Vec<crate::report::ShardRelease>> {
+        let mut out = Vec::new();
+        for v in self.vectors().into_iter().filter(|v| v.path.exists()) {
+            let file = MappedFile::open(&v.path)?;
+            let recorded = crate::release::recorded_release(file.metadata());
+            let release = recorded.unwrap_or(medmerge_crds::results::ReleaseRecord { encoding: Default::default(), density: None, bytes: None, privacy: None });
+            out.push(crate::report::ShardRelease { shard: v.shard, release: medmerge_crds::results::ReleaseRecord { bytes: Some(std::fs::metadata(&v.path)?.len()), ..release } });
+        }
+        Ok(out)
     }
 
     /// Per-layer cosine similarity between shard vectors and with the full-training vector.

@@ -100,12 +100,50 @@ pub struct EvalReport {
     pub candidates: Vec<CandidateResult>,
     /// Per-tensor vector similarity.
     pub similarity: Vec<LayerSimilarity>,
+    /// How each shard's vector left its hospital (encoding, size, privacy).
+    #[serde(default)]
+    pub releases: Vec<ShardRelease>,
     /// The spec that produced this run.
     pub spec: serde_json::Value,
     /// ROC curves, operating point and Grad-CAM gallery of the primary model.
     #[serde(default)]
     pub clinical: Clinical,
 }
+
+/// How one shard's vector was released, as its file records it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ShardRelease {
+    /// Shard name.
+    pub shard: String,
+    /// Encoding, size and privacy (vectors written without a record: float32, no privacy).
+    pub release: medmerge_crds::results::ReleaseRecord,
+}
+
+impl ShardRelease {
+    /// The privacy column: the guarantee, or that there is none.
+    pub fn privacy(&self) -> String {
+        match &self.release.privacy {
+            Some(p) => format!("(ε {}, δ {})-DP, clip {}, σ {:.3e}", p.epsilon, p.delta, p.clip_norm, p.noise_stddev),
+            None => "none".into(),
+        }
+    }
+
+    /// The encoding column, with top-k's density.
+    pub fn encoding(&self) -> String {
+        match self.release.density {
+            Some(d) => format!("{} {d}", self.release.encoding.as_str()),
+            None => self.release.encoding.as_str().into(),
+        }
+    }
+
+    /// The size column.
+    pub fn size(&self) -> String {
+        self.release.bytes.map_or("n/a".into(), |b| format!("{:.1} MB", b as f64 / 1e6))
+    }
+}
+
+/// What a privacy guarantee on the vectors covers, for readers of the report.
+pub const PRIVACY_SCOPE: &str = "Differential privacy covers each vector's tensors for one release, against any change of that hospital's training set; it does not cover sample counts, training metrics or what restoration stages release (an averaged epoch's weights, batch-norm moments, head statistics).";
 
 impl EvalReport {
     /// The primary merged model's result.
@@ -139,6 +177,15 @@ impl EvalReport {
                 md.push_str(&format!("; with the full-training vector: {:.3}", full.iter().sum::<f64>() / full.len() as f64));
             }
             md.push_str(". Per-layer values are in metrics.json.\n\n![per-layer cosine similarity](similarity.png)\n");
+        }
+        if !self.releases.is_empty() {
+            md.push_str("\n## How the vectors left the hospitals\n\n| shard | encoding | size | privacy |\n|---|---|---|---|\n");
+            for r in &self.releases {
+                md.push_str(&format!("| {} | {} | {} | {} |\n", r.shard, r.encoding(), r.size(), r.privacy()));
+            }
+            if self.releases.iter().any(|r| r.release.privacy.is_some()) {
+                md.push_str(&format!("\n{PRIVACY_SCOPE}\n"));
+            }
         }
         if self.candidates.iter().any(|c| !c.heat.is_empty()) {
             md.push_str("\n## Grad-CAM\n\nPer model, over the explained images: the share of heat inside the image's foreground, the areas under the deletion (lower is better) and insertion (higher is better) curves of the explained class's probability as the hottest pixels are removed or revealed, and the deletion gain: coldest-first minus hottest-first deletion area (about 0: the maps are noise to the model). Overlays and ROC curves are in report.html.\n\n| model | heat in foreground | deletion AUC | insertion AUC | deletion gain |\n|---|---|---|---|---|\n");

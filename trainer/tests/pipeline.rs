@@ -24,6 +24,8 @@ fn a_tiny_mergejob_runs_end_to_end_and_reports_every_candidate() {
         assert_eq!(c.metrics.confusion.iter().flatten().sum::<u64>(), 18);
     }
     assert!(!report.similarity.is_empty() && report.similarity.iter().all(|s| s.with_full_training.is_some()));
+    let releases: Vec<(&str, &str, &str)> = report.releases.iter().map(|r| (r.shard.as_str(), r.release.encoding.as_str(), if r.release.privacy.is_some() { "private" } else { "none" })).collect();
+    assert_eq!(releases, [("h0", "float32", "none"), ("h1", "float32", "none"), ("h2", "float32", "none")], "how each vector left, in the report");
     let run = dir.path().join("out/runs/local/tiny/g1");
     assert!(run.join("eval/report.md").exists());
     for plot in ["results.png", "confusion.png", "similarity.png", "roc.png", "gradcam-00.png"] {

@@ -17,6 +17,7 @@ pub mod release;
 pub mod remote_data;
 pub mod report;
 pub mod restore;
+pub mod secure;
 pub mod serve;
 pub mod split;
 pub mod st;

@@ -5,7 +5,7 @@ mod cli;
 mod stdout;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use cli::{bn_stats, device, evaluate, explain, finetune, init, merge, pipeline, predict, release, restore, serve, split, store, synth};
+use cli::{bn_stats, device, evaluate, explain, finetune, init, merge, pipeline, predict, release, restore, secure, serve, split, store, synth};
 
 /// Fine-tune, merge, restore and evaluate image classifiers from data vectors.
 #[derive(Parser)]
@@ -43,7 +43,10 @@ enum Command {
     /// Release a written vector again before upload: differential-privacy noise and/or a
     /// compact encoding (int8, top-k).
     Release(release::Args),
-    /// Merge data vectors onto the base.
+    /// Secure aggregation, a hospital's side: its key, its masked vector, its dropout shares.
+    #[command(subcommand)]
+    Secure(secure::Action),
+    /// Merge data vectors (or masked ones, from their sum alone) onto the base.
     Merge(merge::Args),
     /// Compute a model's batch-norm moments on one shard (only aggregates leave the shard).
     BnStats(bn_stats::Args),
@@ -84,6 +87,7 @@ fn main() -> anyhow::Result<()> {
         Command::Init(args) => init::run(args, dev),
         Command::Finetune(args) => finetune::run(args, dev),
         Command::Release(args) => release::run(args),
+        Command::Secure(action) => secure::run(action),
         Command::Merge(args) => merge::run(args, dev),
         Command::BnStats(args) => bn_stats::run(args, dev),
         Command::Restore(args) => restore::run(args, dev),

@@ -11,6 +11,7 @@ pub mod pipeline;
 pub mod predict;
 pub mod release;
 pub mod restore;
+pub mod secure;
 pub mod serve;
 pub mod split;
 pub mod store;

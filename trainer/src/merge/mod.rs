@@ -60,6 +60,12 @@ pub enum MergeError {
     /// The merged model is unusable and the vectors carry privacy noise large enough to explain it.
     #[error("{source}: the vectors of {shards} carry differential-privacy noise (σ up to {sigma:.3} per entry) that the merged model cannot absorb; raise epsilon or release without privacy (README: Differential privacy)")]
     TooNoisy { source: Box<MergeError>, shards: String, sigma: f64 },
+    /// A vector masked for secure aggregation was given to the plain merge.
+    #[error("shard {shard}: {path} is masked for secure aggregation; merge the masked vectors together with `merge --masked`")]
+    Masked { shard: String, path: PathBuf },
+    /// Secure aggregation refused its inputs.
+    #[error(transparent)]
+    Secure(#[from] crate::secure::SecureError),
     /// Reading or writing a file failed.
     #[error(transparent)]
     St(#[from] StError),
@@ -125,6 +131,13 @@ pub fn write_vector(net: &Network, base_path: &Path, shard: &str, class_counts: 
 /// CLI and now adds noise or compresses before uploading): decoded, checked against the base,
 /// released and written to `out`. Its shard and sample counts are kept.
 pub fn release_vector(base_path: &Path, vector: &ShardVector, spec: &ReleaseSpec, out: &Path) -> Result<ReleaseRecord, MergeError> {
+    let (meta, tensors) = read_vector_tensors(base_path, vector)?;
+    write_released(tensors, &meta, spec, out)
+}
+
+/// Every tensor of `vector`, decoded, after checking it against the base (digest included) and
+/// refusing non-finite values.
+pub(crate) fn read_vector_tensors(base_path: &Path, vector: &ShardVector) -> Result<(ArtifactMeta, Vec<VectorTensor>), MergeError> {
     let base = MappedFile::open(base_path)?;
     let base_meta = ArtifactMeta::from_map(base_path, base.metadata(), ArtifactKind::Model)?;
     let (meta, file) = open_checked_vector(vector, &base, &file_digest(base_path)?, &base_meta)?;
@@ -132,7 +145,7 @@ pub fn release_vector(base_path: &Path, vector: &ShardVector, spec: &ReleaseSpec
     for t in file.tensors() {
         tensors.push(VectorTensor { values: finite_view(&file, &t.name, &vector.shard)?.into_owned(), name: t.name, shape: t.shape });
     }
-    write_released(tensors, &meta, spec, out)
+    Ok((meta, tensors))
 }
 
 /// Releases `tensors` and writes them with `meta` (and the release's metadata) to `out`.
@@ -170,6 +183,9 @@ fn open_vector(v: &ShardVector, base: &MappedFile, base_meta: &ArtifactMeta) -> 
     let file = VectorReader::open(&v.path)?;
     let meta = ArtifactMeta::from_map(&v.path, file.file().metadata(), ArtifactKind::Vector)?;
     let shard = v.shard.clone();
+    if file.file().metadata().contains_key(crate::secure::merge::MASKED_KEY) {
+        return Err(MergeError::Masked { shard, path: v.path.clone() });
+    }
     if meta.arch != base_meta.arch {
         return Err(MergeError::Incompatible { shard, what: "architecture", found: meta.arch.as_str().into(), expected: base_meta.arch.as_str().into() });
     }
@@ -253,12 +269,19 @@ fn check_base_digest(v: &ShardVector, claim: &str, digest: &str) -> Result<(), M
 /// [`merge_files`], then the merged model loaded and checked ([`Network::check_valid`]) before it
 /// is published at `out`: a model that fails is refused and `out` is left as it was.
 pub fn merge_checked(base_path: &Path, vectors: &[ShardVector], opts: &MergeOptions, out: &Path, device: Device) -> Result<(), MergeError> {
+    publish_valid_model(out, device, |unchecked| merge_files(base_path, vectors, opts, unchecked), |e| blame_noise(e, vectors))
+}
+
+/// Writes a model with `write` to a temporary file beside `out`, loads and checks it
+/// ([`Network::check_valid`]) and only then renames it to `out`; a model that fails is removed
+/// and its error passed through `explain`.
+pub(crate) fn publish_valid_model(out: &Path, device: Device, write: impl FnOnce(&Path) -> Result<(), MergeError>, explain: impl FnOnce(MergeError) -> MergeError) -> Result<(), MergeError> {
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|source| StError::Write { path: dir.into(), source })?;
     }
     let unchecked = crate::st::temp_path(out);
-    let result = merge_files(base_path, vectors, opts, &unchecked).and_then(|()| {
-        Network::load(&unchecked, device)?.check_valid().map_err(|e| blame_noise(MergeError::from(e), vectors))?;
+    let result = write(&unchecked).and_then(|()| {
+        Network::load(&unchecked, device)?.check_valid().map_err(|e| explain(MergeError::from(e)))?;
         std::fs::rename(&unchecked, out).map_err(|source| StError::Write { path: out.into(), source }.into())
     });
     if result.is_err() {
@@ -431,13 +454,13 @@ impl<'a> TensorMerger<'a> {
 }
 
 /// Whether `name` is a batch-norm running statistic (torchvision and efficientnet_pytorch names).
-fn is_bn_statistic(name: &str) -> bool {
+pub(crate) fn is_bn_statistic(name: &str) -> bool {
     name.ends_with(".running_mean") || name.ends_with(".running_var")
 }
 
 /// Refuses a negative running variance (a model with it gives NaN in eval mode). Zero is valid:
 /// batch norm adds its epsilon, and pretrained models have dead channels with variance 0.
-fn check_variance(name: &str, values: Vec<f32>) -> Result<Vec<f32>, MergeError> {
+pub(crate) fn check_variance(name: &str, values: Vec<f32>) -> Result<Vec<f32>, MergeError> {
     if name.ends_with(".running_var") {
         if let Some((index, value)) = values.iter().enumerate().find(|(_, v)| v.is_nan() || **v < 0.0) {
             return Err(MergeError::InvalidVariance { tensor: name.into(), index, value: *value });

@@ -73,7 +73,10 @@ fn opts(method: MergeMethod) -> MergeOptions {
 /// The largest difference between two models' float tensors.
 fn max_difference(a: &Path, b: &Path) -> f32 {
     let (a, b) = (MappedFile::open(a).unwrap(), MappedFile::open(b).unwrap());
-    a.tensors().filter(|t| t.dtype == safetensors::Dtype::F32).map(|t| a.f32(&t.name).unwrap().iter().zip(b.f32(&t.name).unwrap()).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max)).fold(0f32, f32::max)
+    a.tensors()
+        .filter(|t| t.dtype == safetensors::Dtype::F32)
+        .map(|t| a.f32(&t.name).unwrap().iter().zip(b.f32(&t.name).unwrap()).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max))
+        .fold(0f32, f32::max)
 }
 
 #[test]

@@ -76,6 +76,28 @@ fn a_kserve_v2_client_gets_the_predictions_of_predict() {
 
     let metrics = ureq::get(&format!("{base}/metrics")).call().unwrap().into_string().unwrap();
     assert!(metrics.contains(&format!("medmerge_serve_images_total {}", 2 * data.samples.len())), "{metrics}");
+
+    // Grad-CAM on request: the outputs asked for, in that order, with the library's heat maps.
+    let one = &files[..2];
+    let class = data.classes[1].clone();
+    let (status, explained) = post(
+        &infer,
+        json!({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [2], "data": one}], "outputs": [{"name": "gradcam"}, {"name": "predicted"}], "parameters": {"explain_class": class}}),
+    );
+    assert_eq!(status, 200, "{explained}");
+    let names: Vec<&str> = explained["outputs"].as_array().unwrap().iter().map(|o| o["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["gradcam", "predicted"]);
+    assert_eq!(explained["outputs"][0]["shape"], json!([2, SIZE, SIZE]));
+    let served: Vec<f64> = serde_json::from_value(explained["outputs"][0]["data"].clone()).unwrap();
+    let net = network(&data.classes);
+    let layer = medmerge_trainer::explain::resolve_layer(&net, None).unwrap();
+    let pixels: Vec<f32> = images[..2 * 3 * (SIZE * SIZE) as usize].to_vec();
+    let maps = medmerge_trainer::explain::grad_cam_normalised(&net, &pixels, 2, &layer, Some(1), Device::Cpu).unwrap();
+    assert!(maps.iter().all(|m| m.explained == 1), "the class asked for is the one explained");
+    for (got, want) in served.iter().zip(maps.iter().flat_map(|m| m.cam.iter())) {
+        assert!((got - f64::from(*want)).abs() < 1e-4, "served heat {got}, library {want}");
+    }
+    assert!(served.iter().all(|v| (0.0..=1.0).contains(v)));
 }
 
 #[test]
@@ -91,6 +113,11 @@ fn bad_requests_are_refused_naming_the_field_and_the_server_keeps_serving() {
         (json!({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["x"]}]}), "text (BYTES) is not an input"),
         (json!({"inputs": []}), "inputs: expected exactly one input"),
         (json!({"outputs": []}), "request body: missing field `inputs`"),
+        (json!({"inputs": [{"name": "input", "datatype": "FP32", "shape": [0, 3, 32, 32], "data": []}], "outputs": [{"name": "saliency"}]}), "outputs[0].name: saliency is not an output"),
+        (
+            json!({"inputs": [{"name": "input", "datatype": "FP32", "shape": [0, 3, 32, 32], "data": []}], "parameters": {"explain_class": "zebra"}}),
+            "parameters.explain_class: class \"zebra\" is not one",
+        ),
     ];
     for (body, field) in cases {
         let (status, answer) = post(&infer, body);

@@ -104,10 +104,15 @@ pub fn resolve_class(net: &Network, name: &str) -> Result<usize, ExplainError> {
 
 /// Grad-CAM of `layer` for a batch of resized images; `class` fixes the explained class.
 pub fn grad_cam(net: &Network, images: &[RgbImage], layer: &str, class: Option<usize>, device: Device) -> Result<Vec<Heatmap>, ExplainError> {
-    let size = i64::from(net.image_size);
-    let n = images.len() as i64;
     let pixels: Vec<f32> = images.iter().flat_map(normalise).collect();
-    let x = Tensor::from_slice(&pixels).view([n, 3, size, size]).to_device(device);
+    grad_cam_normalised(net, &pixels, images.len(), layer, class, device)
+}
+
+/// [`grad_cam`] of `n` images already normalised (CHW, ImageNet statistics, concatenated).
+pub fn grad_cam_normalised(net: &Network, pixels: &[f32], n: usize, layer: &str, class: Option<usize>, device: Device) -> Result<Vec<Heatmap>, ExplainError> {
+    let size = i64::from(net.image_size);
+    let n = n as i64;
+    let x = Tensor::from_slice(pixels).view([n, 3, size, size]).to_device(device);
     let mut tap = Tap::at(layer);
     let logits = net.forward_tapped(&x, false, &mut tap);
     let features = tap.take().ok_or_else(|| ExplainError::UnknownLayer { layer: layer.into(), arch: net.arch.as_str(), available: net.tap_names().join(", ") })?;

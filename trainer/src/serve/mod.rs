@@ -18,6 +18,11 @@ use crate::data::decode_image_bytes;
 use crate::model::Network;
 use protocol::{InferOutput, InferRequest, InferResponse, ModelMetadata, TensorMetadata};
 
+/// The outputs this server can return.
+pub const OUTPUTS: [&str; 3] = ["probabilities", "predicted", "gradcam"];
+/// Images per Grad-CAM pass (it keeps activations and gradients).
+const GRADCAM_BATCH: usize = 8;
+
 /// Most images one forward pass takes; more requests wait for the next pass.
 pub const MAX_BATCH: usize = 64;
 /// Largest request body accepted (a batch of full-size photographs).
@@ -61,6 +66,7 @@ impl ServedModel {
             outputs: vec![
                 TensorMetadata { name: "probabilities", datatype: "FP32", shape: vec![-1, self.net.classes.len() as i64] },
                 TensorMetadata { name: "predicted", datatype: "BYTES", shape: vec![-1] },
+                TensorMetadata { name: "gradcam", datatype: "FP32", shape: vec![-1, size, size] },
             ],
             parameters: json!({"classes": self.net.classes, "image_size": self.net.image_size, "multi_label": self.net.multi_label}),
         }
@@ -105,7 +111,40 @@ impl ServedModel {
             }
             (name, datatype) => return Err(bad_request(format!("inputs[0]: {name} ({datatype}) is not an input of this model; send image (BYTES) or input (FP32)"))),
         };
+        for (i, o) in request.outputs.iter().enumerate() {
+            if !OUTPUTS.contains(&o.name.as_str()) {
+                return Err(bad_request(format!("outputs[{i}].name: {} is not an output of this model ({})", o.name, OUTPUTS.join(", "))));
+            }
+        }
+        self.explained_class(&request)?;
         Ok((request, images))
+    }
+
+    /// The class `gradcam` explains for `request`: its `parameters.explain_class`, or None for
+    /// each image's predicted class.
+    fn explained_class(&self, request: &InferRequest) -> Result<Option<usize>, Refusal> {
+        match request.parameters.as_ref().and_then(|p| p.get("explain_class")) {
+            None => Ok(None),
+            Some(Value::String(class)) => crate::explain::resolve_class(&self.net, class).map(Some).map_err(|e| bad_request(format!("parameters.explain_class: {e}"))),
+            Some(other) => Err(bad_request(format!("parameters.explain_class: expected a class name, got {other}"))),
+        }
+    }
+
+    /// Grad-CAM heat (`size` x `size`, in [0, 1]) of each image for the class `request` asks
+    /// to explain, when it asks for output `gradcam`; None otherwise.
+    pub fn grad_cams(&self, request: &InferRequest, images: &[Vec<f32>]) -> Result<Option<Vec<Vec<f32>>>, Refusal> {
+        if !request.outputs.iter().any(|o| o.name == "gradcam") {
+            return Ok(None);
+        }
+        let failed = |e: crate::explain::ExplainError| Refusal { status: 500, error: format!("Grad-CAM: {e}") };
+        let layer = crate::explain::resolve_layer(&self.net, None).map_err(failed)?;
+        let class = self.explained_class(request)?;
+        let mut maps = Vec::with_capacity(images.len());
+        for chunk in images.chunks(GRADCAM_BATCH) {
+            let heat = crate::explain::grad_cam_normalised(&self.net, &chunk.concat(), chunk.len(), &layer, class, self.device).map_err(failed)?;
+            maps.extend(heat.into_iter().map(|h| h.cam));
+        }
+        Ok(Some(maps))
     }
 
     /// Class probabilities of `images` (normalised CHW), one forward pass per [`MAX_BATCH`].
@@ -123,18 +162,19 @@ impl ServedModel {
         Ok(out)
     }
 
-    /// The response to `request` given the probabilities of its images.
-    pub fn respond(&self, request: &InferRequest, probs: &[Vec<f32>]) -> InferResponse {
-        let predicted: Vec<String> = probs.iter().map(|p| self.net.predicted(p)).collect();
+    /// The response to `request` given the probabilities of its images (and their Grad-CAM
+    /// heat, when asked for): the outputs it lists, or `probabilities` and `predicted`.
+    pub fn respond(&self, request: &InferRequest, probs: &[Vec<f32>], cams: Option<&[Vec<f32>]>) -> InferResponse {
         let n = probs.len() as i64;
-        InferResponse {
-            model_name: self.name.clone(),
-            id: request.id.clone(),
-            outputs: vec![
-                InferOutput { name: "probabilities".into(), datatype: "FP32".into(), shape: vec![n, self.net.classes.len() as i64], data: json!(probs.concat()) },
-                InferOutput { name: "predicted".into(), datatype: "BYTES".into(), shape: vec![n], data: json!(predicted) },
-            ],
-        }
+        let size = i64::from(self.net.image_size);
+        let wanted: Vec<&str> = if request.outputs.is_empty() { vec!["probabilities", "predicted"] } else { request.outputs.iter().map(|o| o.name.as_str()).collect() };
+        let output = |name: &str| match name {
+            "probabilities" => Some(InferOutput { name: name.into(), datatype: "FP32".into(), shape: vec![n, self.net.classes.len() as i64], data: json!(probs.concat()) }),
+            "predicted" => Some(InferOutput { name: name.into(), datatype: "BYTES".into(), shape: vec![n], data: json!(probs.iter().map(|p| self.net.predicted(p)).collect::<Vec<_>>()) }),
+            "gradcam" => cams.map(|c| InferOutput { name: name.into(), datatype: "FP32".into(), shape: vec![n, size, size], data: json!(c.concat()) }),
+            _ => None,
+        };
+        InferResponse { model_name: self.name.clone(), id: request.id.clone(), outputs: wanted.into_iter().filter_map(output).collect() }
     }
 }
 
@@ -273,9 +313,14 @@ fn answer_infers(model: &ServedModel, infers: Vec<Received>, metrics: &ServeMetr
             for (http, started, request, images) in decoded {
                 let mine = &probs[offset..offset + images.len()];
                 offset += images.len();
-                let body = serde_json::to_value(model.respond(&request, mine)).unwrap_or_default();
-                metrics.seconds.observe(started.elapsed().as_secs_f64());
-                reply(http, 200, &body, metrics, "infer");
+                match model.grad_cams(&request, &images) {
+                    Ok(cams) => {
+                        let body = serde_json::to_value(model.respond(&request, mine, cams.as_deref())).unwrap_or_default();
+                        metrics.seconds.observe(started.elapsed().as_secs_f64());
+                        reply(http, 200, &body, metrics, "infer");
+                    }
+                    Err(refusal) => reply(http, refusal.status, &json!({"error": refusal.error}), metrics, "infer"),
+                }
             }
         }
         Err(refusal) => {

@@ -12,6 +12,20 @@ pub struct InferRequest {
     pub id: Option<String>,
     /// One input: `image` (BYTES, base64-encoded image files) or `input` (FP32 tensor).
     pub inputs: Vec<InferInput>,
+    /// The outputs wanted (`probabilities`, `predicted`, `gradcam`); none listed: the first two.
+    #[serde(default)]
+    pub outputs: Vec<RequestedOutput>,
+    /// Request parameters: `explain_class` (a class name) fixes the class `gradcam` explains
+    /// (default: each image's predicted class).
+    #[serde(default)]
+    pub parameters: Option<Value>,
+}
+
+/// An output a request asks for.
+#[derive(Debug, Deserialize)]
+pub struct RequestedOutput {
+    /// Output name.
+    pub name: String,
 }
 
 /// One named input tensor; `data` is the flat row-major contents.
@@ -35,8 +49,9 @@ pub struct InferResponse {
     /// The request's id, if it had one.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub id: Option<String>,
-    /// `probabilities` (FP32, `[n, classes]`) and `predicted` (BYTES, `[n]`: class names,
-    /// `|`-joined for multi-label models).
+    /// `probabilities` (FP32, `[n, classes]`), `predicted` (BYTES, `[n]`: class names,
+    /// `|`-joined for multi-label models) and, when asked for, `gradcam` (FP32,
+    /// `[n, size, size]`: Grad-CAM heat in [0, 1] of the explained class).
     pub outputs: Vec<InferOutput>,
 }
 

@@ -371,3 +371,26 @@ async fn a_straggler_past_its_deadline_is_dropped_and_its_job_stopped() {
     assert!(!h.stage_jobs("slow", 1).await.contains("finetune-c"), "the dropped shard is not trained again");
     h.controller.abort();
 }
+
+#[tokio::test]
+#[ignore = "needs a kube-apiserver: run `make e2e-operator`"]
+async fn the_serving_example_deployment_and_service_are_accepted_by_the_api_server() {
+    use kube::api::DynamicObject;
+    use kube::core::GroupVersionKind;
+    use serde::Deserialize;
+    medmerge_operator::install_crypto_provider();
+    let client = Client::try_default().await.unwrap();
+    let text = std::fs::read_to_string(medmerge_tests::fixtures::repo().join("examples/serving/merged-model.yaml")).unwrap();
+    let mut kinds = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let object = DynamicObject::deserialize(doc).unwrap();
+        let types = object.types.clone().expect("every document names its kind");
+        let (group, version) = types.api_version.rsplit_once('/').unwrap_or(("", &types.api_version));
+        let (resource, _) = kube::discovery::pinned_kind(&client, &GroupVersionKind::gvk(group, version, &types.kind)).await.unwrap();
+        let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), "default", &resource);
+        // Server-side dry run: the real API server's validation and defaulting, nothing stored.
+        api.create(&PostParams { dry_run: true, ..Default::default() }, &object).await.unwrap_or_else(|e| panic!("{} {}: {e}", types.kind, object.name_any()));
+        kinds.push(types.kind);
+    }
+    assert_eq!(kinds, ["Deployment", "Service"]);
+}

@@ -32,14 +32,7 @@ case "$ROWS" in
 esac
 mkdir -p "$WORK" "$(dirname "$OUT")"
 started=$(date +%s)
-log() { echo "[$(( $(date +%s) - started ))s] $*" >&2; }
-# Run "$@" unless its output file (the argument after --out) exists already.
-once() {
-  local out="" prev=""
-  for a in "$@"; do [ "$prev" = "--out" ] && out="$a"; prev="$a"; done
-  [ -n "$out" ] && [ -e "$out" ] && return 0
-  log "$*" ; "$@" > /dev/null
-}
+source bench/lib.sh
 
 for seed in $SEEDS; do
   B="$WORK/seed-$seed"; mkdir -p "$B"

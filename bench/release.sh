@@ -9,7 +9,8 @@
 #
 #   DATA=<ImageFolder> SEEDS="1 2 3" CLIP_NORM=3 bash bench/release.sh
 #
-# Writes bench/results/release.{md,json}. About 35 minutes on 2 CPU cores with cached hospitals.
+# Writes bench/results/release.{md,json}. About 45 minutes on 2 CPU cores with cached hospitals
+# (86 when it shared the cores with builds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
@@ -21,13 +22,7 @@ T="${MEDMERGE_TRAINER:-$CARGO_TARGET_DIR/debug/medmerge-trainer}"
 OUT="${BENCH_OUT:-bench/results/release}"
 CONFIGS=(float32 int8 topk-0.1 topk-0.01 dp-100 dp-8 dp-1)
 started=$(date +%s)
-log() { echo "[$(( $(date +%s) - started ))s] $*" >&2; }
-once() {
-  local out="" prev=""
-  for a in "$@"; do [ "$prev" = "--out" ] && out="$a"; prev="$a"; done
-  [ -n "$out" ] && [ -e "$out" ] && return 0
-  log "$*"; "$@" > /dev/null
-}
+source bench/lib.sh
 flags() {
   case "$1" in
     float32) echo "--encoding float32" ;;

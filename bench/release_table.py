@@ -3,6 +3,7 @@
 Usage: release_table.py WORK SECONDS OUT COMMAND SEEDS CLIP CONFIG...
 """
 import json
+import math
 import os
 import statistics
 import struct
@@ -73,4 +74,13 @@ for r in rows:
     g = r["gain_over_best_hospital"]
     gain = "–" if g[0] is None else f"{100 * g[0]:+.1f}"
     md.append(f"| {r['release']} | {r['restoration']} | {r['bytes_per_vector'] / 1e6:.1f} MB | {sigma} | {pct(r['accuracy'])} | {gain} |")
+plain = header(os.path.join(work, f"seed-{seeds[0]}", "iid", "release", "float32", "vector-1.safetensors"))
+entries = sum(math.prod(t["shape"]) for k, t in plain.items() if k != "__metadata__" and not k.endswith(("running_mean", "running_var")))
+private = [r for r in rows if r["noise_stddev"] is not None and r["restoration"].startswith("averaged")]
+md += ["", "int8 and top-k encode weight matrices and kernels only (heads, biases and batch-norm tensors stay float32). "
+       f"A vector has {entries / 1e6:.1f} M covered entries, so the privacy noise's norm σ·√d is "
+       + ", ".join(f"{r['noise_stddev'] * math.sqrt(entries) / float(clip):.0f}x (ε {r['release'].split()[2].rstrip(',')})" for r in private)
+       + f" the clipped vector's norm ({clip}): the merged model carries no signal and answers at chance, whatever the restoration."]
+result["covered_entries"] = entries
+json.dump(result, open(out + ".json", "w"), indent=2)
 open(out + ".md", "w").write("\n".join(md) + "\n")

@@ -454,7 +454,7 @@ impl<'a> TensorMerger<'a> {
 }
 
 /// Whether `name` is a batch-norm running statistic (torchvision and efficientnet_pytorch names).
-pub(crate) fn is_bn_statistic(name: &str) -> bool {
+pub fn is_bn_statistic(name: &str) -> bool {
     name.ends_with(".running_mean") || name.ends_with(".running_var")
 }
 

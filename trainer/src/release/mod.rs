@@ -12,6 +12,7 @@ use medmerge_crds::results::{PrivacyRecord, ReleaseRecord};
 use medmerge_crds::{ReleaseSpec, VectorEncoding};
 use rand::Rng;
 
+use crate::merge::is_bn_statistic;
 use crate::st::TensorMeta;
 use encoding::{encodable, encode, EncodedTensor, ENCODED_KEY};
 
@@ -38,11 +39,6 @@ pub struct Released {
     pub metadata: BTreeMap<String, String>,
     /// What the release did (size not yet known).
     pub record: ReleaseRecord,
-}
-
-/// Whether tensor `name` is a batch-norm running statistic: data moments, not weights.
-fn is_bn_statistic(name: &str) -> bool {
-    name.ends_with(".running_mean") || name.ends_with(".running_var")
 }
 
 /// Releases `tensors` as `spec` asks. With privacy, batch-norm statistics are released as zero

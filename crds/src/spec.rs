@@ -324,6 +324,10 @@ pub enum Architecture {
     EfficientnetB0,
     /// MobileNetV2 (torchvision layout).
     MobilenetV2,
+    /// MobileNetV3-Large (torchvision layout): an edge model for devices at the point of care.
+    MobilenetV3Large,
+    /// MobileNetV3-Small (torchvision layout): the smallest edge model.
+    MobilenetV3Small,
 }
 
 impl Architecture {
@@ -336,13 +340,27 @@ impl Architecture {
             Architecture::Resnet50 => "resnet50",
             Architecture::EfficientnetB0 => "efficientnet-b0",
             Architecture::MobilenetV2 => "mobilenet-v2",
+            Architecture::MobilenetV3Large => "mobilenet-v3-large",
+            Architecture::MobilenetV3Small => "mobilenet-v3-small",
         }
     }
 
     /// Parses the kebab-case name.
     pub fn parse(name: &str) -> Option<Self> {
-        [Self::EfficientnetLite0, Self::Resnet18, Self::Resnet34, Self::Resnet50, Self::EfficientnetB0, Self::MobilenetV2].into_iter().find(|a| a.as_str() == name)
+        Self::ALL.into_iter().find(|a| a.as_str() == name)
     }
+
+    /// Every supported architecture.
+    pub const ALL: [Architecture; 8] = [
+        Self::EfficientnetLite0,
+        Self::Resnet18,
+        Self::Resnet34,
+        Self::Resnet50,
+        Self::EfficientnetB0,
+        Self::MobilenetV2,
+        Self::MobilenetV3Large,
+        Self::MobilenetV3Small,
+    ];
 }
 
 /// Where pretrained weights come from.

@@ -6,6 +6,7 @@ pub mod clinical;
 pub mod data;
 pub mod evaluate;
 pub mod explain;
+pub mod export;
 pub mod html;
 pub mod merge;
 pub mod metrics;

@@ -91,6 +91,8 @@ fn architectures_have_torchvision_parameter_counts() {
         (Architecture::Resnet18, 11_689_512i64),
         (Architecture::Resnet50, 25_557_032),
         (Architecture::MobilenetV2, 3_504_872),
+        (Architecture::MobilenetV3Large, 5_483_032),
+        (Architecture::MobilenetV3Small, 2_542_856),
         (Architecture::EfficientnetB0, 5_288_548),
         (Architecture::EfficientnetLite0, 4_652_008),
     ];

@@ -12,8 +12,10 @@ use rand::Rng;
 
 use super::DataError;
 
-const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
-const STD: [f32; 3] = [0.229, 0.224, 0.225];
+/// ImageNet channel means (RGB, pixels in [0, 1]) that every network's input is centred by.
+pub const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+/// ImageNet channel standard deviations that every network's input is scaled by.
+pub const STD: [f32; 3] = [0.229, 0.224, 0.225];
 
 /// Augmentation to apply while decoding, with the seed of this particular draw.
 #[derive(Clone, Debug)]

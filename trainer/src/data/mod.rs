@@ -5,7 +5,7 @@ mod loader;
 
 use std::path::{Path, PathBuf};
 
-pub use self::image::{decode_image, decode_image_bytes, load_resized, normalise, Augment};
+pub use self::image::{decode_image, decode_image_bytes, load_resized, normalise, Augment, MEAN, STD};
 pub use loader::{Batch, BatchLoader};
 
 /// Errors finding or reading images.

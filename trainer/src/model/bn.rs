@@ -54,6 +54,11 @@ impl Bn {
         x.apply_t(&self.inner, train)
     }
 
+    /// The epsilon added to the variance.
+    pub fn eps(&self) -> f64 {
+        self.eps
+    }
+
     /// Starts accumulating moments (discarding any previous ones).
     pub fn start_collecting(&self) {
         let c = self.inner.running_mean.size()[0];

@@ -6,7 +6,8 @@ use std::rc::Rc;
 use tch::{nn, Tensor};
 
 use super::bn::Bn;
-use super::Tap;
+use super::{Act, Tap};
+use crate::export::graph::{GraphBuilder, GraphError, Value};
 
 const BN_EPS: f64 = 1e-3;
 
@@ -28,16 +29,28 @@ impl SameConv {
         SameConv { conv: nn::conv2d(p, c_in, c_out, kernel, cfg), kernel, stride }
     }
 
+    /// Total padding along a dimension of `size` for TensorFlow's "same" output size.
+    fn same_pad(&self, size: i64) -> i64 {
+        let out = (size + self.stride - 1) / self.stride;
+        ((out - 1) * self.stride + self.kernel - size).max(0)
+    }
+
     fn forward(&self, x: &Tensor) -> Tensor {
-        let pad = |size: i64| {
-            let out = (size + self.stride - 1) / self.stride;
-            ((out - 1) * self.stride + self.kernel - size).max(0)
-        };
-        let (ph, pw) = (pad(x.size()[2]), pad(x.size()[3]));
+        let (ph, pw) = (self.same_pad(x.size()[2]), self.same_pad(x.size()[3]));
         if ph == 0 && pw == 0 {
             return x.apply(&self.conv);
         }
         x.constant_pad_nd([pw / 2, pw - pw / 2, ph / 2, ph - ph / 2]).apply(&self.conv)
+    }
+
+    fn emit_onnx(&self, g: &mut GraphBuilder, x: &Value, bn: &Bn, act: Option<Act>) -> Result<Value, GraphError> {
+        let (ph, pw) = (self.same_pad(x.hw.0), self.same_pad(x.hw.1));
+        let y = g.conv(x, &self.conv, self.stride, [ph / 2, pw / 2, ph - ph / 2, pw - pw / 2])?;
+        let y = g.batch_norm(&y, bn)?;
+        Ok(match act {
+            Some(a) => g.act(&y, a),
+            None => y,
+        })
     }
 }
 
@@ -97,8 +110,9 @@ impl EfficientNetLite {
         (0..self.blocks.len()).map(|i| format!("blocks.{i}")).chain(["head".to_string()]).collect()
     }
 
-    /// Logits for a batch of normalised images; `tap` captures a layer's output on the way.
-    pub fn forward_t(&self, x: &Tensor, train: bool, tap: &mut Tap) -> Tensor {
+    /// The pooled features the head sees `[N, 1280]` (before its dropout), with `tap`
+    /// capturing a layer's output on the way.
+    pub fn head_input(&self, x: &Tensor, train: bool, tap: &mut Tap) -> Tensor {
         let mut x = self.bn0.forward_t(&self.stem.forward(x), train).relu6();
         for (i, b) in self.blocks.iter().enumerate() {
             let input = &x;
@@ -115,6 +129,29 @@ impl EfficientNetLite {
         }
         let x = self.bn1.forward_t(&self.head_conv.forward(&x), train).relu6();
         tap.see("head", &x);
-        x.adaptive_avg_pool2d([1, 1]).flatten(1, -1).dropout(0.2, train).apply(&self.fc)
+        x.adaptive_avg_pool2d([1, 1]).flatten(1, -1)
+    }
+
+    /// Logits for a batch of normalised images; `tap` captures a layer's output on the way.
+    pub fn forward_t(&self, x: &Tensor, train: bool, tap: &mut Tap) -> Tensor {
+        self.head_input(x, train, tap).dropout(0.2, train).apply(&self.fc)
+    }
+
+    /// The eval-mode forward pass as ONNX nodes, from normalised images `x` to logits.
+    pub fn emit_onnx(&self, g: &mut GraphBuilder, x: &Value) -> Result<Value, GraphError> {
+        let relu6 = Some(Act::Relu6);
+        let mut x = self.stem.emit_onnx(g, x, &self.bn0, relu6)?;
+        for b in &self.blocks {
+            let h = match &b.expand {
+                Some((conv, bn)) => conv.emit_onnx(g, &x, bn, relu6)?,
+                None => x.clone(),
+            };
+            let h = b.depthwise.emit_onnx(g, &h, &b.bn1, relu6)?;
+            let h = b.project.emit_onnx(g, &h, &b.bn2, None)?;
+            x = if b.residual { g.add(&h, &x) } else { h };
+        }
+        let x = self.head_conv.emit_onnx(g, &x, &self.bn1, relu6)?;
+        let pooled = g.pool_flatten(&x);
+        g.linear(&pooled, &self.fc)
     }
 }

@@ -14,8 +14,10 @@ use safetensors::tensor::Dtype;
 use tch::{nn, Device, Kind, Tensor};
 
 pub use bn::{Bn, Moments};
+pub use mobile::{Act, Gate};
 
 use crate::checkpoint::{ArtifactKind, ArtifactMeta, MetaError};
+use crate::export::graph::{GraphBuilder, GraphError, Value};
 use crate::st::{f32_as_le_bytes, MappedFile, StError, StreamWriter, TensorMeta};
 
 /// Errors building, loading or saving networks.
@@ -89,6 +91,8 @@ impl Network {
             Architecture::Resnet50 => Body::ResNet(resnet::ResNet::new(&root, [3, 4, 6, 3], true, n, &mut bns)),
             Architecture::EfficientnetB0 => Body::Mobile(mobile::TorchvisionMobile::efficientnet_b0(&root, n, &mut bns)),
             Architecture::MobilenetV2 => Body::Mobile(mobile::TorchvisionMobile::mobilenet_v2(&root, n, &mut bns)),
+            Architecture::MobilenetV3Large => Body::Mobile(mobile::TorchvisionMobile::mobilenet_v3(&root, true, n, &mut bns)),
+            Architecture::MobilenetV3Small => Body::Mobile(mobile::TorchvisionMobile::mobilenet_v3(&root, false, n, &mut bns)),
         };
         Network { vs, arch, classes: classes.to_vec(), image_size, multi_label: false, body, bns }
     }
@@ -137,6 +141,15 @@ impl Network {
         }
     }
 
+    /// The eval-mode forward pass as ONNX nodes, from normalised images `x` to logits.
+    pub fn emit_onnx(&self, g: &mut GraphBuilder, x: &Value) -> Result<Value, GraphError> {
+        match &self.body {
+            Body::EfficientNetLite(m) => m.emit_onnx(g, x),
+            Body::ResNet(m) => m.emit_onnx(g, x),
+            Body::Mobile(m) => m.emit_onnx(g, x),
+        }
+    }
+
     /// The convolutional layers whose output can be tapped, in forward order; the last one is
     /// the last convolutional block (Grad-CAM's default).
     pub fn tap_names(&self) -> Vec<String> {
@@ -147,14 +160,15 @@ impl Network {
         }
     }
 
-    /// The pooled features the classification head sees, `[N, d]`, in eval mode (running
-    /// batch-norm statistics, no dropout).
+    /// The features the classification head sees, `[N, d]`, in eval mode (running batch-norm
+    /// statistics, no dropout).
     pub fn pooled_features(&self, x: &Tensor) -> Tensor {
-        let last = self.tap_names().pop().unwrap_or_default();
-        let mut tap = Tap::at(&last);
-        let logits = self.forward_tapped(x, false, &mut tap);
-        // Every architecture taps its last convolutional block; pooling it gives the head's input.
-        tap.take().map(|t| t.adaptive_avg_pool2d([1, 1]).flatten(1, -1)).unwrap_or(logits)
+        let tap = &mut Tap::off();
+        match &self.body {
+            Body::EfficientNetLite(m) => m.head_input(x, false, tap),
+            Body::ResNet(m) => m.head_input(x, false, tap),
+            Body::Mobile(m) => m.head_input(x, false, tap),
+        }
     }
 
     /// The head's weight `[classes, d]` and bias `[classes]`.
@@ -303,6 +317,8 @@ pub fn head_prefix(arch: Architecture) -> &'static str {
         Architecture::EfficientnetLite0 => "_fc.",
         Architecture::Resnet18 | Architecture::Resnet34 | Architecture::Resnet50 => "fc.",
         Architecture::EfficientnetB0 | Architecture::MobilenetV2 => "classifier.",
+        // classifier.0 is MobileNetV3's pretrained hidden layer; only classifier.3 is new.
+        Architecture::MobilenetV3Large | Architecture::MobilenetV3Small => "classifier.3.",
     }
 }
 

@@ -5,7 +5,8 @@ use std::rc::Rc;
 use tch::{nn, Tensor};
 
 use super::bn::Bn;
-use super::Tap;
+use super::{Act, Tap};
+use crate::export::graph::{GraphBuilder, GraphError, Value};
 
 const BN_EPS: f64 = 1e-5;
 
@@ -17,6 +18,8 @@ fn conv(p: nn::Path, c_in: i64, c_out: i64, k: i64, stride: i64) -> nn::Conv2D {
 struct Block {
     convs: Vec<(nn::Conv2D, Rc<Bn>)>,
     downsample: Option<(nn::Conv2D, Rc<Bn>)>,
+    /// The block's stride, on its first 3x3 convolution (torchvision's ResNet v1.5) and the downsample.
+    stride: i64,
 }
 
 impl Block {
@@ -34,6 +37,28 @@ impl Block {
             None => x.shallow_clone(),
         };
         (h + shortcut).relu()
+    }
+
+    fn emit_onnx(&self, g: &mut GraphBuilder, x: &Value) -> Result<Value, GraphError> {
+        let strided = if self.convs.len() == 3 { 1 } else { 0 };
+        let last = self.convs.len() - 1;
+        let mut h = x.clone();
+        for (i, (c, bn)) in self.convs.iter().enumerate() {
+            let y = g.conv_centred(&h, c, if i == strided { self.stride } else { 1 })?;
+            h = g.batch_norm(&y, bn)?;
+            if i != last {
+                h = g.act(&h, Act::Relu);
+            }
+        }
+        let shortcut = match &self.downsample {
+            Some((c, bn)) => {
+                let y = g.conv_centred(x, c, self.stride)?;
+                g.batch_norm(&y, bn)?
+            }
+            None => x.clone(),
+        };
+        let sum = g.add(&h, &shortcut);
+        Ok(g.act(&sum, Act::Relu))
     }
 }
 
@@ -77,7 +102,7 @@ impl ResNet {
                     vec![(conv(&bp / "conv1", c_in, width, 3, stride), bn(&bp / "bn1", width)), (conv(&bp / "conv2", width, width, 3, 1), bn(&bp / "bn2", width))]
                 };
                 let downsample = (stride != 1 || c_in != c_out).then(|| (conv(&bp / "downsample" / 0, c_in, c_out, 1, stride), bn(&bp / "downsample" / 1, c_out)));
-                layers.push(Block { convs, downsample });
+                layers.push(Block { convs, downsample, stride });
                 c_in = c_out;
             }
         }
@@ -96,8 +121,8 @@ impl ResNet {
         (1..=4).map(|i| format!("layer{i}")).collect()
     }
 
-    /// Logits for a batch of normalised images; `tap` captures a stage's output on the way.
-    pub fn forward_t(&self, x: &Tensor, train: bool, tap: &mut Tap) -> Tensor {
+    /// The pooled features the head sees `[N, d]`, with `tap` capturing a layer's output.
+    pub fn head_input(&self, x: &Tensor, train: bool, tap: &mut Tap) -> Tensor {
         let mut x = self.bn1.forward_t(&x.apply(&self.conv1), train).relu().max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false);
         for (i, b) in self.layers.iter().enumerate() {
             x = b.forward_t(&x, train);
@@ -105,6 +130,24 @@ impl ResNet {
                 tap.see(&format!("layer{}", stage + 1), &x);
             }
         }
-        x.adaptive_avg_pool2d([1, 1]).flatten(1, -1).apply(&self.fc)
+        x.adaptive_avg_pool2d([1, 1]).flatten(1, -1)
+    }
+
+    /// Logits for a batch of normalised images; `tap` captures a layer's output on the way.
+    pub fn forward_t(&self, x: &Tensor, train: bool, tap: &mut Tap) -> Tensor {
+        self.head_input(x, train, tap).apply(&self.fc)
+    }
+
+    /// The eval-mode forward pass as ONNX nodes, from normalised images `x` to logits.
+    pub fn emit_onnx(&self, g: &mut GraphBuilder, x: &Value) -> Result<Value, GraphError> {
+        let y = g.conv_centred(x, &self.conv1, 2)?;
+        let y = g.batch_norm(&y, &self.bn1)?;
+        let y = g.act(&y, Act::Relu);
+        let mut h = g.max_pool(&y, 3, 2, 1);
+        for b in &self.layers {
+            h = b.emit_onnx(g, &h)?;
+        }
+        let pooled = g.pool_flatten(&h);
+        g.linear(&pooled, &self.fc)
     }
 }

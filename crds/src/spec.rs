@@ -351,16 +351,8 @@ impl Architecture {
     }
 
     /// Every supported architecture.
-    pub const ALL: [Architecture; 8] = [
-        Self::EfficientnetLite0,
-        Self::Resnet18,
-        Self::Resnet34,
-        Self::Resnet50,
-        Self::EfficientnetB0,
-        Self::MobilenetV2,
-        Self::MobilenetV3Large,
-        Self::MobilenetV3Small,
-    ];
+    pub const ALL: [Architecture; 8] =
+        [Self::EfficientnetLite0, Self::Resnet18, Self::Resnet34, Self::Resnet50, Self::EfficientnetB0, Self::MobilenetV2, Self::MobilenetV3Large, Self::MobilenetV3Small];
 }
 
 /// Where pretrained weights come from.

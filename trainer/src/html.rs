@@ -11,7 +11,7 @@ use maud::{html, Markup, PreEscaped, DOCTYPE};
 use crate::report::EvalReport;
 
 /// Section ids, in page order (the browser test checks each one renders).
-pub const SECTIONS: [&str; 8] = ["results", "per-class", "confusion", "roc", "similarity", "vectors", "gradcam", "settings"];
+pub const SECTIONS: [&str; 9] = ["results", "per-class", "confusion", "roc", "similarity", "vectors", "export", "gradcam", "settings"];
 
 const STYLE: &str = "body{font-family:DejaVu Sans,Arial,sans-serif;margin:2em auto;max-width:1100px;color:#222}\
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;padding:4px 10px;text-align:right}\
@@ -69,6 +69,7 @@ pub fn to_html(report: &EvalReport, dir: &Path) -> String {
                 section id="roc" { h2 { "ROC curves" } (embedded_png(dir, "roc.png", "ROC curve per class", "plot")) }
                 (similarity(report, dir))
                 (vectors(report))
+                (export(report))
                 (gradcam(report, dir))
                 section id="settings" { h2 { "Settings that produced this run" } pre { (spec) } }
                 footer { p id="figures" { "figures not checked (scripts disabled)" } }
@@ -198,6 +199,26 @@ fn vectors(report: &EvalReport) -> Markup {
     }
 }
 
+fn export(report: &EvalReport) -> Markup {
+    let p = &report.primary().metrics;
+    html! {
+        section id="export" {
+            h2 { "The model for serving and edge devices" }
+            @if let Some(e) = &report.export {
+                table {
+                    tr { th { "file" } th { "size" } th { "accuracy" } th { "macro F1" } }
+                    @for row in e.rows(p.accuracy, p.macro_f1) {
+                        tr { @for cell in row { td { (cell) } } }
+                    }
+                }
+                p { (crate::report::EXPORT_NOTE) }
+            } @else {
+                p { "No ONNX export in this run." }
+            }
+        }
+    }
+}
+
 fn gradcam(report: &EvalReport, dir: &Path) -> Markup {
     let (p, c) = (report.primary(), &report.clinical);
     html! {
@@ -280,6 +301,15 @@ mod tests {
                 },
             }],
             spec: serde_json::json!({"merge": {"lambda": 0.5}}),
+            export: Some(crate::report::EdgeExport {
+                opset: 17,
+                float_file: "model.onnx".into(),
+                float_bytes: 14_000_000,
+                int8_file: "model-int8.onnx".into(),
+                int8_bytes: 3_900_000,
+                int8_accuracy: 0.875,
+                int8_macro_f1: 0.5,
+            }),
             clinical: Clinical { operating_point: 0.5, sensitivity: vec![Some(1.0), Some(0.5)], specificity: vec![Some(0.5), Some(1.0)], gallery, ..Default::default() },
         }
     }
@@ -298,6 +328,7 @@ mod tests {
         assert!(html.contains("&quot;lambda&quot;: 0.5"), "the settings are shown");
         assert!(html.contains("<td>h1</td><td>int8</td><td>3.8 MB</td><td>(ε 8, δ 0.000001)-DP, clip 3, σ 3.900e0</td>"), "each vector's release");
         assert!(html.contains("does not cover sample counts"), "and what the privacy covers");
+        assert!(html.contains("<td>model-int8.onnx</td><td>3.9 MB</td><td>87.5 %</td><td>0.500</td>"), "the int8 edge model's size and accuracy");
     }
 
     #[test]

@@ -5,7 +5,7 @@ mod cli;
 mod stdout;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use cli::{bn_stats, device, evaluate, explain, finetune, init, merge, pipeline, predict, release, restore, secure, serve, split, store, synth};
+use cli::{bn_stats, device, evaluate, explain, export, finetune, init, merge, pipeline, predict, release, restore, secure, serve, split, store, synth};
 
 /// Fine-tune, merge, restore and evaluate image classifiers from data vectors.
 #[derive(Parser)]
@@ -60,6 +60,8 @@ enum Command {
     /// explanations.csv (prediction, explained class, share of heat inside the image's
     /// foreground, areas under the deletion and insertion curves).
     Explain(explain::Args),
+    /// Write a model as ONNX (opset 17; float32, or int8 weights for edge devices).
+    Export(export::Args),
     /// Serve a model over the Open Inference Protocol (v2: KServe, Triton) with dynamic batching
     /// and Prometheus metrics.
     Serve(serve::Args),
@@ -94,6 +96,7 @@ fn main() -> anyhow::Result<()> {
         Command::Evaluate(args) => evaluate::run(args, dev),
         Command::Predict(args) => predict::run(args, dev),
         Command::Explain(args) => explain::run(args, dev),
+        Command::Export(args) => export::run(args),
         Command::Serve(args) => serve::run(args, dev),
         Command::Split(args) => split::run(args, dev),
         Command::Synth(args) => synth::run(args, dev),

@@ -531,6 +531,7 @@ impl Runner {
         let sample = explain_sample(&test, spec.evaluation.explain_images as usize);
         let mut candidates = Vec::new();
         let mut clinical = None;
+        let mut export = None;
         for c in &self.plan.candidates {
             let (net, description) = match &c.kind {
                 CandidateKind::Merged(m) => {
@@ -554,6 +555,7 @@ impl Runner {
                 view.explain_layer = crate::explain::resolve_layer(&net, None).ok().filter(|_| !sample.is_empty());
                 view.gallery = heat.gallery;
                 clinical = Some(view);
+                export = Some(self.edge_export(net, &test, eval_dir)?);
             }
             info!(candidate = %c.id, accuracy = metrics.accuracy, macro_f1 = metrics.macro_f1, foreground_heat = ?heat.measures.foreground_fraction, deletion_auc = ?heat.measures.deletion_auc, "evaluated");
             candidates.push(CandidateResult { id: c.id.clone(), description, metrics, heat: heat.measures });
@@ -568,6 +570,29 @@ impl Runner {
             releases: self.releases()?,
             spec: serde_json::to_value(spec)?,
             clinical: clinical.unwrap_or_default(),
+            export,
+        })
+    }
+
+    /// The primary model as ONNX beside the report, float32 and with int8 weights, and the int8
+    /// variant scored on the held-out set (what an edge device running that file would get).
+    fn edge_export(&self, mut net: Network, test: &Dataset, eval_dir: &Path) -> anyhow::Result<crate::report::EdgeExport> {
+        use crate::export::{quantise_weights, write_onnx, Precision, OPSET};
+        let (float_file, int8_file) = ("model.onnx", "model-int8.onnx");
+        let float_bytes = write_onnx(&net, &eval_dir.join(float_file), Precision::Float32)?;
+        quantise_weights(&mut net)?;
+        let int8_bytes = write_onnx(&net, &eval_dir.join(int8_file), Precision::Int8Weights)?;
+        let probs = predict(&net, test, self.job.spec().training.batch_size as usize, self.device)?;
+        let metrics = score(&probs, test, self.classes.len());
+        info!(accuracy = metrics.accuracy, bytes = int8_bytes, "evaluated the int8 edge model");
+        Ok(crate::report::EdgeExport {
+            opset: OPSET,
+            float_file: float_file.into(),
+            float_bytes,
+            int8_file: int8_file.into(),
+            int8_bytes,
+            int8_accuracy: metrics.accuracy,
+            int8_macro_f1: metrics.macro_f1,
         })
     }
 

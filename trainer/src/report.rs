@@ -108,7 +108,44 @@ pub struct EvalReport {
     /// ROC curves, operating point and Grad-CAM gallery of the primary model.
     #[serde(default)]
     pub clinical: Clinical,
+    /// The primary model as ONNX, and its int8 edge variant's accuracy.
+    #[serde(default)]
+    pub export: Option<EdgeExport>,
 }
+
+/// The primary model exported for serving stacks and edge devices (ONNX, beside the report).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct EdgeExport {
+    /// ONNX operator set.
+    pub opset: i64,
+    /// The float32 file's name and size.
+    pub float_file: String,
+    /// Its size in bytes.
+    pub float_bytes: u64,
+    /// The int8-weights file's name.
+    pub int8_file: String,
+    /// Its size in bytes.
+    pub int8_bytes: u64,
+    /// The int8 variant's metrics on the held-out set (the float model's are the primary's).
+    pub int8_accuracy: f64,
+    /// Its macro F1.
+    pub int8_macro_f1: f64,
+}
+
+impl EdgeExport {
+    /// One line per file: name, size and held-out accuracy (the float one is `float_accuracy`).
+    pub fn rows(&self, float_accuracy: f64, float_macro_f1: f64) -> [[String; 4]; 2] {
+        let mb = |b: u64| format!("{:.1} MB", b as f64 / 1e6);
+        let pct = |v: f64| format!("{:.1} %", 100.0 * v);
+        [
+            [self.float_file.clone(), mb(self.float_bytes), pct(float_accuracy), format!("{float_macro_f1:.3}")],
+            [self.int8_file.clone(), mb(self.int8_bytes), pct(self.int8_accuracy), format!("{:.3}", self.int8_macro_f1)],
+        ]
+    }
+}
+
+/// What the exported files are, for readers of the report.
+pub const EXPORT_NOTE: &str = "ONNX opset 17 files beside this report: input `image` float32 [batch, 3, size, size] RGB in [0, 1] (normalised in the graph), outputs `logits` and `probabilities`. The int8 file stores every convolution kernel and linear weight as int8 with one scale per output channel; its accuracy is measured here on the same held-out images.";
 
 /// How one shard's vector was released, as its file records it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -186,6 +223,14 @@ impl EvalReport {
             if self.releases.iter().any(|r| r.release.privacy.is_some()) {
                 md.push_str(&format!("\n{PRIVACY_SCOPE}\n"));
             }
+        }
+        if let Some(e) = &self.export {
+            let p = &self.primary().metrics;
+            md.push_str("\n## The model for serving and edge devices\n\n| file | size | accuracy | macro F1 |\n|---|---|---|---|\n");
+            for [file, size, acc, f1] in e.rows(p.accuracy, p.macro_f1) {
+                md.push_str(&format!("| {file} | {size} | {acc} | {f1} |\n"));
+            }
+            md.push_str(&format!("\n{EXPORT_NOTE}\n"));
         }
         if self.candidates.iter().any(|c| !c.heat.is_empty()) {
             md.push_str("\n## Grad-CAM\n\nPer model, over the explained images: the share of heat inside the image's foreground, the areas under the deletion (lower is better) and insertion (higher is better) curves of the explained class's probability as the hottest pixels are removed or revealed, and the deletion gain: coldest-first minus hottest-first deletion area (about 0: the maps are noise to the model). Overlays and ROC curves are in report.html.\n\n| model | heat in foreground | deletion AUC | insertion AUC | deletion gain |\n|---|---|---|---|---|\n");

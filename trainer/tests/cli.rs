@@ -39,3 +39,24 @@ fn zero_threads_or_a_zero_batch_is_refused_by_name_before_anything_runs() {
         assert!(stderr.contains(flag) && !stderr.contains("panicked"), "{args:?}: {stderr}");
     }
 }
+
+#[test]
+fn export_writes_onnx_and_names_a_file_that_is_not_a_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("base.safetensors");
+    let init = trainer().args(["init", "--arch", "mobilenet-v3-small", "--weights", "random", "--classes", "a,b", "--image-size", "32", "--out"]).arg(&model).output().unwrap();
+    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    let (float, int8) = (dir.path().join("m.onnx"), dir.path().join("m-int8.onnx"));
+    for (out, extra) in [(&float, None), (&int8, Some("--int8"))] {
+        let run = trainer().arg("export").arg("--model").arg(&model).arg("--out").arg(out).args(extra).output().unwrap();
+        assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+        assert!(String::from_utf8_lossy(&run.stdout).contains("mobilenet-v3-small 32, 2 classes"));
+    }
+    assert!(std::fs::metadata(&int8).unwrap().len() * 3 < std::fs::metadata(&float).unwrap().len());
+    let not_a_model = dir.path().join("notes.txt");
+    std::fs::write(&not_a_model, "hello").unwrap();
+    let run = trainer().arg("export").arg("--model").arg(&not_a_model).arg("--out").arg(dir.path().join("x.onnx")).output().unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success() && stderr.contains("--model") && stderr.contains("notes.txt") && !stderr.contains("panicked"), "{stderr}");
+    assert!(!dir.path().join("x.onnx").exists());
+}

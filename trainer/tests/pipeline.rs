@@ -54,6 +54,13 @@ fn a_tiny_mergejob_runs_end_to_end_and_reports_every_candidate() {
         assert!(html.contains(&format!("<section id=\"{id}\">")), "report.html lacks {id}");
     }
     assert!(!html.contains("was not drawn"), "every figure is embedded");
+    // The merged model as ONNX beside the report, and its int8 edge variant scored.
+    let export = report.export.as_ref().expect("the primary model is exported");
+    for (file, bytes) in [(&export.float_file, export.float_bytes), (&export.int8_file, export.int8_bytes)] {
+        assert_eq!(std::fs::metadata(run.join("eval").join(file)).unwrap().len(), bytes, "{file}");
+    }
+    assert!((export.int8_bytes as f64) < 0.3 * export.float_bytes as f64, "{export:?}");
+    assert!((0.0..=1.0).contains(&export.int8_accuracy) && (0.0..=1.0).contains(&export.int8_macro_f1), "{export:?}");
     // What the operator reads back (crds::results) parses from what the stages wrote.
     let eval: EvaluationResults = serde_json::from_slice(&std::fs::read(run.join("eval/metrics.json")).unwrap()).unwrap();
     assert_eq!(eval.candidates.len(), report.candidates.len());

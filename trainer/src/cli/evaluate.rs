@@ -42,8 +42,18 @@ pub fn run(Args { models, data, json, batch_size }: Args, dev: Device) -> anyhow
         let metrics = evaluate(&net, &ds, batch_size, dev)?;
         candidates.push(CandidateResult { id: m.display().to_string(), description: m.display().to_string(), metrics, heat: Default::default() });
     }
-    let report =
-        EvalReport { job: String::new(), run: String::new(), classes, test_images: n, candidates, similarity: vec![], releases: vec![], spec: serde_json::Value::Null, clinical: Default::default() };
+    let report = EvalReport {
+        job: String::new(),
+        run: String::new(),
+        classes,
+        test_images: n,
+        candidates,
+        similarity: vec![],
+        releases: vec![],
+        spec: serde_json::Value::Null,
+        clinical: Default::default(),
+        export: None,
+    };
     say!("{}", report.table());
     if let Some(j) = json {
         write_atomic(&j, &serde_json::to_vec_pretty(&report)?)?;

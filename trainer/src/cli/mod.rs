@@ -4,6 +4,7 @@
 pub mod bn_stats;
 pub mod evaluate;
 pub mod explain;
+pub mod export;
 pub mod finetune;
 pub mod init;
 pub mod merge;

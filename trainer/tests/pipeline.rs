@@ -303,3 +303,19 @@ fn a_class_the_first_hospital_lacks_is_still_a_class_of_the_model() {
     let report = runner.run().unwrap();
     assert_eq!(report.classes, vec!["disc", "square", "stripes"]);
 }
+
+#[test]
+fn a_mobilenet_v3_mergejob_runs_every_stage_like_the_other_architectures() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = tiny_local_job(dir.path(), "  merge: {baselines: [paramsMean, shardModels]}\n", 2).unwrap();
+    let yaml = std::fs::read_to_string(&job).unwrap().replace("architecture: resnet18", "architecture: mobilenet-v3-small");
+    std::fs::write(&job, yaml).unwrap();
+    let report = Runner::new(Job::load(&job).unwrap(), Device::Cpu).unwrap().run().unwrap();
+    let ids: Vec<&str> = report.candidates.iter().map(|c| c.id.as_str()).collect();
+    assert_eq!(ids, ["data-vector", "params-mean", "shard-h0", "shard-h1"]);
+    let run = dir.path().join("out/runs/local/tiny/g1");
+    let merged = Network::load(&run.join("restored/data-vector/model.safetensors"), Device::Cpu).unwrap();
+    assert_eq!(merged.arch, medmerge_crds::Architecture::MobilenetV3Small);
+    assert_eq!(merged.head_prefix(), "classifier.3.", "the new head is the last linear layer; classifier.0 is pretrained");
+    assert!(report.export.as_ref().is_some_and(|e| e.int8_bytes > 0), "{:?}", report.export);
+}

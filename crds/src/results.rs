@@ -88,7 +88,7 @@ pub struct ShardTraining {
 /// How a vector left its hospital: written by the training stage into the shard's summary (and,
 /// without the size, into the vector's own metadata), copied by the operator into the shard's
 /// status.
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ReleaseRecord {
     /// Encoding of the weight tensors.
@@ -102,6 +102,26 @@ pub struct ReleaseRecord {
     /// The differential-privacy guarantee of the vector, if it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub privacy: Option<PrivacyRecord>,
+}
+
+impl ReleaseRecord {
+    /// The encoding as people read it: `int8`, `topK 0.1`.
+    pub fn encoding_label(&self) -> String {
+        match self.density {
+            Some(d) => format!("{} {d}", self.encoding.as_str()),
+            None => self.encoding.as_str().into(),
+        }
+    }
+
+    /// The file's size in MB, or `n/a` when not recorded.
+    pub fn size_label(&self) -> String {
+        self.bytes.map_or("n/a".into(), |b| format!("{:.1} MB", b as f64 / 1e6))
+    }
+
+    /// The privacy guarantee, e.g. `(ε 4, δ 0.000001)-DP, clip 2, σ 8.000e-1`, or `None`.
+    pub fn privacy_label(&self) -> Option<String> {
+        self.privacy.map(|p| format!("(ε {}, δ {})-DP, clip {}, σ {:.3e}", p.epsilon, p.delta, p.clip_norm, p.noise_stddev))
+    }
 }
 
 /// The differential privacy a released vector has.

@@ -602,7 +602,7 @@ impl Runner {
         for v in self.vectors().into_iter().filter(|v| v.path.exists()) {
             let file = MappedFile::open(&v.path)?;
             let recorded = crate::release::recorded_release(file.metadata());
-            let release = recorded.unwrap_or(medmerge_crds::results::ReleaseRecord { encoding: Default::default(), density: None, bytes: None, privacy: None });
+            let release = recorded.unwrap_or_default();
             out.push(crate::report::ShardRelease { shard: v.shard, release: medmerge_crds::results::ReleaseRecord { bytes: Some(std::fs::metadata(&v.path)?.len()), ..release } });
         }
         Ok(out)

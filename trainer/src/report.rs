@@ -159,23 +159,17 @@ pub struct ShardRelease {
 impl ShardRelease {
     /// The privacy column: the guarantee, or that there is none.
     pub fn privacy(&self) -> String {
-        match &self.release.privacy {
-            Some(p) => format!("(ε {}, δ {})-DP, clip {}, σ {:.3e}", p.epsilon, p.delta, p.clip_norm, p.noise_stddev),
-            None => "none".into(),
-        }
+        self.release.privacy_label().unwrap_or_else(|| "none".into())
     }
 
     /// The encoding column, with top-k's density.
     pub fn encoding(&self) -> String {
-        match self.release.density {
-            Some(d) => format!("{} {d}", self.release.encoding.as_str()),
-            None => self.release.encoding.as_str().into(),
-        }
+        self.release.encoding_label()
     }
 
     /// The size column.
     pub fn size(&self) -> String {
-        self.release.bytes.map_or("n/a".into(), |b| format!("{:.1} MB", b as f64 / 1e6))
+        self.release.size_label()
     }
 }
 

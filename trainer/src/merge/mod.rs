@@ -186,6 +186,22 @@ fn open_vector(v: &ShardVector, base: &MappedFile, base_meta: &ArtifactMeta) -> 
     if file.file().metadata().contains_key(crate::secure::merge::MASKED_KEY) {
         return Err(MergeError::Masked { shard, path: v.path.clone() });
     }
+    check_like_base(&shard, &meta, base_meta, base, &file.tensors(), |t| t.dtype)?;
+    Ok((meta, file))
+}
+
+/// Checks a shard's file against the base it claims: the same architecture and classes, and
+/// exactly the base's tensors with the base's shapes, each stored as `stored_as(base tensor)`
+/// (a plain vector keeps the base's dtype; a masked one holds fixed-point words).
+pub(crate) fn check_like_base(
+    shard: &str,
+    meta: &ArtifactMeta,
+    base_meta: &ArtifactMeta,
+    base: &MappedFile,
+    tensors: &[TensorMeta],
+    stored_as: impl Fn(&TensorMeta) -> Dtype,
+) -> Result<(), MergeError> {
+    let shard = shard.to_string();
     if meta.arch != base_meta.arch {
         return Err(MergeError::Incompatible { shard, what: "architecture", found: meta.arch.as_str().into(), expected: base_meta.arch.as_str().into() });
     }
@@ -193,7 +209,6 @@ fn open_vector(v: &ShardVector, base: &MappedFile, base_meta: &ArtifactMeta) -> 
         return Err(MergeError::Incompatible { shard, what: "classes", found: format!("{:?}", meta.classes), expected: format!("{:?}", base_meta.classes) });
     }
     let base_names: BTreeSet<&str> = base.tensors().map(|t| t.name.as_str()).collect();
-    let tensors = file.tensors();
     let names: BTreeSet<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
     if let Some(t) = base_names.difference(&names).next() {
         return Err(MergeError::MissingTensor { shard, tensor: (*t).into() });
@@ -203,11 +218,12 @@ fn open_vector(v: &ShardVector, base: &MappedFile, base_meta: &ArtifactMeta) -> 
     }
     for t in base.tensors() {
         let mine = tensors.iter().find(|m| m.name == t.name).expect("name sets are equal");
-        if mine.shape != t.shape || mine.dtype != t.dtype {
-            return Err(MergeError::TensorMismatch { shard, tensor: t.name.clone(), found: format!("{:?} {:?}", mine.dtype, mine.shape), expected: format!("{:?} {:?}", t.dtype, t.shape) });
+        let dtype = stored_as(t);
+        if mine.shape != t.shape || mine.dtype != dtype {
+            return Err(MergeError::TensorMismatch { shard, tensor: t.name.clone(), found: format!("{:?} {:?}", mine.dtype, mine.shape), expected: format!("{dtype:?} {:?}", t.shape) });
         }
     }
-    Ok((meta, file))
+    Ok(())
 }
 
 /// Opens and checks one vector, base digest included (for single-vector readers).

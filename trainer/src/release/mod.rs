@@ -79,17 +79,11 @@ pub fn release(mut tensors: Vec<VectorTensor>, head_prefix: &str, spec: &Release
 
 /// One line saying how a vector was released, e.g. `int8, 1.2 MB, (ε 4, δ 1e-6)-DP, clip 2, σ 0.8`.
 pub fn describe_release(r: &ReleaseRecord) -> String {
-    let mut parts = vec![match r.density {
-        Some(d) => format!("{} {d}", r.encoding.as_str()),
-        None => r.encoding.as_str().to_string(),
-    }];
-    if let Some(bytes) = r.bytes {
-        parts.push(format!("{:.1} MB", bytes as f64 / 1e6));
+    let mut parts = vec![r.encoding_label()];
+    if r.bytes.is_some() {
+        parts.push(r.size_label());
     }
-    match &r.privacy {
-        Some(p) => parts.push(format!("(ε {}, δ {})-DP, clip {}, σ {:.3e}", p.epsilon, p.delta, p.clip_norm, p.noise_stddev)),
-        None => parts.push("no privacy noise".into()),
-    }
+    parts.push(r.privacy_label().unwrap_or_else(|| "no privacy noise".into()));
     parts.join(", ")
 }
 

@@ -145,14 +145,6 @@ fn open_masked(base: &MappedFile, base_meta: &ArtifactMeta, digest: &str, masked
         if meta.base_digest != digest {
             return Err(MergeError::BaseMismatch { shard, path: v.path.clone(), found: meta.base_digest, expected: digest.into() });
         }
-        if meta.arch != base_meta.arch || meta.classes != base_meta.classes {
-            return Err(MergeError::Incompatible {
-                shard,
-                what: "architecture or classes",
-                found: format!("{} {:?}", meta.arch.as_str(), meta.classes),
-                expected: format!("{} {:?}", base_meta.arch.as_str(), base_meta.classes),
-            });
-        }
         if m.shard != shard {
             return Err(mismatch(format!("shard {shard}: {} was masked by {}", v.path.display(), m.shard)));
         }
@@ -167,13 +159,8 @@ fn open_masked(base: &MappedFile, base_meta: &ArtifactMeta, digest: &str, masked
         if !m.roster.contains(&shard) || uploads.iter().any(|u| u.shard == shard) {
             return Err(mismatch(format!("shard {shard}: not in the roster {:?}, or given twice", m.roster)));
         }
-        for t in base.tensors() {
-            match file.meta(&t.name) {
-                Some(mine) if mine.shape == t.shape && (t.dtype != Dtype::F32 || mine.dtype == Dtype::U64) => {}
-                Some(mine) => return Err(MergeError::TensorMismatch { shard, tensor: t.name.clone(), found: format!("{:?} {:?}", mine.dtype, mine.shape), expected: format!("U64 {:?}", t.shape) }),
-                None => return Err(MergeError::MissingTensor { shard, tensor: t.name.clone() }),
-            }
-        }
+        let stored: Vec<TensorMeta> = file.tensors().cloned().collect();
+        crate::merge::check_like_base(&shard, &meta, base_meta, base, &stored, |t| if t.dtype == Dtype::F32 { Dtype::U64 } else { t.dtype })?;
         uploads.push(Masked { shard: v.shard.clone(), file, masked: m });
     }
     if uploads.is_empty() {

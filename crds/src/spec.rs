@@ -557,6 +557,22 @@ pub struct MergeSpec {
     pub seed: u64,
     /// Models computed and evaluated beside the merged one, for comparison.
     pub baselines: Vec<Baseline>,
+    /// Secure aggregation: every hospital uploads its vector masked (`medmerge-trainer secure
+    /// mask`) and the merge learns only the sum, never one hospital's vector. Needs vector-only
+    /// shards, `dataVector` or `paramsMean` with mean heads, no restoration and no baselines
+    /// other than `paramsMean`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secure_sum: Option<SecureSumSpec>,
+}
+
+/// Secure aggregation of masked vectors.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecureSumSpec {
+    /// The session the hospitals masked for (`secure mask --session`); uploads masked for
+    /// another session are refused. When a hospital drops out, each survivor uploads its share
+    /// about it (`secure share`) next to its vector, at `<vector>.dropout-<dropped>.json`.
+    pub session: String,
 }
 
 impl Default for MergeSpec {
@@ -569,6 +585,7 @@ impl Default for MergeSpec {
             dare_drop_rate: 0.9,
             seed: 3315,
             baselines: vec![Baseline::ParamsMean, Baseline::ShardModels],
+            secure_sum: None,
         }
     }
 }

@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 
 use crate::limits;
-use crate::spec::{Architecture, Baseline, MergeJobSpec, MergeSpec, ModelSpec, ReleaseSpec, RestoreMode, StageKind, TrainingSpec, VectorEncoding, WeightsSource};
+use crate::spec::{Architecture, Baseline, HeadStrategy, MergeJobSpec, MergeMethod, MergeSpec, ModelSpec, ReleaseSpec, RestoreMode, StageKind, TrainingSpec, VectorEncoding, WeightsSource};
 
 /// One problem with a spec.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -64,6 +64,7 @@ pub fn validate(spec: &MergeJobSpec) -> Result<(), Vec<SpecError>> {
     errors.extend(validate_release(&spec.release, ""));
     errors.extend(validate_training(&spec.training));
     errors.extend(validate_merge(&spec.merge));
+    errors.extend(validate_secure_sum(spec));
     let mg = &spec.merge;
     let with_data = spec.shards.iter().filter(|s| s.data.is_some()).count();
     if spec.restore.mode != RestoreMode::None && with_data == 0 && !spec.shards.is_empty() {
@@ -182,6 +183,42 @@ pub fn validate_training(t: &TrainingSpec) -> Vec<SpecError> {
 /// The merge settings' bounds (`spec.merge`, and the `merge` command's flags).
 pub fn validate_merge(mg: &MergeSpec) -> Vec<SpecError> {
     [limits::LAMBDA.check(mg.lambda), limits::TIES_DENSITY.check(mg.ties_density), limits::DARE_DROP_RATE.check(mg.dare_drop_rate)].into_iter().flatten().collect()
+}
+
+/// With `merge.secureSum`, everything that would need one hospital's own vector or data is
+/// refused, naming the field: the coordinator sees only masked uploads and their sum.
+pub fn validate_secure_sum(spec: &MergeJobSpec) -> Vec<SpecError> {
+    let mg = &spec.merge;
+    let Some(secure) = &mg.secure_sum else { return vec![] };
+    let mut errors = Vec::new();
+    if secure.session.is_empty() || secure.session.len() > 253 {
+        errors.push(err("merge.secureSum.session", "must name the hospitals' masking session (1 to 253 characters)"));
+    }
+    for (i, s) in spec.shards.iter().enumerate() {
+        if s.data.is_some() || s.vector.is_none() {
+            errors.push(err(
+                format!("shards[{i}]"),
+                "with merge.secureSum each hospital fine-tunes and masks its own vector: give vector only (a shard fine-tuned here would hand the coordinator its vector)",
+            ));
+        }
+    }
+    if !matches!(mg.method, MergeMethod::DataVector | MergeMethod::ParamsMean) {
+        errors.push(err("merge.method", format!("{} needs each hospital's vector; secure sum reveals only their sum (use dataVector or paramsMean)", mg.method.as_str())));
+    }
+    if mg.heads != HeadStrategy::Mean {
+        errors.push(err("merge.heads", "secure sum reveals only the sum of the heads: use mean"));
+    }
+    for (i, b) in mg.baselines.iter().enumerate().filter(|(_, b)| !matches!(b, Baseline::ParamsMean | Baseline::PretrainedRestored)) {
+        let name = serde_json::to_value(b).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
+        errors.push(err(
+            format!("merge.baselines[{i}]"),
+            format!("{name} needs a hospital's own vector or data, which secure sum never shows the coordinator (paramsMean and pretrainedRestored are possible)"),
+        ));
+    }
+    if spec.restore.mode != RestoreMode::None {
+        errors.push(err("restore.mode", "restoration runs on each hospital's data and publishes per-hospital results; with merge.secureSum use none"));
+    }
+    errors
 }
 
 /// Cluster settings that local runs ignore but must still be well-formed: GPUs, scratch size,
@@ -327,6 +364,32 @@ evaluation: {data: {path: test}}
         s.release.privacy.as_mut().unwrap().epsilon = 0.0;
         s.shards[1].release = Some(serde_yaml::from_str("{encoding: int8, density: 0.05, privacy: {epsilon: 1, delta: 0.5, clipNorm: -1}}").unwrap());
         assert_eq!(fields(&s), ["shards[1].release.privacy.delta", "shards[1].release.privacy.clipNorm", "shards[1].release.encoding", "release.privacy.epsilon"]);
+    }
+
+    #[test]
+    fn secure_sum_refuses_everything_that_would_show_the_coordinator_one_hospitals_vector() {
+        let mut s: MergeJobSpec = serde_yaml::from_str(
+            r#"
+model: {architecture: resnet18, weights: random}
+shards:
+  - {name: a, vector: in/a.safetensors}
+  - {name: b, vector: in/b.safetensors}
+evaluation: {data: {path: test}}
+restore: {mode: none}
+merge: {secureSum: {session: run-7}, baselines: [paramsMean, pretrainedRestored]}
+"#,
+        )
+        .unwrap();
+        assert_eq!(validate(&s), Ok(()));
+        s.shards[1].data = Some(serde_yaml::from_str("{path: b}").unwrap());
+        s.merge.method = MergeMethod::Ties;
+        s.merge.heads = HeadStrategy::SampleWeighted;
+        s.merge.baselines = vec![Baseline::ParamsMean, Baseline::ShardModels];
+        s.restore.mode = RestoreMode::BnRecalibrate;
+        s.merge.secure_sum.as_mut().unwrap().session.clear();
+        assert_eq!(fields(&s), ["merge.secureSum.session", "shards[1]", "merge.method", "merge.heads", "merge.baselines[1]", "restore.mode"]);
+        let text = validate(&s).unwrap_err().iter().map(ToString::to_string).collect::<Vec<_>>().join("\n");
+        assert!(text.contains("shardModels needs a hospital's own vector"), "{text}");
     }
 
     #[test]

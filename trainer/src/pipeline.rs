@@ -457,7 +457,13 @@ impl Runner {
         // A bad upload is refused here, naming the shard, and (nothing published) a corrected
         // upload is collected on the retry.
         write_atomic(staged, &bytes)?;
-        crate::merge::check_vector(&self.path(&self.layout.base()), &ShardVector { shard: shard.into(), path: staged.into() }).map_err(|e| anyhow::anyhow!("external vector {src} refused: {e}"))?;
+        let upload = ShardVector { shard: shard.into(), path: staged.into() };
+        let base = self.path(&self.layout.base());
+        let checked = match &spec.merge.secure_sum {
+            Some(secure) => crate::secure::merge::check_masked(&base, &upload, &secure.session).map(|_| ()),
+            None => crate::merge::check_vector(&base, &upload),
+        };
+        checked.map_err(|e| anyhow::anyhow!("external vector {src} refused: {e}"))?;
         Ok(())
     }
 
@@ -492,8 +498,53 @@ impl Runner {
             seed: spec.merge.seed,
             pretrained_only: c.kind == CandidateKind::PretrainedRestored,
         };
-        merge_checked(&self.path(&self.layout.base()), &self.vectors(), &opts, target, self.device)?;
+        let base = self.path(&self.layout.base());
+        if spec.merge.secure_sum.is_some() {
+            crate::secure::merge::secure_merge(&base, &self.vectors(), &self.dropout_shares()?, &opts, target, self.device)?;
+        } else {
+            merge_checked(&base, &self.vectors(), &opts, target, self.device)?;
+        }
         Ok(())
+    }
+
+    /// With secure sum, the shares that remove the masks of hospitals of the roster that did
+    /// not upload: each survivor's share about each dropped hospital, which the survivor
+    /// uploads beside its vector as `<vector>.dropout-<dropped>.json`. Missing shares are
+    /// named; the merge runs once they are there.
+    fn dropout_shares(&self) -> anyhow::Result<Vec<crate::secure::DropoutShare>> {
+        let vectors = self.vectors();
+        let Some(first) = vectors.first() else { return Ok(vec![]) };
+        let file = MappedFile::open(&first.path)?;
+        let masked: crate::secure::merge::MaskedFor = file
+            .metadata()
+            .get(crate::secure::merge::MASKED_KEY)
+            .and_then(|j| serde_json::from_str(j).ok())
+            .ok_or_else(|| anyhow::anyhow!("shard {}: the collected vector is not masked", first.shard))?;
+        let present: Vec<&str> = vectors.iter().map(|v| v.shard.as_str()).collect();
+        let dropped: Vec<&String> = masked.roster.iter().filter(|n| !present.contains(&n.as_str())).collect();
+        // Roster names come from a hospital's upload and become parts of keys: shard names only.
+        if let Some(bad) = dropped.iter().find(|d| !medmerge_crds::validate::is_dns_label(d, 40)) {
+            anyhow::bail!("shard {}: its masked vector's roster names {bad:?}, which is not a shard name", first.shard);
+        }
+        let (mut shares, mut missing) = (Vec::new(), Vec::new());
+        for s in self.job.spec().shards.iter() {
+            let Some(src) = &s.vector else { continue };
+            for d in &dropped {
+                let key = format!("{src}.dropout-{d}.json");
+                let bytes = match &self.remote {
+                    Some(remote) => remote.get(&key)?,
+                    None => std::fs::read(self.job.resolve(&key)).ok(),
+                };
+                match bytes {
+                    Some(b) => shares.push(serde_json::from_slice(&b).map_err(|e| anyhow::anyhow!("{key}: not a dropout share: {e}"))?),
+                    None => missing.push(key),
+                }
+            }
+        }
+        if !missing.is_empty() {
+            anyhow::bail!("secure sum: {} dropped out; waiting for the survivors' dropout shares ({})", dropped.iter().map(|d| d.as_str()).collect::<Vec<_>>().join(", "), missing.join(", "));
+        }
+        Ok(shares)
     }
 
     /// `evaluate`: every candidate scored on the held-out set, after checking the run is
@@ -536,7 +587,8 @@ impl Runner {
             let (net, description) = match &c.kind {
                 CandidateKind::Merged(m) => {
                     let lambda = if *m == medmerge_crds::MergeMethod::ParamsMean { String::new() } else { format!(" λ={}", spec.merge.lambda) };
-                    (Network::load(&self.path(&l.restored(&c.id)), self.device)?, format!("{}{lambda} + {}", m.as_str(), spec.restore.label()))
+                    let secure = if spec.merge.secure_sum.is_some() { " (secure sum)" } else { "" };
+                    (Network::load(&self.path(&l.restored(&c.id)), self.device)?, format!("{}{lambda}{secure} + {}", m.as_str(), spec.restore.label()))
                 }
                 CandidateKind::PretrainedRestored => (Network::load(&self.path(&l.restored(&c.id)), self.device)?, format!("pretrained + averaged heads + {} (no vectors)", spec.restore.label())),
                 CandidateKind::ShardModel(s) => {
@@ -599,6 +651,10 @@ impl Runner {
     /// How each shard's vector was released, from its file (collected vectors included).
     fn releases(&self) -> anyhow::Result<Vec<crate::report::ShardRelease>> {
         let mut out = Vec::new();
+        if self.job.spec().merge.secure_sum.is_some() {
+            // Masked uploads carry no release record; the coordinator knows only their sum.
+            return Ok(out);
+        }
         for v in self.vectors().into_iter().filter(|v| v.path.exists()) {
             let file = MappedFile::open(&v.path)?;
             let recorded = crate::release::recorded_release(file.metadata());
@@ -610,6 +666,10 @@ impl Runner {
 
     /// Per-layer cosine similarity between shard vectors and with the full-training vector.
     fn similarity(&self) -> anyhow::Result<Vec<LayerSimilarity>> {
+        if self.job.spec().merge.secure_sum.is_some() {
+            // One hospital's vector is exactly what secure sum hides.
+            return Ok(vec![]);
+        }
         let l = &self.layout;
         let vectors: Vec<VectorReader> = self.vectors().iter().map(|v| VectorReader::open(&v.path)).collect::<Result<_, _>>()?;
         let base = MappedFile::open(&self.path(&l.base()))?;

@@ -61,6 +61,19 @@ pub fn mask_vector(base_path: &Path, vector: &ShardVector, roster: &Roster, me: 
     Ok(writer.finish()?)
 }
 
+/// Checks one hospital's masked upload as a collect stage receives it: a masked vector of this
+/// base for `session`, masked by the shard it is collected for. Returns what it was masked for
+/// (the roster tells the merge whose shares to expect if someone drops out).
+pub fn check_masked(base_path: &Path, vector: &ShardVector, session: &str) -> Result<MaskedFor, MergeError> {
+    let base = MappedFile::open(base_path)?;
+    let base_meta = ArtifactMeta::from_map(base_path, base.metadata(), ArtifactKind::Model)?;
+    let upload = open_masked(&base, &base_meta, &file_digest(base_path)?, std::slice::from_ref(vector))?.remove(0);
+    if upload.masked.session != session {
+        return Err(MergeError::Secure(SecureError::Mismatch(format!("shard {}: masked for session {:?}, this MergeJob's is {session:?}", vector.shard, upload.masked.session))));
+    }
+    Ok(upload.masked)
+}
+
 /// One masked upload, opened and checked.
 struct Masked {
     shard: String,

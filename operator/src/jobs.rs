@@ -16,7 +16,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::Resource;
 use medmerge_crds::command::StageCommand;
-use medmerge_crds::{ClusterSpec, MergeJob, MergeJobSpec, Stage};
+use medmerge_crds::{MergeJob, MergeJobSpec, Stage};
 
 use crate::names::child_name;
 use crate::pod_overrides::{base_resources, layered, Layered};
@@ -171,14 +171,20 @@ fn env(mj: &MergeJob, stage: &Stage) -> Vec<EnvVar> {
 const DEFAULT_VECTOR_WAIT_SECONDS: i64 = 7 * 24 * 3600;
 
 /// The trainer's command for `stage`, leaving out the `excluded` shards. A collect stage waits
-/// for the hospital's upload until the straggler deadline, so late hospitals are picked up.
+/// for the hospital's upload until the straggler deadline, so late hospitals are picked up; a
+/// secure-sum merge waits as long for the survivors' shares about hospitals that dropped out.
 /// Without one it waits on: the Job's own `activeDeadlineSeconds`, when set, ends it and names
 /// `DeadlineExceeded` (a wait of the same length raced the Job controller and could end first
 /// as a plain failure).
-fn stage_command(cluster: &ClusterSpec, stage: &Stage, excluded: &[&str]) -> StageCommand {
-    let wait = cluster.straggler_deadline_seconds.unwrap_or(DEFAULT_VECTOR_WAIT_SECONDS);
+fn stage_command(spec: &MergeJobSpec, stage: &Stage, excluded: &[&str]) -> StageCommand {
+    let wait = spec.cluster.straggler_deadline_seconds.unwrap_or(DEFAULT_VECTOR_WAIT_SECONDS);
     let exclude_shards = excluded.iter().map(|s| s.to_string()).collect();
-    StageCommand { job_file: JOB_FILE.into(), stage: stage.name(), wait_for_vector: matches!(stage, Stage::Collect { .. }).then_some(wait), exclude_shards }
+    let waits = match stage {
+        Stage::Collect { .. } => true,
+        Stage::Merge { .. } => spec.merge.secure_sum.is_some(),
+        _ => false,
+    };
+    StageCommand { job_file: JOB_FILE.into(), stage: stage.name(), wait_for_vector: waits.then_some(wait), exclude_shards }
 }
 
 /// The batch Job that runs `stage` of generation `generation` with every shard of the spec.
@@ -230,7 +236,7 @@ pub fn stage_job_excluding(mj: &MergeJob, generation: i64, stage: &Stage, exclud
         name: "trainer".into(),
         image: Some(cluster.image.clone()),
         image_pull_policy: cluster.image_pull_policy.clone(),
-        args: Some(stage_command(cluster, stage, excluded).to_args()),
+        args: Some(stage_command(&mj.spec, stage, excluded).to_args()),
         env: Some(env),
         env_from: (!over.env_from.is_empty()).then_some(over.env_from),
         volume_mounts: Some(mounts),
@@ -435,6 +441,11 @@ spec:
         let collect = args(&mj, &Stage::Collect { shard: "hospital-b".into() });
         assert_eq!(&collect[collect.len() - 2..], ["--wait-for-vector", "3600"]);
         assert!(!args(&mj, &Stage::Finetune { shard: "hospital-a".into() }).contains(&"--wait-for-vector".to_string()));
+        let merge = Stage::Merge { candidate: "data-vector".into() };
+        assert!(!args(&mj, &merge).contains(&"--wait-for-vector".to_string()), "a plain merge has nothing to wait for");
+        mj.spec.merge.secure_sum = Some(medmerge_crds::SecureSumSpec { session: "s".into() });
+        let secure = args(&mj, &merge);
+        assert_eq!(&secure[secure.len() - 2..], ["--wait-for-vector", "3600"], "a secure merge waits for dropout shares");
     }
 
     #[test]

@@ -327,13 +327,26 @@ impl Runner {
     }
 
     /// For a `collect-<shard>` stage, waits up to `timeout` for the hospital's vector to appear
-    /// (it is uploaded whenever the hospital finishes training); other stages return at once.
-    /// Hospitals should write the file under a temporary name and rename it, so it appears whole.
+    /// (it is uploaded whenever the hospital finishes training); for a secure-sum merge stage,
+    /// for the survivors' dropout shares about hospitals that dropped out; other stages return
+    /// at once. Hospitals should write files under a temporary name and rename them, so they
+    /// appear whole.
     pub fn wait_for_vector(&self, stage: &str, timeout: std::time::Duration) -> anyhow::Result<()> {
+        let deadline = std::time::Instant::now() + timeout;
+        let pause = || std::thread::sleep(VECTOR_POLL.min(deadline.saturating_duration_since(std::time::Instant::now())));
+        if stage.starts_with("merge-") && self.job.spec().merge.secure_sum.is_some() {
+            while let Err(missing) = self.dropout_shares() {
+                if std::time::Instant::now() >= deadline {
+                    return Ok(());
+                }
+                info!(stage, why = %missing, "waiting for dropout shares");
+                pause();
+            }
+            return Ok(());
+        }
         let Some(src) = self.job.spec().shards.iter().find(|s| format!("collect-{}", s.name) == stage).and_then(|s| s.vector.as_ref()) else {
             return Ok(());
         };
-        let deadline = std::time::Instant::now() + timeout;
         loop {
             let (arrived, location) = match &self.remote {
                 Some(remote) => (remote.exists(src)?, remote.location(src)),
@@ -343,7 +356,7 @@ impl Runner {
                 return Ok(());
             }
             info!(stage, vector = %location, "waiting for the hospital's vector");
-            std::thread::sleep(VECTOR_POLL.min(deadline.saturating_duration_since(std::time::Instant::now())));
+            pause();
         }
     }
 
@@ -514,6 +527,7 @@ impl Runner {
     fn dropout_shares(&self) -> anyhow::Result<Vec<crate::secure::DropoutShare>> {
         let vectors = self.vectors();
         let Some(first) = vectors.first() else { return Ok(vec![]) };
+        self.fetch(&self.layout.shard_vector(&first.shard))?;
         let file = MappedFile::open(&first.path)?;
         let masked: crate::secure::merge::MaskedFor = file
             .metadata()

@@ -1,7 +1,7 @@
 //! A tiny MergeJob end to end on generated images (ResNet-18, random init, 32 px), plus the
 //! failure paths a user meets: a corrupt image, a missing weights file.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use medmerge_crds::results::{EvaluationResults, ShardTraining};
 use medmerge_crds::{HeadStrategy, MergeMethod};
@@ -400,10 +400,21 @@ fn a_secure_sum_mergejob_merges_masked_uploads_as_the_plain_merge_and_a_dropout_
         waiting.contains("h2 dropped out") && waiting.contains("incoming/h0.masked.safetensors.dropout-h2.json") && waiting.contains("incoming/h1.masked.safetensors.dropout-h2.json"),
         "{waiting}"
     );
-    for (name, key) in [("h0", key0), ("h1", key1)] {
-        let share = DropoutShare::new(&roster, name, key, "h2", "run-1").unwrap();
-        std::fs::write(dir.path().join(format!("incoming/{name}.masked.safetensors.dropout-h2.json")), serde_json::to_vec(&share).unwrap()).unwrap();
-    }
+    // The survivors upload their shares while the merge waits (as its cluster Job does).
+    let shares: Vec<(PathBuf, Vec<u8>)> = [("h0", key0), ("h1", key1)]
+        .into_iter()
+        .map(|(name, key)| {
+            (dir.path().join(format!("incoming/{name}.masked.safetensors.dropout-h2.json")), serde_json::to_vec(&DropoutShare::new(&roster, name, key, "h2", "run-1").unwrap()).unwrap())
+        })
+        .collect();
+    let upload = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        for (path, bytes) in shares {
+            std::fs::write(path, bytes).unwrap();
+        }
+    });
+    runner.wait_for_vector("merge-data-vector", std::time::Duration::from_secs(5)).unwrap();
+    upload.join().unwrap();
     runner.run_stage("merge-data-vector").unwrap();
     let two = dir.path().join("plain-two.safetensors");
     let vectors: Vec<ShardVector> = ["h0", "h1"].iter().map(|n| ShardVector { shard: n.to_string(), path: plain.join(format!("shards/{n}/vector.safetensors")) }).collect();

@@ -19,7 +19,8 @@ pub struct Args {
     #[arg(long, conflicts_with = "stage")]
     plan: bool,
     /// With `--stage collect-<shard>`: wait up to this many seconds for the hospital's
-    /// vector to appear (looking every 10 s) instead of failing at once.
+    /// vector to appear (looking every 10 s) instead of failing at once; with a secure-sum
+    /// `--stage merge-<candidate>`: for the survivors' shares about hospitals that dropped out.
     #[arg(long, requires = "stage", default_value_t = 0)]
     wait_for_vector: u64,
     /// Leave this shard out (repeatable): the operator drops shards that failed or missed

@@ -559,3 +559,131 @@ async fn the_cluster_example_runs_as_written_once_its_volumes_secrets_labels_and
     assert!(!limits.contains_key("nvidia.com/gpu") && limits["memory"].0 == "2Gi", "{limits:?}");
     mjs.delete("fundus", &DeleteParams::default()).await.unwrap();
 }
+
+/// The trainer's stdout for `args` (asserting it succeeded).
+fn trainer_output(args: &[&str]) -> String {
+    let out = Command::new(fixtures::trainer()).args(args).output().unwrap();
+    assert!(out.status.success(), "medmerge-trainer {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Where a secure-sum hospital uploads its masked vector.
+fn masked_key(hospital: &str) -> String {
+    format!("incoming/secure/{hospital}.masked.safetensors")
+}
+
+/// A hospital of a secure-sum MergeJob on its own premises: once the run's base is in the
+/// bucket it fine-tunes on its images, masks its vector for the session and uploads only the
+/// masked file; when the MergeJob's status says `dropped` was dropped, it uploads its share
+/// about it (what lets the coordinator take that pair's masks out of the sum).
+async fn masking_hospital(client: Client, ns: String, store: Store, me: &'static str, data: PathBuf, work: PathBuf, dropped: &'static str) {
+    let base_key = ArtifactLayout::new("runs", &ns, "secure", 1).base();
+    while !store.exists(&base_key).await.unwrap() {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let path = |name: &str| work.join(name).to_str().unwrap().to_string();
+    store.get_file(&base_key, &work.join("base.safetensors")).await.unwrap();
+    let identity = |w: &[String]| -> Vec<String> {
+        let mut args: Vec<String> = ["--self", me, "--key", &path("key"), "--roster"].map(String::from).to_vec();
+        args.extend([work.parent().unwrap().join("roster.yaml").to_str().unwrap().to_string(), "--session".into(), "e2e-secure-1".into()]);
+        args.extend_from_slice(w);
+        args
+    };
+    let (finetune, mask) = (
+        ["finetune", "--base", &path("base.safetensors"), "--data", data.to_str().unwrap(), "--shard", me, "--out", &path("vector.safetensors"), "--epochs", "2", "--batch-size", "8", "--lr", "0.001", "--threads", "1"].map(String::from).to_vec(),
+        [vec!["secure".to_string(), "mask".into()], identity(&["--base", &path("base.safetensors"), "--vector", &path("vector.safetensors"), "--out", &path("masked.safetensors")].map(String::from))].concat(),
+    );
+    tokio::task::spawn_blocking(move || {
+        for args in [finetune, mask] {
+            run_trainer(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        }
+    })
+    .await
+    .unwrap();
+    store.put_file(&masked_key(me), &work.join("masked.safetensors")).await.unwrap();
+    let mjs: Api<MergeJob> = Api::namespaced(client, &ns);
+    loop {
+        let status = mjs.get_status("secure").await.unwrap().status.unwrap_or_default();
+        if status.shards.iter().any(|s| s.name == dropped && s.state == ShardState::Dropped) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let share = [vec!["secure".to_string(), "share".into()], identity(&["--dropped", dropped, "--out", &path("share.json")].map(String::from))].concat();
+    run_trainer(&share.iter().map(String::as_str).collect::<Vec<_>>());
+    store.put_file(&format!("{}.dropout-{dropped}.json", masked_key(me)), &work.join("share.json")).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the real node: run `make e2e-cluster`"]
+async fn with_secure_sum_the_cluster_merges_only_masked_uploads_and_a_dropped_hospitals_masks_come_out_with_the_survivors_shares() {
+    medmerge_operator::install_crypto_provider();
+    let client = Client::try_default().await.unwrap();
+    let ns = "e2e-secure";
+    let endpoint = env("MEDMERGE_S3_ENDPOINT");
+    let work = PathBuf::from(env("MEDMERGE_NODE_DIR")).join(ns);
+    let volumes = make_data(&work);
+    namespace(&client, ns).await;
+    secret(&client, ns, "bucket-creds", json!({"AWS_ACCESS_KEY_ID": env("AWS_ACCESS_KEY_ID"), "AWS_SECRET_ACCESS_KEY": env("AWS_SECRET_ACCESS_KEY")})).await;
+    // Each hospital's key pair; the roster of public keys is what they agree on beforehand.
+    let hospitals = ["h-1", "h-2", "h-3"];
+    let mut roster = String::new();
+    for h in hospitals {
+        std::fs::create_dir_all(work.join(h)).unwrap();
+        let said = trainer_output(&["secure", "keygen", "--out", work.join(h).join("key").to_str().unwrap()]);
+        roster.push_str(&format!("{h}: {}\n", said.trim().rsplit(' ').next().unwrap()));
+    }
+    std::fs::write(work.join("roster.yaml"), roster).unwrap();
+    let store = bucket(BUCKET).await;
+    // h-1 and h-2 train and upload; h-3 never does.
+    let survivors: Vec<_> = ["h-1", "h-2"]
+        .into_iter()
+        .zip(["shard-1", "shard-2"])
+        .map(|(h, shard)| tokio::spawn(masking_hospital(client.clone(), ns.into(), store.clone(), h, work.join(format!("split/{shard}.csv")), work.join(h), "h-3")))
+        .collect();
+
+    let mj = json!({
+        "apiVersion": "medmerge.io/v1alpha1", "kind": "MergeJob", "metadata": {"name": "secure", "namespace": ns},
+        "spec": {
+            "model": {"architecture": "resnet18", "weights": "random", "imageSize": 32, "classes": CLASSES},
+            "shards": hospitals.iter().map(|h| json!({"name": h, "vector": masked_key(h)})).collect::<Vec<_>>(),
+            "restore": {"mode": "none"},
+            "merge": {"baselines": [], "secureSum": {"session": "e2e-secure-1"}},
+            "evaluation": {"data": {"path": ".", "volume": {"hostPath": {"path": volumes.join("test"), "type": "Directory"}}}, "explainImages": 0},
+            "storage": {"s3": {"bucket": BUCKET, "endpoint": endpoint, "credentialsSecret": "bucket-creds"}, "cleanup": "Delete"},
+            "cluster": cluster_settings(json!({"backoffLimit": 1, "minShards": 2, "stragglerDeadlineSeconds": 180})),
+        }
+    });
+    let mjs: Api<MergeJob> = Api::namespaced(client.clone(), ns);
+    create(&mjs, mj).await;
+    let status = final_status(&mjs, "secure", Duration::from_secs(900)).await;
+    assert_eq!(status.phase, Some(Phase::Succeeded), "{status:#?}");
+    for s in survivors {
+        s.await.unwrap();
+    }
+    let dropped = status.shards.iter().find(|s| s.name == "h-3").unwrap();
+    assert_eq!(dropped.state, ShardState::Dropped, "{dropped:?}");
+    let results = status.results.clone().expect("results");
+    assert!((0.0..=1.0).contains(&results.accuracy), "{results:?}");
+
+    // What the coordinator holds of each hospital is its masked upload, never its vector.
+    let run = ArtifactLayout::new("runs", ns, "secure", 1);
+    let held = work.join("held.safetensors");
+    store.get_file(&run.shard_vector("h-1"), &held).await.unwrap();
+    let file = medmerge_trainer::st::MappedFile::open(&held).unwrap();
+    assert!(file.metadata().contains_key(medmerge_trainer::secure::merge::MASKED_KEY) && file.tensors().all(|t| format!("{:?}", t.dtype) == "U64"), "the run's copy of h-1's vector is masked");
+
+    // The merged model is the plain merge of h-1 and h-2's vectors (which never left them).
+    let merged = work.join("merged.safetensors");
+    store.get_file(&run.merged("data-vector"), &merged).await.unwrap();
+    let plain = work.join("plain.safetensors");
+    let (v1, v2) = (format!("h-1={}", work.join("h-1/vector.safetensors").display()), format!("h-2={}", work.join("h-2/vector.safetensors").display()));
+    run_trainer(&["merge", "--base", work.join("h-1/base.safetensors").to_str().unwrap(), "--vector", &v1, "--vector", &v2, "--method", "data-vector", "--lambda", "2.0", "--out", plain.to_str().unwrap()]);
+    let (a, b) = (medmerge_trainer::st::MappedFile::open(&merged).unwrap(), medmerge_trainer::st::MappedFile::open(&plain).unwrap());
+    for t in a.tensors() {
+        let diff = a.f32(&t.name).unwrap().iter().zip(b.f32(&t.name).unwrap()).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(diff < 1e-5, "{}: secure and plain merge differ by {diff}", t.name);
+    }
+    mjs.delete("secure", &DeleteParams::default()).await.unwrap();
+    eventually("the MergeJob gone (finalizer done)", Duration::from_secs(120), || async { mjs.get_opt("secure").await.unwrap().is_none() }).await;
+}

@@ -54,9 +54,9 @@ md = f"""# The merged model for edge devices: ONNX float32 vs int8 weights
 Command: `{command}` ({elapsed} s on this machine, 2 CPU cores). Model: the default configuration's
 merged model (data vector, λ 2.0, averaged epoch + closed-form head) of `bench/paper-table.sh`
 (EfficientNet-Lite0 ImageNet, 64 px, 3 epochs, 4 hospitals of eye-fundus), seeds {seeds}, each
-split's own held-out images. The int8 file stores every convolution kernel and linear weight as
-int8 with one scale per output channel (`export --int8`); `evaluate --int8-weights` scores those
-exact weights (tests show onnxruntime gives the same logits within 1e-4).
+split's own held-out images. The int8 file stores every convolution kernel and linear weight
+but the first convolution and the head as int8 with one scale per output channel (`export
+--int8`); `evaluate --int8-weights` scores those exact weights (tests show onnxruntime gives the same logits within 1e-4).
 
 | split | float32 accuracy | int8 accuracy | int8 − float32 (paired) | float32 file | int8 file |
 |---|---|---|---|---|---|

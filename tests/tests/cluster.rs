@@ -590,8 +590,29 @@ async fn masking_hospital(client: Client, ns: String, store: Store, me: &'static
         args
     };
     let (finetune, mask) = (
-        ["finetune", "--base", &path("base.safetensors"), "--data", data.to_str().unwrap(), "--shard", me, "--out", &path("vector.safetensors"), "--epochs", "2", "--batch-size", "8", "--lr", "0.001", "--threads", "1"].map(String::from).to_vec(),
-        [vec!["secure".to_string(), "mask".into()], identity(&["--base", &path("base.safetensors"), "--vector", &path("vector.safetensors"), "--out", &path("masked.safetensors")].map(String::from))].concat(),
+        [
+            "finetune",
+            "--base",
+            &path("base.safetensors"),
+            "--data",
+            data.to_str().unwrap(),
+            "--shard",
+            me,
+            "--out",
+            &path("vector.safetensors"),
+            "--epochs",
+            "2",
+            "--batch-size",
+            "8",
+            "--lr",
+            "0.001",
+            "--threads",
+            "1",
+        ]
+        .map(String::from)
+        .to_vec(),
+        [vec!["secure".to_string(), "mask".into()], identity(&["--base", &path("base.safetensors"), "--vector", &path("vector.safetensors"), "--out", &path("masked.safetensors")].map(String::from))]
+            .concat(),
     );
     tokio::task::spawn_blocking(move || {
         for args in [finetune, mask] {
@@ -678,7 +699,21 @@ async fn with_secure_sum_the_cluster_merges_only_masked_uploads_and_a_dropped_ho
     store.get_file(&run.merged("data-vector"), &merged).await.unwrap();
     let plain = work.join("plain.safetensors");
     let (v1, v2) = (format!("h-1={}", work.join("h-1/vector.safetensors").display()), format!("h-2={}", work.join("h-2/vector.safetensors").display()));
-    run_trainer(&["merge", "--base", work.join("h-1/base.safetensors").to_str().unwrap(), "--vector", &v1, "--vector", &v2, "--method", "data-vector", "--lambda", "2.0", "--out", plain.to_str().unwrap()]);
+    run_trainer(&[
+        "merge",
+        "--base",
+        work.join("h-1/base.safetensors").to_str().unwrap(),
+        "--vector",
+        &v1,
+        "--vector",
+        &v2,
+        "--method",
+        "data-vector",
+        "--lambda",
+        "2.0",
+        "--out",
+        plain.to_str().unwrap(),
+    ]);
     let (a, b) = (medmerge_trainer::st::MappedFile::open(&merged).unwrap(), medmerge_trainer::st::MappedFile::open(&plain).unwrap());
     for t in a.tensors() {
         let diff = a.f32(&t.name).unwrap().iter().zip(b.f32(&t.name).unwrap()).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);

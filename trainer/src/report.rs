@@ -145,7 +145,7 @@ impl EdgeExport {
 }
 
 /// What the exported files are, for readers of the report.
-pub const EXPORT_NOTE: &str = "ONNX opset 17 files beside this report: input `image` float32 [batch, 3, size, size] RGB in [0, 1] (normalised in the graph), outputs `logits` and `probabilities`. The int8 file stores every convolution kernel and linear weight as int8 with one scale per output channel; its accuracy is measured here on the same held-out images.";
+pub const EXPORT_NOTE: &str = "ONNX opset 17 files beside this report: input `image` float32 [batch, 3, size, size] RGB in [0, 1] (normalised in the graph), outputs `logits` and `probabilities`. The int8 file stores every convolution kernel and linear weight but the first convolution and the head as int8 with one scale per output channel; its accuracy is measured here on the same held-out images.";
 
 /// How one shard's vector was released, as its file records it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

@@ -18,8 +18,9 @@ pub struct Args {
     /// The ONNX file to write.
     #[arg(long)]
     out: PathBuf,
-    /// Store convolution kernels and linear weights as int8 (one scale per output channel):
-    /// about a quarter of the size, for edge devices.
+    /// Store convolution kernels and linear weights as int8 (one scale per output channel;
+    /// the first convolution and the head stay float32): about a quarter of the size, for
+    /// edge devices.
     #[arg(long)]
     int8: bool,
 }

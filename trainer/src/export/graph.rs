@@ -40,16 +40,20 @@ pub enum GraphError {
 pub struct GraphBuilder {
     pub(super) nodes: Vec<NodeProto>,
     pub(super) initializers: Vec<TensorProto>,
-    int8: bool,
+    /// Int8 weights, with the head's name prefix (kept float32).
+    int8: Option<&'static str>,
     next: usize,
     /// The network's variable names by storage address, so initializers keep medmerge's names.
     names: HashMap<usize, String>,
 }
 
-/// Whether a weight of this shape is stored as int8 in an int8 export: every convolution kernel
-/// and linear weight (two or more dimensions); biases and batch-norm tensors stay float32.
-pub fn quantised(shape: &[i64]) -> bool {
-    shape.len() >= 2
+/// Whether weight `name` of this shape is stored as int8 in an int8 export: every convolution
+/// kernel and linear weight (two or more dimensions) except the first convolution (it sees the
+/// image's three channels) and the classification head (`head_prefix`), which are small and the
+/// layers quantisation hurts most; biases and batch-norm tensors stay float32.
+pub fn quantised(name: &str, shape: &[i64], head_prefix: &str) -> bool {
+    let first_conv = shape.len() == 4 && shape[1] == 3;
+    shape.len() >= 2 && !first_conv && !name.starts_with(head_prefix)
 }
 
 /// A weight's values as the int8 export stores them: one scale per output channel, round to
@@ -75,8 +79,9 @@ fn attr_float(name: &str, f: f32) -> AttributeProto {
 }
 
 impl GraphBuilder {
-    /// An empty graph; `int8` stores weights as int8 with per-channel scales.
-    pub fn new(variables: &[(String, Tensor)], int8: bool) -> Self {
+    /// An empty graph; `int8` (with the network's head prefix) stores weights as in
+    /// [`quantised`].
+    pub fn new(variables: &[(String, Tensor)], int8: Option<&'static str>) -> Self {
         let names = variables.iter().map(|(n, t)| (t.data_ptr() as usize, n.clone())).collect();
         GraphBuilder { nodes: Vec::new(), initializers: Vec::new(), int8, next: 0, names }
     }
@@ -107,7 +112,7 @@ impl GraphBuilder {
         let name = name.as_str();
         let dims = t.size();
         let values = tensor_to_vec(t)?;
-        if !(self.int8 && quantised(&dims)) {
+        if !self.int8.is_some_and(|head| quantised(name, &dims, head)) {
             return Ok(self.constant(name, &dims, &values));
         }
         let (q, scales) = int8_encode(&values, &dims);
@@ -233,5 +238,19 @@ impl GraphBuilder {
         let attrs = vec![attr_ints("kernel_shape", &[kernel, kernel]), attr_ints("strides", &[stride, stride]), attr_ints("pads", &[pad; 4])];
         let (h, w) = x.hw;
         Value { name: self.node("MaxPool", &[&x.name], attrs), c: x.c, hw: ((h + 2 * pad - kernel) / stride + 1, (w + 2 * pad - kernel) / stride + 1) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::quantised;
+
+    #[test]
+    fn int8_export_keeps_the_first_convolution_the_head_and_vectors_in_float32() {
+        assert!(quantised("layer1.0.conv1.weight", &[64, 64, 3, 3], "fc."));
+        assert!(quantised("classifier.0.weight", &[1280, 960], "classifier.3."), "MobileNetV3's pretrained hidden layer");
+        assert!(!quantised("conv1.weight", &[64, 3, 7, 7], "fc."), "the first convolution sees the image");
+        assert!(!quantised("fc.weight", &[4, 2048], "fc."), "the head");
+        assert!(!quantised("layer1.0.bn1.weight", &[64], "fc."), "batch norm and biases");
     }
 }

@@ -4,8 +4,8 @@
 //! The graph takes `image`: float32 `[batch, 3, size, size]`, RGB in [0, 1] (resized as medmerge
 //! resizes), normalises it as training did, and gives `logits` and `probabilities` (softmax, or a
 //! sigmoid per label for multi-label models). Batch norm stays a node (runtimes fold it into the
-//! convolution). The int8 variant stores every convolution kernel and linear weight as int8 with
-//! one scale per output channel, dequantised in the graph; [`quantise_weights`] gives the same
+//! convolution). The int8 variant stores every convolution kernel and linear weight but the first
+//! convolution and the head as int8 with one scale per output channel, dequantised in the graph; [`quantise_weights`] gives the same
 //! weights in a [`Network`], so its accuracy can be measured where the float model's is.
 
 pub mod graph;
@@ -47,7 +47,8 @@ pub enum ExportError {
 pub enum Precision {
     /// Every weight as float32.
     Float32,
-    /// Convolution kernels and linear weights as int8, one scale per output channel.
+    /// Convolution kernels and linear weights (but the first convolution and the head) as int8,
+    /// one scale per output channel.
     Int8Weights,
 }
 
@@ -77,7 +78,7 @@ fn batch() -> Dimension {
 /// The network as an ONNX model (serialised `ModelProto`).
 pub fn onnx_model(net: &Network, precision: Precision) -> Result<Vec<u8>, ExportError> {
     let variables = net.named_tensors();
-    let mut g = GraphBuilder::new(&variables, precision == Precision::Int8Weights);
+    let mut g = GraphBuilder::new(&variables, (precision == Precision::Int8Weights).then(|| net.head_prefix()));
     let size = net.image_size as i64;
     let image = Value { name: "image".into(), c: 3, hw: (size, size) };
     let mean = g.constant("input.mean", &[1, 3, 1, 1], &MEAN);
@@ -129,9 +130,10 @@ pub fn write_onnx(net: &Network, path: &Path, precision: Precision) -> Result<u6
 /// Replaces every weight that the int8 export quantises by its dequantised int8 value, so the
 /// network computes what the int8 ONNX file computes.
 pub fn quantise_weights(net: &mut Network) -> Result<(), ExportError> {
-    for (_, mut var) in net.named_tensors() {
+    let head = net.head_prefix();
+    for (name, mut var) in net.named_tensors() {
         let dims = var.size();
-        if !quantised(&dims) {
+        if !quantised(&name, &dims, head) {
             continue;
         }
         let values = tensor_to_vec(&var).map_err(GraphError::from)?;

@@ -558,6 +558,8 @@ async fn the_cluster_example_runs_as_written_once_its_volumes_secrets_labels_and
     let limits = merge[0].spec.clone().unwrap().containers[0].resources.clone().unwrap().limits.unwrap();
     assert!(!limits.contains_key("nvidia.com/gpu") && limits["memory"].0 == "2Gi", "{limits:?}");
     mjs.delete("fundus", &DeleteParams::default()).await.unwrap();
+    // The node as the other scenarios expect it: no GPU taint (their pods do not tolerate it).
+    kubectl(&["taint", "node", &node, "nvidia.com/gpu=present:NoSchedule-"]);
 }
 
 /// The trainer's stdout for `args` (asserting it succeeded).

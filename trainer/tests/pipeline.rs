@@ -4,8 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use medmerge_crds::results::{EvaluationResults, ShardTraining};
-use medmerge_crds::{HeadStrategy, MergeMethod};
-use medmerge_trainer::merge::{merge_checked, MergeOptions, ShardVector};
+use medmerge_crds::{HeadStrategy, MergeMethod, ReleaseSpec};
+use medmerge_trainer::merge::{merge_checked, write_vector, MergeOptions, ShardVector};
 use medmerge_trainer::model::Network;
 use medmerge_trainer::pipeline::{Job, Runner};
 use medmerge_trainer::secure::merge::mask_vector;
@@ -13,6 +13,7 @@ use medmerge_trainer::secure::{DropoutShare, HospitalKey, Roster};
 use medmerge_trainer::st::MappedFile;
 use medmerge_trainer::synth;
 use medmerge_trainer::synth::tiny_local_job;
+use rand::{Rng, SeedableRng};
 use tch::Device;
 
 #[test]
@@ -325,23 +326,34 @@ fn a_mobilenet_v3_mergejob_runs_every_stage_like_the_other_architectures() {
     assert!(report.export.as_ref().is_some_and(|e| e.int8_bytes > 0), "{:?}", report.export);
 }
 
-/// Masks each of `names`' vectors (taken from the plain run `run`) for `session` into
-/// `incoming/<name>.masked.safetensors`, as each hospital would with `secure mask`; returns the
-/// keys (to make dropout shares with) and the roster.
-fn mask_hospitals(dir: &Path, run: &Path, names: &[&str], session: &str) -> (Vec<HospitalKey>, Roster) {
+/// What hospitals `names` upload to a secure-sum run whose base is `base`: each its own
+/// vector of that base (every tensor moved by its own seeded pattern, as training would), masked
+/// for `session` into `incoming/<name>.masked.safetensors`. Returns the plain vectors (which
+/// never leave the hospitals), the keys and the roster.
+fn hospitals_upload(dir: &Path, base: &Path, names: &[&str], session: &str) -> (Vec<ShardVector>, Vec<HospitalKey>, Roster) {
     let keys: Vec<HospitalKey> = names.iter().map(|_| HospitalKey::generate()).collect();
     let roster = Roster::parse(&names.iter().zip(&keys).map(|(n, k)| format!("{n}: {}\n", k.public_hex())).collect::<String>()).unwrap();
     std::fs::create_dir_all(dir.join("incoming")).unwrap();
-    for (name, key) in names.iter().zip(&keys) {
-        let vector = ShardVector { shard: name.to_string(), path: run.join(format!("shards/{name}/vector.safetensors")) };
-        mask_vector(&run.join("base/model.safetensors"), &vector, &roster, name, key, session, &dir.join(format!("incoming/{name}.masked.safetensors"))).unwrap();
+    let mut plain = Vec::new();
+    for (i, (name, key)) in names.iter().zip(&keys).enumerate() {
+        let tuned = Network::load(base, Device::Cpu).unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(i as u64);
+        for (_, mut var) in tuned.named_tensors() {
+            let shift: Vec<f32> = (0..var.numel()).map(|_| rng.random_range(-1.0f32..1.0) * 1e-2).collect();
+            tch::no_grad(|| var.f_add_(&tch::Tensor::from_slice(&shift).view(var.size().as_slice())).map(|_| ())).unwrap();
+        }
+        let vector = ShardVector { shard: name.to_string(), path: dir.join(format!("{name}-{session}.vector.safetensors")) };
+        write_vector(&tuned, base, name, vec![4, 4, 4], &ReleaseSpec::default(), &vector.path).unwrap();
+        mask_vector(base, &vector, &roster, name, key, session, &dir.join(format!("incoming/{name}.masked.safetensors"))).unwrap();
+        plain.push(vector);
     }
-    (keys, roster)
+    (plain, keys, roster)
 }
 
+/// A secure-sum MergeJob over `shards`' masked uploads, with the tiny job's images and classes.
 fn secure_job(dir: &Path, name: &str, shards: &[&str]) -> std::path::PathBuf {
-    // No shard has images here, so the classes come from the spec (the plain run's, in order).
-    let classes = Network::load(&dir.join("out/runs/local/tiny/g1/base/model.safetensors"), Device::Cpu).unwrap().classes.join(", ");
+    // No shard has images here, so the classes come from the spec.
+    let classes = medmerge_trainer::data::Dataset::open(&dir.join("images"), None).unwrap().classes.join(", ");
     let shard_yaml: String = shards.iter().map(|s| format!("    - {{name: {s}, vector: incoming/{s}.masked.safetensors}}\n")).collect();
     let yaml = format!(
         "apiVersion: medmerge.io/v1alpha1\nkind: MergeJob\nmetadata: {{name: {name}}}\nspec:\n  model: {{architecture: resnet18, weights: random, imageSize: 32, classes: [{classes}]}}\n  shards:\n{shard_yaml}  training: {{epochs: 2, batchSize: 8, learningRate: 0.001}}\n  evaluation: {{data: {{path: test.csv}}}}\n  storage: {{local: {{path: out}}}}\n  restore: {{mode: none}}\n  merge: {{baselines: [], secureSum: {{session: run-1}}}}\n"
@@ -356,43 +368,48 @@ fn max_difference(a: &Path, b: &Path) -> f32 {
     a.tensors().map(|t| a.f32(&t.name).unwrap().iter().zip(b.f32(&t.name).unwrap()).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max)).fold(0f32, f32::max)
 }
 
+fn plain_merge(base: &Path, vectors: &[ShardVector], out: &Path) {
+    let opts = MergeOptions { method: MergeMethod::DataVector, lambda: 2.0, heads: HeadStrategy::Mean, ties_density: 0.2, dare_drop_rate: 0.9, seed: 1, pretrained_only: false };
+    merge_checked(base, vectors, &opts, out, Device::Cpu).unwrap();
+}
+
 #[test]
 fn a_secure_sum_mergejob_merges_masked_uploads_as_the_plain_merge_and_a_dropout_waits_for_shares() {
     let dir = tempfile::tempdir().unwrap();
-    // The hospitals' side: a plain run gives the base, three real vectors and their plain merge.
-    let job = tiny_local_job(dir.path(), "  restore: {mode: none}\n  merge: {baselines: []}\n", 3).unwrap();
-    Runner::new(Job::load(&job).unwrap(), Device::Cpu).unwrap().run().unwrap();
-    let plain = dir.path().join("out/runs/local/tiny/g1");
+    tiny_local_job(dir.path(), "", 3).unwrap(); // the images and test set
     let names = ["h0", "h1", "h2"];
-    let (keys, roster) = mask_hospitals(dir.path(), &plain, &names, "run-1");
+    // Each run's base comes from its init stage; the hospitals fine-tune from it and upload masks.
+    let runner = Runner::new(Job::load(&secure_job(dir.path(), "secure", &names)).unwrap(), Device::Cpu).unwrap();
+    runner.run_stage("init").unwrap();
+    let secure = dir.path().join("out/runs/local/secure/g1");
+    let base = secure.join("base/model.safetensors");
+    let (plain, _, _) = hospitals_upload(dir.path(), &base, &names, "run-1");
 
     // The coordinator sees only masked uploads; its merge equals the plain one.
-    let report = Runner::new(Job::load(&secure_job(dir.path(), "secure", &names)).unwrap(), Device::Cpu).unwrap().run().unwrap();
-    let secure = dir.path().join("out/runs/local/secure/g1");
-    assert_eq!(std::fs::read(secure.join("base/model.safetensors")).unwrap(), std::fs::read(plain.join("base/model.safetensors")).unwrap(), "the same spec gives the same base");
-    let diff = max_difference(&secure.join("merged/data-vector/model.safetensors"), &plain.join("merged/data-vector/model.safetensors"));
+    let report = runner.run().unwrap();
+    let expected = dir.path().join("plain-three.safetensors");
+    plain_merge(&base, &plain, &expected);
+    let diff = max_difference(&secure.join("merged/data-vector/model.safetensors"), &expected);
     assert!(diff < 1e-5, "secure and plain merge differ by {diff}");
     assert!(report.candidates[0].description.contains("(secure sum)"), "{}", report.candidates[0].description);
     assert!(report.similarity.is_empty() && report.releases.is_empty(), "nothing about one hospital's vector is reported");
 
-    // An upload masked for another session, or a plain vector, is refused at collection.
-    std::fs::copy(plain.join("shards/h0/vector.safetensors"), dir.path().join("incoming/h0.masked.safetensors")).unwrap();
+    // A plain vector uploaded where a masked one belongs is refused at collection.
+    std::fs::copy(&plain[0].path, dir.path().join("incoming/h0.masked.safetensors")).unwrap();
     let runner = Runner::new(Job::load(&secure_job(dir.path(), "refused", &names)).unwrap(), Device::Cpu).unwrap();
     runner.run_stage("init").unwrap();
     let refused = format!("{:#}", runner.run_stage("collect-h0").unwrap_err());
     assert!(refused.contains("incoming/h0.masked.safetensors refused") && refused.contains("not a masked vector"), "{refused}");
 
-    // h2 drops out (the operator excludes it): the merge names the shares it waits for, then
-    // equals the plain merge of h0 and h1 once they are uploaded.
-    let (key0, key1) = (&keys[0], &keys[1]);
+    // h2 drops out (the operator excludes it): the merge names the shares it waits for, waits
+    // for them, and then equals the plain merge of h0 and h1.
     let mut job = Job::load(&secure_job(dir.path(), "dropout", &names)).unwrap();
     job.exclude_shards(&["h2".to_string()]).unwrap();
-    let dropout_dir = dir.path().join("out/runs/local/dropout/g1");
-    let masked = |n: &str| dir.path().join(format!("incoming/{n}.masked.safetensors"));
-    // Re-mask h0 (its file was replaced above) for the same roster and session.
-    mask_vector(&plain.join("base/model.safetensors"), &ShardVector { shard: "h0".into(), path: plain.join("shards/h0/vector.safetensors") }, &roster, "h0", key0, "run-1", &masked("h0")).unwrap();
     let runner = Runner::new(job, Device::Cpu).unwrap();
-    for stage in ["init", "collect-h0", "collect-h1"] {
+    runner.run_stage("init").unwrap();
+    let base = dir.path().join("out/runs/local/dropout/g1/base/model.safetensors");
+    let (plain, keys, roster) = hospitals_upload(dir.path(), &base, &names, "run-1");
+    for stage in ["collect-h0", "collect-h1"] {
         runner.run_stage(stage).unwrap();
     }
     let waiting = format!("{:#}", runner.run_stage("merge-data-vector").unwrap_err());
@@ -401,10 +418,10 @@ fn a_secure_sum_mergejob_merges_masked_uploads_as_the_plain_merge_and_a_dropout_
         "{waiting}"
     );
     // The survivors upload their shares while the merge waits (as its cluster Job does).
-    let shares: Vec<(PathBuf, Vec<u8>)> = [("h0", key0), ("h1", key1)]
+    let shares: Vec<(PathBuf, Vec<u8>)> = [0, 1]
         .into_iter()
-        .map(|(name, key)| {
-            (dir.path().join(format!("incoming/{name}.masked.safetensors.dropout-h2.json")), serde_json::to_vec(&DropoutShare::new(&roster, name, key, "h2", "run-1").unwrap()).unwrap())
+        .map(|i| {
+            (dir.path().join(format!("incoming/{}.masked.safetensors.dropout-h2.json", names[i])), serde_json::to_vec(&DropoutShare::new(&roster, names[i], &keys[i], "h2", "run-1").unwrap()).unwrap())
         })
         .collect();
     let upload = std::thread::spawn(move || {
@@ -417,9 +434,7 @@ fn a_secure_sum_mergejob_merges_masked_uploads_as_the_plain_merge_and_a_dropout_
     upload.join().unwrap();
     runner.run_stage("merge-data-vector").unwrap();
     let two = dir.path().join("plain-two.safetensors");
-    let vectors: Vec<ShardVector> = ["h0", "h1"].iter().map(|n| ShardVector { shard: n.to_string(), path: plain.join(format!("shards/{n}/vector.safetensors")) }).collect();
-    let opts = MergeOptions { method: MergeMethod::DataVector, lambda: 2.0, heads: HeadStrategy::Mean, ties_density: 0.2, dare_drop_rate: 0.9, seed: 1, pretrained_only: false };
-    merge_checked(&plain.join("base/model.safetensors"), &vectors, &opts, &two, Device::Cpu).unwrap();
-    let diff = max_difference(&dropout_dir.join("merged/data-vector/model.safetensors"), &two);
+    plain_merge(&base, &plain[..2], &two);
+    let diff = max_difference(&dir.path().join("out/runs/local/dropout/g1/merged/data-vector/model.safetensors"), &two);
     assert!(diff < 1e-5, "with h2's masks removed the merge is h0 + h1's: {diff}");
 }

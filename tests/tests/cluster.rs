@@ -226,39 +226,31 @@ async fn operator_pod_name(client: &Client) -> Option<String> {
 
 /// A hospital that trains on its own premises: once the run waits for its vector and the base
 /// is in the bucket, it fine-tunes on its own shard and uploads the vector, late.
+/// Waits until run 1 of MergeJob `name` has written its base to the bucket, then downloads it.
+async fn fetch_base(store: &Store, ns: &str, name: &str, to: &Path) {
+    let base_key = ArtifactLayout::new("runs", ns, name, 1).base();
+    while !store.exists(&base_key).await.unwrap() {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    store.get_file(&base_key, to).await.unwrap();
+}
+
+/// What a hospital runs on its own premises to fine-tune `base` on `data` (2 epochs, 1 thread).
+fn finetune_args(base: &Path, data: &Path, shard: &str, out: &Path) -> Vec<String> {
+    let (base, data, out) = (base.to_str().unwrap(), data.to_str().unwrap(), out.to_str().unwrap());
+    ["finetune", "--base", base, "--data", data, "--shard", shard, "--out", out, "--epochs", "2", "--batch-size", "8", "--lr", "0.001", "--threads", "1"].map(String::from).to_vec()
+}
+
 async fn partner_hospital(client: Client, ns: String, store: Store, shard_data: PathBuf, work: PathBuf) {
     let jobs: Api<Job> = Api::namespaced(client, &ns);
     while jobs.get_opt("fundus-g1-collect-partner").await.unwrap().is_none() {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    let base_key = ArtifactLayout::new("runs", &ns, "fundus", 1).base();
-    while !store.exists(&base_key).await.unwrap() {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
     std::fs::create_dir_all(&work).unwrap();
     let base = work.join("base.safetensors");
-    store.get_file(&base_key, &base).await.unwrap();
+    fetch_base(&store, &ns, "fundus", &base).await;
     let vector = work.join("vector.safetensors");
-    let args = [
-        "finetune",
-        "--base",
-        base.to_str().unwrap(),
-        "--data",
-        shard_data.to_str().unwrap(),
-        "--shard",
-        "partner",
-        "--out",
-        vector.to_str().unwrap(),
-        "--epochs",
-        "2",
-        "--batch-size",
-        "8",
-        "--lr",
-        "0.001",
-        "--threads",
-        "1",
-    ]
-    .map(String::from);
+    let args = finetune_args(&base, &shard_data, "partner", &vector);
     tokio::task::spawn_blocking(move || run_trainer(&args.iter().map(String::as_str).collect::<Vec<_>>())).await.unwrap();
     store.put_file(PARTNER_VECTOR, &vector).await.unwrap();
 }
@@ -579,43 +571,18 @@ fn masked_key(hospital: &str) -> String {
 /// masked file; when the MergeJob's status says `dropped` was dropped, it uploads its share
 /// about it (what lets the coordinator take that pair's masks out of the sum).
 async fn masking_hospital(client: Client, ns: String, store: Store, me: &'static str, data: PathBuf, work: PathBuf, dropped: &'static str) {
-    let base_key = ArtifactLayout::new("runs", &ns, "secure", 1).base();
-    while !store.exists(&base_key).await.unwrap() {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
     let path = |name: &str| work.join(name).to_str().unwrap().to_string();
-    store.get_file(&base_key, &work.join("base.safetensors")).await.unwrap();
+    fetch_base(&store, &ns, "secure", &work.join("base.safetensors")).await;
     let identity = |w: &[String]| -> Vec<String> {
         let mut args: Vec<String> = ["--self", me, "--key", &path("key"), "--roster"].map(String::from).to_vec();
         args.extend([work.parent().unwrap().join("roster.yaml").to_str().unwrap().to_string(), "--session".into(), "e2e-secure-1".into()]);
         args.extend_from_slice(w);
         args
     };
-    let (finetune, mask) = (
-        [
-            "finetune",
-            "--base",
-            &path("base.safetensors"),
-            "--data",
-            data.to_str().unwrap(),
-            "--shard",
-            me,
-            "--out",
-            &path("vector.safetensors"),
-            "--epochs",
-            "2",
-            "--batch-size",
-            "8",
-            "--lr",
-            "0.001",
-            "--threads",
-            "1",
-        ]
-        .map(String::from)
-        .to_vec(),
+    let finetune = finetune_args(&work.join("base.safetensors"), &data, me, &work.join("vector.safetensors"));
+    let mask =
         [vec!["secure".to_string(), "mask".into()], identity(&["--base", &path("base.safetensors"), "--vector", &path("vector.safetensors"), "--out", &path("masked.safetensors")].map(String::from))]
-            .concat(),
-    );
+            .concat();
     tokio::task::spawn_blocking(move || {
         for args in [finetune, mask] {
             run_trainer(&args.iter().map(String::as_str).collect::<Vec<_>>());

@@ -529,11 +529,7 @@ impl Runner {
         let Some(first) = vectors.first() else { return Ok(vec![]) };
         self.fetch(&self.layout.shard_vector(&first.shard))?;
         let file = MappedFile::open(&first.path)?;
-        let masked: crate::secure::merge::MaskedFor = file
-            .metadata()
-            .get(crate::secure::merge::MASKED_KEY)
-            .and_then(|j| serde_json::from_str(j).ok())
-            .ok_or_else(|| anyhow::anyhow!("shard {}: the collected vector is not masked", first.shard))?;
+        let masked = crate::secure::merge::MaskedFor::from_metadata(file.metadata()).ok_or_else(|| anyhow::anyhow!("shard {}: the collected vector is not masked", first.shard))?;
         let present: Vec<&str> = vectors.iter().map(|v| v.shard.as_str()).collect();
         let dropped: Vec<&String> = masked.roster.iter().filter(|n| !present.contains(&n.as_str())).collect();
         // Roster names come from a hospital's upload and become parts of keys: shard names only.

@@ -29,6 +29,13 @@ pub struct MaskedFor {
     pub roster: Vec<String>,
 }
 
+impl MaskedFor {
+    /// What a file's metadata says it was masked for, or None for a file that is not masked.
+    pub fn from_metadata(metadata: &std::collections::BTreeMap<String, String>) -> Option<Self> {
+        metadata.get(MASKED_KEY).and_then(|j| serde_json::from_str(j).ok())
+    }
+}
+
 /// Masks hospital `me`'s vector (checked against the base) for `session` and writes it to `out`:
 /// every entry in fixed point plus, for every other hospital of the roster, their pair's mask.
 pub fn mask_vector(base_path: &Path, vector: &ShardVector, roster: &Roster, me: &str, key: &HospitalKey, session: &str, out: &Path) -> Result<(), MergeError> {
@@ -150,11 +157,7 @@ fn open_masked(base: &MappedFile, base_meta: &ArtifactMeta, digest: &str, masked
         let file = MappedFile::open(&v.path)?;
         let meta = ArtifactMeta::from_map(&v.path, file.metadata(), ArtifactKind::Vector)?;
         let shard = v.shard.clone();
-        let m: MaskedFor = file
-            .metadata()
-            .get(MASKED_KEY)
-            .and_then(|j| serde_json::from_str(j).ok())
-            .ok_or_else(|| mismatch(format!("shard {shard}: {} is not a masked vector (mask it with `secure mask`)", v.path.display())))?;
+        let m = MaskedFor::from_metadata(file.metadata()).ok_or_else(|| mismatch(format!("shard {shard}: {} is not a masked vector (mask it with `secure mask`)", v.path.display())))?;
         if meta.base_digest != digest {
             return Err(MergeError::BaseMismatch { shard, path: v.path.clone(), found: meta.base_digest, expected: digest.into() });
         }

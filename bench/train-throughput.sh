@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Training throughput: `medmerge-trainer finetune` against the PyTorch eager reference
 # (bench/train_reference.py) doing the same work on the same images: EfficientNet-Lite0 and
-# ResNet50 at SIZE px, batch 32, random flips, JPEG decoding from disk, class-weighted
-# cross-entropy, Adam, THREADS threads, over IMAGES images of ../shared/data/eye-fundus.
-# This machine is shared and drifts by +-10 % between runs, so the three contenders run
-# interleaved, REPEATS times each, 3 epochs per run, and each reports its best warm epoch (2-3).
-# Writes bench/results/train-throughput.md.
+# ResNet50 at SIZE px, batch 32, random flips, class-weighted cross-entropy, Adam, THREADS
+# threads, over IMAGES images of ../shared/data/eye-fundus. medmerge runs as shipped (decoded-image
+# store, channels-last); PyTorch in three configurations: NCHW with decoding in the training
+# process, channels-last likewise, and channels-last with 2 DataLoader worker processes
+# (persistent), and the best of them is the baseline. This machine is shared and drifts by +-10 %
+# between runs, so the contenders run interleaved, REPEATS times each, 3 epochs per run, and each
+# reports its best warm epoch (2-3). Writes bench/results/train-throughput.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
@@ -18,9 +20,15 @@ mkdir -p "$WORK" bench/results
 # The dev profile builds dependencies (libtorch bindings, image decoders) at opt-level 3.
 cargo build -q --workspace --bins
 "$MEDMERGE_CACHE/venv/bin/python" -c "import PIL, torchvision" 2>/dev/null || "$MEDMERGE_CACHE/venv/bin/pip" install -q "torch==$(python3 -c 'import torch; print(torch.__version__.split("+")[0])')" torchvision pillow
-# The same IMAGES images for both, stratified and shuffled by the trainer's split.
+# The same IMAGES images for both: the trainer's manifest of the set (sorted by path), shuffled
+# with a fixed seed so every class is in the sample.
 "$T" split --data "$DATA" --out "$WORK/split" --shards 1 --test-fraction 0 --seed 3315 >/dev/null
-head -n $((IMAGES + 1)) "$WORK/split/shard-1.csv" > "$WORK/images.csv"
+python3 - "$WORK/split/shard-1.csv" "$IMAGES" > "$WORK/images.csv" <<'PY'
+import random, sys
+header, *rows = open(sys.argv[1]).read().splitlines()
+random.Random(3315).shuffle(rows)
+print("\n".join([header] + rows[: int(sys.argv[2])]))
+PY
 
 medmerge() { # arch weights -> images/s of the best warm epoch
   local base="$WORK/base-$1.safetensors"
@@ -29,8 +37,8 @@ medmerge() { # arch weights -> images/s of the best warm epoch
     --out "$WORK/vector-$1.safetensors" --epochs 3 --batch-size "$BATCH" 2>&1 |
     python3 -c 'import sys, json; print(max([json.loads(l)["fields"]["images_per_second"] for l in sys.stdin if "epoch done" in l][1:]))'
 }
-reference() { # arch workers -> images/s of the best warm epoch
-  "$MEDMERGE_CACHE/venv/bin/python" bench/train_reference.py "$WORK/images.csv" "$1" "$SIZE" "$BATCH" 3 "$THREADS" "$2" |
+reference() { # arch workers layout -> images/s of the best warm epoch
+  "$MEDMERGE_CACHE/venv/bin/python" bench/train_reference.py "$WORK/images.csv" "$1" "$SIZE" "$BATCH" 3 "$THREADS" "$2" "$3" |
     python3 -c 'import sys, json; print(max([json.loads(l)["images_per_second"] for l in sys.stdin][1:]))'
 }
 best() { python3 -c "import sys; print(max(map(float, sys.argv[1:])))" "$@"; }
@@ -39,20 +47,21 @@ best() { python3 -c "import sys; print(max(map(float, sys.argv[1:])))" "$@"; }
   echo "# Training throughput: medmerge vs PyTorch eager"
   echo
   echo "Command: \`bash bench/train-throughput.sh\` (SIZE=$SIZE IMAGES=$IMAGES THREADS=$THREADS). $(nproc) CPU cores, $(date -u +%Y-%m-%d)."
-  echo "Same $IMAGES fundus photographs (JPEG decoded from disk every epoch), ${SIZE} px, batch $BATCH, random"
-  echo "horizontal+vertical flips, class-weighted cross-entropy, Adam 1e-4, $THREADS intra-op threads;"
-  echo "best warm epoch (2 or 3) of $REPEATS interleaved runs each. Reference: bench/train_reference.py (torch $("$MEDMERGE_CACHE/venv/bin/python" -c 'import torch; print(torch.__version__)'),"
-  echo "DataLoader with 0 workers = decoding in the training process, 2 workers = decoding in parallel processes)."
+  echo "Same $IMAGES fundus photographs, ${SIZE} px, batch $BATCH, random horizontal+vertical flips,"
+  echo "class-weighted cross-entropy, Adam 1e-4, $THREADS intra-op threads; best warm epoch (2 or 3) of $REPEATS interleaved runs"
+  echo "each. medmerge decodes each JPEG once into its decoded-image store (epoch 1) and trains channels-last."
+  echo "Reference: bench/train_reference.py (torch $("$MEDMERGE_CACHE/venv/bin/python" -c 'import torch; print(torch.__version__)')), decoding every epoch"
+  echo "(Pillow) as its DataLoader does: in the training process (0 workers) or in 2 worker processes."
   echo
-  echo "| model | medmerge (img/s) | PyTorch, 0 workers | PyTorch, 2 workers | ratio vs best PyTorch |"
-  echo "|---|---|---|---|---|"
+  echo "| model | medmerge (img/s) | PyTorch NCHW, 0 workers | PyTorch channels-last, 0 workers | PyTorch channels-last, 2 workers | ratio vs best PyTorch |"
+  echo "|---|---|---|---|---|---|"
   for spec in "efficientnet-lite0 imagenet" "resnet50 random"; do
     set -- $spec
-    ms=(); r0s=(); r2s=()
+    ms=(); a=(); b=(); c=()
     for _ in $(seq 1 "$REPEATS"); do
-      ms+=("$(medmerge "$1" "$2")"); r0s+=("$(reference "$1" 0)"); r2s+=("$(reference "$1" 2)")
+      ms+=("$(medmerge "$1" "$2")"); a+=("$(reference "$1" 0 contiguous)"); b+=("$(reference "$1" 0 channels_last)"); c+=("$(reference "$1" 2 channels_last)")
     done
-    m="$(best "${ms[@]}")"; r0="$(best "${r0s[@]}")"; r2="$(best "${r2s[@]}")"
-    python3 -c "m, a, b = $m, $r0, $r2; print(f'| $1 | {m:.1f} | {a:.1f} | {b:.1f} | {m / max(a, b):.2f}x |')"
+    m="$(best "${ms[@]}")"; ra="$(best "${a[@]}")"; rb="$(best "${b[@]}")"; rc="$(best "${c[@]}")"
+    python3 -c "m, a, b, c = $m, $ra, $rb, $rc; print(f'| $1 | {m:.1f} | {a:.1f} | {b:.1f} | {c:.1f} | {m / max(a, b, c):.2f}x |')"
   done
 } | tee bench/results/train-throughput.md

@@ -5,10 +5,16 @@ resize to SIZE, random horizontal and vertical flips, ImageNet normalisation, ba
 class-weighted cross-entropy, Adam lr 1e-4, on THREADS intra-op threads. EfficientNet-Lite0 is
 written out here layer for layer (efficientnet_pytorch layout, TF "SAME" padding, ReLU6, no
 squeeze-excite), ResNet50 comes from torchvision. Prints one JSON line per epoch.
+LAYOUT `channels_last` converts the model and every batch to channels-last (PyTorch's advice for
+convolutions on CPU), `contiguous` leaves them NCHW. With WORKERS > 0 the DataLoader keeps its
+worker processes between epochs and prefetches.
 
-usage: train_reference.py MANIFEST ARCH SIZE BATCH EPOCHS THREADS WORKERS
+REF_DEVICE=cuda trains on the GPU (batches pinned and copied asynchronously) and REF_AMP=bf16
+runs the forward pass under bfloat16 autocast, as medmerge's `training.mixedPrecision` does.
+
+usage: train_reference.py MANIFEST ARCH SIZE BATCH EPOCHS THREADS WORKERS [LAYOUT]
 """
-import csv, json, math, random, sys, time
+import csv, json, math, os, random, sys, time
 
 import numpy as np
 import torch
@@ -81,24 +87,36 @@ class Images(torch.utils.data.Dataset):
 
 def main():
     manifest, arch, size, batch, epochs, threads, workers = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:8])
+    layout = torch.channels_last if (sys.argv[8:] or ["contiguous"])[0] == "channels_last" else torch.contiguous_format
     torch.set_num_threads(threads)
     torch.manual_seed(3315)
     rows = [(r["path"], r["label"]) for r in csv.DictReader(open(manifest))]
     classes = sorted({l for _, l in rows})
     counts = np.array([sum(1 for _, l in rows if l == c) for c in classes], dtype=np.float32)
     weights = torch.from_numpy(counts.sum() / (len(classes) * counts))
-    model = {"efficientnet-lite0": lite0, "resnet50": resnet50}[arch](len(classes))
+    device = torch.device(os.environ.get("REF_DEVICE", "cpu"))
+    amp = os.environ.get("REF_AMP") == "bf16"
+    model = {"efficientnet-lite0": lite0, "resnet50": resnet50}[arch](len(classes)).to(device, memory_format=layout)
+    weights = weights.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    images = Images(rows, classes, size, 0)
+    loader = torch.utils.data.DataLoader(images, batch_size=batch, shuffle=True, num_workers=workers, persistent_workers=workers > 0, pin_memory=device.type == "cuda")
     for epoch in range(1, epochs + 1):
-        loader = torch.utils.data.DataLoader(Images(rows, classes, size, epoch), batch_size=batch, shuffle=True, num_workers=workers)
+        # Persistent workers keep the seed they started with (the flips repeat): the same work.
+        images.seed = epoch
         model.train()
         started, seen = time.perf_counter(), 0
         for x, y in loader:
-            loss = F.cross_entropy(model(x), y, weight=weights)
+            x, y = x.to(device, non_blocking=True).contiguous(memory_format=layout), y.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), y, weight=weights)
             opt.zero_grad()
             loss.backward()
             opt.step()
             seen += len(y)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         print(json.dumps({"epoch": epoch, "images": seen, "images_per_second": seen / (time.perf_counter() - started)}), flush=True)
 
 

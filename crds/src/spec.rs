@@ -462,9 +462,9 @@ pub struct TrainingSpec {
     pub validation_fraction: f64,
     /// Random augmentation applied to training images.
     pub augment: AugmentSpec,
-    /// On CUDA, run forward passes in float16 (autocast) with dynamic loss scaling. Ignored on
-    /// CPU. Off by default: for EfficientNet-Lite0 at batch 32 it was slower than float32 on an
-    /// H100 (bench/results/gpu-h100.md); worth it for large models and batches.
+    /// On CUDA, run forward passes under bfloat16 autocast (float32 weights, optimizer and loss;
+    /// bfloat16's range needs no loss scaling). Needs a GPU with bfloat16 (Ampere or newer).
+    /// Ignored on CPU.
     pub mixed_precision: bool,
 }
 

@@ -13,6 +13,7 @@ use tch::{nn, Device, Kind, Reduction, Tensor};
 use tracing::{info, info_span};
 
 use crate::data::{BatchLoader, DataError, Dataset};
+use crate::model::precision::bfloat16_autocast;
 use crate::model::Network;
 
 /// Errors while training.
@@ -72,46 +73,6 @@ pub fn class_weights(counts: &[u64]) -> Vec<f32> {
     counts.iter().map(|&c| if c == 0 { 0.0 } else { (n as f64 / (k * c as f64)) as f32 }).collect()
 }
 
-/// Dynamic loss scaling for float16 training: scale the loss so small gradients survive fp16,
-/// unscale before the step, skip steps whose gradients overflowed and halve the scale; double it
-/// after a run of good steps.
-struct LossScaler {
-    scale: f64,
-    good_steps: u32,
-}
-
-impl Default for LossScaler {
-    fn default() -> Self {
-        LossScaler { scale: 65536.0, good_steps: 0 }
-    }
-}
-
-impl LossScaler {
-    const GROWTH_INTERVAL: u32 = 2000;
-
-    fn backward_step(&mut self, opt: &mut nn::Optimizer, vs: &nn::VarStore, loss: &Tensor) -> Result<(), tch::TchError> {
-        opt.zero_grad();
-        loss.f_mul_scalar(self.scale)?.backward();
-        let grads: Vec<Tensor> = vs.trainable_variables().iter().map(Tensor::grad).filter(Tensor::defined).collect();
-        let finite = Tensor::f_stack(&grads.iter().map(|g| g.isfinite().all()).collect::<Vec<_>>(), 0)?.all().int64_value(&[]) != 0;
-        if !finite {
-            self.scale /= 2.0;
-            self.good_steps = 0;
-            return Ok(());
-        }
-        for mut g in grads {
-            let _ = g.f_mul_scalar_(1.0 / self.scale)?;
-        }
-        opt.step();
-        self.good_steps += 1;
-        if self.good_steps >= Self::GROWTH_INTERVAL {
-            self.scale *= 2.0;
-            self.good_steps = 0;
-        }
-        Ok(())
-    }
-}
-
 /// Multi-label positive weights `negatives / positives` per class (1 for absent classes).
 pub fn positive_weights(positives: &[u64], n: u64) -> Vec<f32> {
     positives.iter().map(|&p| if p == 0 { 1.0 } else { (n - p) as f32 / p as f32 }).collect()
@@ -157,42 +118,44 @@ pub fn train(net: &mut Network, data: &Dataset, spec: &TrainingSpec, device: Dev
     let mut epochs = Vec::new();
     let mut best: Option<(f64, u32, Vec<Tensor>)> = None;
     let mut step = 0;
-    let mut scaler = (spec.mixed_precision && device.is_cuda()).then(LossScaler::default);
+    let mixed_precision = spec.mixed_precision && device.is_cuda();
     for epoch in 1..=spec.epochs {
         let _span = info_span!("epoch", shard = %label, epoch).entered();
         let started = Instant::now();
         let mut order: Vec<usize> = (0..train_set.samples.len()).collect();
         order.shuffle(&mut rng);
-        let (mut loss_sum, mut correct, mut seen) = (0f64, 0usize, 0usize);
+        // Summed on the device and read once per epoch: a read-back each step would make the CPU
+        // wait for the GPU before it queues the next step.
+        let mut loss_sum = Tensor::zeros([], (Kind::Double, device));
+        let mut correct = Tensor::zeros([], (Kind::Int64, device));
+        let mut seen = 0usize;
         let aug_seed = spec.seed.wrapping_add(epoch as u64 * 7919);
         for b in BatchLoader::new(&train_set, order, batch, net.image_size, Some(spec.augment.clone()), aug_seed, device) {
             let b = b?;
             opt.set_lr(learning_rate(spec.schedule, spec.learning_rate, step, total_steps));
-            let logits = match scaler {
-                Some(_) => tch::autocast(true, || net.forward_t(&b.images, true)).to_kind(Kind::Float),
-                None => net.forward_t(&b.images, true),
-            };
+            let logits = if mixed_precision { bfloat16_autocast(|| net.forward_t(&b.images, true)) } else { net.forward_t(&b.images, true) };
             let n = b.indices.len();
             let loss = match &b.targets {
                 Some(t) => logits.f_binary_cross_entropy_with_logits(t, None::<&Tensor>, weights.as_ref(), Reduction::Mean)?,
                 None => logits.f_cross_entropy_loss(&b.labels, weights.as_ref(), Reduction::Mean, -100, 0.0)?,
             };
-            match scaler.as_mut() {
-                Some(s) => s.backward_step(&mut opt, &net.vs, &loss)?,
-                None => opt.backward_step(&loss),
-            }
-            loss_sum += loss.double_value(&[]) * n as f64;
-            correct += match &b.targets {
-                // Multi-label: count images whose every label is right at threshold 0.5.
-                Some(t) => logits.ge(0.0).to_kind(Kind::Float).eq_tensor(t).all_dim(-1, false).to_kind(Kind::Int64).sum(Kind::Int64).int64_value(&[]) as usize,
-                None => logits.argmax(-1, false).eq_tensor(&b.labels).to_kind(Kind::Int64).sum(Kind::Int64).int64_value(&[]) as usize,
-            };
+            opt.backward_step(&loss);
+            tch::no_grad(|| {
+                let _ = loss_sum.f_add_(&(loss.to_kind(Kind::Double) * n as f64))?;
+                let right = match &b.targets {
+                    // Multi-label: count images whose every label is right at threshold 0.5.
+                    Some(t) => logits.ge(0.0).to_kind(Kind::Float).eq_tensor(t).all_dim(-1, false),
+                    None => logits.argmax(-1, false).eq_tensor(&b.labels),
+                };
+                correct.f_add_(&right.sum(Kind::Int64)).map(drop)
+            })?;
             seen += n;
             step += 1;
             if let Some(bar) = &bar {
                 bar.inc(1);
             }
         }
+        let (loss_sum, correct) = (loss_sum.double_value(&[]), correct.int64_value(&[]) as usize);
         let loss = loss_sum / seen.max(1) as f64;
         if !loss.is_finite() {
             return Err(TrainError::Diverged { label: label.into(), epoch, loss });

@@ -62,7 +62,7 @@ pub struct TrainingArgs {
     /// Disable random flips.
     #[arg(long)]
     no_flip: bool,
-    /// On CUDA, train with float16 autocast and dynamic loss scaling.
+    /// On CUDA, train with bfloat16 autocast.
     #[arg(long)]
     mixed_precision: bool,
 }

@@ -29,12 +29,28 @@ pub struct Augment {
 /// Decodes `path`, optionally augments it, resizes it to `size`x`size` and returns normalised
 /// CHW f32 values.
 pub fn decode_image(path: &Path, size: u32, augment: Option<&Augment>) -> Result<Vec<f32>, DataError> {
-    let img = decode_rgb(path)?;
-    let img = match augment {
-        None => resize(&img, size),
+    Ok(normalise(&load_pixels(path, size, augment)?))
+}
+
+/// `path` as the network sees it before normalisation: `size`x`size` RGB, augmented when asked.
+/// The decoded, resized image comes from the process's decoded-image store (decoded on first
+/// use); random crops take their pixels from a larger stored copy.
+pub fn load_pixels(path: &Path, size: u32, augment: Option<&Augment>) -> Result<RgbImage, DataError> {
+    let side = stored_side(size, augment);
+    let img = super::store::resized(path, side, || Ok(resize(&decode_rgb(path)?, side)))?;
+    Ok(match augment {
+        None => img,
         Some(a) => augmented(img, size, a),
-    };
-    Ok(normalise(&img))
+    })
+}
+
+/// The stored image's side: `size`, or for random crops down to `min_scale` of the image, large
+/// enough that the smallest crop still has `size` pixels across.
+fn stored_side(size: u32, augment: Option<&Augment>) -> u32 {
+    match augment {
+        Some(a) if a.spec.min_scale < 1.0 => (size as f32 / a.spec.min_scale.max(0.01)).ceil() as u32,
+        _ => size,
+    }
 }
 
 /// Reads and decodes `path` to RGB, refusing truncated JPEGs. The decoder's default limits

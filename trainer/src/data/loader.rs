@@ -1,4 +1,6 @@
-//! Batches decoded in parallel (rayon) on a producer thread, a few batches ahead of training.
+//! Batches decoded in parallel (rayon) on a producer thread, a few batches ahead of training:
+//! uint8 pixels from the decoded-image store (augmented on the CPU), sent to the device as bytes
+//! and normalised there.
 
 use std::thread::JoinHandle;
 
@@ -6,7 +8,8 @@ use crossbeam_channel::{bounded, Receiver};
 use rayon::prelude::*;
 use tch::{Device, Tensor};
 
-use super::{decode_image, Augment, DataError, Dataset};
+use super::{load_pixels, Augment, DataError, Dataset, MEAN, STD};
+use crate::model::layout;
 use medmerge_crds::AugmentSpec;
 
 /// A decoded batch.
@@ -31,8 +34,9 @@ pub struct BatchLoader {
 
 const PREFETCH: usize = 3;
 
-/// Pixels, labels, multi-hot targets (empty for single-label data) and sample indices of a batch.
-type Decoded = (Vec<f32>, Vec<i64>, Vec<f32>, Vec<usize>);
+/// HWC uint8 pixels, labels, multi-hot targets (empty for single-label data) and sample indices of
+/// a batch.
+type Decoded = (Vec<u8>, Vec<i64>, Vec<f32>, Vec<usize>);
 
 impl BatchLoader {
     /// Starts decoding `order` (indices into `data.samples`) in batches of `batch_size`.
@@ -42,12 +46,12 @@ impl BatchLoader {
         let samples = data.samples.clone();
         let pool = rayon::ThreadPoolBuilder::new().num_threads(decode_threads(device)).thread_name(|i| format!("decode-{i}")).build();
         let worker = std::thread::spawn(move || {
-            let decode = |chunk: &[usize]| -> Result<Vec<Vec<f32>>, DataError> {
+            let decode = |chunk: &[usize]| -> Result<Vec<Vec<u8>>, DataError> {
                 chunk
                     .par_iter()
                     .map(|&i| {
                         let aug = augment.as_ref().map(|spec| Augment { spec: spec.clone(), seed: seed.wrapping_mul(1_000_003).wrapping_add(i as u64) });
-                        decode_image(&samples[i].path, size, aug.as_ref())
+                        load_pixels(&samples[i].path, size, aug.as_ref()).map(|img| img.into_raw())
                     })
                     .collect()
             };
@@ -79,12 +83,37 @@ impl Iterator for BatchLoader {
         Some(msg.map(|(pixels, labels, targets, indices)| {
             let n = labels.len() as i64;
             Batch {
-                images: Tensor::from_slice(&pixels).view([n, 3, self.size, self.size]).to_device(self.device),
+                images: normalised(&to_device(Tensor::from_slice(&pixels).view([n, self.size, self.size, 3]), self.device)),
                 labels: Tensor::from_slice(&labels).to_device(self.device),
                 targets: (!targets.is_empty()).then(|| Tensor::from_slice(&targets).view([n, -1]).to_device(self.device)),
                 indices,
             }
         }))
+    }
+}
+
+/// `t` on `device`; to a GPU through pinned memory, without waiting for the copy, so that the
+/// next batch is assembled while this one travels.
+fn to_device(t: Tensor, device: Device) -> Tensor {
+    if device.is_cuda() {
+        t.pin_memory(device).to_device_(device, t.kind(), true, false)
+    } else {
+        t
+    }
+}
+
+/// `[N, H, W, 3]` uint8 pixels as the networks' `[N, 3, H, W]` ImageNet-normalised float input,
+/// computed on the pixels' device, in the networks' memory layout ([`layout`]): the permuted
+/// pixels already are channels-last.
+pub fn normalised(pixels: &Tensor) -> Tensor {
+    let per_channel = |v: [f32; 3]| Tensor::from_slice(&v).view([1, 3, 1, 1]).to_device(pixels.device());
+    let scale = per_channel([0, 1, 2].map(|c| 1.0 / (255.0 * STD[c])));
+    let shift = per_channel([0, 1, 2].map(|c| -MEAN[c] / STD[c]));
+    let images = pixels.permute([0, 3, 1, 2]).to_kind(tch::Kind::Float) * scale + shift;
+    if layout::channels_last() {
+        images
+    } else {
+        images.contiguous()
     }
 }
 
@@ -119,7 +148,21 @@ impl Drop for BatchLoader {
 
 #[cfg(test)]
 mod tests {
-    use super::decoders;
+    use super::{decoders, normalised};
+    use tch::Tensor;
+
+    #[test]
+    fn pixels_are_normalised_on_the_device_as_the_cpu_reference_does() {
+        let img = image::RgbImage::from_fn(5, 4, |x, y| image::Rgb([(x * 50) as u8, (y * 60) as u8, 200]));
+        let expected = crate::data::normalise(&img);
+        let t = normalised(&Tensor::from_slice(img.as_raw()).view([1, 4, 5, 3]));
+        assert_eq!(t.size(), [1, 3, 4, 5]);
+        let got = Vec::<f32>::try_from(t.contiguous().view([-1])).unwrap();
+        assert_eq!(got.len(), expected.len());
+        for (g, e) in got.iter().zip(&expected) {
+            assert!((g - e).abs() < 1e-5, "{g} vs {e}");
+        }
+    }
 
     #[test]
     fn decoders_take_the_cores_libtorch_leaves_and_every_core_beside_a_gpu() {

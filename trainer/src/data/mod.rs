@@ -2,10 +2,11 @@
 
 mod image;
 mod loader;
+mod store;
 
 use std::path::{Path, PathBuf};
 
-pub use self::image::{decode_image, decode_image_bytes, load_resized, normalise, Augment, MEAN, STD};
+pub use self::image::{decode_image, decode_image_bytes, load_pixels, load_resized, normalise, Augment, MEAN, STD};
 pub use loader::{Batch, BatchLoader};
 
 /// Errors finding or reading images.

@@ -21,12 +21,13 @@ struct SameConv {
     conv: nn::Conv2D,
     kernel: i64,
     stride: i64,
+    groups: i64,
 }
 
 impl SameConv {
     fn new(p: nn::Path, c_in: i64, c_out: i64, kernel: i64, stride: i64, groups: i64) -> Self {
         let cfg = nn::ConvConfig { stride, groups, bias: false, padding: 0, ..Default::default() };
-        SameConv { conv: nn::conv2d(p, c_in, c_out, kernel, cfg), kernel, stride }
+        SameConv { conv: nn::conv2d(p, c_in, c_out, kernel, cfg), kernel, stride, groups }
     }
 
     /// Total padding along a dimension of `size` for TensorFlow's "same" output size.
@@ -37,8 +38,11 @@ impl SameConv {
 
     fn forward(&self, x: &Tensor) -> Tensor {
         let (ph, pw) = (self.same_pad(x.size()[2]), self.same_pad(x.size()[3]));
-        if ph == 0 && pw == 0 {
-            return x.apply(&self.conv);
+        if ph % 2 == 0 && pw % 2 == 0 {
+            // Even padding splits evenly: the convolution pads by itself, without a padded copy
+            // of the activations (and of their gradient) per layer.
+            let c = &self.conv;
+            return x.conv2d(&c.ws, c.bs.as_ref(), [self.stride; 2], [ph / 2, pw / 2], [1, 1], self.groups);
         }
         x.constant_pad_nd([pw / 2, pw - pw / 2, ph / 2, ph - ph / 2]).apply(&self.conv)
     }

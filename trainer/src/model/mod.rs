@@ -2,7 +2,9 @@
 
 mod bn;
 mod efficientnet;
+pub mod layout;
 mod mobile;
+pub mod precision;
 mod resnet;
 
 use std::collections::BTreeMap;
@@ -94,6 +96,9 @@ impl Network {
             Architecture::MobilenetV3Large => Body::Mobile(mobile::TorchvisionMobile::mobilenet_v3(&root, true, n, &mut bns)),
             Architecture::MobilenetV3Small => Body::Mobile(mobile::TorchvisionMobile::mobilenet_v3(&root, false, n, &mut bns)),
         };
+        if layout::channels_last() {
+            layout::to_channels_last(&vs);
+        }
         Network { vs, arch, classes: classes.to_vec(), image_size, multi_label: false, body, bns }
     }
 

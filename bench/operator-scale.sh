@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
-# Operator scale: MERGEJOBS (default 500) MergeJobs x 4 shards against a real kube-apiserver +
+# Operator scale: MERGEJOBS (default 1000) MergeJobs x SHARDS (default 8) against a real kube-apiserver +
 # etcd (scripts/with-apiserver.sh), the operator binary running as the Helm chart's
 # ServiceAccount; the driver (operator/examples/operator_scale.rs) completes init and finetune
 # Jobs as they appear. Reports operator peak RSS, reconciles/s and p50/p99 latency from a
-# MergeJob's last finetune Job completing to its status showing 4/4 shards ready, under the
+# MergeJob's last finetune Job completing to its status showing all shards ready, under the
 # burst and in steady state (STEADY, default 20, MergeJobs one at a time afterwards).
 # CONCURRENCY sets the operator's --concurrency (default 8, the operator's own default).
-# Writes bench/results/operator-scale.md.
+# Failed reconciles (retried) are counted and their causes listed. Writes bench/results/operator-scale.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${MEDMERGE_E2E_SA_TOKEN:-}" ]; then exec bash scripts/with-apiserver.sh bash "$0" "$@"; fi
 source scripts/env.sh
 source scripts/lib.sh
-N="${MERGEJOBS:-500}"
+N="${MERGEJOBS:-1000}"; SHARDS="${SHARDS:-8}"
 kubectl apply --server-side -f crds/mergejob.yaml >/dev/null
 bash scripts/wait-for-crd.sh >/dev/null
 sa_kubeconfig="$(bash scripts/install-chart.sh 2>/dev/null)"
@@ -24,33 +24,43 @@ KUBECONFIG="$sa_kubeconfig" "$CARGO_TARGET_DIR/debug/medmerge-operator" --metric
 operator=$!
 stop_on_exit "$operator"
 for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.2; done
-result="$(MERGEJOBS="$N" METRICS_ADDR="127.0.0.1:$port" "$CARGO_TARGET_DIR/debug/examples/operator_scale")"
+result="$(MERGEJOBS="$N" SHARDS="$SHARDS" METRICS_ADDR="127.0.0.1:$port" "$CARGO_TARGET_DIR/debug/examples/operator_scale")"
 echo "$result" >&2
 hwm="$(awk '/VmHWM/{print $2}' "/proc/$operator/status")"
 rss="$(awk '/VmRSS/{print $2}' "/proc/$operator/status")"
 errors="$(grep -c '"level":"ERROR"' "$log" || true)"
-python3 - "$result" "$hwm" "$rss" "$errors" "$N" "${CONCURRENCY:-8}" > bench/results/operator-scale.md <<'PY'
-import json, sys, os, time
+python3 - "$result" "$hwm" "$rss" "$errors" "$N" "${CONCURRENCY:-8}" "$log" > bench/results/operator-scale.md <<'PY'
+import collections, json, sys, os, time
 r = json.loads(sys.argv[1])
 hwm, rss, errors, n, concurrency = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6]
+failed = collections.Counter()
+for line in open(sys.argv[7]):
+    if "reconcile failed" in line:
+        fields = json.loads(line).get("fields", {})
+        failed[fields.get("error", "?")[:160]] += 1
+shards = r["shards"]
 burst = r["burst_reconciles"]
 l = r["latency_ms"]
-print("# Operator scale: MergeJobs x 4 shards against a real kube-apiserver\n")
-print(f"Command: `bash bench/operator-scale.sh` (MERGEJOBS={n}, operator --concurrency {concurrency}; {os.cpu_count()} CPU cores shared by etcd, kube-apiserver 1.20, "
+print(f"# Operator scale: MergeJobs x {shards} shards against a real kube-apiserver\n")
+print(f"Command: `bash bench/operator-scale.sh` (MERGEJOBS={n} SHARDS={shards}, operator --concurrency {concurrency}; {os.cpu_count()} CPU cores shared by etcd, kube-apiserver 1.20, "
       f"the operator and the driver; {time.strftime('%Y-%m-%d')}). The operator binary runs as the chart's ServiceAccount; "
       "the driver completes each `init` and `finetune-*` Job as soon as it appears (watch) and times, per MergeJob, "
-      f"its last finetune Job turning complete to its status showing 4/4 shards ready: for the {n} created at once (burst, the API server "
+      f"its last finetune Job turning complete to its status showing {shards}/{shards} shards ready: for the {n} created at once (burst, the API server "
       f"saturated), and for {r['steady_latency_ms']['count']} created one at a time afterwards (steady state).\n")
 print("| measure | value |\n|---|---|")
-print(f"| MergeJobs / shards | {r['mergejobs']} / {4 * r['mergejobs']} |")
-print(f"| MergeJobs that reached 4/4 ready | {r['ready']} |")
+print(f"| MergeJobs / shards | {r['mergejobs']} / {shards * r['mergejobs']} |")
+print(f"| MergeJobs that reached {shards}/{shards} ready | {r['ready']} |")
 print(f"| time to create them | {r['create_seconds']:.1f} s |")
-print(f"| time until all showed 4/4 ready | {r['all_ready_seconds']:.1f} s |")
+print(f"| time until all showed {shards}/{shards} ready | {r['all_ready_seconds']:.1f} s |")
 print(f"| reconciles during the burst | {burst:.0f} ({burst / r['all_ready_seconds']:.1f} /s) |")
 print(f"| burst: Job complete -> status latency p50 / p99 / max | {l['p50']:.0f} / {l['p99']:.0f} / {l['max']:.0f} ms |")
 s = r["steady_latency_ms"]
 print(f"| steady state: latency p50 / p99 / max | {s['p50']:.0f} / {s['p99']:.0f} / {s['max']:.0f} ms |")
 print(f"| operator peak RSS (VmHWM) | {hwm / 1024:.0f} MiB (now {rss / 1024:.0f} MiB) |")
 print(f"| operator ERROR log lines | {errors} |")
+print(f"| failed reconciles (retried) | {sum(failed.values())} |")
+for cause, count in failed.most_common(5):
+    print(f"| - {count} x | {cause} |")
+print(f"\nSlowest in the burst: {', '.join(l['slowest'])}.")
 PY
 cat bench/results/operator-scale.md

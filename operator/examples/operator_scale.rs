@@ -1,10 +1,10 @@
 //! Operator scale benchmark (bench/operator-scale.sh runs it against the real kube-apiserver of
 //! the end-to-end harness, with the operator binary running as the chart's ServiceAccount).
 //!
-//! Creates MERGEJOBS MergeJobs of 4 shards, plays the Job controller for their `init` and
-//! `finetune-*` Jobs (marks them complete as soon as they appear), and measures, per MergeJob,
-//! the latency from its last finetune Job turning complete to its status showing `4/4` shards
-//! ready, under that burst and then in steady state (STEADY more MergeJobs, default 20, created
+//! Creates MERGEJOBS MergeJobs of SHARDS shards (default 8), plays the Job controller for their
+//! `init` and `finetune-*` Jobs (marks them complete as soon as they appear), and measures, per
+//! MergeJob, the latency from its last finetune Job turning complete to its status showing all
+//! shards ready (`8/8`), under that burst and then in steady state (STEADY more MergeJobs, default 20, created
 //! one at a time once everything is quiet). Prints one JSON object with the numbers.
 
 use std::collections::{BTreeMap, HashMap};
@@ -22,11 +22,14 @@ use medmerge_crds::MergeJob;
 use serde_json::json;
 
 const NS: &str = "scale";
-const SHARDS: usize = 4;
 
-fn mergejob(i: usize) -> MergeJob {
+fn env_number(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn mergejob(i: usize, shards: usize) -> MergeJob {
     let volume = |claim: &str| json!({"persistentVolumeClaim": {"claimName": claim}});
-    let shards: Vec<_> = (0..SHARDS).map(|s| json!({"name": format!("h{s}"), "data": {"path": "train.csv", "volume": volume(&format!("h{s}-data"))}})).collect();
+    let shards: Vec<_> = (0..shards).map(|s| json!({"name": format!("h{s}"), "data": {"path": "train.csv", "volume": volume(&format!("h{s}-data"))}})).collect();
     serde_json::from_value(json!({
         "apiVersion": "medmerge.io/v1alpha1", "kind": "MergeJob", "metadata": {"name": format!("mj-{i:04}"), "namespace": NS},
         "spec": {"model": {"architecture": "resnet18", "weights": "random", "imageSize": 32, "classes": ["x", "y"]}, "shards": shards,
@@ -54,7 +57,9 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let n: usize = std::env::var("MERGEJOBS").ok().and_then(|v| v.parse().ok()).unwrap_or(500);
+    let n = env_number("MERGEJOBS", 500);
+    let shards = env_number("SHARDS", 8);
+    let all_ready = format!("{shards}/{shards}");
     let metrics = std::env::var("METRICS_ADDR")?;
     let client = Client::try_default().await?;
     Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": NS}}))?).await?;
@@ -92,7 +97,7 @@ async fn main() -> anyhow::Result<()> {
                             let mut done = done.lock().unwrap();
                             let entry = done.entry(mj.to_string()).or_insert((0, None));
                             entry.0 += 1;
-                            if entry.0 == SHARDS {
+                            if entry.0 == shards {
                                 entry.1 = Some(Instant::now());
                             }
                         }
@@ -105,11 +110,11 @@ async fn main() -> anyhow::Result<()> {
     // Status watcher: when each MergeJob first shows all shards ready.
     let ready_at: Arc<Mutex<BTreeMap<String, Instant>>> = Arc::default();
     let watch_status = {
-        let (mjs, ready_at) = (mjs.clone(), ready_at.clone());
+        let (mjs, ready_at, all_ready) = (mjs.clone(), ready_at.clone(), all_ready.clone());
         tokio::spawn(async move {
             let mut stream = watcher(mjs, watcher::Config::default()).applied_objects().boxed();
             while let Some(Ok(mj)) = stream.next().await {
-                if mj.status.as_ref().and_then(|s| s.shards_ready.as_deref()) == Some("4/4") {
+                if mj.status.as_ref().and_then(|s| s.shards_ready.as_deref()) == Some(all_ready.as_str()) {
                     ready_at.lock().unwrap().entry(mj.name_any()).or_insert_with(Instant::now);
                 }
             }
@@ -119,7 +124,7 @@ async fn main() -> anyhow::Result<()> {
     futures::stream::iter(0..n)
         .map(|i| {
             let mjs = mjs.clone();
-            async move { mjs.create(&PostParams::default(), &mergejob(i)).await }
+            async move { mjs.create(&PostParams::default(), &mergejob(i, shards)).await }
         })
         .buffer_unordered(16)
         .try_collect::<Vec<_>>()
@@ -130,13 +135,13 @@ async fn main() -> anyhow::Result<()> {
     while ready_at.lock().unwrap().len() < n && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let all_ready = started.elapsed();
+    let all_ready_after = started.elapsed();
     let burst_reconciles = reconciles(&metrics).await? - reconciles_before;
 
     // Steady state: one MergeJob at a time on a quiet cluster, the operator's reaction time.
-    let steady: usize = std::env::var("STEADY").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
+    let steady = env_number("STEADY", 20);
     for i in n..n + steady {
-        mjs.create(&PostParams::default(), &mergejob(i)).await?;
+        mjs.create(&PostParams::default(), &mergejob(i, shards)).await?;
         let deadline = Instant::now() + Duration::from_secs(60);
         while !ready_at.lock().unwrap().contains_key(&format!("mj-{i:04}")) && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -157,7 +162,7 @@ async fn main() -> anyhow::Result<()> {
             .collect();
         named.sort_by(|a, b| a.0.total_cmp(&b.0));
         let ms: Vec<f64> = named.iter().map(|(m, _)| *m).collect();
-        anyhow::ensure!(!ms.is_empty(), "no MergeJob reached 4/4 shards ready");
+        anyhow::ensure!(!ms.is_empty(), "no MergeJob reached {all_ready} shards ready");
         let slowest: Vec<&str> = named.iter().rev().take(3).map(|(_, n)| n.as_str()).collect();
         Ok(json!({"count": ms.len(), "p50": percentile(&ms, 0.5), "p99": percentile(&ms, 0.99), "max": ms.last(), "slowest": slowest}))
     };
@@ -165,7 +170,7 @@ async fn main() -> anyhow::Result<()> {
         "{}",
         json!({
             "mergejobs": n, "ready": (0..n).filter(|i| ready.contains_key(&format!("mj-{i:04}"))).count(),
-            "create_seconds": created.as_secs_f64(), "all_ready_seconds": all_ready.as_secs_f64(), "burst_reconciles": burst_reconciles,
+            "create_seconds": created.as_secs_f64(), "shards": shards, "all_ready_seconds": all_ready_after.as_secs_f64(), "burst_reconciles": burst_reconciles,
             "latency_ms": latencies(0..n)?, "steady_latency_ms": latencies(n..n + steady)?,
         })
     );

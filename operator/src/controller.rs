@@ -7,7 +7,7 @@
 //! none continues the current run, its Jobs and artifacts; its number (the generation that
 //! started it) names the Jobs and the artifact keys.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -18,18 +18,21 @@ use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::store::Writer;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, Resource, ResourceExt};
 use medmerge_crds::{mergejob_root, ArtifactLayout, CleanupPolicy, MergeJob, MergeJobStatus, RunDecision};
+use tokio::sync::{Semaphore, SemaphorePermit};
 use tracing::{info, instrument, warn};
 
 use crate::artifacts::{results_from_report, shard_summary, ArtifactError, ArtifactStore};
 use crate::decide::{decide, Decision, JobState, Phase, ShardState};
 use crate::image_policy::ImagePolicy;
 use crate::interventions::{interventions, Intervention, PAUSED};
-use crate::job_cache::JobCache;
+use crate::job_cache::{trim_for_cache, JobCache};
 use crate::jobs::{spec_configmap, stage_job_excluding, LABEL_GENERATION, LABEL_MERGEJOB};
 use crate::observe::observe_jobs;
+use crate::retry::Backoff;
 use crate::status::{build_status, ShardFact, ShardFacts, StatusInputs};
 use crate::telemetry::Metrics;
 
@@ -86,13 +89,43 @@ pub struct Context {
     pub jobs: JobCache,
     /// Which trainer images MergeJobs may run.
     pub images: ImagePolicy,
+    /// Consecutive failed reconciles per MergeJob, for the retry delay.
+    pub backoff: Backoff,
+    /// Reconciles allowed to read their MergeJob and write its status at once; the others wait
+    /// in arrival order.
+    status_lane: Semaphore,
+    /// Reconciles allowed to create, stop, pause or resume Jobs at once, in arrival order. Apart
+    /// from the status lane, so that a backlog of Job creations (a burst of new MergeJobs) does
+    /// not hold back the status of MergeJobs whose Jobs finished.
+    jobs_lane: Semaphore,
+    /// The controller's MergeJob cache (set by [`run`]), for the newest copy of a MergeJob once
+    /// its reconcile is admitted.
+    mergejobs: OnceLock<Store<MergeJob>>,
 }
 
 impl Context {
     /// A context whose Events are reported as `instance` of the operator.
     pub fn new(client: Client, instance: &str, metrics: Arc<Metrics>, artifacts: ArtifactStore, jobs: JobCache) -> Self {
         let reporter = Reporter { controller: MANAGER.into(), instance: Some(instance.into()) };
-        Context { recorder: Recorder::new(client.clone(), reporter), client, metrics, artifacts, jobs, images: ImagePolicy::default() }
+        Context {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            metrics,
+            artifacts,
+            jobs,
+            images: ImagePolicy::default(),
+            backoff: Backoff::default(),
+            status_lane: Semaphore::new(DEFAULT_CONCURRENCY.into()),
+            jobs_lane: Semaphore::new(DEFAULT_CONCURRENCY.into()),
+            mergejobs: OnceLock::new(),
+        }
+    }
+
+    /// This context writing at most `concurrency` statuses and changing the Jobs of at most
+    /// `concurrency` MergeJobs at once (at least one each).
+    pub fn with_concurrency(self, concurrency: u16) -> Self {
+        let permits = concurrency.max(1).into();
+        Context { status_lane: Semaphore::new(permits), jobs_lane: Semaphore::new(permits), ..self }
     }
 
     /// This context with `images` as the trainer image allowlist.
@@ -118,13 +151,22 @@ fn mergejob_jobs(cache: &JobCache, ns: &str, name: &str) -> Vec<Job> {
 /// Reconciles one MergeJob.
 #[instrument(skip_all, fields(mergejob = %mj.name_any(), namespace = mj.namespace().unwrap_or_default(), generation = mj.metadata.generation))]
 pub async fn reconcile(mj: Arc<MergeJob>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
+    // kube-runtime keeps the MergeJobs waiting for one of its reconcile slots in a hash set and
+    // takes them in hash order, so under a sustained burst a few waited until the burst was over
+    // (90 s at 1,000 MergeJobs x 8 shards: bench/results/operator-scale.md). Its slots are
+    // unbounded instead (see `run`) and every reconcile waits here, first come first served.
+    let status_turn = ctx.status_lane.acquire().await.expect("the status lane is never closed");
+    let mj = ctx.mergejobs.get().and_then(|store| store.get(&ObjectRef::from_obj(&*mj))).unwrap_or(mj);
     let started = Instant::now();
-    let result = reconcile_inner(&mj, &ctx).await;
+    let result = reconcile_inner(&mj, &ctx, status_turn).await;
     ctx.metrics.reconciled(started.elapsed(), result.is_err());
+    if result.is_ok() {
+        ctx.backoff.succeeded(&backoff_key(&mj));
+    }
     result
 }
 
-async fn reconcile_inner(mj: &MergeJob, ctx: &Context) -> Result<Action, ReconcileError> {
+async fn reconcile_inner(mj: &MergeJob, ctx: &Context, status_turn: SemaphorePermit<'_>) -> Result<Action, ReconcileError> {
     let ns = mj.namespace().unwrap_or_else(|| "default".into());
     let name = mj.name_any();
     let key = format!("{ns}/{name}");
@@ -168,21 +210,26 @@ async fn reconcile_inner(mj: &MergeJob, ctx: &Context) -> Result<Action, Reconci
         }
     }
 
-    create_stage_jobs(mj, ctx, &ns, run.run, &decision).await?;
-
     let layout = ArtifactLayout::new(&mj.spec.storage.prefix, &ns, &name, run.run);
     let shard_facts = read_shard_facts(mj, ctx, &previous, &run, &decision, &layout).await;
     let results = if decision.phase == Phase::Succeeded { read_results(mj, ctx, &layout).await } else { None };
     let status = build_status(&StatusInputs { previous: &previous, generation, run: &run, spec: &mj.spec, layout: &layout, decision: &decision, jobs: &seen, shard_facts: &shard_facts, results, now });
     // An unchanged status is not written: server-side apply is the costliest call an idle
     // reconcile would make, and at hundreds of MergeJobs the API server is the bottleneck.
+    // The status goes first: it is built from the Jobs observed, not from what this reconcile
+    // is about to create, and it should not wait behind the Job creations of other MergeJobs.
     if mj.status.as_ref() != Some(&status) {
         write_status(mj, ctx, &ns, &status).await?;
     }
-    apply_interventions(mj, ctx, &ns, &changes).await?;
     publish_transition(mj, ctx, &previous, &run, &decision).await;
+    drop(status_turn);
+    if !decision.create.is_empty() || !changes.is_empty() {
+        let _jobs_turn = ctx.jobs_lane.acquire().await.expect("the jobs lane is never closed");
+        create_stage_jobs(mj, ctx, &ns, run.run, &decision).await?;
+        apply_interventions(mj, ctx, &ns, &changes).await?;
+    }
     ctx.metrics.set_phase(&key, Some(decision.phase));
-    info!(run = run.run, phase = decision.phase.as_str(), reason = decision.reason, message = %decision.message, "reconciled");
+    info!(run = run.run, phase = decision.phase.as_str(), reason = decision.reason, detail = %decision.message, "reconciled");
 
     Ok(if decision.phase.is_terminal() {
         Action::await_change()
@@ -246,23 +293,34 @@ async fn create_stage_jobs(mj: &MergeJob, ctx: &Context, ns: &str, run: i64, dec
     let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), ns);
     cms.patch(&cm_name, &apply, &Patch::Apply(&cm)).await.map_err(kube_err(format!("applying ConfigMap {ns}/{cm_name}")))?;
     let jobs_api: Api<Job> = Api::namespaced(ctx.client.clone(), ns);
-    let mut created = 0;
-    for stage in &decision.create {
-        let job = stage_job_excluding(mj, run, stage, &decision.excluded_shards());
-        let job_name = job.metadata.name.clone().unwrap_or_default();
-        // Create, never apply: the Job cache can lag behind a reconcile, and a Job that exists
-        // (409) must not be touched or reported as started again.
-        match jobs_api.create(&PostParams { field_manager: Some(MANAGER.into()), ..Default::default() }, &job).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(status)) if status.code == 409 => continue,
-            Err(error) => return Err(kube_err(format!("creating Job {ns}/{job_name}"))(error)),
+    let excluded = decision.excluded_shards();
+    // All at once: a MergeJob's eight finetune Jobs took eight round trips one after another.
+    let creations = decision.create.iter().map(|stage| {
+        let job = stage_job_excluding(mj, run, stage, &excluded);
+        let jobs_api = &jobs_api;
+        async move {
+            let job_name = job.metadata.name.clone().unwrap_or_default();
+            // Create, never apply: the Job cache can lag behind a reconcile, and a Job that
+            // exists (409) must not be touched or reported as started again.
+            match jobs_api.create(&PostParams { field_manager: Some(MANAGER.into()), ..Default::default() }, &job).await {
+                Ok(_) => Ok(Some(format!("{} as Job {job_name}", stage.name()))),
+                Err(kube::Error::Api(status)) if status.code == 409 => Ok(None),
+                Err(error) => Err(kube_err(format!("creating Job {ns}/{job_name}"))(error)),
+            }
         }
-        created += 1;
-        info!(stage = %stage.name(), job = %job_name, "stage Job created");
-        publish(ctx, mj, EventType::Normal, "StageStarted", "CreateJob", format!("started stage {} as Job {job_name}", stage.name())).await;
+    });
+    let outcomes = futures::future::join_all(creations).await;
+    let started: Vec<String> = outcomes.iter().filter_map(|o| o.as_ref().ok().cloned().flatten()).collect();
+    let created = started.len();
+    if !started.is_empty() {
+        info!(stages = %started.join(", "), "stage Jobs created");
+        // One Event per reconcile, not per Job: at a burst of MergeJobs the Events were as many
+        // API calls as the Jobs themselves.
+        let note = format!("started {} {}", if created == 1 { "stage" } else { "stages" }, started.join(", "));
+        publish(ctx, mj, EventType::Normal, "StageStarted", "CreateJob", note).await;
     }
     ctx.metrics.jobs_created(created);
-    Ok(())
+    outcomes.into_iter().find_map(Result::err).map_or(Ok(()), Err)
 }
 
 /// Shard training summaries for shards whose vector is ready; values already in the status
@@ -376,25 +434,31 @@ async fn publish(ctx: &Context, mj: &MergeJob, type_: EventType, reason: &str, a
     }
 }
 
-/// Retries a failed reconcile after a pause, so API hiccups do not spin.
-pub fn error_policy(mj: Arc<MergeJob>, error: &ReconcileError, _ctx: Arc<Context>) -> Action {
-    warn!(mergejob = %mj.name_any(), %error, "reconcile failed; retrying in 15 s");
-    Action::requeue(Duration::from_secs(15))
+/// Retries a failed reconcile: soon after a first failure, backing off while it keeps failing.
+/// (A fixed 15 s pause here made MergeJobs whose reconcile hit an overloaded API server hear of
+/// their finished Jobs 13-15 s late: bench/results/operator-scale.md.)
+pub fn error_policy(mj: Arc<MergeJob>, error: &ReconcileError, ctx: Arc<Context>) -> Action {
+    let delay = ctx.backoff.failed(&backoff_key(&mj));
+    warn!(mergejob = %mj.name_any(), %error, retry_in_ms = delay.as_millis() as u64, "reconcile failed; retrying");
+    Action::requeue(delay)
+}
+
+fn backoff_key(mj: &MergeJob) -> String {
+    format!("{}/{}", mj.namespace().unwrap_or_default(), mj.name_any())
 }
 
 /// Runs the controller until a shutdown signal arrives or `stop` completes, feeding `cache`
 /// (whose [`Store`] is `ctx.jobs`) from the watch on managed Jobs and reconciling at most
-/// `concurrency` MergeJobs at once.
-pub async fn run(mjs: Api<MergeJob>, jobs: Api<Job>, cache: Writer<Job>, ctx: Arc<Context>, concurrency: u16, stop: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
-    let job_changes = watcher(jobs, watcher::Config::default().labels(MANAGED_JOBS))
-        .default_backoff()
-        // Field-manager bookkeeping is most of a Job's size and none of what the operator reads.
-        .modify(|job| job.metadata.managed_fields = None)
-        .reflect(cache)
-        .touched_objects();
-    Controller::new(mjs, watcher::Config::default())
+/// `ctx`'s concurrency of MergeJobs at once ([`Context::with_concurrency`]), in the order their
+/// changes arrived.
+pub async fn run(mjs: Api<MergeJob>, jobs: Api<Job>, cache: Writer<Job>, ctx: Arc<Context>, stop: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
+    let job_changes = watcher(jobs, watcher::Config::default().labels(MANAGED_JOBS)).default_backoff().modify(trim_for_cache).reflect(cache).touched_objects();
+    let controller = Controller::new(mjs, watcher::Config::default());
+    let _ = ctx.mergejobs.set(controller.store());
+    controller
         .owns_stream(job_changes)
-        .with_config(controller::Config::default().concurrency(concurrency))
+        // Unbounded: the limits are the lanes in `reconcile`, which are fair.
+        .with_config(controller::Config::default().concurrency(0))
         .graceful_shutdown_on(stop)
         .run(reconcile, error_policy, ctx)
         .for_each(|_| futures::future::ready(()))

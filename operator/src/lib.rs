@@ -6,7 +6,7 @@
 //! (`interventions`: stop superseded and dropped work, pause and resume) and the status to
 //! write (`status`).
 //! Around it: the reconcile loop (`controller`), results read back from the artifact store
-//! (`artifacts`), leader election (`leader`) and health/metrics (`telemetry`).
+//! (`artifacts`), leader election (`leader`), health/metrics (`telemetry`) and retry delays (`retry`).
 
 pub mod artifacts;
 pub mod controller;
@@ -19,6 +19,7 @@ pub mod leader;
 pub mod names;
 pub mod observe;
 pub mod pod_overrides;
+pub mod retry;
 pub mod status;
 pub mod telemetry;
 

@@ -90,7 +90,8 @@ async fn main() -> anyhow::Result<()> {
 
     let artifacts = ArtifactStore::new(args.local_artifacts.clone());
     let (job_store, job_cache) = controller::job_cache();
-    let ctx = Arc::new(Context::new(client.clone(), &identity, metrics.clone(), artifacts, job_store).with_image_policy(ImagePolicy::new(args.allowed_images.clone())));
+    let ctx =
+        Arc::new(Context::new(client.clone(), &identity, metrics.clone(), artifacts, job_store).with_image_policy(ImagePolicy::new(args.allowed_images.clone())).with_concurrency(args.concurrency));
     let (mjs, jobs): (Api<MergeJob>, Api<Job>) = match &args.namespace {
         Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns)),
         None => (Api::all(client.clone()), Api::all(client.clone())),
@@ -113,7 +114,7 @@ async fn main() -> anyhow::Result<()> {
     };
     metrics.set_ready(true);
     info!(namespace = ?args.namespace, "medmerge-operator reconciling");
-    controller::run(mjs, jobs, job_cache, ctx, args.concurrency, stop).await;
+    controller::run(mjs, jobs, job_cache, ctx, stop).await;
     metrics.set_ready(false);
     info!("medmerge-operator stopped");
     Ok(())

@@ -70,7 +70,7 @@ fn job(stage: &str, status: Value) -> Job {
 }
 
 #[tokio::test]
-async fn a_new_mergejob_gets_its_spec_configmap_the_init_job_an_event_and_a_status() {
+async fn a_new_mergejob_gets_a_status_its_spec_configmap_the_init_job_and_an_event() {
     let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
     // Another MergeJob's init Job, and a previous generation's, are in the cache too: not ours.
     let mut other = job("init", json!({"succeeded": 1}));
@@ -80,15 +80,8 @@ async fn a_new_mergejob_gets_its_spec_configmap_the_init_job_an_event_and_a_stat
     let ctx = context(Client::new(service, "default"), vec![other, old]);
     let server = tokio::spawn(async move {
         let mut handle = pin!(handle);
-        // Jobs come from the cache: the first call is already the spec ConfigMap.
-        let cm = expect(&mut handle, Method::PATCH, "/api/v1/namespaces/radiology/configmaps/retina-g1-spec?&force=true&fieldManager=medmerge-operator", json!({"metadata": {}})).await;
-        assert!(cm["data"]["mergejob.yaml"].as_str().unwrap().contains("creds-a"));
-        let job = expect(&mut handle, Method::POST, "/apis/batch/v1/namespaces/radiology/jobs?&fieldManager=medmerge-operator", json!({"metadata": {}})).await;
-        assert_eq!(job["metadata"]["ownerReferences"][0]["uid"], "u-1");
-        let volumes = job["spec"]["template"]["spec"]["volumes"].to_string();
-        assert!(!volumes.contains("creds-a"), "the coordinator's init Job must not see a shard's secret");
-        let event = expect(&mut handle, Method::POST, "/apis/events.k8s.io/v1/namespaces/radiology/events", json!({"metadata": {}})).await;
-        assert_eq!(event["reason"], "StageStarted");
+        // Jobs come from the cache: the first call is already the status (written before the
+        // Jobs are created, so that it never waits behind other MergeJobs' Job creations).
         let status = expect(
             &mut handle,
             Method::PATCH,
@@ -100,6 +93,15 @@ async fn a_new_mergejob_gets_its_spec_configmap_the_init_job_an_event_and_a_stat
         assert_eq!(status["status"]["shardsReady"], "0/1");
         let transition = expect(&mut handle, Method::POST, "/apis/events.k8s.io/v1/namespaces/radiology/events", json!({"metadata": {}})).await;
         assert_eq!(transition["reason"], "Training");
+        let cm = expect(&mut handle, Method::PATCH, "/api/v1/namespaces/radiology/configmaps/retina-g1-spec?&force=true&fieldManager=medmerge-operator", json!({"metadata": {}})).await;
+        assert!(cm["data"]["mergejob.yaml"].as_str().unwrap().contains("creds-a"));
+        let job = expect(&mut handle, Method::POST, "/apis/batch/v1/namespaces/radiology/jobs?&fieldManager=medmerge-operator", json!({"metadata": {}})).await;
+        assert_eq!(job["metadata"]["ownerReferences"][0]["uid"], "u-1");
+        let volumes = job["spec"]["template"]["spec"]["volumes"].to_string();
+        assert!(!volumes.contains("creds-a"), "the coordinator's init Job must not see a shard's secret");
+        let event = expect(&mut handle, Method::POST, "/apis/events.k8s.io/v1/namespaces/radiology/events", json!({"metadata": {}})).await;
+        assert_eq!(event["reason"], "StageStarted");
+        assert!(event["note"].as_str().unwrap().contains("init as Job retina-g1-init"), "{event}");
     });
     reconcile(Arc::new(mergejob(Value::Null)), ctx).await.unwrap();
     server.await.unwrap();
@@ -121,6 +123,9 @@ async fn a_finished_init_job_in_the_cache_starts_the_hospitals_training() {
     let ctx = context(Client::new(service, "default"), vec![job("init", json!({"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}))]);
     let server = tokio::spawn(async move {
         let mut handle = pin!(handle);
+        let reply = serde_json::to_value(mergejob(Value::Null)).unwrap();
+        let status = expect(&mut handle, Method::PATCH, "/apis/medmerge.io/v1alpha1/namespaces/radiology/mergejobs/retina/status?", reply).await;
+        assert_eq!(status["status"]["shardsReady"], "0/1", "{status}");
         expect(&mut handle, Method::PATCH, "/api/v1/namespaces/radiology/configmaps/retina-g1-spec?", json!({"metadata": {}})).await;
         let job = expect(&mut handle, Method::POST, "/apis/batch/v1/namespaces/radiology/jobs?", json!({"metadata": {}})).await;
         assert_eq!(job["metadata"]["name"], "retina-g1-finetune-a");

@@ -52,7 +52,7 @@ impl Harness {
         let (job_store, job_cache) = controller::job_cache();
         let ctx = Arc::new(Context::new(client.clone(), "e2e-replica", metrics.clone(), ArtifactStore::new(Some(store.parent().unwrap().to_path_buf())), job_store));
         let (mjs, jobs) = (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns));
-        let controller = tokio::spawn(controller::run(mjs, jobs, job_cache, ctx, controller::DEFAULT_CONCURRENCY, std::future::pending()));
+        let controller = tokio::spawn(controller::run(mjs, jobs, job_cache, ctx, std::future::pending()));
         Harness { client, ns: ns.into(), store, metrics, controller }
     }
 

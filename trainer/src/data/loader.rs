@@ -84,8 +84,8 @@ impl Iterator for BatchLoader {
             let n = labels.len() as i64;
             Batch {
                 images: normalised(&to_device(Tensor::from_slice(&pixels).view([n, self.size, self.size, 3]), self.device)),
-                labels: Tensor::from_slice(&labels).to_device(self.device),
-                targets: (!targets.is_empty()).then(|| Tensor::from_slice(&targets).view([n, -1]).to_device(self.device)),
+                labels: to_device(Tensor::from_slice(&labels), self.device),
+                targets: (!targets.is_empty()).then(|| to_device(Tensor::from_slice(&targets).view([n, -1]), self.device)),
                 indices,
             }
         }))
@@ -106,15 +106,33 @@ fn to_device(t: Tensor, device: Device) -> Tensor {
 /// computed on the pixels' device, in the networks' memory layout ([`layout`]): the permuted
 /// pixels already are channels-last.
 pub fn normalised(pixels: &Tensor) -> Tensor {
-    let per_channel = |v: [f32; 3]| Tensor::from_slice(&v).view([1, 3, 1, 1]).to_device(pixels.device());
-    let scale = per_channel([0, 1, 2].map(|c| 1.0 / (255.0 * STD[c])));
-    let shift = per_channel([0, 1, 2].map(|c| -MEAN[c] / STD[c]));
+    let device = pixels.device();
+    let (scale, shift) = normalisation(device);
     let images = pixels.permute([0, 3, 1, 2]).to_kind(tch::Kind::Float) * scale + shift;
-    if layout::channels_last() {
+    if layout::channels_last(device) {
         images
     } else {
         images.contiguous()
     }
+}
+
+/// Per-channel `[1, 3, 1, 1]` scale and shift on `device`, made once per thread: copying them
+/// to a GPU for every batch made the CPU wait for the GPU's queue each time.
+fn normalisation(device: Device) -> (Tensor, Tensor) {
+    thread_local! {
+        static CONSTANTS: std::cell::RefCell<Vec<(Device, Tensor, Tensor)>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    CONSTANTS.with(|c| {
+        let mut c = c.borrow_mut();
+        if let Some((_, scale, shift)) = c.iter().find(|(d, _, _)| *d == device) {
+            return (scale.shallow_clone(), shift.shallow_clone());
+        }
+        let per_channel = |v: [f32; 3]| Tensor::from_slice(&v).view([1, 3, 1, 1]).to_device(device);
+        let scale = per_channel([0, 1, 2].map(|c| 1.0 / (255.0 * STD[c])));
+        let shift = per_channel([0, 1, 2].map(|c| -MEAN[c] / STD[c]));
+        c.push((device, scale.shallow_clone(), shift.shallow_clone()));
+        (scale, shift)
+    })
 }
 
 /// Threads that decode images ahead of training. On the CPU, libtorch's own threads already keep

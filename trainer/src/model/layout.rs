@@ -1,20 +1,26 @@
 //! Memory layout of images and convolution weights: channels-last (NHWC strides behind the usual
-//! NCHW shape) unless `MEDMERGE_CHANNELS_LAST=0`.
+//! NCHW shape) on the CPU, NCHW on CUDA; `MEDMERGE_CHANNELS_LAST=1` or `=0` decides instead.
 //!
-//! libtorch's CPU convolutions (oneDNN) and cuDNN's tensor-core kernels work natively in
-//! channels-last; given NCHW they reorder every activation. On 2 CPU cores EfficientNet-Lite0
-//! trained 1.4x and ResNet50 1.1x faster channels-last (bench/results/train-throughput.md). Files
-//! are unaffected: tensors are written contiguous (NCHW) whatever their layout in memory.
+//! libtorch's CPU convolutions (oneDNN) work natively in channels-last; given NCHW they reorder
+//! every activation. On 2 CPU cores EfficientNet-Lite0 trained 1.4x and ResNet50 1.1x faster
+//! channels-last (bench/results/train-throughput.md). On an H200 it changed nothing once warm,
+//! and with bfloat16 each new batch shape first cost seconds of kernel compilation
+//! (bench/results/gpu-h200.md). Files are unaffected: tensors are written contiguous (NCHW)
+//! whatever their layout in memory.
 
-use tch::{nn, Tensor};
+use tch::{nn, Device, Tensor};
 
-/// Whether images and weights are laid out channels-last (the default).
-pub fn channels_last() -> bool {
-    parse(std::env::var("MEDMERGE_CHANNELS_LAST").ok().as_deref())
+/// Whether images and weights on `device` are laid out channels-last.
+pub fn channels_last(device: Device) -> bool {
+    parse(std::env::var("MEDMERGE_CHANNELS_LAST").ok().as_deref()).unwrap_or(!device.is_cuda())
 }
 
-fn parse(value: Option<&str>) -> bool {
-    !matches!(value.map(str::trim), Some("0" | "false" | "off"))
+fn parse(value: Option<&str>) -> Option<bool> {
+    match value.map(str::trim) {
+        Some("1" | "true" | "on") => Some(true),
+        Some("0" | "false" | "off") => Some(false),
+        _ => None,
+    }
 }
 
 /// Lays every 4-D variable of `vs` (the convolution kernels) out channels-last, in place: the
@@ -43,11 +49,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_an_explicit_no_turns_channels_last_off() {
-        assert!(parse(None));
-        assert!(parse(Some("1")));
-        assert!(!parse(Some("0")));
-        assert!(!parse(Some(" off ")));
+    fn the_variable_overrides_the_device_default() {
+        assert_eq!(parse(None), None);
+        assert_eq!(parse(Some("1")), Some(true));
+        assert_eq!(parse(Some(" off ")), Some(false));
+        assert_eq!(parse(Some("maybe")), None);
+        if std::env::var_os("MEDMERGE_CHANNELS_LAST").is_none() {
+            assert!(channels_last(Device::Cpu));
+            assert!(!channels_last(Device::Cuda(0)));
+        }
     }
 
     #[test]

@@ -96,7 +96,7 @@ impl Network {
             Architecture::MobilenetV3Large => Body::Mobile(mobile::TorchvisionMobile::mobilenet_v3(&root, true, n, &mut bns)),
             Architecture::MobilenetV3Small => Body::Mobile(mobile::TorchvisionMobile::mobilenet_v3(&root, false, n, &mut bns)),
         };
-        if layout::channels_last() {
+        if layout::channels_last(device) {
             layout::to_channels_last(&vs);
         }
         Network { vs, arch, classes: classes.to_vec(), image_size, multi_label: false, body, bns }

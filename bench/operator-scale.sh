@@ -26,10 +26,11 @@ stop_on_exit "$operator"
 for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.2; done
 result="$(MERGEJOBS="$N" SHARDS="$SHARDS" METRICS_ADDR="127.0.0.1:$port" "$CARGO_TARGET_DIR/debug/examples/operator_scale")"
 echo "$result" >&2
+cpu="$(awk '{printf "%.1f", ($14 + $15) / 100}' "/proc/$operator/stat")"
 hwm="$(awk '/VmHWM/{print $2}' "/proc/$operator/status")"
 rss="$(awk '/VmRSS/{print $2}' "/proc/$operator/status")"
 errors="$(grep -c '"level":"ERROR"' "$log" || true)"
-python3 - "$result" "$hwm" "$rss" "$errors" "$N" "${CONCURRENCY:-8}" "$log" > bench/results/operator-scale.md <<'PY'
+python3 - "$result" "$hwm" "$rss" "$errors" "$N" "${CONCURRENCY:-8}" "$log" "$cpu" > bench/results/operator-scale.md <<'PY'
 import collections, json, sys, os, time
 r = json.loads(sys.argv[1])
 hwm, rss, errors, n, concurrency = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6]
@@ -57,6 +58,7 @@ print(f"| burst: Job complete -> status latency p50 / p99 / max | {l['p50']:.0f}
 s = r["steady_latency_ms"]
 print(f"| steady state: latency p50 / p99 / max | {s['p50']:.0f} / {s['p99']:.0f} / {s['max']:.0f} ms |")
 print(f"| operator peak RSS (VmHWM) | {hwm / 1024:.0f} MiB (now {rss / 1024:.0f} MiB) |")
+print(f"| operator CPU time (user + system, whole run) | {sys.argv[8]} s |")
 print(f"| operator ERROR log lines | {errors} |")
 print(f"| failed reconciles (retried) | {sum(failed.values())} |")
 for cause, count in failed.most_common(5):

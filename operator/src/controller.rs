@@ -23,7 +23,7 @@ use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, Resource, ResourceExt};
 use medmerge_crds::{mergejob_root, ArtifactLayout, CleanupPolicy, MergeJob, MergeJobStatus, RunDecision};
 use tokio::sync::{Semaphore, SemaphorePermit};
-use tracing::{info, instrument, warn};
+use tracing::{info, instrument, warn, Instrument};
 
 use crate::artifacts::{results_from_report, shard_summary, ArtifactError, ArtifactStore};
 use crate::decide::{decide, Decision, JobState, Phase, ShardState};
@@ -65,6 +65,9 @@ pub enum ReconcileError {
     /// Results or shard summaries could not be read back.
     #[error(transparent)]
     Artifacts(#[from] ArtifactError),
+    /// The reconcile's task was cancelled (the operator is shutting down).
+    #[error("the reconcile was cancelled: the operator is shutting down")]
+    Cancelled,
     /// The Job cache stopped before it first filled (the operator is shutting down).
     #[error("the Job watch stopped before the Job cache first filled")]
     JobCacheStopped,
@@ -151,6 +154,18 @@ fn mergejob_jobs(cache: &JobCache, ns: &str, name: &str) -> Vec<Job> {
 /// Reconciles one MergeJob.
 #[instrument(skip_all, fields(mergejob = %mj.name_any(), namespace = mj.namespace().unwrap_or_default(), generation = mj.metadata.generation))]
 pub async fn reconcile(mj: Arc<MergeJob>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
+    // Every reconcile kube-runtime starts runs inside the controller's own task, which also reads
+    // the Job watch that fills the cache: on a task of its own, a burst of reconciles (their JSON
+    // and API calls) no longer delays the watch. The span goes along for the log lines.
+    let span = tracing::Span::current();
+    match tokio::spawn(async move { admitted_reconcile(mj, ctx).await }.instrument(span)).await {
+        Ok(result) => result,
+        Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+        Err(_) => Err(ReconcileError::Cancelled),
+    }
+}
+
+async fn admitted_reconcile(mj: Arc<MergeJob>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
     // kube-runtime keeps the MergeJobs waiting for one of its reconcile slots in a hash set and
     // takes them in hash order, so under a sustained burst a few waited until the burst was over
     // (90 s at 1,000 MergeJobs x 8 shards: bench/results/operator-scale.md). Its slots are
@@ -294,7 +309,9 @@ async fn create_stage_jobs(mj: &MergeJob, ctx: &Context, ns: &str, run: i64, dec
     cms.patch(&cm_name, &apply, &Patch::Apply(&cm)).await.map_err(kube_err(format!("applying ConfigMap {ns}/{cm_name}")))?;
     let jobs_api: Api<Job> = Api::namespaced(ctx.client.clone(), ns);
     let excluded = decision.excluded_shards();
-    // All at once: a MergeJob's eight finetune Jobs took eight round trips one after another.
+    // One after another: at most one creation per Job lane is in flight, so a burst of new
+    // MergeJobs cannot swamp the API server (creating a MergeJob's Jobs at once made the Job
+    // watch that the statuses depend on lag by tens of seconds: bench/results/operator-scale.md).
     let creations = decision.create.iter().map(|stage| {
         let job = stage_job_excluding(mj, run, stage, &excluded);
         let jobs_api = &jobs_api;
@@ -309,7 +326,10 @@ async fn create_stage_jobs(mj: &MergeJob, ctx: &Context, ns: &str, run: i64, dec
             }
         }
     });
-    let outcomes = futures::future::join_all(creations).await;
+    let mut outcomes = Vec::with_capacity(decision.create.len());
+    for creation in creations {
+        outcomes.push(creation.await);
+    }
     let started: Vec<String> = outcomes.iter().filter_map(|o| o.as_ref().ok().cloned().flatten()).collect();
     let created = started.len();
     if !started.is_empty() {

@@ -100,8 +100,10 @@ fn the_int8_edge_model_computes_what_medmerge_measures_for_it_at_a_quarter_of_th
         quantise_weights(&mut net).unwrap();
         let int8_logits = tch::no_grad(|| net.forward_t(&normalised(&pixels), false));
         let (report, int8_bytes) = check_in_onnxruntime(&net, Precision::Int8Weights, &pixels, &int8_logits, dir.path());
-        let diff = report["max_abs_diff"].as_f64().unwrap();
-        assert!(diff < 1e-4, "{}: int8 model in onnxruntime vs medmerge's quantised network: {diff}", arch.as_str());
+        // The same bound as for float32 models: 1e-4, relative above logits of 1 (medmerge's CPU
+        // convolutions run channels-last and round in another order than onnxruntime's).
+        let (diff, largest) = (report["max_abs_diff"].as_f64().unwrap(), report["max_abs_logit"].as_f64().unwrap());
+        assert!(diff < 1e-4 * largest.max(1.0), "{}: int8 model in onnxruntime vs medmerge's quantised network: {diff} (largest logit {largest})", arch.as_str());
         assert!((int8_bytes as f64) < 0.3 * float_bytes as f64, "{}: int8 {int8_bytes} B vs float32 {float_bytes} B", arch.as_str());
         let moved = (&int8_logits - &float_logits).abs().max().double_value(&[]);
         assert!(moved > 0.0, "{}: quantising changed no logit, so the int8 path was not exercised", arch.as_str());

@@ -23,27 +23,6 @@ pub fn add_scaled(out: &mut [f32], tau: &[f32], scale: f32) {
     }
 }
 
-/// `out += Σ scales[i] · taus[i]`, adding the vectors to each entry in order (so the result is
-/// bit for bit that of [`add_scaled`] one vector after another), a cache-sized block of `out` at
-/// a time on every core: `out` is read and written once instead of once per vector, and the
-/// vectors are streamed in parallel.
-pub fn add_scaled_all(out: &mut [f32], taus: &[&[f32]], scales: &[f32]) {
-    use rayon::prelude::*;
-    /// 64 KiB of `out`: stays in a core's L2 while every vector adds to it.
-    const BLOCK: usize = 16 * 1024;
-    let add_block = |(i, block): (usize, &mut [f32])| {
-        let at = i * BLOCK;
-        for (tau, scale) in taus.iter().zip(scales) {
-            add_scaled(block, &tau[at..at + block.len()], *scale);
-        }
-    };
-    if out.len() <= BLOCK {
-        add_block((0, out));
-    } else {
-        out.par_chunks_mut(BLOCK).enumerate().for_each(add_block);
-    }
-}
-
 /// Whether every value is finite (no NaN, no infinity).
 pub fn all_finite(values: &[f32]) -> bool {
     // Branch-free per chunk so it vectorises: a value is non-finite when its exponent is all ones.
@@ -130,24 +109,6 @@ mod tests {
     #[test]
     fn data_vector_adds_lambda_times_the_sum() {
         assert_eq!(data_vector(&PRE, &[&T1, &T2], 0.5), vec![2.0, 2.0, 2.875, 6.0]);
-    }
-
-    #[test]
-    fn adding_all_vectors_blockwise_equals_adding_them_one_after_another() {
-        let n = 40_000;
-        let taus: Vec<Vec<f32>> = (0..5).map(|k| (0..n).map(|i| ((i * 7 + k * 13) % 101) as f32 * 0.013 - 0.6).collect()).collect();
-        let views: Vec<&[f32]> = taus.iter().map(Vec::as_slice).collect();
-        let scales = [0.5, -1.25, 2.0, 0.1, 3.0];
-        let mut one_by_one: Vec<f32> = (0..n).map(|i| i as f32 * 1e-3).collect();
-        let mut blockwise = one_by_one.clone();
-        for (tau, s) in views.iter().zip(&scales) {
-            add_scaled(&mut one_by_one, tau, *s);
-        }
-        add_scaled_all(&mut blockwise, &views, &scales);
-        assert!(one_by_one.iter().zip(&blockwise).all(|(a, b)| a.to_bits() == b.to_bits()), "bit-identical sums");
-        let mut small = vec![1.0f32; 3];
-        add_scaled_all(&mut small, &[&[1.0, 2.0, 3.0], &[1.0, 1.0, 1.0]], &[2.0, -1.0]);
-        assert_eq!(small, vec![2.0, 4.0, 6.0]);
     }
 
     #[test]

@@ -500,29 +500,15 @@ impl Merged {
     }
 }
 
-/// Vectors whose pages of one tensor are mapped at once in [`linear_combination`].
-const VECTORS_AT_ONCE: usize = 8;
-
-/// `init + Σ scales[i] · vector_i[name]`, adding [`VECTORS_AT_ONCE`] vectors at a time (block by
-/// block, on every core) and then releasing their pages, so memory stays a few tensors' worth
-/// whatever the number of hospitals.
+/// `init + Σ scales[i] · vector_i[name]`, adding one vector at a time and releasing its pages at
+/// once, so memory stays one tensor's worth whatever the number of hospitals.
 ///
 /// NaN and infinities survive any sum (even times zero), so one check of the result replaces a
 /// check of every input; only when it fails are the inputs searched for the one at fault.
 fn linear_combination(mut out: Vec<f32>, name: &str, vectors: &[ShardVector], files: &mut [VectorReader], scales: &[f32], base_path: &Path) -> Result<Vec<f32>, MergeError> {
-    for ((group, group_scales), group_vectors) in files.chunks_mut(VECTORS_AT_ONCE).zip(scales.chunks(VECTORS_AT_ONCE)).zip(vectors.chunks(VECTORS_AT_ONCE)) {
-        {
-            let taus = group.iter().map(|file| file.values(name)).collect::<Result<Vec<_>, _>>()?;
-            if let Some((v, tau)) = group_vectors.iter().zip(&taus).find(|(_, tau)| tau.len() != out.len()) {
-                let entries = |n: usize| format!("{n} entries");
-                return Err(MergeError::TensorMismatch { shard: v.shard.clone(), tensor: name.into(), found: entries(tau.len()), expected: entries(out.len()) });
-            }
-            let views: Vec<&[f32]> = taus.iter().map(|t| t.as_ref()).collect();
-            math::add_scaled_all(&mut out, &views, group_scales);
-        }
-        for file in group.iter_mut() {
-            file.release();
-        }
+    for (file, scale) in files.iter_mut().zip(scales) {
+        math::add_scaled(&mut out, &file.values(name)?, *scale);
+        file.release();
     }
     if !math::all_finite(&out) {
         for (v, file) in vectors.iter().zip(files.iter()) {

@@ -101,8 +101,7 @@ pub fn resize(img: &RgbImage, size: u32) -> RgbImage {
 /// Decodes `path` and resizes it to `size`x`size` without augmentation or normalisation (what
 /// the network sees, as pixels; Grad-CAM overlays are drawn on it).
 pub fn load_resized(path: &Path, size: u32) -> Result<RgbImage, DataError> {
-    let img = decode_rgb(path)?;
-    Ok(resize(&img, size))
+    load_pixels(path, size, None)
 }
 
 fn augmented(img: RgbImage, size: u32, a: &Augment) -> RgbImage {

@@ -39,14 +39,14 @@ pub fn in_channels_last(t: &Tensor) -> Tensor {
     t.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
 }
 
-/// Whether `t` (4-D) has channels-last strides.
-pub fn is_channels_last(t: &Tensor) -> bool {
-    t.dim() == 4 && t.stride()[1] == 1 && t.size()[1] > 1
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Whether `t` (4-D) has channels-last strides.
+    fn is_channels_last(t: &Tensor) -> bool {
+        t.dim() == 4 && t.stride()[1] == 1 && t.size()[1] > 1
+    }
 
     #[test]
     fn the_variable_overrides_the_device_default() {

@@ -18,6 +18,7 @@ mod ffi {
         // libtorch_cpu (linked by torch-sys). Both enums are int8_t-backed: passed as i8.
         #[link_name = "_ZN2at8autocast18set_autocast_dtypeEN3c1010DeviceTypeENS1_10ScalarTypeE"]
         pub fn set_autocast_dtype(device: i8, dtype: i8);
+        #[cfg(test)]
         #[link_name = "_ZN2at8autocast18get_autocast_dtypeEN3c1010DeviceTypeE"]
         pub fn get_autocast_dtype(device: i8) -> i8;
     }
@@ -32,15 +33,15 @@ pub fn bfloat16_autocast(forward: impl FnOnce() -> Tensor) -> Tensor {
     tch::autocast(true, forward).to_kind(tch::Kind::Float)
 }
 
-/// The type CUDA autocast runs in (a `c10::ScalarType` index).
-pub fn cuda_autocast_dtype() -> i8 {
-    // SAFETY: a plain getter of a libtorch global.
-    unsafe { ffi::get_autocast_dtype(CUDA) }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The type CUDA autocast runs in (a `c10::ScalarType` index).
+    fn cuda_autocast_dtype() -> i8 {
+        // SAFETY: a plain getter of a libtorch global.
+        unsafe { ffi::get_autocast_dtype(CUDA) }
+    }
 
     #[test]
     fn autocast_is_set_to_bfloat16_through_libtorch() {

@@ -6,7 +6,8 @@
 # MergeJob's last finetune Job completing to its status showing all shards ready, under the
 # burst and in steady state (STEADY, default 20, MergeJobs one at a time afterwards).
 # CONCURRENCY sets the operator's --concurrency (default 8, the operator's own default).
-# Failed reconciles (retried) are counted and their causes listed. Writes bench/results/operator-scale.md.
+# Failed reconciles (retried) are counted and their causes listed. LOGS=dir keeps the operator's,
+# the API server's and etcd's logs there (RUST_LOG sets the operator's log filter). Writes bench/results/operator-scale.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${MEDMERGE_E2E_SA_TOKEN:-}" ]; then exec bash scripts/with-apiserver.sh bash "$0" "$@"; fi
@@ -30,13 +31,16 @@ cpu="$(awk '{printf "%.1f", ($14 + $15) / 100}' "/proc/$operator/stat")"
 hwm="$(awk '/VmHWM/{print $2}' "/proc/$operator/status")"
 rss="$(awk '/VmRSS/{print $2}' "/proc/$operator/status")"
 errors="$(grep -c '"level":"ERROR"' "$log" || true)"
+if [ -n "${LOGS:-}" ]; then  # keeps the operator's, the API server's and etcd's logs for a closer look
+  mkdir -p "$LOGS" && cp "$log" "$LOGS/operator.log" && cp "$(dirname "$KUBECONFIG")"/{apiserver,etcd}.log "$LOGS/"
+fi
 python3 - "$result" "$hwm" "$rss" "$errors" "$N" "${CONCURRENCY:-8}" "$log" "$cpu" > bench/results/operator-scale.md <<'PY'
 import collections, json, sys, os, time
 r = json.loads(sys.argv[1])
 hwm, rss, errors, n, concurrency = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6]
 failed = collections.Counter()
 for line in open(sys.argv[7]):
-    if "reconcile failed" in line:
+    if "reconcile failed" in line or "changing Jobs failed" in line:
         fields = json.loads(line).get("fields", {})
         failed[fields.get("error", "?")[:160]] += 1
 shards = r["shards"]
@@ -57,6 +61,10 @@ print(f"| reconciles during the burst | {burst:.0f} ({burst / r['all_ready_secon
 print(f"| burst: Job complete -> status latency p50 / p99 / max | {l['p50']:.0f} / {l['p99']:.0f} / {l['max']:.0f} ms |")
 s = r["steady_latency_ms"]
 print(f"| steady state: latency p50 / p99 / max | {s['p50']:.0f} / {s['p99']:.0f} / {s['max']:.0f} ms |")
+for when in ("burst", "steady"):
+    w = r[f"{when}_watch_lag_ms"]
+    if w["count"]:
+        print(f"| {when}: API server watch lag, driver's own Job watch (patch returned -> Job seen complete) p50 / p99 / max | {w['p50']:.0f} / {w['p99']:.0f} / {w['max']:.0f} ms |")
 print(f"| operator peak RSS (VmHWM) | {hwm / 1024:.0f} MiB (now {rss / 1024:.0f} MiB) |")
 print(f"| operator CPU time (user + system, whole run) | {sys.argv[8]} s |")
 print(f"| operator ERROR log lines | {errors} |")

@@ -69,21 +69,32 @@ async fn main() -> anyhow::Result<()> {
     // MergeJob name -> finetune Jobs completed, and when the last one was.
     type Completions = HashMap<String, (usize, Option<Instant>)>;
     let finetunes_done: Arc<Mutex<Completions>> = Arc::default();
+    // Job name -> when the driver's status patch returned, and how late the driver's own watch
+    // (which does nothing else) then saw the Job complete: the API server's watch delivery lag,
+    // apart from anything the operator does.
+    let patched_at: Arc<Mutex<HashMap<String, Option<Instant>>>> = Arc::default();
+    let watch_lag_ms: Arc<Mutex<Vec<f64>>> = Arc::default();
     let started = Instant::now();
     let reconciles_before = reconciles(&metrics).await?;
 
     // The Job controller: completes init and finetune Jobs as they appear.
     let driver = {
-        let (jobs, done) = (jobs.clone(), finetunes_done.clone());
+        let (jobs, done, patched_at, watch_lag_ms) = (jobs.clone(), finetunes_done.clone(), patched_at.clone(), watch_lag_ms.clone());
         tokio::spawn(async move {
             watcher(jobs.clone(), watcher::Config::default())
                 .applied_objects()
                 .for_each_concurrent(16, |event| {
-                    let (jobs, done) = (jobs.clone(), done.clone());
+                    let (jobs, done, patched_at, watch_lag_ms) = (jobs.clone(), done.clone(), patched_at.clone(), watch_lag_ms.clone());
                     async move {
                         let Ok(job) = event else { return };
                         let name = job.name_any();
                         let complete = job.status.as_ref().and_then(|s| s.succeeded).unwrap_or(0) > 0;
+                        if complete {
+                            // None: the watch was faster than the patch's response (marked as seen).
+                            if let Some(Some(at)) = patched_at.lock().unwrap().insert(name.clone(), None) {
+                                watch_lag_ms.lock().unwrap().push(at.elapsed().as_secs_f64() * 1000.0);
+                            }
+                        }
                         if complete || !(name.ends_with("-init") || name.contains("-finetune-")) {
                             return;
                         }
@@ -92,6 +103,9 @@ async fn main() -> anyhow::Result<()> {
                         if let Err(e) = jobs.patch_status(&name, &PatchParams::default(), &Patch::Merge(status)).await {
                             eprintln!("completing {name}: {e}");
                             return;
+                        }
+                        if let Some(None) = patched_at.lock().unwrap().insert(name.clone(), Some(Instant::now())) {
+                            watch_lag_ms.lock().unwrap().push(0.0);
                         }
                         if let Some((mj, _)) = name.split_once("-g1-finetune-") {
                             let mut done = done.lock().unwrap();
@@ -137,6 +151,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let all_ready_after = started.elapsed();
     let burst_reconciles = reconciles(&metrics).await? - reconciles_before;
+    let burst_watch_lag = std::mem::take(&mut *watch_lag_ms.lock().unwrap());
 
     // Steady state: one MergeJob at a time on a quiet cluster, the operator's reaction time.
     let steady = env_number("STEADY", 20);
@@ -166,12 +181,20 @@ async fn main() -> anyhow::Result<()> {
         let slowest: Vec<&str> = named.iter().rev().take(3).map(|(_, n)| n.as_str()).collect();
         Ok(json!({"count": ms.len(), "p50": percentile(&ms, 0.5), "p99": percentile(&ms, 0.99), "max": ms.last(), "slowest": slowest}))
     };
+    let spread = |mut ms: Vec<f64>| {
+        ms.sort_by(f64::total_cmp);
+        if ms.is_empty() {
+            return json!({"count": 0});
+        }
+        json!({"count": ms.len(), "p50": percentile(&ms, 0.5), "p99": percentile(&ms, 0.99), "max": ms.last()})
+    };
     println!(
         "{}",
         json!({
             "mergejobs": n, "ready": (0..n).filter(|i| ready.contains_key(&format!("mj-{i:04}"))).count(),
             "create_seconds": created.as_secs_f64(), "shards": shards, "all_ready_seconds": all_ready_after.as_secs_f64(), "burst_reconciles": burst_reconciles,
             "latency_ms": latencies(0..n)?, "steady_latency_ms": latencies(n..n + steady)?,
+            "burst_watch_lag_ms": spread(burst_watch_lag), "steady_watch_lag_ms": spread(std::mem::take(&mut *watch_lag_ms.lock().unwrap())),
         })
     );
     Ok(())

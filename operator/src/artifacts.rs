@@ -70,6 +70,12 @@ impl ArtifactStore {
         }
     }
 
+    /// Whether the operator can read `spec`'s store at all (an S3 bucket, or a local path under
+    /// the operator's own mount); [`ArtifactStore::get`] finds nothing in any other.
+    pub fn reaches(&self, spec: &MergeJobSpec) -> bool {
+        spec.storage.s3.is_some() || (self.local_root.is_some() && spec.storage.local.is_some())
+    }
+
     /// The bytes at `key` in `spec`'s store, or `None` when it does not exist or the store is
     /// out of the operator's reach.
     pub async fn get(&self, spec: &MergeJobSpec, key: &str) -> Result<Option<Vec<u8>>, ArtifactError> {

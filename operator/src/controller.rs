@@ -18,19 +18,21 @@ use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::store::Writer;
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, Resource, ResourceExt};
 use medmerge_crds::{mergejob_root, ArtifactLayout, CleanupPolicy, MergeJob, MergeJobStatus, RunDecision};
-use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio::sync::SemaphorePermit;
 use tracing::{info, instrument, warn, Instrument};
 
 use crate::artifacts::{results_from_report, shard_summary, ArtifactError, ArtifactStore};
 use crate::decide::{decide, Decision, JobState, Phase, ShardState};
 use crate::image_policy::ImagePolicy;
 use crate::interventions::{interventions, Intervention, PAUSED};
-use crate::job_cache::{trim_for_cache, JobCache};
+use crate::job_cache::{trim_for_cache, trim_mergejob_for_cache, JobCache};
+use crate::job_work::JobWork;
 use crate::jobs::{spec_configmap, stage_job_excluding, LABEL_GENERATION, LABEL_MERGEJOB};
+use crate::lanes::Lanes;
 use crate::observe::observe_jobs;
 use crate::retry::Backoff;
 use crate::status::{build_status, ShardFact, ShardFacts, StatusInputs};
@@ -94,13 +96,12 @@ pub struct Context {
     pub images: ImagePolicy,
     /// Consecutive failed reconciles per MergeJob, for the retry delay.
     pub backoff: Backoff,
-    /// Reconciles allowed to read their MergeJob and write its status at once; the others wait
-    /// in arrival order.
-    status_lane: Semaphore,
-    /// Reconciles allowed to create, stop, pause or resume Jobs at once, in arrival order. Apart
-    /// from the status lane, so that a backlog of Job creations (a burst of new MergeJobs) does
-    /// not hold back the status of MergeJobs whose Jobs finished.
-    jobs_lane: Semaphore,
+    /// The status lane and the Job lane to the API server ([`Lanes`]). Job changes run off the
+    /// reconcile ([`JobWork`]), so that a backlog of Job creations (a burst of new MergeJobs)
+    /// does not hold back the status of MergeJobs whose Jobs finished.
+    lanes: Lanes,
+    /// The MergeJobs whose Job changes are queued or under way.
+    job_work: JobWork,
     /// The controller's MergeJob cache (set by [`run`]), for the newest copy of a MergeJob once
     /// its reconcile is admitted.
     mergejobs: OnceLock<Store<MergeJob>>,
@@ -118,8 +119,8 @@ impl Context {
             jobs,
             images: ImagePolicy::default(),
             backoff: Backoff::default(),
-            status_lane: Semaphore::new(DEFAULT_CONCURRENCY.into()),
-            jobs_lane: Semaphore::new(DEFAULT_CONCURRENCY.into()),
+            lanes: Lanes::new(DEFAULT_CONCURRENCY),
+            job_work: JobWork::default(),
             mergejobs: OnceLock::new(),
         }
     }
@@ -127,8 +128,7 @@ impl Context {
     /// This context writing at most `concurrency` statuses and changing the Jobs of at most
     /// `concurrency` MergeJobs at once (at least one each).
     pub fn with_concurrency(self, concurrency: u16) -> Self {
-        let permits = concurrency.max(1).into();
-        Context { status_lane: Semaphore::new(permits), jobs_lane: Semaphore::new(permits), ..self }
+        Context { lanes: Lanes::new(concurrency), ..self }
     }
 
     /// This context with `images` as the trainer image allowlist.
@@ -169,11 +169,28 @@ async fn admitted_reconcile(mj: Arc<MergeJob>, ctx: Arc<Context>) -> Result<Acti
     // kube-runtime keeps the MergeJobs waiting for one of its reconcile slots in a hash set and
     // takes them in hash order, so under a sustained burst a few waited until the burst was over
     // (90 s at 1,000 MergeJobs x 8 shards: bench/results/operator-scale.md). Its slots are
-    // unbounded instead (see `run`) and every reconcile waits here, first come first served.
-    let status_turn = ctx.status_lane.acquire().await.expect("the status lane is never closed");
-    let mj = ctx.mergejobs.get().and_then(|store| store.get(&ObjectRef::from_obj(&*mj))).unwrap_or(mj);
+    // unbounded instead (see `run`) and a reconcile that calls out waits for a turn in the
+    // status lane ([`Lanes`]), first come first served.
+    let newest = |mj: Arc<MergeJob>| ctx.mergejobs.get().and_then(|store| store.get(&ObjectRef::from_obj(&*mj))).unwrap_or(mj);
+    let mj = newest(mj);
     let started = Instant::now();
-    let result = reconcile_inner(&mj, &ctx, status_turn).await;
+    // A first pass without a turn: most reconciles in a burst (a Job created, a status this
+    // operator wrote) change nothing and need no API call. One that does waits for its turn and
+    // then looks again from the newest MergeJob and Jobs, so that what it writes is as fresh as
+    // the wait allows (and the triggers held meanwhile find nothing left to write).
+    let (mj, result) = match reconcile_inner(&mj, &ctx, &mut StatusTurn::Without).await {
+        Err(Stop::NeedsTurn) => {
+            let permit = ctx.lanes.status_turn().await;
+            let mj = newest(mj);
+            let result = reconcile_inner(&mj, &ctx, &mut StatusTurn::With(permit)).await;
+            (mj, result)
+        }
+        result => (mj, result),
+    };
+    let result = result.map_err(|stop| match stop {
+        Stop::Failed(error) => error,
+        Stop::NeedsTurn => unreachable!("a reconcile holding the turn never asks for it"),
+    });
     ctx.metrics.reconciled(started.elapsed(), result.is_err());
     if result.is_ok() {
         ctx.backoff.succeeded(&backoff_key(&mj));
@@ -181,12 +198,45 @@ async fn admitted_reconcile(mj: Arc<MergeJob>, ctx: Arc<Context>) -> Result<Acti
     result
 }
 
-async fn reconcile_inner(mj: &MergeJob, ctx: &Context, status_turn: SemaphorePermit<'_>) -> Result<Action, ReconcileError> {
+/// Whether a reconcile pass holds a turn in the status lane, which it needs before any call to
+/// the API server or the artifact store.
+enum StatusTurn<'a> {
+    Without,
+    With(#[allow(dead_code)] SemaphorePermit<'a>),
+    /// Given back once the status is written (Job changes have their own lane).
+    Released,
+}
+
+impl StatusTurn<'_> {
+    /// Ok when this pass may call out; a pass without the turn stops here.
+    fn check(&self) -> Result<(), Stop> {
+        match self {
+            StatusTurn::Without => Err(Stop::NeedsTurn),
+            StatusTurn::With(_) | StatusTurn::Released => Ok(()),
+        }
+    }
+}
+
+/// Why a reconcile pass ended without an action.
+enum Stop {
+    /// It needs a turn in the status lane, which it does not hold.
+    NeedsTurn,
+    /// The reconcile failed.
+    Failed(ReconcileError),
+}
+
+impl<E: Into<ReconcileError>> From<E> for Stop {
+    fn from(error: E) -> Self {
+        Stop::Failed(error.into())
+    }
+}
+
+async fn reconcile_inner(mj: &MergeJob, ctx: &Arc<Context>, status_turn: &mut StatusTurn<'_>) -> Result<Action, Stop> {
     let ns = mj.namespace().unwrap_or_else(|| "default".into());
     let name = mj.name_any();
     let key = format!("{ns}/{name}");
     let generation = mj.metadata.generation.unwrap_or(1);
-    if let Some(action) = handle_cleanup(mj, ctx, &ns).await? {
+    if let Some(action) = handle_cleanup(mj, ctx, &ns, &*status_turn).await? {
         return Ok(action);
     }
     let previous = mj.status.clone().unwrap_or_default();
@@ -202,7 +252,7 @@ async fn reconcile_inner(mj: &MergeJob, ctx: &Context, status_turn: SemaphorePer
     // the cache already holds the change that caused it. Listing Jobs per reconcile instead was
     // most of the API server's work at hundreds of MergeJobs.
     if !ctx.jobs.ready().await {
-        return Err(ReconcileError::JobCacheStopped);
+        return Err(ReconcileError::JobCacheStopped.into());
     }
     let all_jobs = mergejob_jobs(&ctx.jobs, &ns, &name);
     let run_label = run.run.to_string();
@@ -226,22 +276,33 @@ async fn reconcile_inner(mj: &MergeJob, ctx: &Context, status_turn: SemaphorePer
     }
 
     let layout = ArtifactLayout::new(&mj.spec.storage.prefix, &ns, &name, run.run);
-    let shard_facts = read_shard_facts(mj, ctx, &previous, &run, &decision, &layout).await;
-    let results = if decision.phase == Phase::Succeeded { read_results(mj, ctx, &layout).await } else { None };
+    let shard_facts = read_shard_facts(mj, ctx, &previous, &run, &decision, &layout, status_turn).await?;
+    let results = if decision.phase == Phase::Succeeded {
+        status_turn.check()?;
+        read_results(mj, ctx, &layout).await
+    } else {
+        None
+    };
     let status = build_status(&StatusInputs { previous: &previous, generation, run: &run, spec: &mj.spec, layout: &layout, decision: &decision, jobs: &seen, shard_facts: &shard_facts, results, now });
     // An unchanged status is not written: server-side apply is the costliest call an idle
     // reconcile would make, and at hundreds of MergeJobs the API server is the bottleneck.
     // The status goes first: it is built from the Jobs observed, not from what this reconcile
     // is about to create, and it should not wait behind the Job creations of other MergeJobs.
     if mj.status.as_ref() != Some(&status) {
+        status_turn.check()?;
         write_status(mj, ctx, &ns, &status).await?;
     }
-    publish_transition(mj, ctx, &previous, &run, &decision).await;
-    drop(status_turn);
+    if is_transition(&previous, &run, &decision) {
+        status_turn.check()?;
+        publish_transition(mj, ctx, &run, &decision).await;
+    }
+    *status_turn = StatusTurn::Released;
     if !decision.create.is_empty() || !changes.is_empty() {
-        let _jobs_turn = ctx.jobs_lane.acquire().await.expect("the jobs lane is never closed");
-        create_stage_jobs(mj, ctx, &ns, run.run, &decision).await?;
-        apply_interventions(mj, ctx, &ns, &changes).await?;
+        let target = ObjectRef::from_obj(mj);
+        if ctx.job_work.begin(&target) {
+            let batch = change_jobs(ctx.clone(), mj.clone(), target, run.run, decision.clone(), changes);
+            tokio::spawn(batch.instrument(tracing::Span::current()));
+        }
     }
     ctx.metrics.set_phase(&key, Some(decision.phase));
     info!(run = run.run, phase = decision.phase.as_str(), reason = decision.reason, detail = %decision.message, "reconciled");
@@ -257,12 +318,13 @@ async fn reconcile_inner(mj: &MergeJob, ctx: &Context, status_turn: SemaphorePer
 
 /// Keeps the cleanup finalizer in step with `storage.cleanup` and, once the MergeJob is being
 /// deleted, deletes its artifacts (every generation) and lets it go. `Some` ends the reconcile.
-async fn handle_cleanup(mj: &MergeJob, ctx: &Context, ns: &str) -> Result<Option<Action>, ReconcileError> {
+async fn handle_cleanup(mj: &MergeJob, ctx: &Context, ns: &str, status_turn: &StatusTurn<'_>) -> Result<Option<Action>, Stop> {
     let name = mj.name_any();
     let held = mj.finalizers().iter().any(|f| f == FINALIZER);
     let wanted = mj.spec.storage.cleanup == CleanupPolicy::Delete;
     if mj.metadata.deletion_timestamp.is_some() {
         if held {
+            status_turn.check()?;
             let prefix = mergejob_root(&mj.spec.storage.prefix, ns, &name);
             match ctx.artifacts.remove_all(&mj.spec, &prefix).await {
                 Ok(true) => publish(ctx, mj, EventType::Normal, "ArtifactsDeleted", "Cleanup", format!("deleted artifacts under {prefix}")).await,
@@ -272,7 +334,7 @@ async fn handle_cleanup(mj: &MergeJob, ctx: &Context, ns: &str) -> Result<Option
                 }
                 Err(error) => {
                     publish(ctx, mj, EventType::Warning, "CleanupFailed", "Cleanup", error.to_string()).await;
-                    return Err(error.into());
+                    return Err(ReconcileError::from(error).into());
                 }
             }
             set_finalizer(mj, ctx, ns, false).await?;
@@ -280,6 +342,7 @@ async fn handle_cleanup(mj: &MergeJob, ctx: &Context, ns: &str) -> Result<Option
         return Ok(Some(Action::await_change()));
     }
     if held != wanted {
+        status_turn.check()?;
         set_finalizer(mj, ctx, ns, wanted).await?;
     }
     Ok(None)
@@ -296,6 +359,45 @@ async fn set_finalizer(mj: &MergeJob, ctx: &Context, ns: &str, present: bool) ->
     let mjs: Api<MergeJob> = Api::namespaced(ctx.client.clone(), ns);
     mjs.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await.map_err(kube_err(format!("updating the finalizers of MergeJob {ns}/{name}")))?;
     Ok(())
+}
+
+/// Creates, stops, pauses and resumes `mj`'s Jobs as its reconcile decided, in its turn in the
+/// jobs lane. A failure is retried by reconciling `mj` again after a growing delay, and so is a
+/// batch whose MergeJob was edited or deleted while it waited (its next reconcile decides afresh).
+async fn change_jobs(ctx: Arc<Context>, mj: MergeJob, target: ObjectRef<MergeJob>, run: i64, decision: Decision, changes: Vec<Intervention>) {
+    let ns = mj.namespace().unwrap_or_else(|| "default".into());
+    let turn = ctx.lanes.jobs_turn().await;
+    if !still_current(&ctx, &mj, &target) {
+        drop(turn);
+        ctx.job_work.finish(&target, true);
+        return;
+    }
+    let result = match create_stage_jobs(&mj, &ctx, &ns, run, &decision).await {
+        Ok(()) => apply_interventions(&mj, &ctx, &ns, &changes).await,
+        Err(error) => Err(error),
+    };
+    drop(turn);
+    let key = format!("jobs of {}", backoff_key(&mj));
+    match result {
+        Ok(()) => {
+            ctx.backoff.succeeded(&key);
+            ctx.job_work.finish(&target, false);
+        }
+        Err(error) => {
+            let delay = ctx.backoff.failed(&key);
+            ctx.metrics.reconciled(Duration::ZERO, true);
+            warn!(%error, retry_in_ms = delay.as_millis() as u64, "changing Jobs failed; retrying");
+            tokio::time::sleep(delay).await;
+            ctx.job_work.finish(&target, true);
+        }
+    }
+}
+
+/// Whether `mj` is still the MergeJob as the controller last saw it: not deleted, replaced or
+/// edited since its reconcile decided (always true without a controller, in tests).
+fn still_current(ctx: &Context, mj: &MergeJob, target: &ObjectRef<MergeJob>) -> bool {
+    let Some(store) = ctx.mergejobs.get() else { return true };
+    store.get(target).is_some_and(|now| now.metadata.uid == mj.metadata.uid && now.metadata.generation == mj.metadata.generation && now.metadata.deletion_timestamp.is_none())
 }
 
 async fn create_stage_jobs(mj: &MergeJob, ctx: &Context, ns: &str, run: i64, decision: &Decision) -> Result<(), ReconcileError> {
@@ -345,13 +447,22 @@ async fn create_stage_jobs(mj: &MergeJob, ctx: &Context, ns: &str, run: i64, dec
 
 /// Shard training summaries for shards whose vector is ready; values already in the status
 /// are reused so the store is read once per shard.
-async fn read_shard_facts(mj: &MergeJob, ctx: &Context, previous: &MergeJobStatus, run: &RunDecision, decision: &Decision, layout: &ArtifactLayout) -> ShardFacts {
+async fn read_shard_facts(
+    mj: &MergeJob,
+    ctx: &Context,
+    previous: &MergeJobStatus,
+    run: &RunDecision,
+    decision: &Decision,
+    layout: &ArtifactLayout,
+    status_turn: &StatusTurn<'_>,
+) -> Result<ShardFacts, Stop> {
     let mut facts = ShardFacts::new();
     for (shard, state) in &decision.shards {
         let known = previous.shards.iter().find(|s| &s.name == shard && run.continues && s.samples.is_some());
         if let Some(s) = known {
             facts.insert(shard.clone(), ShardFact { samples: s.samples, validation_accuracy: s.validation_accuracy, release: s.release.clone() });
-        } else if *state == ShardState::Ready {
+        } else if *state == ShardState::Ready && ctx.artifacts.reaches(&mj.spec) {
+            status_turn.check()?;
             match ctx.artifacts.get(&mj.spec, &layout.shard_metrics(shard)).await {
                 Ok(Some(bytes)) => {
                     facts.insert(shard.clone(), shard_summary(&bytes));
@@ -361,7 +472,7 @@ async fn read_shard_facts(mj: &MergeJob, ctx: &Context, previous: &MergeJobStatu
             }
         }
     }
-    facts
+    Ok(facts)
 }
 
 async fn read_results(mj: &MergeJob, ctx: &Context, layout: &ArtifactLayout) -> Option<medmerge_crds::ResultsStatus> {
@@ -387,9 +498,14 @@ async fn read_results(mj: &MergeJob, ctx: &Context, layout: &ArtifactLayout) -> 
 
 async fn write_status(mj: &MergeJob, ctx: &Context, ns: &str, status: &MergeJobStatus) -> Result<(), ReconcileError> {
     let name = mj.name_any();
-    let patch = serde_json::json!({ "apiVersion": "medmerge.io/v1alpha1", "kind": "MergeJob", "status": status });
+    // The operator is the status's only writer and writes all of it: one JSON patch that replaces
+    // it costs the API server a fraction of a server-side apply, which merges and records
+    // ownership field by field (the status writes of a burst of MergeJobs queue behind it).
+    let patch: json_patch::Patch = serde_json::from_value(serde_json::json!([{ "op": "add", "path": "/status", "value": status }])).expect("one add operation is a JSON patch");
     let mjs: Api<MergeJob> = Api::namespaced(ctx.client.clone(), ns);
-    mjs.patch_status(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await.map_err(kube_err(format!("writing the status of MergeJob {ns}/{name}")))?;
+    mjs.patch_status(&name, &PatchParams { field_manager: Some(MANAGER.into()), ..Default::default() }, &Patch::Json::<()>(patch))
+        .await
+        .map_err(kube_err(format!("writing the status of MergeJob {ns}/{name}")))?;
     Ok(())
 }
 
@@ -434,10 +550,12 @@ async fn apply_interventions(mj: &MergeJob, ctx: &Context, ns: &str, changes: &[
     Ok(())
 }
 
-async fn publish_transition(mj: &MergeJob, ctx: &Context, previous: &MergeJobStatus, run: &RunDecision, decision: &Decision) {
-    if run.continues && previous.phase == Some(decision.phase) {
-        return;
-    }
+/// Whether this reconcile moves the MergeJob's run to another phase (or starts a run).
+fn is_transition(previous: &MergeJobStatus, run: &RunDecision, decision: &Decision) -> bool {
+    !run.continues || previous.phase != Some(decision.phase)
+}
+
+async fn publish_transition(mj: &MergeJob, ctx: &Context, run: &RunDecision, decision: &Decision) {
     let (kind, reason) = match decision.phase {
         Phase::Failed => (EventType::Warning, decision.reason),
         Phase::Succeeded => (EventType::Normal, "Succeeded"),
@@ -473,7 +591,12 @@ fn backoff_key(mj: &MergeJob) -> String {
 /// changes arrived.
 pub async fn run(mjs: Api<MergeJob>, jobs: Api<Job>, cache: Writer<Job>, ctx: Arc<Context>, stop: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
     let job_changes = watcher(jobs, watcher::Config::default().labels(MANAGED_JOBS)).default_backoff().modify(trim_for_cache).reflect(cache).touched_objects();
-    let controller = Controller::new(mjs, watcher::Config::default());
+    let (mergejob_store, mergejob_cache) = reflector::store();
+    let mergejob_changes = watcher(mjs, watcher::Config::default()).default_backoff().modify(trim_mergejob_for_cache).reflect(mergejob_cache).applied_objects();
+    let mut controller = Controller::for_stream(mergejob_changes, mergejob_store);
+    if let Some(again) = ctx.job_work.take_requests() {
+        controller = controller.reconcile_on(again);
+    }
     let _ = ctx.mergejobs.set(controller.store());
     controller
         .owns_stream(job_changes)

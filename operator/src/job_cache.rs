@@ -54,6 +54,19 @@ pub fn trim_for_cache(job: &mut Job) {
     }
 }
 
+/// `mj` reduced to what the controller reads from a cached MergeJob: every field but the
+/// field-manager bookkeeping (a tree of JSON maps per manager, the operator's status applies
+/// among them) and `kubectl apply`'s copy of the whole object in an annotation.
+pub fn trim_mergejob_for_cache(mj: &mut medmerge_crds::MergeJob) {
+    mj.metadata.managed_fields = None;
+    if let Some(annotations) = mj.metadata.annotations.as_mut() {
+        annotations.remove(LAST_APPLIED);
+    }
+}
+
+/// Where `kubectl apply` keeps the last object it applied.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -78,6 +91,26 @@ mod tests {
         assert_eq!(job.spec.as_ref().unwrap().suspend, Some(true));
         assert!(job.spec.as_ref().unwrap().template.spec.is_none());
         assert!(job.metadata.managed_fields.is_none());
+    }
+
+    #[test]
+    fn a_cached_mergejob_keeps_spec_status_and_own_annotations_but_no_bookkeeping() {
+        let mut mj: medmerge_crds::MergeJob = serde_json::from_value(serde_json::json!({
+            "apiVersion": "medmerge.io/v1alpha1", "kind": "MergeJob",
+            "metadata": {"name": "mj", "namespace": "ns", "resourceVersion": "7", "finalizers": ["medmerge.io/artifact-cleanup"],
+                         "annotations": {"team": "radiology", LAST_APPLIED: "{\"spec\": {}}"},
+                         "managedFields": [{"manager": "medmerge-operator", "operation": "Apply", "fieldsType": "FieldsV1", "fieldsV1": {"f:status": {"f:phase": {}}}}]},
+            "spec": {"model": {"architecture": "resnet18", "imageSize": 32, "classes": ["x", "y"]},
+                     "shards": [{"name": "h0", "data": {"path": "train.csv"}}], "evaluation": {"data": {"path": "test.csv"}},
+                     "storage": {"local": {"path": "runs"}}},
+            "status": {"phase": "Running"}
+        }))
+        .unwrap();
+        let before = mj.clone();
+        trim_mergejob_for_cache(&mut mj);
+        assert!(mj.metadata.managed_fields.is_none());
+        assert_eq!(mj.metadata.annotations, Some([("team".to_string(), "radiology".to_string())].into()));
+        assert_eq!((&mj.spec, &mj.status, &mj.metadata.finalizers, &mj.metadata.resource_version), (&before.spec, &before.status, &before.metadata.finalizers, &before.metadata.resource_version));
     }
 
     #[tokio::test]

@@ -85,12 +85,15 @@ async fn a_new_mergejob_gets_a_status_its_spec_configmap_the_init_job_and_an_eve
         let status = expect(
             &mut handle,
             Method::PATCH,
-            "/apis/medmerge.io/v1alpha1/namespaces/radiology/mergejobs/retina/status?&force=true&fieldManager=medmerge-operator",
+            "/apis/medmerge.io/v1alpha1/namespaces/radiology/mergejobs/retina/status?&fieldManager=medmerge-operator",
             serde_json::to_value(mergejob(Value::Null)).unwrap(),
         )
         .await;
-        assert_eq!((status["status"]["phase"].as_str(), status["status"]["observedGeneration"].as_i64()), (Some("Training"), Some(1)));
-        assert_eq!(status["status"]["shardsReady"], "0/1");
+        // One JSON patch replaces the whole status.
+        assert_eq!((status[0]["op"].as_str(), status[0]["path"].as_str()), (Some("add"), Some("/status")), "{status}");
+        let status = &status[0]["value"];
+        assert_eq!((status["phase"].as_str(), status["observedGeneration"].as_i64()), (Some("Training"), Some(1)));
+        assert_eq!(status["shardsReady"], "0/1");
         let transition = expect(&mut handle, Method::POST, "/apis/events.k8s.io/v1/namespaces/radiology/events", json!({"metadata": {}})).await;
         assert_eq!(transition["reason"], "Training");
         let cm = expect(&mut handle, Method::PATCH, "/api/v1/namespaces/radiology/configmaps/retina-g1-spec?&force=true&fieldManager=medmerge-operator", json!({"metadata": {}})).await;
@@ -125,7 +128,7 @@ async fn a_finished_init_job_in_the_cache_starts_the_hospitals_training() {
         let mut handle = pin!(handle);
         let reply = serde_json::to_value(mergejob(Value::Null)).unwrap();
         let status = expect(&mut handle, Method::PATCH, "/apis/medmerge.io/v1alpha1/namespaces/radiology/mergejobs/retina/status?", reply).await;
-        assert_eq!(status["status"]["shardsReady"], "0/1", "{status}");
+        assert_eq!(status[0]["value"]["shardsReady"], "0/1", "{status}");
         expect(&mut handle, Method::PATCH, "/api/v1/namespaces/radiology/configmaps/retina-g1-spec?", json!({"metadata": {}})).await;
         let job = expect(&mut handle, Method::POST, "/apis/batch/v1/namespaces/radiology/jobs?", json!({"metadata": {}})).await;
         assert_eq!(job["metadata"]["name"], "retina-g1-finetune-a");

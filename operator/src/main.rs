@@ -49,8 +49,10 @@ struct Args {
     /// resolved against it); results are copied from there into the status.
     #[arg(long, env = "MEDMERGE_LOCAL_ARTIFACTS")]
     local_artifacts: Option<PathBuf>,
-    /// MergeJobs reconciled at once. Unbounded, a burst of hundreds flooded the API server and
-    /// every status lagged by seconds; 8 keeps a burst's p99 under a second on a small server.
+    /// API calls at once in each of the operator's two lanes (statuses, and Job changes).
+    /// Unbounded, a burst of hundreds flooded the API server and every status lagged by seconds;
+    /// with 8, statuses stayed under a second at 1,000 MergeJobs x 8 shards on 2 cores
+    /// (bench/results/operator-scale.md).
     #[arg(long, env = "MEDMERGE_CONCURRENCY", default_value_t = controller::DEFAULT_CONCURRENCY, value_parser = clap::value_parser!(u16).range(1..))]
     concurrency: u16,
     /// Trainer images MergeJobs may run (repeatable, or comma-separated in the variable): an

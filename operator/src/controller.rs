@@ -284,8 +284,7 @@ async fn reconcile_inner(mj: &MergeJob, ctx: &Arc<Context>, status_turn: &mut St
         None
     };
     let status = build_status(&StatusInputs { previous: &previous, generation, run: &run, spec: &mj.spec, layout: &layout, decision: &decision, jobs: &seen, shard_facts: &shard_facts, results, now });
-    // An unchanged status is not written: server-side apply is the costliest call an idle
-    // reconcile would make, and at hundreds of MergeJobs the API server is the bottleneck.
+    // An unchanged status is not written: it is the costliest call an idle reconcile would make, and at hundreds of MergeJobs the API server is the bottleneck.
     // The status goes first: it is built from the Jobs observed, not from what this reconcile
     // is about to create, and it should not wait behind the Job creations of other MergeJobs.
     if mj.status.as_ref() != Some(&status) {
@@ -385,7 +384,7 @@ async fn change_jobs(ctx: Arc<Context>, mj: MergeJob, target: ObjectRef<MergeJob
         }
         Err(error) => {
             let delay = ctx.backoff.failed(&key);
-            ctx.metrics.reconciled(Duration::ZERO, true);
+            ctx.metrics.job_changes_failed();
             warn!(%error, retry_in_ms = delay.as_millis() as u64, "changing Jobs failed; retrying");
             tokio::time::sleep(delay).await;
             ctx.job_work.finish(&target, true);

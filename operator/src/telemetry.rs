@@ -51,7 +51,7 @@ impl Default for Metrics {
         let durations = Histogram::new(BUCKETS);
         let mergejobs = Family::<PhaseLabel, Gauge>::default();
         registry.register("medmerge_reconciles", "Reconciles run", reconciles.clone());
-        registry.register("medmerge_reconcile_errors", "Reconciles that failed and were retried", errors.clone());
+        registry.register("medmerge_reconcile_errors", "Reconciles, and batches of Job changes, that failed and were retried", errors.clone());
         registry.register("medmerge_stage_jobs_created", "Stage Jobs created", stage_jobs_created.clone());
         registry.register("medmerge_reconcile_duration_seconds", "Time per reconcile", durations.clone());
         registry.register("medmerge_mergejobs", "MergeJobs by phase", mergejobs.clone());
@@ -75,6 +75,12 @@ impl Metrics {
             self.errors.inc();
         }
         self.durations.observe(took.as_secs_f64());
+    }
+
+    /// Records a batch of Job changes that failed (it is retried); it is no reconcile, so it
+    /// adds neither to the reconcile count nor to their durations.
+    pub fn job_changes_failed(&self) {
+        self.errors.inc();
     }
 
     /// Records stage Jobs created.
@@ -164,6 +170,16 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
+
+    #[test]
+    fn a_failed_batch_of_job_changes_is_an_error_but_no_reconcile() {
+        let m = Metrics::default();
+        m.job_changes_failed();
+        let text = m.render();
+        for line in ["medmerge_reconciles_total 0", "medmerge_reconcile_errors_total 1", "medmerge_reconcile_duration_seconds_count 0"] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+        }
+    }
 
     #[test]
     fn metrics_render_counters_histogram_and_phases_in_prometheus_text() {

@@ -23,17 +23,17 @@ use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, Resource, ResourceExt};
 use medmerge_crds::{mergejob_root, ArtifactLayout, CleanupPolicy, MergeJob, MergeJobStatus, RunDecision};
 use tokio::sync::SemaphorePermit;
-use tracing::{info, instrument, warn, Instrument};
+use tracing::{info, info_span, instrument, warn, Instrument};
 
 use crate::artifacts::{results_from_report, shard_summary, ArtifactError, ArtifactStore};
 use crate::decide::{decide, Decision, JobState, Phase, ShardState};
 use crate::image_policy::ImagePolicy;
 use crate::interventions::{interventions, Intervention, PAUSED};
-use crate::job_cache::{trim_for_cache, trim_mergejob_for_cache, JobCache};
-use crate::job_work::JobWork;
+use crate::job_cache::{trim_for_cache, trim_mergejob_for_cache, JobCache, ManagedJob};
+use crate::job_work::{Begun, Decided, JobWork};
 use crate::jobs::{spec_configmap, stage_job_excluding, LABEL_GENERATION, LABEL_MERGEJOB};
 use crate::lanes::Lanes;
-use crate::observe::observe_jobs;
+use crate::observe::{observe_jobs, GenerationJobs};
 use crate::retry::Backoff;
 use crate::status::{build_status, ShardFact, ShardFacts, StatusInputs};
 use crate::telemetry::Metrics;
@@ -120,7 +120,7 @@ impl Context {
             images: ImagePolicy::default(),
             backoff: Backoff::default(),
             lanes: Lanes::new(DEFAULT_CONCURRENCY),
-            job_work: JobWork::default(),
+            job_work: JobWork::new(DEFAULT_CONCURRENCY),
             mergejobs: OnceLock::new(),
         }
     }
@@ -128,7 +128,13 @@ impl Context {
     /// This context writing at most `concurrency` statuses and changing the Jobs of at most
     /// `concurrency` MergeJobs at once (at least one each).
     pub fn with_concurrency(self, concurrency: u16) -> Self {
-        Context { lanes: Lanes::new(concurrency), ..self }
+        Context { lanes: Lanes::new(concurrency), job_work: JobWork::new(concurrency), ..self }
+    }
+
+    /// This context reading the newest MergeJobs from `store` (the controller's own cache, which
+    /// [`run`] sets otherwise): Job changes are made for the MergeJobs found there.
+    pub fn with_mergejobs(self, store: Store<MergeJob>) -> Self {
+        Context { mergejobs: OnceLock::from(store), ..self }
     }
 
     /// This context with `images` as the trainer image allowlist.
@@ -138,17 +144,17 @@ impl Context {
 }
 
 /// An empty Job cache: the [`JobCache`] goes into the [`Context`], the [`Writer`] to [`run`].
-pub fn job_cache() -> (JobCache, Writer<Job>) {
+pub fn job_cache() -> (JobCache, Writer<ManagedJob>) {
     JobCache::new()
 }
 
-fn labelled(job: &Job, key: &str, value: &str) -> bool {
+fn labelled(job: &ManagedJob, key: &str, value: &str) -> bool {
     job.metadata.labels.as_ref().and_then(|l| l.get(key)).is_some_and(|v| v == value)
 }
 
 /// Every Job of one MergeJob (all runs), from the cache.
-fn mergejob_jobs(cache: &JobCache, ns: &str, name: &str) -> Vec<Job> {
-    cache.state().iter().filter(|job| job.metadata.namespace.as_deref() == Some(ns) && labelled(job, LABEL_MERGEJOB, name)).map(|job| Job::clone(job)).collect()
+fn mergejob_jobs(cache: &JobCache, ns: &str, name: &str) -> Vec<ManagedJob> {
+    cache.state().iter().filter(|job| job.metadata.namespace.as_deref() == Some(ns) && labelled(job, LABEL_MERGEJOB, name)).map(|job| ManagedJob::clone(job)).collect()
 }
 
 /// Reconciles one MergeJob.
@@ -239,34 +245,19 @@ async fn reconcile_inner(mj: &MergeJob, ctx: &Arc<Context>, status_turn: &mut St
     if let Some(action) = handle_cleanup(mj, ctx, &ns, &*status_turn).await? {
         return Ok(action);
     }
-    let previous = mj.status.clone().unwrap_or_default();
-    let run = RunDecision::of(generation, &mj.spec, &previous);
-    let terminal = previous.phase.is_some_and(Phase::is_terminal);
-    if run.continues && previous.observed_generation == Some(generation) && terminal {
-        // A finished run never re-runs by itself; a result-changing edit starts the next one.
-        ctx.metrics.set_phase(&key, previous.phase);
-        return Ok(Action::await_change());
-    }
-
     // One watch keeps every managed Job in memory, and the same watch triggers this reconcile, so
     // the cache already holds the change that caused it. Listing Jobs per reconcile instead was
     // most of the API server's work at hundreds of MergeJobs.
     if !ctx.jobs.ready().await {
         return Err(ReconcileError::JobCacheStopped.into());
     }
-    let all_jobs = mergejob_jobs(&ctx.jobs, &ns, &name);
-    let run_label = run.run.to_string();
-    let jobs: Vec<Job> = all_jobs.iter().filter(|job| labelled(job, LABEL_GENERATION, &run_label)).cloned().collect();
+    let previous = mj.status.clone().unwrap_or_default();
     let now = Timestamp::now();
-    let mut seen = observe_jobs(&jobs, now);
-    if run.continues {
-        seen.remember(&previous);
-    }
-    let decision = match ctx.images.refusal(&mj.spec.cluster.image) {
-        Some(message) => Decision { create: vec![], phase: Phase::Failed, reason: "InvalidSpec", message, shards: vec![], recheck_in: None },
-        None => decide(&name, &ns, run.run, &mj.spec, &seen.observed),
+    let Some(Plan { run, mut seen, decision, changes }) = plan(mj, ctx, now) else {
+        // A finished run never re-runs by itself; a result-changing edit starts the next one.
+        ctx.metrics.set_phase(&key, previous.phase);
+        return Ok(Action::await_change());
     };
-    let changes = interventions(&all_jobs, run.run, &mj.spec, &decision);
     // A dropped straggler's stage is remembered as stopped before its Job goes, so that it is not
     // started again once the Job has left the cache.
     for change in &changes {
@@ -296,12 +287,8 @@ async fn reconcile_inner(mj: &MergeJob, ctx: &Arc<Context>, status_turn: &mut St
         publish_transition(mj, ctx, &run, &decision).await;
     }
     *status_turn = StatusTurn::Released;
-    if !decision.create.is_empty() || !changes.is_empty() {
-        let target = ObjectRef::from_obj(mj);
-        if ctx.job_work.begin(&target) {
-            let batch = change_jobs(ctx.clone(), mj.clone(), target, run.run, decision.clone(), changes);
-            tokio::spawn(batch.instrument(tracing::Span::current()));
-        }
+    if (!decision.create.is_empty() || !changes.is_empty()) && ctx.job_work.begin(&ObjectRef::from_obj(mj), Decided::of(mj)) == Begun::StartWorker {
+        tokio::spawn(job_worker(ctx.clone()));
     }
     ctx.metrics.set_phase(&key, Some(decision.phase));
     info!(run = run.run, phase = decision.phase.as_str(), reason = decision.reason, detail = %decision.message, "reconciled");
@@ -360,19 +347,67 @@ async fn set_finalizer(mj: &MergeJob, ctx: &Context, ns: &str, present: bool) ->
     Ok(())
 }
 
-/// Creates, stops, pauses and resumes `mj`'s Jobs as its reconcile decided, in its turn in the
-/// jobs lane. A failure is retried by reconciling `mj` again after a growing delay, and so is a
-/// batch whose MergeJob was edited or deleted while it waited (its next reconcile decides afresh).
-async fn change_jobs(ctx: Arc<Context>, mj: MergeJob, target: ObjectRef<MergeJob>, run: i64, decision: Decision, changes: Vec<Intervention>) {
+/// What to do about a MergeJob, decided from it and its Jobs in the cache (no API call).
+struct Plan {
+    run: RunDecision,
+    seen: GenerationJobs,
+    decision: Decision,
+    changes: Vec<Intervention>,
+}
+
+/// The plan for `mj` now; None when its run has finished (it then waits for an edit).
+fn plan(mj: &MergeJob, ctx: &Context, now: Timestamp) -> Option<Plan> {
     let ns = mj.namespace().unwrap_or_else(|| "default".into());
+    let name = mj.name_any();
+    let generation = mj.metadata.generation.unwrap_or(1);
+    let previous = mj.status.clone().unwrap_or_default();
+    let run = RunDecision::of(generation, &mj.spec, &previous);
+    let terminal = previous.phase.is_some_and(Phase::is_terminal);
+    if run.continues && previous.observed_generation == Some(generation) && terminal {
+        return None;
+    }
+    let all_jobs = mergejob_jobs(&ctx.jobs, &ns, &name);
+    let run_label = run.run.to_string();
+    let jobs: Vec<ManagedJob> = all_jobs.iter().filter(|job| labelled(job, LABEL_GENERATION, &run_label)).cloned().collect();
+    let mut seen = observe_jobs(&jobs, now);
+    if run.continues {
+        seen.remember(&previous);
+    }
+    let decision = match ctx.images.refusal(&mj.spec.cluster.image) {
+        Some(message) => Decision { create: vec![], phase: Phase::Failed, reason: "InvalidSpec", message, shards: vec![], recheck_in: None },
+        None => decide(&name, &ns, run.run, &mj.spec, &seen.observed),
+    };
+    let changes = interventions(&all_jobs, run.run, &mj.spec, &decision);
+    Some(Plan { run, seen, decision, changes })
+}
+
+/// Takes queued batches of Job changes ([`JobWork`]) until none is left.
+async fn job_worker(ctx: Arc<Context>) {
+    while let Some((target, decided)) = ctx.job_work.next() {
+        let span = info_span!("jobs", mergejob = %target.name, namespace = target.namespace.as_deref().unwrap_or_default());
+        change_jobs(&ctx, target, decided).instrument(span).await;
+    }
+}
+
+/// Creates, stops, pauses and resumes a MergeJob's Jobs in its turn in the jobs lane, as a
+/// reconcile would decide from the newest MergeJob and Jobs. A failure is retried by reconciling
+/// the MergeJob again after a growing delay, and so is a batch whose MergeJob was edited or
+/// deleted since its reconcile asked for it (its next reconcile decides afresh).
+async fn change_jobs(ctx: &Arc<Context>, target: ObjectRef<MergeJob>, decided: Decided) {
     let turn = ctx.lanes.jobs_turn().await;
-    if !still_current(&ctx, &mj, &target) {
+    let Some(mj) = ctx.mergejobs.get().and_then(|store| store.get(&target)).filter(|mj| decided.still(mj)) else {
         drop(turn);
         ctx.job_work.finish(&target, true);
         return;
-    }
-    let result = match create_stage_jobs(&mj, &ctx, &ns, run, &decision).await {
-        Ok(()) => apply_interventions(&mj, &ctx, &ns, &changes).await,
+    };
+    let Some(Plan { run, decision, changes, .. }) = plan(&mj, ctx, Timestamp::now()) else {
+        drop(turn);
+        ctx.job_work.finish(&target, false);
+        return;
+    };
+    let ns = mj.namespace().unwrap_or_else(|| "default".into());
+    let result = match create_stage_jobs(&mj, ctx, &ns, run.run, &decision).await {
+        Ok(()) => apply_interventions(&mj, ctx, &ns, &changes).await,
         Err(error) => Err(error),
     };
     drop(turn);
@@ -386,17 +421,15 @@ async fn change_jobs(ctx: Arc<Context>, mj: MergeJob, target: ObjectRef<MergeJob
             let delay = ctx.backoff.failed(&key);
             ctx.metrics.job_changes_failed();
             warn!(%error, retry_in_ms = delay.as_millis() as u64, "changing Jobs failed; retrying");
-            tokio::time::sleep(delay).await;
-            ctx.job_work.finish(&target, true);
+            // The batch stays marked while it waits, so that no other starts meanwhile; the
+            // worker goes on with the next.
+            let ctx = ctx.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                ctx.job_work.finish(&target, true);
+            });
         }
     }
-}
-
-/// Whether `mj` is still the MergeJob as the controller last saw it: not deleted, replaced or
-/// edited since its reconcile decided (always true without a controller, in tests).
-fn still_current(ctx: &Context, mj: &MergeJob, target: &ObjectRef<MergeJob>) -> bool {
-    let Some(store) = ctx.mergejobs.get() else { return true };
-    store.get(target).is_some_and(|now| now.metadata.uid == mj.metadata.uid && now.metadata.generation == mj.metadata.generation && now.metadata.deletion_timestamp.is_none())
 }
 
 async fn create_stage_jobs(mj: &MergeJob, ctx: &Context, ns: &str, run: i64, decision: &Decision) -> Result<(), ReconcileError> {
@@ -588,7 +621,7 @@ fn backoff_key(mj: &MergeJob) -> String {
 /// (whose [`Store`] is `ctx.jobs`) from the watch on managed Jobs and reconciling at most
 /// `ctx`'s concurrency of MergeJobs at once ([`Context::with_concurrency`]), in the order their
 /// changes arrived.
-pub async fn run(mjs: Api<MergeJob>, jobs: Api<Job>, cache: Writer<Job>, ctx: Arc<Context>, stop: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
+pub async fn run(mjs: Api<MergeJob>, jobs: Api<ManagedJob>, cache: Writer<ManagedJob>, ctx: Arc<Context>, stop: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
     let job_changes = watcher(jobs, watcher::Config::default().labels(MANAGED_JOBS)).default_backoff().modify(trim_for_cache).reflect(cache).touched_objects();
     let (mergejob_store, mergejob_cache) = reflector::store();
     let mergejob_changes = watcher(mjs, watcher::Config::default()).default_backoff().modify(trim_mergejob_for_cache).reflect(mergejob_cache).applied_objects();

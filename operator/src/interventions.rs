@@ -10,7 +10,7 @@
 //!   those. Jobs queued through Kueue are deleted instead, because Kueue owns their `suspend`
 //!   field and would unsuspend them on admission; they start again on resume.
 
-use k8s_openapi::api::batch::v1::Job;
+use crate::job_cache::ManagedJob;
 use kube::ResourceExt;
 
 use crate::decide::{vector_stage, Decision, JobState, ShardState};
@@ -49,7 +49,7 @@ pub enum Intervention {
 
 /// What to change, given every Job of one MergeJob (all runs), the run being reconciled, its
 /// spec and `decide`'s decision for it.
-pub fn interventions(jobs: &[Job], run: i64, spec: &MergeJobSpec, decision: &Decision) -> Vec<Intervention> {
+pub fn interventions(jobs: &[ManagedJob], run: i64, spec: &MergeJobSpec, decision: &Decision) -> Vec<Intervention> {
     let run_label = run.to_string();
     let dropped: Vec<String> = spec.shards.iter().filter(|s| decision.shards.iter().any(|(n, state)| n == &s.name && *state == ShardState::Dropped)).map(|s| vector_stage(s).name()).collect();
     let mut out = Vec::new();
@@ -86,7 +86,8 @@ pub fn interventions(jobs: &[Job], run: i64, spec: &MergeJobSpec, decision: &Dec
 mod tests {
     use super::*;
     use crate::decide::{decide, Observed};
-    use k8s_openapi::api::batch::v1::{JobCondition, JobSpec, JobStatus};
+    use crate::job_cache::ManagedJobSpec;
+    use k8s_openapi::api::batch::v1::{JobCondition, JobStatus};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
     use std::collections::BTreeMap;
 
@@ -97,18 +98,18 @@ mod tests {
         serde_yaml::from_str(&yaml).unwrap()
     }
 
-    fn job(run: i64, stage: &str, finished: bool, extra_labels: &[(&str, &str)], annotations: &[(&str, &str)]) -> Job {
+    fn job(run: i64, stage: &str, finished: bool, extra_labels: &[(&str, &str)], annotations: &[(&str, &str)]) -> ManagedJob {
         let mut labels: BTreeMap<String, String> = [(LABEL_GENERATION, run.to_string()), (LABEL_STAGE, stage.to_string())].into_iter().map(|(k, v)| (k.to_string(), v)).collect();
         labels.extend(extra_labels.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let conditions = finished.then(|| vec![JobCondition { type_: "Complete".into(), status: "True".into(), ..Default::default() }]);
-        Job {
+        ManagedJob {
             metadata: ObjectMeta {
                 name: Some(format!("mj-g{run}-{stage}")),
                 labels: Some(labels),
                 annotations: Some(annotations.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
                 ..Default::default()
             },
-            spec: Some(JobSpec::default()),
+            spec: Some(ManagedJobSpec::default()),
             status: Some(JobStatus { conditions, ..Default::default() }),
         }
     }

@@ -6,13 +6,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::{Api, Client};
 use medmerge_crds::MergeJob;
 use medmerge_operator::artifacts::ArtifactStore;
 use medmerge_operator::controller::{self, Context};
 use medmerge_operator::image_policy::ImagePolicy;
+use medmerge_operator::job_cache::ManagedJob;
 use medmerge_operator::leader::LeaderElector;
 use medmerge_operator::telemetry::{self, Metrics};
 use tracing::info;
@@ -94,7 +94,7 @@ async fn main() -> anyhow::Result<()> {
     let (job_store, job_cache) = controller::job_cache();
     let ctx =
         Arc::new(Context::new(client.clone(), &identity, metrics.clone(), artifacts, job_store).with_image_policy(ImagePolicy::new(args.allowed_images.clone())).with_concurrency(args.concurrency));
-    let (mjs, jobs): (Api<MergeJob>, Api<Job>) = match &args.namespace {
+    let (mjs, jobs): (Api<MergeJob>, Api<ManagedJob>) = match &args.namespace {
         Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns)),
         None => (Api::all(client.clone()), Api::all(client.clone())),
     };

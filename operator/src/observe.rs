@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::batch::v1::Job;
+use crate::job_cache::ManagedJob;
 use k8s_openapi::jiff::Timestamp;
 use medmerge_crds::{MergeJobStatus, StageOutcome, StageRecord};
 
@@ -12,7 +12,7 @@ use crate::jobs::LABEL_STAGE;
 
 /// The state of one Job as the Job controller reports it. An unfinished suspended Job is queued:
 /// Kueue creates nothing itself, it unsuspends the Jobs it admits.
-pub fn job_state(job: &Job) -> JobState {
+pub fn job_state(job: &ManagedJob) -> JobState {
     let status = job.status.as_ref();
     let condition = |kind: &str| status.and_then(|s| s.conditions.as_ref()).is_some_and(|cs| cs.iter().any(|c| c.type_ == kind && c.status == "True"));
     if condition("Complete") || status.and_then(|s| s.succeeded).unwrap_or(0) > 0 {
@@ -28,13 +28,13 @@ pub fn job_state(job: &Job) -> JobState {
 
 /// When a Job was admitted: the Job controller's `startTime` (set when it starts or is
 /// unsuspended), or its creation where nothing has stamped one yet.
-fn admitted_at(job: &Job) -> Option<Timestamp> {
+fn admitted_at(job: &ManagedJob) -> Option<Timestamp> {
     job.status.as_ref().and_then(|s| s.start_time.as_ref()).or(job.metadata.creation_timestamp.as_ref()).map(|t| t.0)
 }
 
 /// Why a failed Job failed, as the Job controller says (`DeadlineExceeded: Job was active
 /// longer than specified deadline`); `None` while it has not failed.
-pub fn job_failure(job: &Job) -> Option<String> {
+pub fn job_failure(job: &ManagedJob) -> Option<String> {
     let failed = job.status.as_ref()?.conditions.as_ref()?.iter().find(|c| c.type_ == "Failed" && c.status == "True")?;
     let reason = failed.reason.clone().unwrap_or_else(|| "Failed".into());
     Some(match failed.message.as_deref().filter(|m| !m.is_empty()) {
@@ -44,11 +44,11 @@ pub fn job_failure(job: &Job) -> Option<String> {
 }
 
 /// Pods the Job has started so far (running, succeeded and failed).
-pub fn job_attempts(job: &Job) -> i32 {
+pub fn job_attempts(job: &ManagedJob) -> i32 {
     job.status.as_ref().map_or(0, |s| s.active.unwrap_or(0) + s.succeeded.unwrap_or(0) + s.failed.unwrap_or(0))
 }
 
-fn stage_of(job: &Job) -> Option<&String> {
+fn stage_of(job: &ManagedJob) -> Option<&String> {
     job.metadata.labels.as_ref().and_then(|l| l.get(LABEL_STAGE))
 }
 
@@ -105,8 +105,8 @@ impl GenerationJobs {
 }
 
 /// Summarises the Jobs of one generation (already selected by label).
-pub fn observe_jobs(jobs: &[Job], now: Timestamp) -> GenerationJobs {
-    let labelled: Vec<(&String, &Job)> = jobs.iter().filter_map(|j| stage_of(j).map(|s| (s, j))).collect();
+pub fn observe_jobs(jobs: &[ManagedJob], now: Timestamp) -> GenerationJobs {
+    let labelled: Vec<(&String, &ManagedJob)> = jobs.iter().filter_map(|j| stage_of(j).map(|s| (s, j))).collect();
     let started = labelled.iter().filter_map(|(_, j)| j.metadata.creation_timestamp.as_ref().map(|t| t.0)).min();
     let states: BTreeMap<String, JobState> = labelled.iter().map(|(s, j)| ((*s).clone(), job_state(j))).collect();
     let active = labelled.iter().filter(|(s, _)| states[*s] == JobState::Active);
@@ -122,15 +122,16 @@ pub fn observe_jobs(jobs: &[Job], now: Timestamp) -> GenerationJobs {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::api::batch::v1::{JobCondition, JobSpec, JobStatus};
+    use crate::job_cache::ManagedJobSpec;
+    use k8s_openapi::api::batch::v1::{JobCondition, JobStatus};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 
-    fn job(status: JobStatus) -> Job {
-        Job { status: Some(status), ..Default::default() }
+    fn job(status: JobStatus) -> ManagedJob {
+        ManagedJob { status: Some(status), ..Default::default() }
     }
 
-    fn staged(stage: &str, created: i64, status: JobStatus) -> Job {
-        Job {
+    fn staged(stage: &str, created: i64, status: JobStatus) -> ManagedJob {
+        ManagedJob {
             metadata: ObjectMeta {
                 labels: Some([(LABEL_STAGE.to_string(), stage.to_string())].into()),
                 creation_timestamp: Some(Time(Timestamp::from_second(created).unwrap())),
@@ -143,7 +144,7 @@ mod tests {
 
     #[test]
     fn job_states_follow_the_job_controller() {
-        assert_eq!(job_state(&Job::default()), JobState::Active);
+        assert_eq!(job_state(&ManagedJob::default()), JobState::Active);
         assert_eq!(job_state(&job(JobStatus { succeeded: Some(1), ..Default::default() })), JobState::Succeeded);
         let failed = JobStatus { failed: Some(3), conditions: Some(vec![JobCondition { type_: "Failed".into(), status: "True".into(), ..Default::default() }]), ..Default::default() };
         assert_eq!(job_state(&job(failed)), JobState::Failed);
@@ -156,7 +157,7 @@ mod tests {
         let jobs = [
             staged("init", 1_000, JobStatus { succeeded: Some(1), ..Default::default() }),
             staged("finetune-a", 1_100, JobStatus { failed: Some(2), active: Some(1), ..Default::default() }),
-            Job::default(),
+            ManagedJob::default(),
         ];
         let seen = observe_jobs(&jobs, Timestamp::from_second(1_500).unwrap());
         assert_eq!(seen.started, Some(Timestamp::from_second(1_000).unwrap()));
@@ -198,9 +199,9 @@ mod tests {
     #[test]
     fn a_job_kueue_has_not_admitted_is_queued_and_its_clock_starts_at_admission() {
         let mut queued = staged("finetune-a", 1_000, JobStatus::default());
-        queued.spec = Some(JobSpec { suspend: Some(true), ..Default::default() });
+        queued.spec = Some(ManagedJobSpec { suspend: Some(true) });
         let mut admitted = staged("finetune-b", 1_000, JobStatus { start_time: Some(Time(Timestamp::from_second(1_900).unwrap())), active: Some(1), ..Default::default() });
-        admitted.spec = Some(JobSpec { suspend: Some(false), ..Default::default() });
+        admitted.spec = Some(ManagedJobSpec { suspend: Some(false) });
         let seen = observe_jobs(&[queued, admitted], Timestamp::from_second(2_000).unwrap());
         assert_eq!(seen.observed.jobs["finetune-a"], JobState::Queued);
         assert_eq!(seen.observed.jobs["finetune-b"], JobState::Active);

@@ -5,13 +5,13 @@ use std::pin::pin;
 use std::sync::Arc;
 
 use http::{Method, Request, Response};
-use k8s_openapi::api::batch::v1::Job;
 use kube::client::Body;
-use kube::runtime::watcher;
+use kube::runtime::{reflector, watcher};
 use kube::Client;
 use medmerge_crds::MergeJob;
 use medmerge_operator::artifacts::ArtifactStore;
 use medmerge_operator::controller::{self, reconcile, Context};
+use medmerge_operator::job_cache::ManagedJob;
 use medmerge_operator::telemetry::Metrics;
 use serde_json::{json, Value};
 use tower_test::mock;
@@ -48,19 +48,22 @@ async fn expect(handle: &mut std::pin::Pin<&mut Handle>, method: Method, path_pr
     }
 }
 
-/// A context whose Job cache has had its first full listing, holding `jobs`.
-fn context(client: Client, jobs: Vec<Job>) -> Arc<Context> {
+/// A context whose Job cache has had its first full listing, holding `jobs`, and whose
+/// MergeJob cache holds `mj` (where Job changes look it up once their turn comes).
+fn context(client: Client, jobs: Vec<ManagedJob>, mj: &MergeJob) -> Arc<Context> {
     let (store, mut writer) = controller::job_cache();
     writer.apply_watcher_event(&watcher::Event::Init);
     for job in jobs {
         writer.apply_watcher_event(&watcher::Event::InitApply(job));
     }
     writer.apply_watcher_event(&watcher::Event::InitDone);
-    Arc::new(Context::new(client, "test", Arc::new(Metrics::default()), ArtifactStore::new(None), store))
+    let (mergejobs, mut mergejob_writer) = reflector::store();
+    mergejob_writer.apply_watcher_event(&watcher::Event::Apply(mj.clone()));
+    Arc::new(Context::new(client, "test", Arc::new(Metrics::default()), ArtifactStore::new(None), store).with_mergejobs(mergejobs))
 }
 
 /// A Job of MergeJob retina's generation 1, in the state the Job controller reports.
-fn job(stage: &str, status: Value) -> Job {
+fn job(stage: &str, status: Value) -> ManagedJob {
     serde_json::from_value(json!({
         "metadata": {"name": format!("retina-g1-{stage}"), "namespace": "radiology", "creationTimestamp": "2026-11-22T10:00:00Z",
                      "labels": {"medmerge.io/mergejob": "retina", "medmerge.io/generation": "1", "medmerge.io/stage": stage, "app.kubernetes.io/managed-by": "medmerge"}},
@@ -77,7 +80,7 @@ async fn a_new_mergejob_gets_a_status_its_spec_configmap_the_init_job_and_an_eve
     other.metadata.labels.as_mut().unwrap().insert("medmerge.io/mergejob".into(), "fundus".into());
     let mut old = job("init", json!({"succeeded": 1}));
     old.metadata.labels.as_mut().unwrap().insert("medmerge.io/generation".into(), "0".into());
-    let ctx = context(Client::new(service, "default"), vec![other, old]);
+    let ctx = context(Client::new(service, "default"), vec![other, old], &mergejob(Value::Null));
     let server = tokio::spawn(async move {
         let mut handle = pin!(handle);
         // Jobs come from the cache: the first call is already the status (written before the
@@ -115,15 +118,17 @@ async fn a_finished_generation_makes_no_api_call_at_all() {
     let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
     // With the server gone, any API call would fail the reconcile.
     drop(handle);
-    let ctx = context(Client::new(service, "default"), vec![]);
-    let action = reconcile(Arc::new(mergejob(json!({"phase": "Succeeded", "observedGeneration": 1}))), ctx).await.unwrap();
+    let finished = mergejob(json!({"phase": "Succeeded", "observedGeneration": 1}));
+    let ctx = context(Client::new(service, "default"), vec![], &finished);
+    let action = reconcile(Arc::new(finished), ctx).await.unwrap();
     assert_eq!(action, kube::runtime::controller::Action::await_change());
 }
 
 #[tokio::test]
 async fn a_finished_init_job_in_the_cache_starts_the_hospitals_training() {
     let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
-    let ctx = context(Client::new(service, "default"), vec![job("init", json!({"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}))]);
+    let training = mergejob(json!({"phase": "Training", "observedGeneration": 1}));
+    let ctx = context(Client::new(service, "default"), vec![job("init", json!({"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}))], &training);
     let server = tokio::spawn(async move {
         let mut handle = pin!(handle);
         let reply = serde_json::to_value(mergejob(Value::Null)).unwrap();
@@ -135,6 +140,6 @@ async fn a_finished_init_job_in_the_cache_starts_the_hospitals_training() {
         let volumes = job["spec"]["template"]["spec"]["volumes"].to_string();
         assert!(volumes.contains("creds-a"), "shard a's training Job mounts shard a's secret: {volumes}");
     });
-    let _ = reconcile(Arc::new(mergejob(json!({"phase": "Training", "observedGeneration": 1}))), ctx).await;
+    let _ = reconcile(Arc::new(training), ctx).await;
     server.await.unwrap();
 }

@@ -2,13 +2,17 @@
 //! scripts/with-s3.sh starts, and environment set by the scripts (a clear panic naming the
 //! script when it is missing).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use medmerge_store::S3Config;
 
 /// The repository root.
 pub fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ sits in the repository").to_path_buf()
+    // `cargo test` sets the variable when it runs a test too. That value wins over the one baked in
+    // at build time: the build cache is shared between checkouts (~/.cache/medmerge/target), and
+    // a binary built in one checkout and still fresh for another would read the first one's files.
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    manifest_dir.parent().expect("tests/ sits in the repository").to_path_buf()
 }
 
 /// The variable `name` that `script` sets; panics naming both when it is not set.

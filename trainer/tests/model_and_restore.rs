@@ -131,6 +131,14 @@ fn a_model_with_a_negative_running_variance_or_a_nan_weight_is_refused_naming_th
     let _ = tch::no_grad(|| w.get(0).fill_(f64::NAN));
     let msg = net.check_valid().unwrap_err().to_string();
     assert!(msg.contains("layer3.1.conv2.weight"), "{msg}");
+    let _ = tch::no_grad(|| w.get(0).fill_(0.0));
+    // The last element of a conv weight (last in memory too, channels-last or not),
+    // and an infinity rather than a NaN: the check reads every element, whatever the layout.
+    let last = vars["layer4.1.conv2.weight"].shallow_clone();
+    let size = last.size();
+    let _ = tch::no_grad(|| last.get(size[0] - 1).get(size[1] - 1).get(size[2] - 1).get(size[3] - 1).fill_(f64::INFINITY));
+    let msg = net.check_valid().unwrap_err().to_string();
+    assert!(msg.contains("layer4.1.conv2.weight"), "{msg}");
 }
 
 #[test]

@@ -196,7 +196,7 @@ impl Network {
             }
         }
         for (name, t) in self.named_tensors() {
-            if t.isfinite().all().int64_value(&[]) == 0 {
+            if !all_finite(&t) {
                 return Err(ModelError::Invalid { what: format!("tensor {name} holds NaN or Inf") });
             }
         }
@@ -239,8 +239,14 @@ impl Network {
             if found != var.size() {
                 return Err(ModelError::Shape { path: file.path().into(), name, found, expected: var.size(), arch });
             }
-            let src = Tensor::from_slice(&file.f32(&name)?).view(found.as_slice());
+            // Copied straight from the mapping into the variable: a whole model's worth of
+            // temporary copies (a Vec, then a tensor) was most of loading a model.
+            let values = file.f32_view(&name)?;
+            // SAFETY: `values` holds `found`'s element count of f32 (checked against the
+            // variable's shape above) and outlives `src`, which is dropped after the copy.
+            let src = unsafe { Tensor::f_from_blob(values.as_ptr().cast::<u8>(), &found, &[], Kind::Float, Device::Cpu) }?;
             tch::no_grad(|| var.f_copy_(&src))?;
+            drop(src);
         }
         Ok(())
     }
@@ -354,3 +360,21 @@ pub fn builtin_weights_path() -> PathBuf {
 
 /// The hint printed when the built-in weights are missing.
 pub const BUILTIN_WEIGHTS_HINT: &str = " (run scripts/setup-torch.sh, or set MEDMERGE_WEIGHTS)";
+
+/// Whether every value of `t` is finite. A dense CPU float tensor (in any memory format, such as
+/// channels-last) is read in place: libtorch's `isfinite().all()` builds a mask as large as the
+/// tensor, and over a whole model that was most of checking it.
+fn all_finite(t: &Tensor) -> bool {
+    let (size, stride) = (t.size(), t.stride());
+    let numel: i64 = size.iter().product();
+    let last = size.iter().zip(&stride).map(|(n, s)| (n - 1) * s).sum::<i64>();
+    let dense = stride.iter().all(|s| *s > 0) && numel > 0 && last + 1 == numel;
+    if t.device() == Device::Cpu && t.kind() == Kind::Float && dense {
+        // SAFETY: the tensor's elements span exactly `numel` f32 from its data pointer (its
+        // strides are positive and its last element sits at offset numel - 1), and `t` is
+        // borrowed for as long as the slice lives.
+        let values = unsafe { std::slice::from_raw_parts(t.data_ptr() as *const f32, numel as usize) };
+        return values.iter().all(|x| x.is_finite());
+    }
+    t.isfinite().all().int64_value(&[]) != 0
+}

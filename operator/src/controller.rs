@@ -10,14 +10,13 @@
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::store::Writer;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -29,9 +28,9 @@ use crate::artifacts::{results_from_report, shard_summary, ArtifactError, Artifa
 use crate::decide::{decide, Decision, JobState, Phase, ShardState};
 use crate::image_policy::ImagePolicy;
 use crate::interventions::{interventions, Intervention, PAUSED};
-use crate::job_cache::{trim_for_cache, trim_mergejob_for_cache, JobCache, ManagedJob};
+use crate::job_cache::{trim_for_cache, trim_mergejob_for_cache, JobCache, JobCacheWriter, ManagedJob};
 use crate::job_work::{Begun, Decided, JobWork};
-use crate::jobs::{spec_configmap, stage_job_excluding, LABEL_GENERATION, LABEL_MERGEJOB};
+use crate::jobs::{spec_configmap, stage_job_excluding, LABEL_GENERATION};
 use crate::lanes::Lanes;
 use crate::observe::{observe_jobs, GenerationJobs};
 use crate::retry::Backoff;
@@ -143,8 +142,8 @@ impl Context {
     }
 }
 
-/// An empty Job cache: the [`JobCache`] goes into the [`Context`], the [`Writer`] to [`run`].
-pub fn job_cache() -> (JobCache, Writer<ManagedJob>) {
+/// An empty Job cache: the [`JobCache`] goes into the [`Context`], the [`JobCacheWriter`] to [`run`].
+pub fn job_cache() -> (JobCache, JobCacheWriter) {
     JobCache::new()
 }
 
@@ -154,7 +153,7 @@ fn labelled(job: &ManagedJob, key: &str, value: &str) -> bool {
 
 /// Every Job of one MergeJob (all runs), from the cache.
 fn mergejob_jobs(cache: &JobCache, ns: &str, name: &str) -> Vec<ManagedJob> {
-    cache.state().iter().filter(|job| job.metadata.namespace.as_deref() == Some(ns) && labelled(job, LABEL_MERGEJOB, name)).map(|job| ManagedJob::clone(job)).collect()
+    cache.of_mergejob(ns, name).iter().map(|job| ManagedJob::clone(job)).collect()
 }
 
 /// Reconciles one MergeJob.
@@ -621,8 +620,15 @@ fn backoff_key(mj: &MergeJob) -> String {
 /// (whose [`Store`] is `ctx.jobs`) from the watch on managed Jobs and reconciling at most
 /// `ctx`'s concurrency of MergeJobs at once ([`Context::with_concurrency`]), in the order their
 /// changes arrived.
-pub async fn run(mjs: Api<MergeJob>, jobs: Api<ManagedJob>, cache: Writer<ManagedJob>, ctx: Arc<Context>, stop: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
-    let job_changes = watcher(jobs, watcher::Config::default().labels(MANAGED_JOBS)).default_backoff().modify(trim_for_cache).reflect(cache).touched_objects();
+pub async fn run(mjs: Api<MergeJob>, jobs: Api<ManagedJob>, mut cache: JobCacheWriter, ctx: Arc<Context>, stop: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
+    let job_changes = watcher(jobs, watcher::Config::default().labels(MANAGED_JOBS))
+        .default_backoff()
+        .modify(trim_for_cache)
+        .map_ok(move |event| {
+            cache.apply_watcher_event(&event);
+            event
+        })
+        .touched_objects();
     let (mergejob_store, mergejob_cache) = reflector::store();
     let mergejob_changes = watcher(mjs, watcher::Config::default()).default_backoff().modify(trim_mergejob_for_cache).reflect(mergejob_cache).applied_objects();
     let mut controller = Controller::for_stream(mergejob_changes, mergejob_store);

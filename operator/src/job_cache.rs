@@ -9,8 +9,15 @@
 use futures::future::{BoxFuture, FutureExt, Shared};
 use k8s_openapi::api::batch::v1::{Job, JobStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::runtime::reflector::{self, Store};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, RwLock};
+
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::watcher;
+use kube::ResourceExt;
 use serde::Deserialize;
+
+use crate::jobs::LABEL_MERGEJOB;
 
 /// A Job as the operator keeps it: the fields it reads (metadata, `spec.suspend`, status) and
 /// none of the rest. At 1,000 MergeJobs x 8 shards the cache holds 9,000 Jobs, and a full Job is
@@ -59,20 +66,17 @@ impl k8s_openapi::Metadata for ManagedJob {
 pub struct JobCache {
     store: Store<ManagedJob>,
     ready: Shared<BoxFuture<'static, bool>>,
+    index: JobIndex,
 }
 
 impl JobCache {
     /// An empty cache and the writer that the Job watch feeds it through.
-    pub fn new() -> (JobCache, reflector::store::Writer<ManagedJob>) {
+    pub fn new() -> (JobCache, JobCacheWriter) {
         let (store, writer) = reflector::store();
-        (JobCache::over(store), writer)
-    }
-
-    /// A gate over an existing store.
-    pub fn over(store: Store<ManagedJob>) -> JobCache {
         let waiting = store.clone();
         let ready = async move { waiting.wait_until_ready().await.is_ok() }.boxed().shared();
-        JobCache { store, ready }
+        let index = JobIndex::default();
+        (JobCache { store: store.clone(), ready, index: index.clone() }, JobCacheWriter { writer, store, index })
     }
 
     /// Waits until the first list of Jobs has arrived; false if the watch stopped before that
@@ -81,9 +85,81 @@ impl JobCache {
         self.ready.clone().await
     }
 
-    /// The Jobs in the cache now.
-    pub fn state(&self) -> Vec<std::sync::Arc<ManagedJob>> {
-        self.store.state()
+    /// The cached Jobs of MergeJob `name` in namespace `ns` (every run), by their label.
+    pub fn of_mergejob(&self, ns: &str, name: &str) -> Vec<Arc<ManagedJob>> {
+        let names = self.index.names(ns, name);
+        names.into_iter().filter_map(|job| self.store.get(&ObjectRef::new(&job).within(ns))).filter(|job| job.labels().get(LABEL_MERGEJOB).is_some_and(|v| v == name)).collect()
+    }
+}
+
+/// Feeds a [`JobCache`] from the Job watch: its store, then its index.
+pub struct JobCacheWriter {
+    writer: reflector::store::Writer<ManagedJob>,
+    store: Store<ManagedJob>,
+    index: JobIndex,
+}
+
+impl JobCacheWriter {
+    /// Applies one event of the Job watch.
+    pub fn apply_watcher_event(&mut self, event: &watcher::Event<ManagedJob>) {
+        self.writer.apply_watcher_event(event);
+        match event {
+            watcher::Event::Apply(job) | watcher::Event::InitApply(job) => self.index.insert(job),
+            watcher::Event::Delete(job) => self.index.remove(job),
+            watcher::Event::Init => {}
+            // A relist replaced the store's contents: the index follows (and forgets the Jobs
+            // deleted while the watch was down).
+            watcher::Event::InitDone => self.index.rebuild(&self.store.state()),
+        }
+    }
+}
+
+/// The names of the cached Jobs per MergeJob (namespace, `medmerge.io/mergejob` label). Each
+/// reconcile reads its MergeJob's Jobs; scanning all 9,000 at 1,000 MergeJobs x 8 shards was
+/// most of the operator's CPU. A name left behind is harmless: lookups go through the store.
+#[derive(Clone, Default)]
+struct JobIndex {
+    by_mergejob: Arc<RwLock<JobNames>>,
+}
+
+/// (namespace, MergeJob) -> the names of its Jobs.
+type JobNames = HashMap<(String, String), BTreeSet<String>>;
+
+impl JobIndex {
+    fn key(job: &ManagedJob) -> Option<(String, String)> {
+        Some((job.namespace()?, job.labels().get(LABEL_MERGEJOB)?.clone()))
+    }
+
+    fn insert(&self, job: &ManagedJob) {
+        if let Some(key) = JobIndex::key(job) {
+            self.by_mergejob.write().expect("the job index lock is never poisoned").entry(key).or_default().insert(job.name_any());
+        }
+    }
+
+    fn remove(&self, job: &ManagedJob) {
+        let Some(key) = JobIndex::key(job) else { return };
+        let mut index = self.by_mergejob.write().expect("the job index lock is never poisoned");
+        if let Some(names) = index.get_mut(&key) {
+            names.remove(&job.name_any());
+            if names.is_empty() {
+                index.remove(&key);
+            }
+        }
+    }
+
+    fn rebuild(&self, jobs: &[Arc<ManagedJob>]) {
+        let mut fresh = JobNames::new();
+        for job in jobs {
+            if let Some(key) = JobIndex::key(job) {
+                fresh.entry(key).or_default().insert(job.name_any());
+            }
+        }
+        *self.by_mergejob.write().expect("the job index lock is never poisoned") = fresh;
+    }
+
+    fn names(&self, ns: &str, mergejob: &str) -> Vec<String> {
+        let index = self.by_mergejob.read().expect("the job index lock is never poisoned");
+        index.get(&(ns.to_string(), mergejob.to_string())).map(|names| names.iter().cloned().collect()).unwrap_or_default()
     }
 }
 
@@ -151,6 +227,40 @@ mod tests {
         assert!(mj.metadata.managed_fields.is_none());
         assert_eq!(mj.metadata.annotations, Some([("team".to_string(), "radiology".to_string())].into()));
         assert_eq!((&mj.spec, &mj.status, &mj.metadata.finalizers, &mj.metadata.resource_version), (&before.spec, &before.status, &before.metadata.finalizers, &before.metadata.resource_version));
+    }
+
+    fn managed(ns: &str, mergejob: &str, name: &str) -> ManagedJob {
+        serde_json::from_value(serde_json::json!({"metadata": {"name": name, "namespace": ns, "labels": {LABEL_MERGEJOB: mergejob}}})).unwrap()
+    }
+
+    fn names(cache: &JobCache, ns: &str, mergejob: &str) -> Vec<String> {
+        cache.of_mergejob(ns, mergejob).iter().map(|job| job.name_any()).collect()
+    }
+
+    #[test]
+    fn a_mergejobs_jobs_are_found_by_its_label_through_applies_deletes_and_relists() {
+        let (cache, mut writer) = JobCache::new();
+        writer.apply_watcher_event(&Event::Init);
+        for job in [managed("ns", "a", "a-init"), managed("ns", "a", "a-finetune-x"), managed("ns", "b", "b-init"), managed("other", "a", "a-init")] {
+            writer.apply_watcher_event(&Event::InitApply(job));
+        }
+        writer.apply_watcher_event(&Event::InitDone);
+        assert_eq!(names(&cache, "ns", "a"), ["a-finetune-x", "a-init"], "only a's Jobs, only in its namespace");
+        writer.apply_watcher_event(&Event::Apply(managed("ns", "a", "a-merge")));
+        writer.apply_watcher_event(&Event::Delete(managed("ns", "a", "a-init")));
+        assert_eq!(names(&cache, "ns", "a"), ["a-finetune-x", "a-merge"]);
+        // A relist after the watch was down: a-merge was deleted meanwhile, a-evaluate created.
+        writer.apply_watcher_event(&Event::Init);
+        for job in [managed("ns", "a", "a-finetune-x"), managed("ns", "a", "a-evaluate")] {
+            writer.apply_watcher_event(&Event::InitApply(job));
+        }
+        writer.apply_watcher_event(&Event::InitDone);
+        assert_eq!(names(&cache, "ns", "a"), ["a-evaluate", "a-finetune-x"]);
+        assert!(names(&cache, "ns", "b").is_empty(), "b's Job went with the relist");
+        // A Job relabelled to another MergeJob is not reported under its old one.
+        writer.apply_watcher_event(&Event::Apply(managed("ns", "c", "a-evaluate")));
+        assert_eq!(names(&cache, "ns", "a"), ["a-finetune-x"]);
+        assert_eq!(names(&cache, "ns", "c"), ["a-evaluate"]);
     }
 
     #[tokio::test]

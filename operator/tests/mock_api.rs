@@ -143,3 +143,32 @@ async fn a_finished_init_job_in_the_cache_starts_the_hospitals_training() {
     let _ = reconcile(Arc::new(training), ctx).await;
     server.await.unwrap();
 }
+
+#[tokio::test]
+async fn a_reconcile_that_finds_its_status_current_makes_no_api_call() {
+    // The init Job is running: nothing to create. The first reconcile writes the status (and the
+    // Training Event); a MergeJob that carries that status is then reconciled against a server
+    // that is gone, so any call at all would fail it. In a burst most reconciles are of this
+    // kind (triggered by a Job the operator created, or by its own status write): they must not
+    // call out, and so never take a turn in the status lane (only a pass about to call out does).
+    let running = vec![job("init", json!({"active": 1}))];
+    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let ctx = context(Client::new(service, "default"), running.clone(), &mergejob(Value::Null));
+    let server = tokio::spawn(async move {
+        let mut handle = pin!(handle);
+        let reply = serde_json::to_value(mergejob(Value::Null)).unwrap();
+        let patch = expect(&mut handle, Method::PATCH, "/apis/medmerge.io/v1alpha1/namespaces/radiology/mergejobs/retina/status?", reply).await;
+        expect(&mut handle, Method::POST, "/apis/events.k8s.io/v1/namespaces/radiology/events", json!({"metadata": {}})).await;
+        patch[0]["value"].clone()
+    });
+    reconcile(Arc::new(mergejob(Value::Null)), ctx).await.unwrap();
+    let written = server.await.unwrap();
+    assert_eq!(written["phase"], "Training", "{written}");
+
+    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    drop(handle);
+    let current = mergejob(written);
+    let ctx = context(Client::new(service, "default"), running, &current);
+    let action = reconcile(Arc::new(current), ctx).await.expect("no API call, so nothing to fail");
+    assert_ne!(action, kube::runtime::controller::Action::await_change(), "a running MergeJob is looked at again");
+}

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Merge scale: N = 4, 16, 64 data vectors of ResNet50 merged by medmerge (streaming), by a
+# Merge scale: N = 4, 16, 64 data vectors of ResNet50 merged by medmerge (streaming:
+# `medmerge-merge`, and `medmerge-trainer merge` which also probes the model in libtorch), by a
 # PyTorch script that loads every vector and by mergekit's task arithmetic (installed from PyPI by
 # bench/setup-mergekit.sh; NO_MERGEKIT=1 skips it), with wall time, peak RSS and the machine's I/O
 # floor. Needs ~6.5 GB of disk in ~/.cache/medmerge/bench-merge (deleted after, KEEP=1 keeps it).
@@ -20,6 +21,6 @@ if [ ! -f "$WORK/template-vector.safetensors" ]; then
 fi
 if [ -n "${SYNTHETIC_GB:-}" ]; then out=bench/results/merge-scale-synthetic.md; ns="${NS:-4 16}"; else out=bench/results/merge-scale.md; ns="${NS:-4 16 64}"; fi
 [ "${NO_MERGEKIT:-0}" = 1 ] || export MERGEKIT="$(bash bench/setup-mergekit.sh)"
-"$MEDMERGE_CACHE/venv/bin/python" bench/merge_scale.py "$T" "$WORK" "$out" $ns
+"$MEDMERGE_CACHE/venv/bin/python" bench/merge_scale.py "$T" "$CARGO_TARGET_DIR/debug/medmerge-merge" "$WORK" "$out" $ns
 [ "${KEEP:-0}" = 1 ] || rm -rf "$WORK"
 cat "$out"

@@ -1,4 +1,5 @@
-"""Merge scale: wall time and peak RSS of `medmerge-trainer merge` for N data vectors of
+"""Merge scale: wall time and peak RSS of `medmerge-merge` (and of `medmerge-trainer merge`, the
+same merge plus a libtorch probe of the merged model) for N data vectors of
 ResNet50 (or, with SYNTHETIC_GB set, of a synthetic model of that many GB: ResNet50's head plus
 64 MiB filler tensors), against a PyTorch reference that loads every state dict into memory (the
 usual script; skipped where that would not fit in memory), against mergekit's task arithmetic
@@ -6,7 +7,7 @@ usual script; skipped where that would not fit in memory), against mergekit's ta
 written for it after the vectors are done with), and the machine's I/O floor for the same bytes:
 reading every input from the page cache plus writing one model durably.
 
-usage: merge_scale.py TRAINER WORK OUT_MD N [N ...]
+usage: merge_scale.py TRAINER MERGE WORK OUT_MD N [N ...]
 """
 import glob, hashlib, json, os, shutil, subprocess, sys, time
 
@@ -58,10 +59,16 @@ def run(cmd):
 REPEATS = 5
 
 
-def median_run(cmd):
+def median_run(cmd, out=None):
     """The median of REPEATS runs of cmd (a sub-second command on a shared 2-core machine varies
-    by 2x from one run to the next); returns (seconds, largest peak RSS in MiB)."""
-    runs = [run(cmd) for _ in range(REPEATS)]
+    by 2x from one run to the next); returns (seconds, largest peak RSS in MiB). `out`, the file
+    cmd writes, is removed before each run, untimed, as the I/O floor removes its own: replacing
+    a file would add the old one's deletion to the time."""
+    runs = []
+    for _ in range(REPEATS):
+        if out and os.path.exists(out):
+            os.remove(out)
+        runs.append(run(cmd))
     return sorted(s for s, _ in runs)[REPEATS // 2], max(r for _, r in runs)
 
 
@@ -151,7 +158,7 @@ def synthetic(work, gb):
 
 
 def main():
-    trainer, work, out_md, *ns = sys.argv[1:]
+    trainer, merger, work, out_md, *ns = sys.argv[1:]
     ns = [int(n) for n in ns]
     base = os.path.join(work, "base.safetensors")
     template = os.path.join(work, "template-vector.safetensors")
@@ -167,18 +174,21 @@ def main():
     checked = [k for k in by_size if not k.startswith("fc.")][:3]  # largest pretrained tensors
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     rows, merged = {}, {}
-    start_s, _ = median_run([trainer, "--help"])  # the process start alone: loading libtorch
+    start_s, _ = median_run([trainer, "--help"])  # the trainer's process start alone: loading libtorch
+    merge_start_s, _ = median_run([merger, "--help"])
     for n in ns:
         vs = vectors[:n]
         floor = io_floor([*vs, base], os.path.join(work, "floor.bin"))
         out = os.path.join(work, "merged.safetensors")
-        m_s, m_rss = median_run([trainer, "--threads", "2", "merge", "--base", base, *sum((["--vector", f"h{i}={v}"] for i, v in enumerate(vs)), []), "--lambda", "0.5", "--out", out])
+        flags = ["--base", base, *sum((["--vector", f"h{i}={v}"] for i, v in enumerate(vs)), []), "--lambda", "0.5", "--out", out]
+        t_s, t_rss = median_run([trainer, "--threads", "2", "merge", *flags], out)
+        m_s, m_rss = median_run([merger, *flags], out)
         merged[n] = sample(out, checked)
         if (n + 2) * size < memory / 2:
             r_s, r_rss = run([sys.executable, "-c", REFERENCE, base, os.path.join(work, "merged-ref.safetensors"), "0.5", *vs])
         else:
             r_s, r_rss = float("nan"), float("nan")  # would not fit in memory
-        rows[n] = dict(n=n, floor_s=floor, medmerge_s=m_s, medmerge_rss_mib=m_rss, reference_s=r_s, reference_rss_mib=r_rss)
+        rows[n] = dict(n=n, floor_s=floor, medmerge_s=m_s, medmerge_rss_mib=m_rss, trainer_s=t_s, trainer_rss_mib=t_rss, reference_s=r_s, reference_rss_mib=r_rss)
         print(json.dumps(rows[n]), flush=True)
     executable = os.environ.get("MERGEKIT")
     if executable:
@@ -193,19 +203,20 @@ def main():
             rows[n].update(mergekit_s=k_s, mergekit_rss_mib=k_rss, mergekit_max_diff=diff)
             print(json.dumps(rows[n]), flush=True)
             shutil.rmtree(out)
-    write_report(out_md, gb, size, executable, rows.values(), start_s)
+    write_report(out_md, gb, size, executable, rows.values(), start_s, merge_start_s)
 
 
-def write_report(out_md, gb, size, mergekit_used, rows, start_s):
+def write_report(out_md, gb, size, mergekit_used, rows, start_s, merge_start_s):
     model = f"a synthetic {gb:g} GB model (ResNet50 head + 64 MiB filler tensors)" if gb else "ResNet50"
     with open(out_md, "w") as f:
         f.write(f"# Merge scale: N data vectors of {model}\n\n")
         f.write(f"Command: `{'SYNTHETIC_GB=' + format(gb, 'g') + ' ' if gb else ''}bash bench/merge-scale.sh` ({os.cpu_count()} CPU cores, {time.strftime('%Y-%m-%d')}). "
                 f"Each vector is {size / 2**20:.0f} MiB ({model}, 4 classes, f32), λ = 0.5.\n\n"
-                "- **medmerge**: `medmerge-trainer merge`, streaming one tensor at a time from memory-mapped vectors; the whole command, "
-                f"median of {REPEATS} runs (the I/O floor too). It includes the process start, which loads libtorch "
-                f"({start_s:.2f} s: `medmerge-trainer --help`), and the check of the model before it is published (loaded into libtorch, "
-                "scanned for non-finite values, a probe batch).\n"
+                "- **medmerge**: `medmerge-merge`, streaming one tensor at a time from memory-mapped vectors, every merged value checked finite and "
+                f"every running variance non-negative before the model is published; plain Rust, no libtorch (process start {merge_start_s * 1000:.0f} ms). "
+                f"The whole command, median of {REPEATS} runs (the I/O floor too).\n"
+                "- **trainer merge**: `medmerge-trainer merge`, the same merge plus the trainer's check before publishing (the model loaded into libtorch, "
+                f"a probe batch); its process start loads libtorch ({start_s:.2f} s: `medmerge-trainer --help`). The pipeline's merge stage runs this one.\n"
                 "- **load-all**: PyTorch, `safetensors.torch.load_file` for every vector, then `base + λ·Σ τ` (the usual script).\n"
                 "- **mergekit**: mergekit's `task_arithmetic` via `mergekit-pytorch` (raw safetensors files) on the fine-tuned models "
                 "the same vectors stand for (base + vector); same f32 math, so the largest pretrained tensors are compared with medmerge's output "
@@ -213,13 +224,12 @@ def write_report(out_md, gb, size, mergekit_used, rows, start_s):
                 "- **I/O floor**: reading the N vectors and the base from the warm page cache (`cat`) plus writing one model durably "
                 "(`dd conv=fsync`): what any merge must at least do. *Share of floor* = floor time / medmerge time.\n\n"
                 "Peak RSS is measured per command (`ru_maxrss` of a child started by a small launcher).\n\n")
-        f.write("| N | medmerge time | medmerge peak RSS | share of I/O floor | share without the process start | load-all time | load-all peak RSS | mergekit time | mergekit peak RSS | mergekit max abs diff |\n"
-                "|---|---|---|---|---|---|---|---|---|---|\n")
+        f.write("| N | medmerge time | medmerge peak RSS | share of I/O floor | trainer merge time | trainer merge peak RSS | load-all time | load-all peak RSS | mergekit time | mergekit peak RSS | mergekit max abs diff |\n"
+                "|---|---|---|---|---|---|---|---|---|---|---|\n")
         for r in rows:
             ref = f"{r['reference_s']:.1f} s | {r['reference_rss_mib']:.0f} MiB" if r["reference_s"] == r["reference_s"] else "skipped: would not fit in memory | -"
             kit = f"{r['mergekit_s']:.1f} s | {r['mergekit_rss_mib']:.0f} MiB | {r['mergekit_max_diff']:.1e}" if "mergekit_s" in r else "- | - | -"
-            without_start = r["floor_s"] / max(r["medmerge_s"] - start_s, 1e-9)
-            f.write(f"| {r['n']} | {r['medmerge_s']:.2f} s | {r['medmerge_rss_mib']:.0f} MiB | {r['floor_s'] / r['medmerge_s']:.0%} ({r['floor_s']:.2f} s) | {without_start:.0%} | {ref} | {kit} |\n")
+            f.write(f"| {r['n']} | {r['medmerge_s']:.2f} s | {r['medmerge_rss_mib']:.0f} MiB | {r['floor_s'] / r['medmerge_s']:.0%} ({r['floor_s']:.2f} s) | {r['trainer_s']:.2f} s | {r['trainer_rss_mib']:.0f} MiB | {ref} | {kit} |\n")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 //! medmerge's deep-learning core: models, data, training, merging, restoration, evaluation and
 //! the in-process pipeline that runs a whole MergeJob on one machine.
 
-pub mod checkpoint;
+pub use medmerge_merge::{checkpoint, release, st};
 pub mod clinical;
 pub mod data;
 pub mod evaluate;
@@ -14,14 +14,12 @@ pub mod model;
 pub mod pipeline;
 pub mod plots;
 pub mod publish;
-pub mod release;
 pub mod remote_data;
 pub mod report;
 pub mod restore;
 pub mod secure;
 pub mod serve;
 pub mod split;
-pub mod st;
 pub mod synth;
 pub mod table;
 pub mod train;

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Args;
-use medmerge_crds::{validate_release, validate_training, AugmentSpec, Optimizer, PrivacySpec, ReleaseSpec, Schedule, SpecError, TrainingSpec, VectorEncoding};
+use medmerge_crds::{validate_release, validate_training, AugmentSpec, Optimizer, PrivacySpec, ReleaseSpec, Schedule, TrainingSpec, VectorEncoding};
 use medmerge_trainer::checkpoint::{ArtifactKind, ArtifactMeta};
 use medmerge_trainer::data::Dataset;
 use medmerge_trainer::model::Network;
@@ -108,14 +108,7 @@ impl ReleaseArgs {
     }
 }
 
-/// Refuses flag values the spec would refuse, naming the flag (and the spec field with the same
-/// rule): one set of bounds for the CLI and MergeJobs.
-pub fn check_flags(errors: Vec<SpecError>, flags: &[(&str, &str)]) -> anyhow::Result<()> {
-    let Some(first) = errors.first() else { return Ok(()) };
-    let names = |field: &str| first.field == field || first.field.starts_with(&format!("{field}["));
-    let flag = flags.iter().find(|(field, _)| names(field)).map_or("", |(_, flag)| flag);
-    anyhow::bail!("{flag}: {} (the same rule as spec.{})", first.message, first.field)
-}
+pub use medmerge_merge::cli::check_flags;
 
 impl TrainingArgs {
     /// The training settings, refused naming the flag where the spec would refuse them.

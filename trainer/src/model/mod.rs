@@ -322,16 +322,7 @@ impl Tap {
     }
 }
 
-/// Head name prefix per architecture.
-pub fn head_prefix(arch: Architecture) -> &'static str {
-    match arch {
-        Architecture::EfficientnetLite0 => "_fc.",
-        Architecture::Resnet18 | Architecture::Resnet34 | Architecture::Resnet50 => "fc.",
-        Architecture::EfficientnetB0 | Architecture::MobilenetV2 => "classifier.",
-        // classifier.0 is MobileNetV3's pretrained hidden layer; only classifier.3 is new.
-        Architecture::MobilenetV3Large | Architecture::MobilenetV3Small => "classifier.3.",
-    }
-}
+pub use crate::checkpoint::head_prefix;
 
 /// Writes named tensors (converted to F32 on the CPU) to a safetensors file, atomically.
 pub fn write_tensors(path: &Path, tensors: &[(String, Tensor)], metadata: &BTreeMap<String, String>) -> Result<(), ModelError> {

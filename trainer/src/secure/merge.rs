@@ -15,8 +15,7 @@ use crate::merge::{check_variance, is_bn_statistic, publish_valid_model, read_ve
 use crate::model::head_prefix;
 use crate::st::{f32_as_le_bytes, MappedFile, StError, StreamWriter, TensorMeta};
 
-/// Metadata key of a masked vector: its [`MaskedFor`].
-pub const MASKED_KEY: &str = "secure_sum";
+pub use medmerge_merge::secure::MASKED_KEY;
 
 /// Which sum a masked vector is part of.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

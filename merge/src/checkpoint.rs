@@ -134,3 +134,14 @@ pub fn file_digest(path: &Path) -> Result<String, MetaError> {
     }
     Ok(hex::encode(h.finalize()))
 }
+
+/// Head name prefix per architecture.
+pub fn head_prefix(arch: Architecture) -> &'static str {
+    match arch {
+        Architecture::EfficientnetLite0 => "_fc.",
+        Architecture::Resnet18 | Architecture::Resnet34 | Architecture::Resnet50 => "fc.",
+        Architecture::EfficientnetB0 | Architecture::MobilenetV2 => "classifier.",
+        // classifier.0 is MobileNetV3's pretrained hidden layer; only classifier.3 is new.
+        Architecture::MobilenetV3Large | Architecture::MobilenetV3Small => "classifier.3.",
+    }
+}

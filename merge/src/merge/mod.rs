@@ -17,10 +17,8 @@ use medmerge_crds::{HeadStrategy, MergeMethod, ReleaseSpec};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use safetensors::tensor::Dtype;
-use tch::{Device, Tensor};
 
-use crate::checkpoint::{file_digest, ArtifactKind, ArtifactMeta, MetaError};
-use crate::model::{head_prefix, ModelError, Network};
+use crate::checkpoint::{file_digest, head_prefix, ArtifactKind, ArtifactMeta, MetaError};
 use crate::release::encoding::VectorReader;
 use crate::release::{release, VectorTensor};
 use crate::st::{f32_as_le_bytes, MappedFile, StError, StreamWriter, TensorMeta};
@@ -49,6 +47,9 @@ pub enum MergeError {
     /// The base itself holds NaN or infinite values.
     #[error("base {path}: tensor {tensor:?} contains NaN or infinite values")]
     NonFiniteBase { path: PathBuf, tensor: String },
+    /// Finite inputs summed to NaN or infinity: the merged values do not fit in f32.
+    #[error("merged tensor {tensor:?} overflows f32 (NaN or infinite values from finite inputs); lower lambda")]
+    Overflow { tensor: String },
     /// Nothing to merge.
     #[error("vectors of shards {first} and {second} are the same vector ({why}): it would count twice")]
     Duplicate { first: String, second: String, why: String },
@@ -72,12 +73,10 @@ pub enum MergeError {
     /// Metadata is missing or of the wrong kind.
     #[error(transparent)]
     Meta(#[from] MetaError),
-    /// Building a network from the merged tensors failed.
+    /// Loading or checking the merged model in a deep-learning framework failed (the
+    /// trainer's check of a model before it is published).
     #[error(transparent)]
-    Model(#[from] ModelError),
-    /// A libtorch operation failed.
-    #[error("libtorch: {0}")]
-    Torch(#[from] tch::TchError),
+    Model(Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// How to merge.
@@ -108,25 +107,6 @@ pub struct ShardVector {
     pub path: PathBuf,
 }
 
-/// Writes shard `shard`'s data vector, released as `spec` asks (privacy noise drawn from the
-/// operating system's randomness, then the encoding): `net - base` for pretrained tensors,
-/// `net`'s head as is. Returns what the release did, with the file's size.
-pub fn write_vector(net: &Network, base_path: &Path, shard: &str, class_counts: Vec<u64>, spec: &ReleaseSpec, out: &Path) -> Result<ReleaseRecord, MergeError> {
-    let base = MappedFile::open(base_path)?;
-    let base_meta = ArtifactMeta::from_map(base_path, base.metadata(), ArtifactKind::Model)?;
-    let head = net.head_prefix();
-    let mut tensors = Vec::new();
-    for (name, t) in net.named_tensors() {
-        let mut values = crate::model::tensor_to_vec(&t)?;
-        if !name.starts_with(head) {
-            math::add_scaled(&mut values, &base.f32(&name)?, -1.0);
-        }
-        tensors.push(VectorTensor { shape: t.size().iter().map(|&d| d as usize).collect(), name, values });
-    }
-    let meta = ArtifactMeta { kind: ArtifactKind::Vector, base_digest: file_digest(base_path)?, shard: Some(shard.into()), class_counts, ..base_meta };
-    write_released(tensors, &meta, spec, out)
-}
-
 /// Releases an existing vector again as `spec` asks (e.g. a hospital that trained with the
 /// CLI and now adds noise or compresses before uploading): decoded, checked against the base,
 /// released and written to `out`. Its shard and sample counts are kept.
@@ -137,7 +117,7 @@ pub fn release_vector(base_path: &Path, vector: &ShardVector, spec: &ReleaseSpec
 
 /// Every tensor of `vector`, decoded, after checking it against the base (digest included) and
 /// refusing non-finite values.
-pub(crate) fn read_vector_tensors(base_path: &Path, vector: &ShardVector) -> Result<(ArtifactMeta, Vec<VectorTensor>), MergeError> {
+pub fn read_vector_tensors(base_path: &Path, vector: &ShardVector) -> Result<(ArtifactMeta, Vec<VectorTensor>), MergeError> {
     let base = MappedFile::open(base_path)?;
     let base_meta = ArtifactMeta::from_map(base_path, base.metadata(), ArtifactKind::Model)?;
     let (meta, file) = open_checked_vector(vector, &base, &file_digest(base_path)?, &base_meta)?;
@@ -149,7 +129,7 @@ pub(crate) fn read_vector_tensors(base_path: &Path, vector: &ShardVector) -> Res
 }
 
 /// Releases `tensors` and writes them with `meta` (and the release's metadata) to `out`.
-fn write_released(tensors: Vec<VectorTensor>, meta: &ArtifactMeta, spec: &ReleaseSpec, out: &Path) -> Result<ReleaseRecord, MergeError> {
+pub fn write_released(tensors: Vec<VectorTensor>, meta: &ArtifactMeta, spec: &ReleaseSpec, out: &Path) -> Result<ReleaseRecord, MergeError> {
     let released = release(tensors, head_prefix(meta.arch), spec, &mut StdRng::from_os_rng());
     let mut metadata = meta.to_map();
     metadata.extend(released.metadata);
@@ -162,20 +142,6 @@ fn write_released(tensors: Vec<VectorTensor>, meta: &ArtifactMeta, spec: &Releas
     Ok(ReleaseRecord { bytes: Some(bytes), ..released.record })
 }
 
-/// A shard's own fine-tuned model: base plus its vector, with its head.
-pub fn shard_model(base_path: &Path, vector: &ShardVector, device: Device) -> Result<Network, MergeError> {
-    let net = Network::load(base_path, device)?;
-    let base = MappedFile::open(base_path)?;
-    let base_meta = ArtifactMeta::from_map(base_path, base.metadata(), ArtifactKind::Model)?;
-    let v = open_checked_vector(vector, &base, &file_digest(base_path)?, &base_meta)?;
-    let head = net.head_prefix();
-    for (name, mut var) in net.named_tensors() {
-        let delta = Tensor::from_slice(&v.1.values(&name)?).view(var.size().as_slice()).to_device(var.device());
-        tch::no_grad(|| if name.starts_with(head) { var.f_copy_(&delta) } else { var.f_add_(&delta).map(|_| ()) })?;
-    }
-    Ok(net)
-}
-
 /// Opens shard `v`'s vector and checks it against the base: kind, architecture, classes, and
 /// every tensor's name, shape and dtype (decoded ones as they decode). The base digest is
 /// checked by the caller.
@@ -183,7 +149,7 @@ fn open_vector(v: &ShardVector, base: &MappedFile, base_meta: &ArtifactMeta) -> 
     let file = VectorReader::open(&v.path)?;
     let meta = ArtifactMeta::from_map(&v.path, file.file().metadata(), ArtifactKind::Vector)?;
     let shard = v.shard.clone();
-    if file.file().metadata().contains_key(crate::secure::merge::MASKED_KEY) {
+    if file.file().metadata().contains_key(crate::secure::MASKED_KEY) {
         return Err(MergeError::Masked { shard, path: v.path.clone() });
     }
     check_like_base(&shard, &meta, base_meta, base, &file.tensors(), |t| t.dtype)?;
@@ -193,14 +159,7 @@ fn open_vector(v: &ShardVector, base: &MappedFile, base_meta: &ArtifactMeta) -> 
 /// Checks a shard's file against the base it claims: the same architecture and classes, and
 /// exactly the base's tensors with the base's shapes, each stored as `stored_as(base tensor)`
 /// (a plain vector keeps the base's dtype; a masked one holds fixed-point words).
-pub(crate) fn check_like_base(
-    shard: &str,
-    meta: &ArtifactMeta,
-    base_meta: &ArtifactMeta,
-    base: &MappedFile,
-    tensors: &[TensorMeta],
-    stored_as: impl Fn(&TensorMeta) -> Dtype,
-) -> Result<(), MergeError> {
+pub fn check_like_base(shard: &str, meta: &ArtifactMeta, base_meta: &ArtifactMeta, base: &MappedFile, tensors: &[TensorMeta], stored_as: impl Fn(&TensorMeta) -> Dtype) -> Result<(), MergeError> {
     let shard = shard.to_string();
     if meta.arch != base_meta.arch {
         return Err(MergeError::Incompatible { shard, what: "architecture", found: meta.arch.as_str().into(), expected: base_meta.arch.as_str().into() });
@@ -227,7 +186,7 @@ pub(crate) fn check_like_base(
 }
 
 /// Opens and checks one vector, base digest included (for single-vector readers).
-fn open_checked_vector(v: &ShardVector, base: &MappedFile, digest: &str, base_meta: &ArtifactMeta) -> Result<(ArtifactMeta, VectorReader), MergeError> {
+pub fn open_checked_vector(v: &ShardVector, base: &MappedFile, digest: &str, base_meta: &ArtifactMeta) -> Result<(ArtifactMeta, VectorReader), MergeError> {
     let opened = open_vector(v, base, base_meta)?;
     check_base_digest(v, &opened.0.base_digest, digest)?;
     Ok(opened)
@@ -282,32 +241,8 @@ fn check_base_digest(v: &ShardVector, claim: &str, digest: &str) -> Result<(), M
     Ok(())
 }
 
-/// [`merge_files`], then the merged model loaded and checked ([`Network::check_valid`]) before it
-/// is published at `out`: a model that fails is refused and `out` is left as it was.
-pub fn merge_checked(base_path: &Path, vectors: &[ShardVector], opts: &MergeOptions, out: &Path, device: Device) -> Result<(), MergeError> {
-    publish_valid_model(out, device, |unchecked| merge_files(base_path, vectors, opts, unchecked), |e| blame_noise(e, vectors))
-}
-
-/// Writes a model with `write` to a temporary file beside `out`, loads and checks it
-/// ([`Network::check_valid`]) and only then renames it to `out`; a model that fails is removed
-/// and its error passed through `explain`.
-pub(crate) fn publish_valid_model(out: &Path, device: Device, write: impl FnOnce(&Path) -> Result<(), MergeError>, explain: impl FnOnce(MergeError) -> MergeError) -> Result<(), MergeError> {
-    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|source| StError::Write { path: dir.into(), source })?;
-    }
-    let unchecked = crate::st::temp_path(out);
-    let result = write(&unchecked).and_then(|()| {
-        Network::load(&unchecked, device)?.check_valid().map_err(|e| explain(MergeError::from(e)))?;
-        std::fs::rename(&unchecked, out).map_err(|source| StError::Write { path: out.into(), source }.into())
-    });
-    if result.is_err() {
-        let _ = std::fs::remove_file(&unchecked);
-    }
-    result
-}
-
 /// `error` (an unusable merged model), naming the privacy noise of the vectors that carry some.
-fn blame_noise(error: MergeError, vectors: &[ShardVector]) -> MergeError {
+pub fn blame_noise(error: MergeError, vectors: &[ShardVector]) -> MergeError {
     let noisy: Vec<(String, f64)> = vectors
         .iter()
         .filter_map(|v| {
@@ -439,7 +374,7 @@ impl<'a> TensorMerger<'a> {
         if name.starts_with(self.head_prefix) {
             // New heads start from nothing: the base's head is another class list's.
             let len = base.meta(name).map_or(0, TensorMeta::numel);
-            return linear_combination(vec![0f32; len], name, vectors, files, &self.head_scales, base.path());
+            return linear_combination(vec![0f32; len], name, vectors, files, &self.head_scales, None);
         }
         let pre = base.f32(name)?;
         if is_bn_statistic(name) {
@@ -448,11 +383,11 @@ impl<'a> TensorMerger<'a> {
             // mean is always a valid estimate (restoration recomputes them in any case).
             let n = vectors.len().max(1) as f32;
             let scale = if self.opts.pretrained_only { 0.0 } else { 1.0 / n };
-            let merged = linear_combination(pre, name, vectors, files, &vec![scale; vectors.len()], base.path())?;
+            let merged = linear_combination(pre, name, vectors, files, &vec![scale; vectors.len()], Some(base))?;
             return check_variance(name, merged);
         }
         if let Some(scales) = &self.body_scales {
-            return linear_combination(pre, name, vectors, files, scales, base.path());
+            return linear_combination(pre, name, vectors, files, scales, Some(base));
         }
         let mut taus = Vec::with_capacity(files.len());
         for (v, file) in vectors.iter().zip(files.iter()) {
@@ -460,12 +395,20 @@ impl<'a> TensorMerger<'a> {
         }
         let views: Vec<&[f32]> = taus.iter().map(|t| t.as_ref()).collect();
         let (opts, lambda) = (self.opts, self.opts.lambda as f32);
-        Ok(match opts.method {
+        let merged = match opts.method {
             MergeMethod::RandomVector => math::random_vector(&pre, &views, lambda, &mut self.rng),
             MergeMethod::Ties => math::ties(&pre, &views, lambda, opts.ties_density),
             MergeMethod::Dare => math::dare(&pre, &views, lambda, opts.dare_drop_rate, &mut self.rng),
             MergeMethod::DataVector | MergeMethod::ParamsMean => unreachable!("linear methods have body scales"),
-        })
+        };
+        // Finite inputs can still overflow (a huge λ): no merged model may hold NaN or Inf.
+        if !math::all_finite(&pre) {
+            return Err(MergeError::NonFiniteBase { path: base.path().into(), tensor: name.into() });
+        }
+        if !math::all_finite(&merged) {
+            return Err(MergeError::Overflow { tensor: name.into() });
+        }
+        Ok(merged)
     }
 }
 
@@ -476,7 +419,7 @@ pub fn is_bn_statistic(name: &str) -> bool {
 
 /// Refuses a negative running variance (a model with it gives NaN in eval mode). Zero is valid:
 /// batch norm adds its epsilon, and pretrained models have dead channels with variance 0.
-pub(crate) fn check_variance(name: &str, values: Vec<f32>) -> Result<Vec<f32>, MergeError> {
+pub fn check_variance(name: &str, values: Vec<f32>) -> Result<Vec<f32>, MergeError> {
     if name.ends_with(".running_var") {
         if let Some((index, value)) = values.iter().enumerate().find(|(_, v)| v.is_nan() || **v < 0.0) {
             return Err(MergeError::InvalidVariance { tensor: name.into(), index, value: *value });
@@ -500,21 +443,25 @@ impl Merged {
     }
 }
 
-/// `init + Σ scales[i] · vector_i[name]`, adding one vector at a time and releasing its pages at
-/// once, so memory stays one tensor's worth whatever the number of hospitals.
+/// `init + Σ scales[i] · vector_i[name]`, `init` being `base`'s tensor (or zeros for a new
+/// head), one vector at a time, each read in cache-sized pieces, so memory stays one tensor's
+/// worth whatever the number of hospitals.
 ///
 /// NaN and infinities survive any sum (even times zero), so one check of the result replaces a
 /// check of every input; only when it fails are the inputs searched for the one at fault.
-fn linear_combination(mut out: Vec<f32>, name: &str, vectors: &[ShardVector], files: &mut [VectorReader], scales: &[f32], base_path: &Path) -> Result<Vec<f32>, MergeError> {
-    for (file, scale) in files.iter_mut().zip(scales) {
-        math::add_scaled(&mut out, &file.values(name)?, *scale);
-        file.release();
+fn linear_combination(mut out: Vec<f32>, name: &str, vectors: &[ShardVector], files: &[VectorReader], scales: &[f32], base: Option<&MappedFile>) -> Result<Vec<f32>, MergeError> {
+    let mut buffer = Vec::new();
+    for (file, scale) in files.iter().zip(scales) {
+        file.add_scaled_into(name, *scale, &mut out, &mut buffer)?;
     }
     if !math::all_finite(&out) {
         for (v, file) in vectors.iter().zip(files.iter()) {
             finite_view(file, name, &v.shard)?;
         }
-        return Err(MergeError::NonFiniteBase { path: base_path.into(), tensor: name.into() });
+        if let Some(base) = base.filter(|b| b.f32_view(name).is_ok_and(|t| !math::all_finite(&t))) {
+            return Err(MergeError::NonFiniteBase { path: base.path().into(), tensor: name.into() });
+        }
+        return Err(MergeError::Overflow { tensor: name.into() });
     }
     Ok(out)
 }

@@ -193,6 +193,17 @@ impl VectorReader {
         Ok(Cow::Owned(encoded.decode(numel)))
     }
 
+    /// `out += scale · values(name)`: read in cache-sized pieces when stored plain
+    /// ([`MappedFile::add_scaled_into`]), decoded whole when encoded.
+    pub fn add_scaled_into(&self, name: &str, scale: f32, out: &mut [f32], buffer: &mut Vec<f32>) -> Result<(), StError> {
+        if self.encoded.contains_key(name) {
+            let values = self.values(name)?;
+            out.iter_mut().zip(values.iter()).for_each(|(o, v)| *o += scale * v);
+            return Ok(());
+        }
+        self.file.add_scaled_into(name, scale, out, buffer)
+    }
+
     /// Drops the file's pages from the resident set (see [`MappedFile::release`]).
     pub fn release(&mut self) {
         self.file.release();

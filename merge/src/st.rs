@@ -137,17 +137,18 @@ impl MappedFile {
         Ok(Cow::Owned(bytes_to_f32(bytes)))
     }
 
-    /// `out += scale · values`, for F32 tensor `name`'s values read from the file (not the
-    /// mapping) a cache-sized piece at a time into `buffer`: no page faults, nothing to release,
-    /// and each piece is added while it is still in the cache it was copied into.
-    pub fn add_scaled_into(&self, name: &str, scale: f32, out: &mut [f32], buffer: &mut Vec<f32>) -> Result<(), StError> {
+    /// `out += scale · values[first..first + out.len()]`, for F32 tensor `name`'s values read
+    /// from the file (not the mapping) a cache-sized piece at a time into `buffer`: no page
+    /// faults, nothing to release, and each piece is added while it is still in the cache it was
+    /// copied into.
+    pub fn add_scaled_into(&self, name: &str, scale: f32, first: usize, out: &mut [f32], buffer: &mut Vec<f32>) -> Result<(), StError> {
         use std::os::unix::fs::FileExt;
         let (meta, (start, end)) = self.tensors.get(name).ok_or_else(|| StError::Missing { path: self.path.clone(), name: name.into() })?;
-        if meta.dtype != Dtype::F32 || end - start != std::mem::size_of_val(out) {
-            return Err(StError::Dtype { path: self.path.clone(), name: name.into(), dtype: format!("{:?} {:?} (expected F32 of {} values)", meta.dtype, meta.shape, out.len()) });
+        if meta.dtype != Dtype::F32 || (first + out.len()) * 4 > end - start {
+            return Err(StError::Dtype { path: self.path.clone(), name: name.into(), dtype: format!("{:?} {:?} (expected F32 of at least {} values)", meta.dtype, meta.shape, first + out.len()) });
         }
         buffer.resize(READ_PIECE, 0.0);
-        let mut offset = (self.data_start + start) as u64;
+        let mut offset = (self.data_start + start + first * 4) as u64;
         for piece in out.chunks_mut(READ_PIECE) {
             let values = &mut buffer[..piece.len()];
             // SAFETY: every bit pattern is a valid f32, and the bytes cover exactly `values`.

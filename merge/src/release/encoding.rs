@@ -193,15 +193,21 @@ impl VectorReader {
         Ok(Cow::Owned(encoded.decode(numel)))
     }
 
-    /// `out += scale · values(name)`: read in cache-sized pieces when stored plain
-    /// ([`MappedFile::add_scaled_into`]), decoded whole when encoded.
-    pub fn add_scaled_into(&self, name: &str, scale: f32, out: &mut [f32], buffer: &mut Vec<f32>) -> Result<(), StError> {
-        if self.encoded.contains_key(name) {
+    /// Whether tensor `name` is stored encoded (decoded whole by [`VectorReader::values`])
+    /// rather than as plain f32 values.
+    pub fn is_encoded(&self, name: &str) -> bool {
+        self.encoded.contains_key(name)
+    }
+
+    /// `out += scale · values(name)[first..first + out.len()]`: read in cache-sized pieces when
+    /// stored plain ([`MappedFile::add_scaled_into`]), decoded whole when encoded.
+    pub fn add_scaled_into(&self, name: &str, scale: f32, first: usize, out: &mut [f32], buffer: &mut Vec<f32>) -> Result<(), StError> {
+        if self.is_encoded(name) {
             let values = self.values(name)?;
-            out.iter_mut().zip(values.iter()).for_each(|(o, v)| *o += scale * v);
+            out.iter_mut().zip(&values[first..]).for_each(|(o, v)| *o += scale * v);
             return Ok(());
         }
-        self.file.add_scaled_into(name, scale, out, buffer)
+        self.file.add_scaled_into(name, scale, first, out, buffer)
     }
 
     /// Drops the file's pages from the resident set (see [`MappedFile::release`]).

@@ -360,6 +360,30 @@ mod tests {
     }
 
     #[test]
+    fn a_file_larger_than_the_writeback_step_reads_back_whole_and_adds_from_any_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big.safetensors");
+        let n = (WRITEBACK_STEP as usize / 4) * 3 / 2 + 7; // each tensor crosses a writeback step
+        let tensors: Vec<Vec<f32>> = (0..3).map(|k| (0..n).map(|i| (i % 977) as f32 + k as f32 * 0.5).collect()).collect();
+        let metas: Vec<TensorMeta> = (0..3).map(|k| TensorMeta { name: format!("t{k}"), dtype: Dtype::F32, shape: vec![n] }).collect();
+        let mut w = StreamWriter::create(&path, metas, &BTreeMap::new()).unwrap();
+        for (k, t) in tensors.iter().enumerate() {
+            w.write(&format!("t{k}"), &f32_to_bytes(t)).unwrap();
+        }
+        w.finish().unwrap();
+        let f = MappedFile::open(&path).unwrap();
+        for (k, t) in tensors.iter().enumerate() {
+            assert!(f.f32(&format!("t{k}")).unwrap() == *t, "tensor t{k}");
+        }
+        let (first, len) = (READ_PIECE + 3, 2 * READ_PIECE + 11); // crosses read pieces, unaligned
+        let mut out = vec![1.0f32; len];
+        f.add_scaled_into("t2", 2.0, first, &mut out, &mut Vec::new()).unwrap();
+        assert!(out.iter().zip(&tensors[2][first..]).all(|(o, t)| *o == 1.0 + 2.0 * t));
+        let e = f.add_scaled_into("t2", 1.0, n - 2, &mut [0.0; 3], &mut Vec::new()).unwrap_err().to_string();
+        assert!(e.contains("t2"), "a read past the tensor's end is refused by name: {e}");
+    }
+
+    #[test]
     fn an_unfinished_writer_leaves_no_file_behind() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.safetensors");

@@ -212,7 +212,7 @@ def write_report(out_md, gb, size, mergekit_used, rows, start_s, merge_start_s):
         f.write(f"# Merge scale: N data vectors of {model}\n\n")
         f.write(f"Command: `{'SYNTHETIC_GB=' + format(gb, 'g') + ' ' if gb else ''}bash bench/merge-scale.sh` ({os.cpu_count()} CPU cores, {time.strftime('%Y-%m-%d')}). "
                 f"Each vector is {size / 2**20:.0f} MiB ({model}, 4 classes, f32), λ = 0.5.\n\n"
-                "- **medmerge**: `medmerge-merge`, streaming one tensor at a time from memory-mapped vectors, every merged value checked finite and "
+                "- **medmerge**: `medmerge-merge`, streaming one tensor at a time (vectors read in 256 KiB pieces, a large tensor by two threads), every merged value checked finite and "
                 f"every running variance non-negative before the model is published; plain Rust, no libtorch (process start {merge_start_s * 1000:.0f} ms). "
                 f"The whole command, median of {REPEATS} runs (the I/O floor too).\n"
                 "- **trainer merge**: `medmerge-trainer merge`, the same merge plus the trainer's check before publishing (the model loaded into libtorch, "

@@ -124,7 +124,7 @@ pub fn file_digest(path: &Path) -> Result<String, MetaError> {
     let err = |source| MetaError::Digest { path: path.display().to_string(), source };
     let mut f = std::fs::File::open(path).map_err(err)?;
     let mut h = sha2::Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
+    let mut buf = vec![0u8; 256 << 10];
     loop {
         let n = f.read(&mut buf).map_err(err)?;
         if n == 0 {

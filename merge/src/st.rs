@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use safetensors::tensor::{Dtype, SafeTensors};
 
@@ -70,6 +71,9 @@ pub struct MappedFile {
     data_start: usize,
     tensors: BTreeMap<String, (TensorMeta, (usize, usize))>,
     metadata: BTreeMap<String, String>,
+    /// Whether any page was borrowed from the mapping since the last [`MappedFile::release`]:
+    /// a file read only by positioned reads has nothing to release.
+    mapped_since_release: AtomicBool,
 }
 
 impl MappedFile {
@@ -81,7 +85,7 @@ impl MappedFile {
         let (header_len, meta) = SafeTensors::read_metadata(&map).map_err(|e| StError::Format { path: path.into(), message: e.to_string() })?;
         let tensors = meta.tensors().into_iter().map(|(name, info)| (name.clone(), (TensorMeta { name, dtype: info.dtype, shape: info.shape.clone() }, info.data_offsets))).collect();
         let metadata = meta.metadata().clone().unwrap_or_default().into_iter().collect();
-        Ok(MappedFile { path: path.into(), file, map, data_start: 8 + header_len, tensors, metadata })
+        Ok(MappedFile { path: path.into(), file, map, data_start: 8 + header_len, tensors, metadata, mapped_since_release: AtomicBool::new(false) })
     }
 
     /// The file's path.
@@ -107,16 +111,20 @@ impl MappedFile {
     /// Raw little-endian bytes of a tensor.
     pub fn bytes(&self, name: &str) -> Result<&[u8], StError> {
         let (_, (start, end)) = self.tensors.get(name).ok_or_else(|| StError::Missing { path: self.path.clone(), name: name.into() })?;
+        self.mapped_since_release.store(true, Ordering::Relaxed);
         Ok(&self.map[self.data_start + start..self.data_start + end])
     }
 
-    /// A tensor as f32 values (F32 only: medmerge stores every float tensor in F32).
+    /// A tensor as f32 values (F32 only: medmerge stores every float tensor in F32), read from
+    /// the file rather than the mapping.
     pub fn f32(&self, name: &str) -> Result<Vec<f32>, StError> {
         let meta = self.meta(name).ok_or_else(|| StError::Missing { path: self.path.clone(), name: name.into() })?;
         if meta.dtype != Dtype::F32 {
             return Err(StError::Dtype { path: self.path.clone(), name: name.into(), dtype: format!("{:?}", meta.dtype) });
         }
-        Ok(self.f32_view(name)?.into_owned())
+        let mut values = vec![0.0; meta.numel()];
+        self.read_f32_into(name, 0, &mut values)?;
+        Ok(values)
     }
 
     /// A tensor's f32 values borrowed from the mapping, copied only when misaligned: reading N
@@ -137,30 +145,20 @@ impl MappedFile {
         Ok(Cow::Owned(bytes_to_f32(bytes)))
     }
 
-    /// `out += scale · values[first..first + out.len()]`, for F32 tensor `name`'s values read
-    /// from the file (not the mapping) a cache-sized piece at a time into `buffer`: no page
-    /// faults, nothing to release, and each piece is added while it is still in the cache it was
-    /// copied into.
-    pub fn add_scaled_into(&self, name: &str, scale: f32, first: usize, out: &mut [f32], buffer: &mut Vec<f32>) -> Result<(), StError> {
+    /// Copies F32 tensor `name`'s values `first..first + out.len()` into `out` with one
+    /// positioned read of the file (not the mapping): no page faults and nothing to release.
+    /// A read past the tensor's end, or of another dtype, is refused by name.
+    pub fn read_f32_into(&self, name: &str, first: usize, out: &mut [f32]) -> Result<(), StError> {
         use std::os::unix::fs::FileExt;
         let (meta, (start, end)) = self.tensors.get(name).ok_or_else(|| StError::Missing { path: self.path.clone(), name: name.into() })?;
         if meta.dtype != Dtype::F32 || (first + out.len()) * 4 > end - start {
             return Err(StError::Dtype { path: self.path.clone(), name: name.into(), dtype: format!("{:?} {:?} (expected F32 of at least {} values)", meta.dtype, meta.shape, first + out.len()) });
         }
-        buffer.resize(READ_PIECE, 0.0);
-        let mut offset = (self.data_start + start + first * 4) as u64;
-        for piece in out.chunks_mut(READ_PIECE) {
-            let values = &mut buffer[..piece.len()];
-            // SAFETY: every bit pattern is a valid f32, and the bytes cover exactly `values`.
-            let bytes = unsafe { std::slice::from_raw_parts_mut(values.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(values)) };
-            self.file.read_exact_at(bytes, offset).map_err(|source| StError::Open { path: self.path.clone(), source })?;
-            offset += bytes.len() as u64;
-            if cfg!(target_endian = "big") {
-                values.iter_mut().for_each(|v| *v = f32::from_bits(u32::from_le(v.to_bits())));
-            }
-            for (o, v) in piece.iter_mut().zip(values.iter()) {
-                *o += scale * v;
-            }
+        // SAFETY: every bit pattern is a valid f32, and the bytes cover exactly `out`.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(out)) };
+        self.file.read_exact_at(bytes, (self.data_start + start + first * 4) as u64).map_err(|source| StError::Open { path: self.path.clone(), source })?;
+        if cfg!(target_endian = "big") {
+            out.iter_mut().for_each(|v| *v = f32::from_bits(u32::from_le(v.to_bits())));
         }
         Ok(())
     }
@@ -172,6 +170,9 @@ impl MappedFile {
     /// vectors). Unmapped ranges cost next to nothing to walk. Taking `&mut self` guarantees no
     /// view into the mapping is alive.
     pub fn release(&mut self) {
+        if !std::mem::take(self.mapped_since_release.get_mut()) {
+            return;
+        }
         // SAFETY: a read-only private file mapping: dropped pages are re-read from the file,
         // and `&mut self` means no borrowed slice of them exists.
         let _ = unsafe { self.map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
@@ -189,9 +190,6 @@ impl MappedFile {
 
 /// How much a [`StreamWriter`] writes before asking the disk to start on it.
 const WRITEBACK_STEP: u64 = 8 << 20;
-
-/// Values per read of [`MappedFile::add_scaled_into`]: 256 KiB, a quarter of a core's L2 cache.
-const READ_PIECE: usize = 64 * 1024;
 
 /// Little-endian bytes to f32 values.
 pub fn bytes_to_f32(bytes: &[u8]) -> Vec<f32> {
@@ -360,7 +358,7 @@ mod tests {
     }
 
     #[test]
-    fn a_file_larger_than_the_writeback_step_reads_back_whole_and_adds_from_any_offset() {
+    fn a_file_larger_than_the_writeback_step_reads_back_whole_and_from_any_offset() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("big.safetensors");
         let n = (WRITEBACK_STEP as usize / 4) * 3 / 2 + 7; // each tensor crosses a writeback step
@@ -375,12 +373,28 @@ mod tests {
         for (k, t) in tensors.iter().enumerate() {
             assert!(f.f32(&format!("t{k}")).unwrap() == *t, "tensor t{k}");
         }
-        let (first, len) = (READ_PIECE + 3, 2 * READ_PIECE + 11); // crosses read pieces, unaligned
-        let mut out = vec![1.0f32; len];
-        f.add_scaled_into("t2", 2.0, first, &mut out, &mut Vec::new()).unwrap();
-        assert!(out.iter().zip(&tensors[2][first..]).all(|(o, t)| *o == 1.0 + 2.0 * t));
-        let e = f.add_scaled_into("t2", 1.0, n - 2, &mut [0.0; 3], &mut Vec::new()).unwrap_err().to_string();
+        let (first, len) = (n / 3 + 3, n / 2 + 11); // unaligned, across a writeback step
+        let mut out = vec![0.0f32; len];
+        f.read_f32_into("t2", first, &mut out).unwrap();
+        assert!(out == tensors[2][first..first + len]);
+        let e = f.read_f32_into("t2", n - 2, &mut [0.0; 3]).unwrap_err().to_string();
         assert!(e.contains("t2"), "a read past the tensor's end is refused by name: {e}");
+    }
+
+    #[test]
+    fn only_a_file_read_through_its_mapping_has_pages_to_release() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.safetensors");
+        let mut w = StreamWriter::create(&path, vec![TensorMeta { name: "a".into(), dtype: Dtype::F32, shape: vec![3] }], &BTreeMap::new()).unwrap();
+        w.write("a", &f32_to_bytes(&[1.0, 2.0, 3.0])).unwrap();
+        w.finish().unwrap();
+        let mut f = MappedFile::open(&path).unwrap();
+        assert_eq!(f.f32("a").unwrap(), vec![1.0, 2.0, 3.0]);
+        assert!(!*f.mapped_since_release.get_mut(), "positioned reads map nothing");
+        assert_eq!(f.f32_view("a").unwrap().as_ref(), &[1.0, 2.0, 3.0]);
+        assert!(*f.mapped_since_release.get_mut(), "a view borrows the mapping");
+        f.release();
+        assert!(!*f.mapped_since_release.get_mut(), "released");
     }
 
     #[test]

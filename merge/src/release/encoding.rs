@@ -199,17 +199,6 @@ impl VectorReader {
         self.encoded.contains_key(name)
     }
 
-    /// `out += scale · values(name)[first..first + out.len()]`: read in cache-sized pieces when
-    /// stored plain ([`MappedFile::add_scaled_into`]), decoded whole when encoded.
-    pub fn add_scaled_into(&self, name: &str, scale: f32, first: usize, out: &mut [f32], buffer: &mut Vec<f32>) -> Result<(), StError> {
-        if self.is_encoded(name) {
-            let values = self.values(name)?;
-            out.iter_mut().zip(&values[first..]).for_each(|(o, v)| *o += scale * v);
-            return Ok(());
-        }
-        self.file.add_scaled_into(name, scale, first, out, buffer)
-    }
-
     /// Drops the file's pages from the resident set (see [`MappedFile::release`]).
     pub fn release(&mut self) {
         self.file.release();

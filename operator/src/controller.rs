@@ -151,11 +151,6 @@ fn labelled(job: &ManagedJob, key: &str, value: &str) -> bool {
     job.metadata.labels.as_ref().and_then(|l| l.get(key)).is_some_and(|v| v == value)
 }
 
-/// Every Job of one MergeJob (all runs), from the cache.
-fn mergejob_jobs(cache: &JobCache, ns: &str, name: &str) -> Vec<ManagedJob> {
-    cache.of_mergejob(ns, name).iter().map(|job| ManagedJob::clone(job)).collect()
-}
-
 /// Reconciles one MergeJob.
 #[instrument(skip_all, fields(mergejob = %mj.name_any(), namespace = mj.namespace().unwrap_or_default(), generation = mj.metadata.generation))]
 pub async fn reconcile(mj: Arc<MergeJob>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
@@ -274,7 +269,8 @@ async fn reconcile_inner(mj: &MergeJob, ctx: &Arc<Context>, status_turn: &mut St
         None
     };
     let status = build_status(&StatusInputs { previous: &previous, generation, run: &run, spec: &mj.spec, layout: &layout, decision: &decision, jobs: &seen, shard_facts: &shard_facts, results, now });
-    // An unchanged status is not written: it is the costliest call an idle reconcile would make, and at hundreds of MergeJobs the API server is the bottleneck.
+    // An unchanged status is not written: it is the costliest call an idle reconcile would
+    // make, and at hundreds of MergeJobs the API server is the bottleneck.
     // The status goes first: it is built from the Jobs observed, not from what this reconcile
     // is about to create, and it should not wait behind the Job creations of other MergeJobs.
     if mj.status.as_ref() != Some(&status) {
@@ -365,9 +361,10 @@ fn plan(mj: &MergeJob, ctx: &Context, now: Timestamp) -> Option<Plan> {
     if run.continues && previous.observed_generation == Some(generation) && terminal {
         return None;
     }
-    let all_jobs = mergejob_jobs(&ctx.jobs, &ns, &name);
+    // Every Job of this MergeJob (all runs), shared with the cache rather than copied.
+    let all_jobs = ctx.jobs.of_mergejob(&ns, &name);
     let run_label = run.run.to_string();
-    let jobs: Vec<ManagedJob> = all_jobs.iter().filter(|job| labelled(job, LABEL_GENERATION, &run_label)).cloned().collect();
+    let jobs: Vec<&ManagedJob> = all_jobs.iter().map(|job| &**job).filter(|job| labelled(job, LABEL_GENERATION, &run_label)).collect();
     let mut seen = observe_jobs(&jobs, now);
     if run.continues {
         seen.remember(&previous);
@@ -388,19 +385,17 @@ async fn job_worker(ctx: Arc<Context>) {
     }
 }
 
-/// Creates, stops, pauses and resumes a MergeJob's Jobs in its turn in the jobs lane, as a
+/// Creates, stops, pauses and resumes a MergeJob's Jobs once no status waits for its turn, as a
 /// reconcile would decide from the newest MergeJob and Jobs. A failure is retried by reconciling
 /// the MergeJob again after a growing delay, and so is a batch whose MergeJob was edited or
 /// deleted since its reconcile asked for it (its next reconcile decides afresh).
 async fn change_jobs(ctx: &Arc<Context>, target: ObjectRef<MergeJob>, decided: Decided) {
-    let turn = ctx.lanes.jobs_turn().await;
+    ctx.lanes.wait_for_statuses().await;
     let Some(mj) = ctx.mergejobs.get().and_then(|store| store.get(&target)).filter(|mj| decided.still(mj)) else {
-        drop(turn);
         ctx.job_work.finish(&target, true);
         return;
     };
     let Some(Plan { run, decision, changes, .. }) = plan(&mj, ctx, Timestamp::now()) else {
-        drop(turn);
         ctx.job_work.finish(&target, false);
         return;
     };
@@ -409,7 +404,6 @@ async fn change_jobs(ctx: &Arc<Context>, target: ObjectRef<MergeJob>, decided: D
         Ok(()) => apply_interventions(&mj, ctx, &ns, &changes).await,
         Err(error) => Err(error),
     };
-    drop(turn);
     let key = format!("jobs of {}", backoff_key(&mj));
     match result {
         Ok(()) => {

@@ -10,6 +10,8 @@
 //!   those. Jobs queued through Kueue are deleted instead, because Kueue owns their `suspend`
 //!   field and would unsuspend them on admission; they start again on resume.
 
+use std::borrow::Borrow;
+
 use crate::job_cache::ManagedJob;
 use kube::ResourceExt;
 
@@ -49,11 +51,11 @@ pub enum Intervention {
 
 /// What to change, given every Job of one MergeJob (all runs), the run being reconciled, its
 /// spec and `decide`'s decision for it.
-pub fn interventions(jobs: &[ManagedJob], run: i64, spec: &MergeJobSpec, decision: &Decision) -> Vec<Intervention> {
+pub fn interventions(jobs: &[impl Borrow<ManagedJob>], run: i64, spec: &MergeJobSpec, decision: &Decision) -> Vec<Intervention> {
     let run_label = run.to_string();
     let dropped: Vec<String> = spec.shards.iter().filter(|s| decision.shards.iter().any(|(n, state)| n == &s.name && *state == ShardState::Dropped)).map(|s| vector_stage(s).name()).collect();
     let mut out = Vec::new();
-    for job in jobs {
+    for job in jobs.iter().map(Borrow::borrow) {
         let state = job_state(job);
         if matches!(state, JobState::Succeeded | JobState::Failed | JobState::Stopped) {
             continue;

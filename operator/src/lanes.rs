@@ -1,5 +1,6 @@
-//! The two lanes reconciles take to the API server: one for statuses, one for Job changes, each
-//! `--concurrency` wide and first come first served, with statuses first.
+//! The two lanes reconciles take to the API server: one for statuses, `--concurrency` wide and
+//! first come first served, and one for Job changes (as wide as the Job workers,
+//! [`crate::job_work::JobWork`]), with statuses first.
 //!
 //! In a burst the API server is the bottleneck. Creating the Jobs of new MergeJobs can wait a
 //! moment; a status that says a MergeJob's Jobs have finished should not wait behind them
@@ -11,10 +12,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::sync::{Notify, Semaphore, SemaphorePermit};
 
-/// The status lane and the Job lane.
+/// The status lane, and the rule that Job changes wait for it.
 pub struct Lanes {
     status: Semaphore,
-    jobs: Semaphore,
     /// Reconciles waiting for a turn in the status lane.
     status_waiting: AtomicUsize,
     /// Signalled when the last of them got its turn.
@@ -22,10 +22,10 @@ pub struct Lanes {
 }
 
 impl Lanes {
-    /// Lanes that let `width` calls each through at once (at least one).
+    /// A status lane that lets `width` calls through at once (at least one).
     pub fn new(width: u16) -> Self {
         let width = usize::from(width.max(1));
-        Lanes { status: Semaphore::new(width), jobs: Semaphore::new(width), status_waiting: AtomicUsize::new(0), status_clear: Notify::new() }
+        Lanes { status: Semaphore::new(width), status_waiting: AtomicUsize::new(0), status_clear: Notify::new() }
     }
 
     /// A turn to read artifacts and write a status, in arrival order.
@@ -38,19 +38,19 @@ impl Lanes {
         permit.expect("the status lane is never closed")
     }
 
-    /// A turn to change Jobs, in arrival order, once no status waits for its turn.
-    pub async fn jobs_turn(&self) -> SemaphorePermit<'_> {
+    /// Returns once no status waits for its turn, so a batch of Job changes may go. How many
+    /// batches go at once is the Job workers' width, not a matter for this lane.
+    pub async fn wait_for_statuses(&self) {
         loop {
             let clear = self.status_clear.notified();
             tokio::pin!(clear);
             // Registered before the check, so a signal between the check and the wait is not lost.
             clear.as_mut().enable();
             if self.status_waiting.load(Ordering::SeqCst) == 0 {
-                break;
+                return;
             }
             clear.await;
         }
-        self.jobs.acquire().await.expect("the jobs lane is never closed")
     }
 }
 
@@ -76,7 +76,7 @@ mod tests {
         let jobs = tokio::spawn({
             let lanes = lanes.clone();
             async move {
-                let _turn = lanes.jobs_turn().await;
+                lanes.wait_for_statuses().await;
             }
         });
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -90,6 +90,6 @@ mod tests {
     async fn with_no_status_waiting_job_changes_go_at_once() {
         let lanes = Lanes::new(2);
         let _status = lanes.status_turn().await;
-        let _turn = tokio::time::timeout(Duration::from_secs(5), lanes.jobs_turn()).await.expect("a status being written does not hold Job changes back");
+        tokio::time::timeout(Duration::from_secs(5), lanes.wait_for_statuses()).await.expect("a status being written does not hold Job changes back");
     }
 }

@@ -1,6 +1,7 @@
 //! Reading a MergeJob's Jobs back into `decide`'s terms. The only code that interprets what
 //! the cluster reports; it does no I/O itself (the controller reads the Jobs from its cache).
 
+use std::borrow::Borrow;
 use std::collections::BTreeMap;
 
 use crate::job_cache::ManagedJob;
@@ -105,8 +106,8 @@ impl GenerationJobs {
 }
 
 /// Summarises the Jobs of one generation (already selected by label).
-pub fn observe_jobs(jobs: &[ManagedJob], now: Timestamp) -> GenerationJobs {
-    let labelled: Vec<(&String, &ManagedJob)> = jobs.iter().filter_map(|j| stage_of(j).map(|s| (s, j))).collect();
+pub fn observe_jobs(jobs: &[impl Borrow<ManagedJob>], now: Timestamp) -> GenerationJobs {
+    let labelled: Vec<(&String, &ManagedJob)> = jobs.iter().map(Borrow::borrow).filter_map(|j| stage_of(j).map(|s| (s, j))).collect();
     let started = labelled.iter().filter_map(|(_, j)| j.metadata.creation_timestamp.as_ref().map(|t| t.0)).min();
     let states: BTreeMap<String, JobState> = labelled.iter().map(|(s, j)| ((*s).clone(), job_state(j))).collect();
     let active = labelled.iter().filter(|(s, _)| states[*s] == JobState::Active);
@@ -169,7 +170,7 @@ mod tests {
 
     #[test]
     fn a_generation_without_jobs_has_not_started() {
-        let seen = observe_jobs(&[], Timestamp::from_second(5).unwrap());
+        let seen = observe_jobs(&[] as &[ManagedJob], Timestamp::from_second(5).unwrap());
         assert_eq!((seen.observed.active_for.len(), seen.started), (0, None));
     }
 

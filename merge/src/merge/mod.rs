@@ -278,9 +278,7 @@ pub fn merge_files(base_path: &Path, vectors: &[ShardVector], opts: &MergeOption
         let writer = if claims.iter().all(|c| *c == claims[0]) { Some(stream_merge(base, &base_meta, &claims[0], vectors, opened, opts, out)?) } else { None };
         let digest = hashing.join().expect("hashing the base does not panic")?;
         for (v, claim) in vectors.iter().zip(&claims) {
-            if !digest.is_empty() {
-                check_base_digest(v, claim, &digest)?;
-            }
+            check_base_digest(v, claim, &digest)?;
         }
         writer.expect("vectors that all match the base agree on it").finish()?;
         Ok(())

@@ -37,8 +37,11 @@ medmerge() { # arch weights -> images/s of the best warm epoch
     --out "$WORK/vector-$1.safetensors" --epochs 3 --batch-size "$BATCH" 2>&1 |
     python3 -c 'import sys, json; print(max([json.loads(l)["fields"]["images_per_second"] for l in sys.stdin if "epoch done" in l][1:]))'
 }
-reference() { # arch workers layout -> images/s of the best warm epoch
-  "$MEDMERGE_CACHE/venv/bin/python" bench/train_reference.py "$WORK/images.csv" "$1" "$SIZE" "$BATCH" 3 "$THREADS" "$2" "$3" |
+# The C allocator settings medmerge-trainer starts with (trainer/src/allocator.rs), for PyTorch.
+MALLOC_AS_MEDMERGE=(MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=2147483647 MALLOC_TOP_PAD_=268435456)
+reference() { # arch workers layout [env...] -> images/s of the best warm epoch
+  local arch="$1" workers="$2" layout="$3"; shift 3
+  env "$@" "$MEDMERGE_CACHE/venv/bin/python" bench/train_reference.py "$WORK/images.csv" "$arch" "$SIZE" "$BATCH" 3 "$THREADS" "$workers" "$layout" |
     python3 -c 'import sys, json; print(max([json.loads(l)["images_per_second"] for l in sys.stdin][1:]))'
 }
 best() { python3 -c "import sys; print(max(map(float, sys.argv[1:])))" "$@"; }
@@ -52,16 +55,19 @@ best() { python3 -c "import sys; print(max(map(float, sys.argv[1:])))" "$@"; }
   echo "each. medmerge decodes each JPEG once into its decoded-image store (epoch 1) and trains channels-last."
   echo "Reference: bench/train_reference.py (torch $("$MEDMERGE_CACHE/venv/bin/python" -c 'import torch; print(torch.__version__)')), decoding every epoch"
   echo "(Pillow) as its DataLoader does: in the training process (0 workers) or in 2 worker processes."
+  echo "medmerge-trainer starts by telling glibc's allocator to keep freed memory for the next step (trainer/src/allocator.rs);"
+  echo "the last PyTorch column runs with the same settings, through glibc's environment variables (${MALLOC_AS_MEDMERGE[*]})."
   echo
-  echo "| model | medmerge (img/s) | PyTorch NCHW, 0 workers | PyTorch channels-last, 0 workers | PyTorch channels-last, 2 workers | ratio vs best PyTorch |"
-  echo "|---|---|---|---|---|---|"
+  echo "| model | medmerge (img/s) | PyTorch NCHW, 0 workers | PyTorch channels-last, 0 workers | PyTorch channels-last, 2 workers | PyTorch channels-last, 0 workers, medmerge's malloc settings | ratio vs best PyTorch |"
+  echo "|---|---|---|---|---|---|---|"
   for spec in "efficientnet-lite0 imagenet" "resnet50 random"; do
     set -- $spec
-    ms=(); a=(); b=(); c=()
+    ms=(); a=(); b=(); c=(); d=()
     for _ in $(seq 1 "$REPEATS"); do
       ms+=("$(medmerge "$1" "$2")"); a+=("$(reference "$1" 0 contiguous)"); b+=("$(reference "$1" 0 channels_last)"); c+=("$(reference "$1" 2 channels_last)")
+      d+=("$(reference "$1" 0 channels_last "${MALLOC_AS_MEDMERGE[@]}")")
     done
-    m="$(best "${ms[@]}")"; ra="$(best "${a[@]}")"; rb="$(best "${b[@]}")"; rc="$(best "${c[@]}")"
-    python3 -c "m, a, b, c = $m, $ra, $rb, $rc; print(f'| $1 | {m:.1f} | {a:.1f} | {b:.1f} | {c:.1f} | {m / max(a, b, c):.2f}x |')"
+    m="$(best "${ms[@]}")"; ra="$(best "${a[@]}")"; rb="$(best "${b[@]}")"; rc="$(best "${c[@]}")"; rd="$(best "${d[@]}")"
+    python3 -c "m, a, b, c, d = $m, $ra, $rb, $rc, $rd; print(f'| $1 | {m:.1f} | {a:.1f} | {b:.1f} | {c:.1f} | {d:.1f} | {m / max(a, b, c, d):.2f}x |')"
   done
 } | tee bench/results/train-throughput.md

@@ -2,6 +2,7 @@
 //! the in-process pipeline that runs a whole MergeJob on one machine.
 
 pub use medmerge_merge::{checkpoint, release, st};
+pub mod allocator;
 pub mod clinical;
 pub mod data;
 pub mod evaluate;

@@ -79,6 +79,8 @@ fn main() -> anyhow::Result<()> {
         LogFormat::Json => sub.json().init(),
         LogFormat::Text => sub.init(),
     }
+    // Before libtorch allocates anything: every stage trains or runs batches through a model.
+    medmerge_trainer::allocator::reuse_freed_memory();
     if let Some(n) = cli.threads {
         tch::set_num_threads(n);
     }

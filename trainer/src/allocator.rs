@@ -4,10 +4,11 @@
 //! activation and gradient buffers again on every batch. glibc serves blocks above its mmap
 //! threshold (128 KiB, rising only as far as the largest block freed so far) with fresh `mmap`s and
 //! gives free memory back to the kernel above its trim threshold, so each step paid a page fault
-//! and a zeroed page per 4 KiB of those buffers: 1.2-1.9 million faults and 16 % of the samples in
+//! and a zeroed page per 4 KiB of those buffers: 1.3-1.6 million faults and 16 % of the samples in
 //! the kernel over three ResNet50 epochs at 128 px. Keeping freed memory in the heap for the next
-//! step cut the faults to 0.7 million and raised training throughput by 10-15 %
-//! (bench/results/train-throughput.md compares PyTorch with the same settings).
+//! step cut the faults to 0.5-0.8 million and raised throughput from 28.5-33.5 to 34.0-34.8
+//! images/s (bench/results/allocator.md; bench/results/train-throughput.md gives PyTorch the same
+//! settings).
 
 /// Blocks up to this size come from the heap and are reused once freed; glibc's largest allowed
 /// threshold on 64-bit machines.

@@ -61,6 +61,7 @@ bench-paper: build
 ## (runs the paper's MergeJob first if needed). About an hour; ~25 GB of scratch disk at its peak.
 bench: build
 	bash bench/train-throughput.sh
+	bash bench/allocator.sh
 	bash bench/merge-scale.sh
 	SYNTHETIC_GB=1 bash bench/merge-scale.sh
 	bash bench/operator-scale.sh
